@@ -1,0 +1,465 @@
+"""Shared pieces of the NCSN reproduction (Song & Ermon, 2019, "Generative Modeling by
+Estimating Gradients of the Data Distribution").
+
+Every script imports this one file. Sections, top to bottom:
+    devices and small helpers
+    noise levels
+    CondInstanceNorm++ (the paper's Sec. 4.3 / appendix A)
+    RefineNet: the 4-cascade dilated score network (CondRefineNetDilated of ermongroup/ncsn)
+    losses: annealed denoising score matching (eq. 5-6), sliced score matching (SSM-VR)
+    samplers: Langevin dynamics (eq. 4) and annealed Langevin dynamics (Algorithm 1)
+    checkpoints: atomic saves, and loading ours or the official implementation's files
+
+The numbers match the official implementation (tests/test_official.py checks scores and
+losses against outputs of ermongroup/ncsn on its own checkpoint files).
+"""
+import os
+import re
+import math
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#----------------------------------------------------------------------------
+# Devices and small helpers.
+
+def get_device(name="auto"):
+    """torch.device for a `--device` flag: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", name or ""):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return dev
+    raise ValueError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N")
+
+#----------------------------------------------------------------------------
+# Noise levels.
+
+def geometric_sigmas(sigma_begin=1.0, sigma_end=0.01, num_levels=10):
+    """The noise levels {sigma_i}: a descending geometric sequence (the paper's Sec. 4.2).
+
+    Label i always means sigmas[i], so label 0 is the largest noise. Computed in float64 and
+    rounded once to float32, as the official code does (np.exp(np.linspace(log, log, L))).
+    """
+    if not (sigma_begin > sigma_end > 0):
+        raise ValueError(f"noise levels need sigma_begin > sigma_end > 0, got {sigma_begin} and {sigma_end}")
+    if num_levels < 2:
+        raise ValueError(f"num_levels must be at least 2, got {num_levels}")
+    logs = torch.linspace(math.log(sigma_begin), math.log(sigma_end), num_levels, dtype=torch.float64)
+    return logs.exp().float()
+
+#----------------------------------------------------------------------------
+# CondInstanceNorm++ (appendix A of the paper).
+
+class CondInstanceNorm2dPlus(nn.Module):
+    """Conditional instance normalisation++ for noise level `labels`.
+
+    With mu_k, s_k the mean and standard deviation of channel k over space, and m, v the mean
+    and standard deviation of (mu_1, ..., mu_C):
+        z_k = gamma[i,k] * ((x_k - mu_k) / s_k + alpha[i,k] * (mu_k - m) / v) + beta[i,k]
+    The paper writes the alpha term outside gamma; the official code (and so this one) puts it
+    inside, the same family with alpha' = gamma * alpha. Official details kept: instance-norm
+    eps 1e-5 on the biased variance, v = sqrt(unbiased variance of the means + 1e-5), and
+    one embedding per level holding [gamma | alpha | beta], gamma and alpha ~ N(1, 0.02), beta 0.
+    """
+
+    def __init__(self, num_features, num_classes, bias=True):
+        super().__init__()
+        self.num_features = num_features
+        self.bias = bias
+        self.embed = nn.Embedding(num_classes, (3 if bias else 2) * num_features)
+        with torch.no_grad():
+            self.embed.weight[:, :2 * num_features].normal_(1.0, 0.02)
+            self.embed.weight[:, 2 * num_features:].zero_()
+
+    def forward(self, x, labels):
+        mu = x.mean(dim=(2, 3))                                        # (B, C)
+        m = mu.mean(dim=1, keepdim=True)                               # (B, 1)
+        v = torch.sqrt(mu.var(dim=1, keepdim=True) + 1e-5)             # unbiased, as torch.var
+        h = F.instance_norm(x, eps=1e-5)                               # (x_k - mu_k) / s_k
+        params = self.embed(labels)[..., None, None]                   # (B, 2C or 3C, 1, 1)
+        gamma, alpha = params[:, :self.num_features], params[:, self.num_features:2 * self.num_features]
+        h = gamma * (h + alpha * ((mu - m) / v)[..., None, None])
+        if self.bias:
+            h = h + params[:, 2 * self.num_features:]
+        return h
+
+#----------------------------------------------------------------------------
+# RefineNet: the 4-cascade dilated score network (Sec. 4.3 and appendix A).
+# Module names follow the official CondRefineNetDilated so its checkpoints map onto this one
+# (see official_to_ours below); only its '{i}_{j}_norm' attribute names are made lists here.
+
+def _conv3x3(c_in, c_out, dilation=1, bias=True):
+    return nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=bias)
+
+
+class ConvMeanPool(nn.Module):
+    """Convolution, then 2x2 mean pooling: the one down-sampling step of the network."""
+
+    def __init__(self, c_in, c_out, kernel_size):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x):
+        return F.avg_pool2d(self.conv(x), 2)
+
+
+class CondResBlock(nn.Module):
+    """Pre-activation residual block: (CondIN++, ELU, conv) twice, plus a shortcut.
+
+    `down` starts a new stage. With dilation 1 it halves the resolution (ConvMeanPool); with a
+    dilation > 1 the dilated convolutions stand in for down-scaling and the size stays (the
+    official code's resample='down' with dilation). The channel change happens in conv2 of a
+    `down` block and in conv1 otherwise, as in the official network.
+    """
+
+    def __init__(self, c_in, c_out, num_classes, down=False, dilation=1):
+        super().__init__()
+        c_mid = c_in if down else c_out
+        self.normalize1 = CondInstanceNorm2dPlus(c_in, num_classes)
+        self.conv1 = _conv3x3(c_in, c_mid, dilation)
+        self.normalize2 = CondInstanceNorm2dPlus(c_mid, num_classes)
+        if down and dilation == 1:
+            self.conv2 = ConvMeanPool(c_mid, c_out, 3)
+            self.shortcut = ConvMeanPool(c_in, c_out, 1)
+        else:
+            self.conv2 = _conv3x3(c_mid, c_out, dilation)
+            self.shortcut = _conv3x3(c_in, c_out, dilation) if (down or c_in != c_out) else None
+
+    def forward(self, x, labels):
+        h = self.conv1(F.elu(self.normalize1(x, labels)))
+        h = self.conv2(F.elu(self.normalize2(h, labels)))
+        return h + (x if self.shortcut is None else self.shortcut(x))
+
+
+class CondRCUBlock(nn.Module):
+    """Residual conv units: n_blocks times x <- x + (CondIN++, ELU, conv3x3) x n_stages."""
+
+    def __init__(self, features, n_blocks, n_stages, num_classes):
+        super().__init__()
+        self.n_blocks, self.n_stages = n_blocks, n_stages
+        self.norms = nn.ModuleList([CondInstanceNorm2dPlus(features, num_classes) for _ in range(n_blocks * n_stages)])
+        self.convs = nn.ModuleList([_conv3x3(features, features, bias=False) for _ in range(n_blocks * n_stages)])
+
+    def forward(self, x, labels):
+        for i in range(self.n_blocks):
+            h = x
+            for j in range(i * self.n_stages, (i + 1) * self.n_stages):
+                h = self.convs[j](F.elu(self.norms[j](h, labels)))
+            x = x + h
+        return x
+
+
+class CondMSFBlock(nn.Module):
+    """Multi-resolution fusion: CondIN++ and conv3x3 per input, bilinear up-sampling, sum."""
+
+    def __init__(self, in_planes, features, num_classes):
+        super().__init__()
+        self.norms = nn.ModuleList([CondInstanceNorm2dPlus(c, num_classes) for c in in_planes])
+        self.convs = nn.ModuleList([_conv3x3(c, features) for c in in_planes])
+
+    def forward(self, xs, labels, size):
+        out = 0
+        for x, norm, conv in zip(xs, self.norms, self.convs):
+            h = conv(norm(x, labels))
+            if h.shape[2:] != size:
+                h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
+            out = out + h
+        return out
+
+
+class CondCRPBlock(nn.Module):
+    """Chained residual pooling with average pooling (5x5, stride 1), as the official network."""
+
+    def __init__(self, features, n_stages, num_classes):
+        super().__init__()
+        self.norms = nn.ModuleList([CondInstanceNorm2dPlus(features, num_classes) for _ in range(n_stages)])
+        self.convs = nn.ModuleList([_conv3x3(features, features, bias=False) for _ in range(n_stages)])
+
+    def forward(self, x, labels):
+        x = F.elu(x)
+        path = x
+        for norm, conv in zip(self.norms, self.convs):
+            path = conv(F.avg_pool2d(norm(path, labels), 5, stride=1, padding=2))
+            x = x + path
+        return x
+
+
+class CondRefineBlock(nn.Module):
+    """One RefineNet cascade: RCU per input, fusion, chained residual pooling, output RCU."""
+
+    def __init__(self, in_planes, features, num_classes, start=False, end=False):
+        super().__init__()
+        self.adapt_convs = nn.ModuleList([CondRCUBlock(c, 2, 2, num_classes) for c in in_planes])
+        self.msf = None if start else CondMSFBlock(in_planes, features, num_classes)
+        self.crp = CondCRPBlock(features, 2, num_classes)
+        self.output_convs = CondRCUBlock(features, 3 if end else 1, 2, num_classes)
+
+    def forward(self, xs, labels, size):
+        hs = [adapt(x, labels) for adapt, x in zip(self.adapt_convs, xs)]
+        h = hs[0] if self.msf is None else self.msf(hs, labels, size)
+        return self.output_convs(self.crp(h, labels), labels)
+
+
+class RefineNet(nn.Module):
+    """Noise conditional score network s_theta(x, i) (the paper's Sec. 4.3).
+
+    Four cascades of conditional residual blocks with ngf, 2ngf, 2ngf, 2ngf channels: stage 2
+    halves the resolution by a mean pool, stages 3 and 4 use dilation 2 and 4 instead of
+    further down-scaling; four RefineNet cascades fuse them back. Input x in [0, 1] (mapped
+    to 2x - 1 inside), labels = noise-level indices; returns the score, shaped like x.
+    RefineNet(1, 64) has 7,638,657 parameters and RefineNet(3, 128) 30,117,635, as the
+    official MNIST and CIFAR-10 models. The 28x28 and 32x32 networks are the same module (the
+    official 28x28 padding adjustment only applies to a stride-2 block this network lacks);
+    image_size is kept for the record and checked to be even.
+    """
+
+    def __init__(self, in_channels, ngf, num_classes=10, image_size=32):
+        super().__init__()
+        if in_channels < 1 or ngf < 2 or num_classes < 1:
+            raise ValueError(f"RefineNet needs in_channels >= 1, ngf >= 2, num_classes >= 1; got {in_channels}, {ngf}, {num_classes}")
+        if image_size % 2:
+            raise ValueError(f"RefineNet needs an even image_size, got {image_size}")
+        self.model_args = dict(in_channels=in_channels, ngf=ngf, num_classes=num_classes, image_size=image_size)
+        n = num_classes
+        self.begin_conv = nn.Conv2d(in_channels, ngf, 3, padding=1)
+        self.res1 = nn.ModuleList([CondResBlock(ngf, ngf, n), CondResBlock(ngf, ngf, n)])
+        self.res2 = nn.ModuleList([CondResBlock(ngf, 2 * ngf, n, down=True), CondResBlock(2 * ngf, 2 * ngf, n)])
+        self.res3 = nn.ModuleList([CondResBlock(2 * ngf, 2 * ngf, n, down=True, dilation=2),
+                                   CondResBlock(2 * ngf, 2 * ngf, n, dilation=2)])
+        self.res4 = nn.ModuleList([CondResBlock(2 * ngf, 2 * ngf, n, down=True, dilation=4),
+                                   CondResBlock(2 * ngf, 2 * ngf, n, dilation=4)])
+        self.refine1 = CondRefineBlock([2 * ngf], 2 * ngf, n, start=True)
+        self.refine2 = CondRefineBlock([2 * ngf, 2 * ngf], 2 * ngf, n)
+        self.refine3 = CondRefineBlock([2 * ngf, 2 * ngf], ngf, n)
+        self.refine4 = CondRefineBlock([ngf, ngf], ngf, n, end=True)
+        self.normalizer = CondInstanceNorm2dPlus(ngf, n)
+        self.end_conv = nn.Conv2d(ngf, in_channels, 3, padding=1)
+
+    def forward(self, x, labels):
+        h = self.begin_conv(2 * x - 1)
+        layers = []
+        for stage in (self.res1, self.res2, self.res3, self.res4):
+            for block in stage:
+                h = block(h, labels)
+            layers.append(h)                                    # sizes: full, 1/2, 1/2, 1/2
+        l1, l2, l3, l4 = layers
+        h = self.refine1([l4], labels, l4.shape[2:])
+        h = self.refine2([l3, h], labels, l3.shape[2:])
+        h = self.refine3([l2, h], labels, l2.shape[2:])
+        h = self.refine4([l1, h], labels, l1.shape[2:])
+        return self.end_conv(F.elu(self.normalizer(h, labels)))
+
+#----------------------------------------------------------------------------
+# Losses.
+
+def dsm_loss(score_net, x, labels, sigmas, anneal_power=2.0, noise=None, reduction="mean"):
+    """Annealed denoising score matching, the paper's eq. (5)-(6) with lambda(sigma) = sigma^2.
+
+        l_i = 1/2 || s(x~, i) + (x~ - x) / sigma_i^2 ||^2 * sigma_i^anneal_power,
+        x~ = x + sigma_i z,  z = noise ~ N(0, I),
+    averaged over the batch (reduction='mean') or returned per example ('none').
+    The target is written -(x~ - x) / sigma^2 as in eq. (5) and the official code.
+    """
+    sigmas = sigmas.to(x.device)
+    used = sigmas[labels].view(-1, *([1] * (x.dim() - 1)))          # (B, 1, 1, 1)
+    noise = torch.randn_like(x) if noise is None else noise
+    perturbed = x + noise * used
+    target = -(perturbed - x) / used ** 2
+    score = score_net(perturbed, labels)
+    per_example = 0.5 * (score - target).flatten(1).pow(2).sum(1) * used.flatten() ** anneal_power
+    return per_example.mean() if reduction == "mean" else per_example
+
+
+def sliced_score_matching_vr(score_fn, x, n_particles=1, vectors=None):
+    """Sliced score matching with variance reduction (SSM-VR; Song et al. 2019, Algorithm 1).
+
+        J = E_x E_v [ v^T grad_x(s(x)) v + 1/2 ||s(x)||^2 ],   v ~ N(0, I),
+    the Hessian-vector product v^T grad(s) v taken by one extra backward pass of v^T s(x),
+    never the full Jacobian. score_fn maps a (N, ...) batch to scores of the same shape.
+    vectors: optional projections, shape (n_particles, *x.shape) or x.shape.
+    Returns the scalar loss (mean over particles and batch), differentiable in score_fn's
+    parameters.
+    """
+    xs = x.detach().unsqueeze(0).expand(n_particles, *x.shape).reshape(-1, *x.shape[1:])
+    xs.requires_grad_(True)
+    v = torch.randn_like(xs) if vectors is None else vectors.reshape(xs.shape).to(xs)
+    with torch.enable_grad():
+        s = score_fn(xs)
+        vjp = torch.autograd.grad((s * v).sum(), xs, create_graph=True)[0]  # v^T grad_x s, per row
+    loss1 = 0.5 * s.flatten(1).pow(2).sum(1)                  # 1/2 ||s(x)||^2
+    loss2 = (vjp * v).flatten(1).sum(1)                       # v^T grad_x s(x) v
+    return (loss1 + loss2).mean()
+
+#----------------------------------------------------------------------------
+# Samplers.
+
+@torch.no_grad()
+def langevin_dynamics(score_fn, x, step_size, n_steps, *, randn_like=torch.randn_like):
+    """Langevin dynamics, the paper's eq. (4): x <- x + step_size/2 * s(x) + sqrt(step_size) z.
+
+    score_fn(x) is called under torch.no_grad(). Returns the final x (a new tensor).
+    """
+    for _ in range(n_steps):
+        x = x + 0.5 * step_size * score_fn(x) + math.sqrt(step_size) * randn_like(x)
+    return x
+
+
+@torch.no_grad()
+def annealed_langevin_dynamics(score_net, x, sigmas, n_steps_each=100, step_lr=2e-5, *,
+                               denoise=False, keep_levels=True, callback=None, randn_like=torch.randn_like):
+    """Annealed Langevin dynamics (the paper's Algorithm 1), as the official sampler.
+
+    For each level i = 0, ..., L-1 (sigma descending) and n_steps_each steps:
+        alpha_i = step_lr * (sigma_i / sigma_L)^2
+        x <- x + alpha_i * s(x, i) + sqrt(2 alpha_i) z
+    which is the paper's annealed Langevin algorithm (Algorithm 1 of arXiv:1907.05600:
+    alpha_i = eps sigma_i^2 / sigma_L^2, x <- x + alpha_i/2 s + sqrt(alpha_i) z) with
+    eps = 2 * step_lr. The paper prints eps = 2e-5; its official code, which made its
+    samples, runs this update with step_lr = 2e-5 (so eps = 4e-5), the default here.
+    Runs without autograd and keeps no trajectory: memory is O(batch). With denoise, one
+    last step x <- x + sigma_L^2 s(x, L-1) removes the remaining noise.
+
+    Args:
+        score_net: callable (x, labels) -> score; labels index sigmas.
+        x: starting point, e.g. torch.rand (uniform noise) for images.
+        keep_levels: also return the state at the end of each level (for Figs. 4b, 5b).
+        callback: optional f(level, step, x, score) called after each update (health checks,
+            custom snapshots); whatever it keeps is its own business.
+    Returns:
+        (x, levels): final sample, and the list of the L end-of-level states (empty unless
+        keep_levels), each a clone on x's device.
+    """
+    sigmas = [float(s) for s in sigmas]
+    levels = []
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for i, sigma in enumerate(sigmas):
+        labels.fill_(i)
+        alpha = step_lr * (sigma / sigmas[-1]) ** 2
+        for step in range(n_steps_each):
+            score = score_net(x, labels)
+            x = x + alpha * score + math.sqrt(2 * alpha) * randn_like(x)
+            if callback is not None:
+                callback(i, step, x, score)
+        if keep_levels:
+            levels.append(x.clone())
+    if denoise:
+        x = x + sigmas[-1] ** 2 * score_net(x, labels)
+    return x, levels
+
+#----------------------------------------------------------------------------
+# Checkpoints: atomic saves; loading ours or the official implementation's files.
+
+class CheckpointError(ValueError):
+    """A file that is not a usable NCSN checkpoint; the message names the file and the problem."""
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def official_to_ours(state_dict):
+    """Rename an official CondRefineNetDilated state dict: strip 'module.', and turn the
+    RCU names '{i}_{j}_norm' / '{i}_{j}_conv' (1-based, 2 stages a block) into list indices."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        key = re.sub(r"\.(\d+)_(\d+)_(norm|conv)\.",
+                     lambda m: f".{m.group(3)}s.{(int(m.group(1)) - 1) * 2 + int(m.group(2)) - 1}.", key)
+        out[key] = value
+    return out
+
+
+def _fit_state_dict(net, state_dict, path):
+    """Load with strict=True after checking names and shapes, so a mismatch is one clear line."""
+    expected = net.state_dict()
+    what = "RefineNet(" + ", ".join(f"{k}={v}" for k, v in net.model_args.items()) + ")"
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not fit {what}: {len(missing)} missing (e.g. {missing[:1]}), "
+                              f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+    for k, v in expected.items():
+        if not torch.is_tensor(state_dict[k]) or state_dict[k].shape != v.shape:
+            got = tuple(state_dict[k].shape) if torch.is_tensor(state_dict[k]) else type(state_dict[k]).__name__
+            raise CheckpointError(f"{path}: tensor '{k}' has shape {got} but {what} expects {tuple(v.shape)}")
+    net.load_state_dict(state_dict, strict=True)
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True, turning every failure into one CheckpointError line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"{path}: refused: the file holds pickled Python objects, not just tensors "
+                                  "(loading it could run code); re-save a plain state_dict") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {first[:120]})") from None
+
+
+def load_score_net(path, map_location="cpu", ema=None):
+    """Load a RefineNet from this project's checkpoint or an official ermongroup/ncsn file.
+
+    Official files are torch.save([state_dict, optimizer_state]) with keys prefixed 'module.';
+    their in_channels, ngf and num_classes are read off the tensors (image size is not stored:
+    28 is assumed for 1 channel, 32 otherwise, the official configs). Our files are dicts with
+    'model', optional 'ema', 'model_args' and 'config'. ema: None uses the EMA weights when the
+    file has them, True requires them, False takes the raw weights.
+    Returns (net in eval mode, info dict: format, model_args, sigma settings, step, ema).
+    """
+    ckpt = read_checkpoint(path, map_location)
+    info = {"path": os.fspath(path)}
+    if isinstance(ckpt, (list, tuple)) and len(ckpt) >= 1 and isinstance(ckpt[0], dict):
+        state = official_to_ours(ckpt[0])
+        if "begin_conv.weight" not in state or "normalizer.embed.weight" not in state:
+            raise CheckpointError(f"{path}: a list, but not an official NCSN checkpoint (no begin_conv / normalizer tensors)")
+        c_in, ngf = state["begin_conv.weight"].shape[1], state["begin_conv.weight"].shape[0]
+        model_args = dict(in_channels=c_in, ngf=ngf, num_classes=state["normalizer.embed.weight"].shape[0],
+                          image_size=28 if c_in == 1 else 32)
+        info.update(format="official", step=None, ema=False,
+                    sigma_begin=1.0, sigma_end=0.01, num_levels=model_args["num_classes"])
+    elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("model_args"), dict):
+        model_args = dict(ckpt["model_args"])
+        use_ema = ckpt.get("ema") is not None if ema is None else ema
+        if use_ema and ckpt.get("ema") is None:
+            raise CheckpointError(f"{path}: EMA weights asked for, but the checkpoint has none (trained with --ema 0)")
+        state = ckpt["ema"] if use_ema else ckpt["model"]
+        config = ckpt.get("config") or {}
+        info.update(format="ncsn-repro", step=ckpt.get("step"), ema=bool(use_ema),
+                    **{k: config[k] for k in ("sigma_begin", "sigma_end", "num_levels", "dataset") if k in config})
+    else:
+        raise CheckpointError(f"{path}: not an NCSN checkpoint (expected this project's dict with 'model' and "
+                              "'model_args', or the official [state_dict, optimizer_state] list)")
+    try:
+        net = RefineNet(**model_args)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model settings {model_args}: {e}") from None
+    _fit_state_dict(net, state, path)
+    info["model_args"] = model_args
+    return net.to(map_location).eval(), info
