@@ -412,15 +412,17 @@ def read_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True, turning every failure into one CheckpointError line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file" + (" (it is a folder)" if os.path.isdir(path) else ""))
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        msg = str(e)
+        if re.search(r"Unsupported (global|class)|GLOBAL ", msg):   # a pickled reference to code
             raise CheckpointError(f"{path}: refused: the file holds pickled Python objects, not just tensors "
                                   "(loading it could run code); re-save a plain state_dict") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {first[:120]})") from None
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+        why = why.group(1).strip() if why else f"{type(e).__name__}: {(msg.strip().splitlines() or [''])[0]}"
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({why[:100]})") from None
 
 
 def load_score_net(path, map_location="cpu", ema=None):

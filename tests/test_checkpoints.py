@@ -1,0 +1,113 @@
+"""load_score_net: our files, official files, and every kind of bad file gets one clear line."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import common
+from conftest import DATA
+
+
+def _one_line(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+class Payload:
+    """Pickling this object would run code on load with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    bad = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_args": {}, "x": Payload(str(marker))}, bad)
+    with pytest.raises(common.CheckpointError) as e:
+        common.load_score_net(bad)
+    assert "refused" in _one_line(e) and str(bad) in _one_line(e)
+    assert not marker.exists()
+
+
+def test_random_file_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "random.pt"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(common.CheckpointError, match="not a PyTorch checkpoint") as e:
+        common.load_score_net(bad)
+    _one_line(e)
+
+
+def test_missing_file_and_foreign_objects(tmp_path):
+    with pytest.raises(common.CheckpointError, match="no such checkpoint"):
+        common.load_score_net(tmp_path / "nope.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(common.CheckpointError, match="not an NCSN checkpoint") as e:
+        common.load_score_net(other)
+    _one_line(e)
+
+
+def test_wrong_shape_official_state_dict(tmp_path):
+    state, opt = torch.load(os.path.join(DATA, "official_mnist_ngf4.pth"), weights_only=True)
+    state["module.res2.1.conv1.weight"] = torch.zeros(8, 8, 5, 5)
+    bad = tmp_path / "shape.pth"
+    torch.save([state, opt], bad)
+    with pytest.raises(common.CheckpointError) as e:
+        common.load_score_net(bad)
+    msg = _one_line(e)
+    assert "res2.1.conv1.weight" in msg and "(8, 8, 5, 5)" in msg and "(8, 8, 3, 3)" in msg
+
+
+def test_our_checkpoint_of_another_size_is_refused(tmp_path):
+    net = common.RefineNet(1, 8)
+    bad = tmp_path / "ours.pt"
+    common.atomic_save({"model": net.state_dict(), "model_args": dict(net.model_args, ngf=16)}, bad)
+    with pytest.raises(common.CheckpointError, match="ngf=16") as e:
+        common.load_score_net(bad)
+    _one_line(e)
+    del_one = dict(net.state_dict())
+    del_one.pop("end_conv.bias")
+    common.atomic_save({"model": del_one, "model_args": net.model_args}, bad)
+    with pytest.raises(common.CheckpointError, match="1 missing") as e:
+        common.load_score_net(bad)
+
+
+def test_our_checkpoint_round_trip_and_ema_choice(tmp_path):
+    torch.manual_seed(0)
+    net = common.RefineNet(3, 8).eval()
+    ema = common.RefineNet(3, 8).eval()
+    path = tmp_path / "ckpt.pt"
+    common.atomic_save({"model": net.state_dict(), "ema": ema.state_dict(), "model_args": net.model_args,
+                        "step": 7, "config": {"sigma_begin": 1.0, "sigma_end": 0.01, "num_levels": 10}}, path)
+    x, labels = torch.rand(2, 3, 32, 32), torch.tensor([1, 8])
+    with torch.no_grad():
+        loaded, info = common.load_score_net(path)
+        assert torch.equal(loaded(x, labels), ema(x, labels))          # EMA by default when present
+        raw, info_raw = common.load_score_net(path, ema=False)
+        assert torch.equal(raw(x, labels), net(x, labels))
+    assert info["ema"] and not info_raw["ema"] and info["step"] == 7 and info["sigma_end"] == 0.01
+    assert info["model_args"] == net.model_args and info["format"] == "ncsn-repro"
+    common.atomic_save({"model": net.state_dict(), "ema": None, "model_args": net.model_args}, path)
+    with pytest.raises(common.CheckpointError, match="EMA weights asked for"):
+        common.load_score_net(path, ema=True)
+
+
+def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    common.atomic_save({"step": 1}, path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        common.atomic_save({"step": 2}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]                         # no temporary file left behind
