@@ -2,8 +2,9 @@
 Estimating Gradients of the Data Distribution").
 
 Every script imports this one file. Sections, top to bottom:
-    devices and small helpers
+    devices and small helpers (JSON, argparse types)
     noise levels
+    toy data: the two-mode Gaussian mixture of Figs. 1 and 2
     CondInstanceNorm++ (the paper's Sec. 4.3 / appendix A)
     RefineNet: the 4-cascade dilated score network (CondRefineNetDilated of ermongroup/ncsn)
     losses: annealed denoising score matching (eq. 5-6), sliced score matching (SSM-VR)
@@ -15,7 +16,9 @@ losses against outputs of ermongroup/ncsn on its own checkpoint files).
 """
 import os
 import re
+import json
 import math
+import argparse
 import tempfile
 
 import torch
@@ -40,6 +43,38 @@ def get_device(name="auto"):
         return dev
     raise ValueError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N")
 
+def save_json(obj, path):
+    """Write JSON atomically (temporary file, then rename)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def positive_int(text):
+    """argparse type: an integer > 0, refused with a message that names the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
 #----------------------------------------------------------------------------
 # Noise levels.
 
@@ -55,6 +90,38 @@ def geometric_sigmas(sigma_begin=1.0, sigma_end=0.01, num_levels=10):
         raise ValueError(f"num_levels must be at least 2, got {num_levels}")
     logs = torch.linspace(math.log(sigma_begin), math.log(sigma_end), num_levels, dtype=torch.float64)
     return logs.exp().float()
+
+#----------------------------------------------------------------------------
+# Toy data of Figs. 1 and 2: p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I).
+# Perturbed by N(0, sigma^2 I), each component's covariance becomes (1 + sigma^2) I.
+
+TOY_MEANS = torch.tensor([[5.0, 5.0], [-5.0, -5.0]])
+TOY_WEIGHTS = torch.tensor([0.8, 0.2])
+
+
+def _toy_component_logits(x, sigma):
+    var = 1.0 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1) ** 2     # (N or 1, 1)
+    d2 = ((x[:, None, :] - TOY_MEANS.to(x)) ** 2).sum(-1)                                          # (N, 2)
+    logits = TOY_WEIGHTS.to(x).log() - 0.5 * d2 / var - math.log(2 * math.pi) - torch.log(var)  # log w_k N_k(x)
+    return logits, var
+
+
+def toy_log_prob(x, sigma=0.0):
+    """log p_sigma(x) of the toy mixture, x of shape (N, 2); sigma a number or one per row."""
+    return torch.logsumexp(_toy_component_logits(x, sigma)[0], dim=1)
+
+
+def toy_score(x, sigma=0.0):
+    """Exact score grad_x log p_sigma(x) = sum_k r_k(x) (mu_k - x) / (1 + sigma^2), r = responsibilities."""
+    logits, var = _toy_component_logits(x, sigma)
+    r = torch.softmax(logits, dim=1)                                                               # (N, 2)
+    return (r[:, :, None] * (TOY_MEANS.to(x)[None] - x[:, None, :])).sum(1) / var
+
+
+def toy_sample(n, generator=None):
+    """n i.i.d. samples of the toy mixture."""
+    k = torch.multinomial(TOY_WEIGHTS, n, replacement=True, generator=generator)
+    return TOY_MEANS[k] + torch.randn(n, 2, generator=generator)
 
 #----------------------------------------------------------------------------
 # CondInstanceNorm++ (appendix A of the paper).
