@@ -10,16 +10,20 @@ Every script imports this one file. Sections, top to bottom:
     losses: annealed denoising score matching (eq. 5-6), sliced score matching (SSM-VR)
     samplers: Langevin dynamics (eq. 4) and annealed Langevin dynamics (Algorithm 1)
     checkpoints: atomic saves, and loading ours or the official implementation's files
+    distributed helpers, image data, and the training loop of train_mnist.py / train_cifar.py
 
 The numbers match the official implementation (tests/test_official.py checks scores and
 losses against outputs of ermongroup/ncsn on its own checkpoint files).
 """
 import os
 import re
+import sys
 import json
 import math
 import argparse
+import datetime
 import tempfile
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -532,3 +536,537 @@ def load_score_net(path, map_location="cpu", ema=None):
     _fit_state_dict(net, state, path)
     info["model_args"] = model_args
     return net.to(map_location).eval(), info
+
+#----------------------------------------------------------------------------
+# Distributed helpers: one code path, a single process is world size 1.
+
+def dist_init(device_name="auto"):
+    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs); else a single process.
+    Returns (rank, world_size, device)."""
+    device = get_device(device_name)
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    # generous timeout: the other ranks wait while rank 0 samples figures
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(hours=2))
+    return rank, world, device
+
+
+def dist_exit(code=0):
+    """Leave the process group and exit. Barrier, destroy, flush, os._exit: gloo's worker threads
+    can otherwise abort the interpreter at exit ("terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+#----------------------------------------------------------------------------
+# Image data: whole data sets as uint8 tensors (N, C, H, W); MNIST and CIFAR-10 fit in memory.
+
+DATASETS = {  # name: channels, image size, random horizontal flips (as the official configs)
+    "mnist": dict(channels=1, image_size=28, flip=False),
+    "cifar10": dict(channels=3, image_size=32, flip=True),
+}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class DataError(RuntimeError):
+    """A data set that cannot be found or read; the message says what to put where."""
+
+
+def _load_folder(path, train, channels, image_size):
+    """Every image under `path` (recursively, sorted); every 20th is held out as the test split.
+    Images are converted to L or RGB and, if their size differs, resized and centre-cropped."""
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+    if not os.path.isdir(path):
+        raise DataError(f"--dataset-path {path}: no such folder")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+    if len(files) < 2:
+        raise DataError(f"--dataset-path {path}: found {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}); need at least 2")
+    files = [f for i, f in enumerate(files) if (i % 20 == 0) != train]
+    images = []
+    for f in files:
+        img = Image.open(f).convert("L" if channels == 1 else "RGB")
+        if img.size != (image_size, image_size):
+            img = TF.center_crop(TF.resize(img, image_size), image_size)
+        images.append(TF.pil_to_tensor(img))
+    return torch.stack(images)
+
+
+def load_images(dataset, train, data_root="./data", dataset_path=None):
+    """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 under
+    data_root (downloaded when missing), or a folder of images (dataset_path)."""
+    spec = DATASETS[dataset]
+    if dataset_path:
+        return _load_folder(dataset_path, train, spec["channels"], spec["image_size"])
+    import torchvision
+    try:
+        if dataset == "mnist":
+            return torchvision.datasets.MNIST(data_root, train=train, download=True).data[:, None].contiguous()
+        data = torchvision.datasets.CIFAR10(data_root, train=train, download=True).data      # (N, 32, 32, 3)
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        where = {"mnist": f"{os.path.join(data_root, 'MNIST', 'raw')}: train-images-idx3-ubyte.gz, "
+                          "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
+                 "cifar10": f"{data_root}: cifar-10-python.tar.gz (or its folder cifar-10-batches-py)"}[dataset]
+        raise DataError(f"{dataset} is not under --data-root {data_root} and could not be downloaded ({reason}); "
+                        f"copy these files into {where}, or pass --dataset-path FOLDER of images") from None
+
+
+class _Batches(torch.utils.data.Dataset):
+    """dataset[list of indices] -> a uint8 batch, so a DataLoader gathers whole batches in workers."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        return self.images[idx]
+
+
+def epoch_batches(n, batch_size, seed, epoch, start, rank=0, world_size=1):
+    """Index lists of one epoch from batch `start` on: a permutation fixed by (seed, epoch),
+    cut into global batches (the last partial one dropped), each rank taking its slice."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    per_rank = batch_size // world_size
+    for b in range(start, n // batch_size):
+        lo = b * batch_size + rank * per_rank
+        yield perm[lo:lo + per_rank].tolist()
+
+#----------------------------------------------------------------------------
+# Training (Sec. 4.2 and 5): annealed DSM with Adam; resumable, DDP, grad accumulation,
+# bf16 autocast, EMA. train_mnist.py and train_cifar.py only choose the data set and defaults.
+
+TEST_EVERY = 100     # steps between test losses (the official code's)
+LOG_EVERY = 10       # steps between host syncs: metrics rows, finiteness and stop checks
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _step_generator(device, seed, step, stream):
+    """A generator fixed by (seed, step, stream): every random draw of a step is the same
+    whatever the number of processes, gradient-accumulation steps or restarts."""
+    return torch.Generator(device=device).manual_seed(hash((seed, step, stream)) & (2 ** 63 - 1))
+
+
+def _perturbation(cfg, step, shape, num_levels, device, stream=0):
+    """Noise-level labels, dequantisation noise, DSM noise and flips for a global batch."""
+    g = _step_generator(device, cfg["seed"], step, stream)
+    labels = torch.randint(num_levels, (shape[0],), generator=g, device=device)   # one random level each
+    u = torch.rand(shape, generator=g, device=device)
+    z = torch.randn(shape, generator=g, device=device)
+    flip = torch.rand(shape[0], generator=g, device=device) < 0.5
+    return labels, u, z, flip
+
+
+def _dequantize(images, u):
+    """Uniform dequantisation as the official code: x = x_01 * 255/256 + U(0, 1/256) = (x_uint8 + u) / 256."""
+    return (images.float() + u) / 256.0
+
+
+def _train_step(model, opt, images, sigmas, step, cfg, rank, world, device):
+    B, K = cfg["batch_size"], cfg["grad_accum"]
+    per_rank, micro = B // world, B // (world * K)
+    labels, u, z, flip = _perturbation(cfg, step, (B, *images.shape[1:]), len(sigmas), device)
+    lo = rank * per_rank
+    x = _dequantize(images, u[lo:lo + per_rank])
+    if cfg["flip"]:
+        x = torch.where(flip[lo:lo + per_rank, None, None, None], x.flip(3), x)
+    opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for k in range(K):
+        mine, glob = slice(k * micro, (k + 1) * micro), slice(lo + k * micro, lo + (k + 1) * micro)
+        # all-reduce gradients only on the last micro-batch (EDM's ddp_sync)
+        sync = contextlib.nullcontext() if (world == 1 or k == K - 1) else model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
+                loss = dsm_loss(model, x[mine], labels[glob], sigmas, cfg["anneal_power"], noise=z[glob]) / K
+            loss.backward()
+        total += loss.detach()
+    opt.step()
+    return total
+
+
+@torch.no_grad()
+def _test_loss(net, test_images, sigmas, step, cfg, device):
+    B = min(cfg["batch_size"], len(test_images))
+    t = (step // TEST_EVERY) % max(1, len(test_images) // B)
+    images = test_images[t * B:(t + 1) * B].to(device)
+    labels, u, z, _ = _perturbation(cfg, step, images.shape, len(sigmas), device, stream=1)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
+        return dsm_loss(net, _dequantize(images, u), labels, sigmas, cfg["anneal_power"], noise=z).item()
+
+
+def _save_png(path, array):
+    from PIL import Image
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def save_image_grid(path, images, nrow):
+    """images (N, C, H, W) in [0, 1] (clamped) -> one PNG grid, written atomically."""
+    import torchvision
+    grid = torchvision.utils.make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    _save_png(path, (grid.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy())
+
+
+def save_process_figure(path, levels, sigmas, rows=8):
+    """The generation process (Figs. 4b, 5b): one row per sample, one column per noise level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision
+    L, n = len(levels), min(rows, len(levels[0]))
+    tiles = torch.stack([lv[:n].float().clamp(0, 1).cpu() for lv in levels], 1).flatten(0, 1)   # (n*L, C, H, W)
+    grid = torchvision.utils.make_grid(tiles, nrow=L, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()
+    w = levels[0].shape[-1] + 2
+    fig, ax = plt.subplots(figsize=(1.0 * L + 0.6, 1.0 * n + 0.8))
+    ax.imshow(grid, cmap="gray" if grid.shape[2] == 1 else None)
+    ax.set_xticks([w * (i + 0.5) for i in range(L)], [f"{float(s):.3g}" for s in sigmas], fontsize=8)
+    ax.set_yticks([]), ax.set_xlabel(r"end of noise level $\sigma_i$")
+    ax.set_title("Annealed Langevin dynamics: state at the end of each level")
+    fig.tight_layout()
+    fig.savefig(f"{path}.tmp.png", dpi=100)
+    os.replace(f"{path}.tmp.png", path)
+    plt.close(fig)
+
+
+def save_loss_figure(path, rows):
+    """DSM loss against steps, train (per step and smoothed) and test (Fig. 3)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    test = [(r["step"], r["test_loss"]) for r in rows if r["test_loss"] != ""]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(steps, loss, color="0.8", lw=0.5, label="train (per step)")
+    w = max(1, min(len(loss) // 20, 500))
+    if len(loss) >= w > 1:
+        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), color="C0", label=f"train (mean of {w})")
+    if test:
+        ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("annealed DSM loss"), ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f"{path}.tmp.png", dpi=110)
+    os.replace(f"{path}.tmp.png", path)
+    plt.close(fig)
+
+
+METRICS_COLUMNS = ["step", "epoch", "loss", "test_loss", "images_per_s"]
+
+
+def _read_metrics(path, upto):
+    import csv
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
+    for r in rows:
+        r["step"], r["epoch"], r["loss"] = int(r["step"]), int(r["epoch"]), float(r["loss"])
+        r["test_loss"] = float(r["test_loss"]) if r["test_loss"] else ""
+    return rows
+
+
+def _write_metrics(path, rows):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(",".join(METRICS_COLUMNS) + "\n")
+        f.writelines(_metrics_line(r) for r in rows)
+    os.replace(tmp, path)
+
+
+def _metrics_line(r):
+    return f"{r['step']},{r['epoch']},{r['loss']:.6g},{r['test_loss'] if r['test_loss'] == '' else format(r['test_loss'], '.6g')},{r['images_per_s']}\n"
+
+
+TRAIN_DEFAULTS = dict(      # the paper's settings (Sec. 5, appendix B.1) and the official configs
+    data_root="./data",      # torchvision's data folder, downloaded into when missing
+    batch_size=128,          # global batch per optimizer step (the paper's 128)
+    epochs=500_000,          # effectively unbounded: --iters ends the run (as the official config)
+    iters=200_000,           # optimizer steps (the paper: 200k)
+    lr=1e-3,                 # Adam learning rate
+    beta1=0.9,               # Adam beta1 (beta2 0.999)
+    sigma_begin=1.0,         # sigma_1, the largest noise level
+    sigma_end=0.01,          # sigma_L, the smallest
+    num_levels=10,           # L geometric levels
+    anneal_power=2.0,        # lambda(sigma) = sigma^2
+    seed=0,                  # fixes initialisation, data order and every noise draw
+    num_workers=2,           # data loader processes
+    snapshot_every=5_000,    # steps between numbered checkpoints (the official snapshot_freq)
+    sample_every=5_000,      # steps between sample grids and generation-process figures
+    n_samples=64,            # images per sample grid
+    steps_each=100,          # annealed Langevin steps per level (T)
+    step_lr=2e-5,            # annealed Langevin step_lr (the official sampler's)
+    ema=0.0,                 # EMA rate of the weights; 0 = off (the paper has none; NCSNv2 uses 0.999)
+)
+
+RESUME_MUST_MATCH = ("dataset", "dataset_path", "batch_size", "sigma_begin", "sigma_end", "num_levels", "seed", "anneal_power")
+
+
+def train(cfg):
+    """Train a RefineNet with annealed DSM; cfg holds every flag of train_mnist.py / train_cifar.py.
+    Returns the final step. Writes config.json, metrics.csv, checkpoints and figures under cfg['out']."""
+    import copy
+    import signal
+    import time
+    from tqdm import tqdm
+
+    rank, world, device = dist_init(cfg["device"])
+    out, B, K = cfg["out"], cfg["batch_size"], cfg["grad_accum"]
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if B % (world * K):
+        raise SystemExit(f"error: --batch-size {B} must be divisible by processes ({world}) x --grad-accum ({K})")
+    ckpt_path, metrics_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.csv")
+    state = None
+    if os.path.exists(ckpt_path):
+        if not cfg["resume"]:
+            raise SystemExit(f"error: {out} already holds checkpoint.pt; pass --resume to continue it, or choose another --out")
+        state = read_checkpoint(ckpt_path, map_location="cpu")
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise SystemExit(f"error: {ckpt_path}: not a training checkpoint of this project (no optimizer state)")
+    elif cfg["resume"]:
+        say(f"--resume: no checkpoint at {ckpt_path} yet; starting from scratch")
+
+    spec = DATASETS[cfg["dataset"]]
+    model_args = dict(in_channels=spec["channels"], ngf=cfg["ngf"], num_classes=cfg["num_levels"], image_size=spec["image_size"])
+    if state is not None:
+        if state["model_args"] != model_args:
+            diff = ", ".join(f"{k} {state['model_args'].get(k)} (flags: {v})" for k, v in model_args.items()
+                             if state["model_args"].get(k) != v)
+            raise SystemExit(f"error: {ckpt_path} holds a different model: {diff}; resume with the same settings or another --out")
+        diff = [f"--{k.replace('_', '-')} {state['config'].get(k)} (flags: {cfg[k]})" for k in RESUME_MUST_MATCH
+                if state["config"].get(k) != cfg[k]]
+        if diff:
+            raise SystemExit(f"error: {ckpt_path} was trained with {', '.join(diff)}; resume with the same values")
+    train_images = load_images(cfg["dataset"], True, cfg["data_root"], cfg["dataset_path"])
+    test_images = load_images(cfg["dataset"], False, cfg["data_root"], cfg["dataset_path"])
+    steps_per_epoch = len(train_images) // B
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: the training set has {len(train_images)} images, fewer than one batch of {B}")
+    total_steps = min(cfg["iters"], cfg["epochs"] * steps_per_epoch)
+
+    torch.manual_seed(cfg["seed"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    sigmas = geometric_sigmas(cfg["sigma_begin"], cfg["sigma_end"], cfg["num_levels"]).to(device)
+    raw = RefineNet(**model_args).to(device)
+    ema = copy.deepcopy(raw).requires_grad_(False) if cfg["ema"] > 0 else None
+    opt = torch.optim.Adam(raw.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], 0.999))
+    step, epoch, pos = 0, 0, 0
+    if state is not None:
+        raw.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = cfg["lr"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        step, epoch, pos = state["step"], state["epoch"], state["pos"]
+        torch.set_rng_state(state["rng"]["torch"])
+        say(f"resumed {ckpt_path} at step {step} (epoch {epoch}, batch {pos})")
+    model = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        raw, device_ids=[device.index] if device.type == "cuda" else None)
+
+    rows = _read_metrics(metrics_path, step) if rank == 0 else []
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        _write_metrics(metrics_path, rows)
+        import platform
+        import numpy
+        import torchvision
+        save_json(dict(cfg, world_size=world, device_used=str(device), micro_batch=B // (world * K),
+                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, train_images=len(train_images),
+                       test_images=len(test_images), versions=dict(python=platform.python_version(), torch=torch.__version__,
+                       torchvision=torchvision.__version__, numpy=numpy.__version__)), os.path.join(out, "config.json"))
+    say(f"{cfg['dataset']}: {len(train_images)} training images, {steps_per_epoch} steps/epoch; training to step "
+        f"{total_steps} (min of --iters {cfg['iters']} and --epochs {cfg['epochs']}); {world} process(es) on {device}; "
+        f"RefineNet({spec['channels']}, {cfg['ngf']}): {sum(p.numel() for p in raw.parameters()):,} parameters")
+
+    def checkpoint(numbered):
+        if rank != 0:
+            return
+        ck = dict(model=raw.state_dict(), ema=None if ema is None else ema.state_dict(), optimizer=opt.state_dict(),
+                  step=step, epoch=epoch, pos=pos, model_args=model_args, config=dict(cfg), rng=dict(torch=torch.get_rng_state()))
+        atomic_save(ck, ckpt_path)
+        if numbered:
+            atomic_save(ck, os.path.join(out, f"checkpoint_{step}.pt"))
+
+    def figures():
+        if rank != 0:
+            return
+        net = (ema if ema is not None else raw).eval()
+        g = torch.Generator(device=device).manual_seed(cfg["seed"])           # same start for every grid
+        x0 = torch.rand(cfg["n_samples"], spec["channels"], spec["image_size"], spec["image_size"], generator=g, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
+            x, levels = annealed_langevin_dynamics(net, x0, sigmas, cfg["steps_each"], cfg["step_lr"],
+                                                   randn_like=lambda t: torch.randn(t.shape, generator=g, device=device))
+        raw.train()
+        save_image_grid(os.path.join(out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
+        save_process_figure(os.path.join(out, f"process_{step}.png"), levels, sigmas.tolist())
+        save_loss_figure(os.path.join(out, "loss.png"), rows)
+
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)                 # a second one stops at once
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    pending, tests = [], {}                                   # device losses not yet logged; step -> test loss
+    last_saved, t_log, step_log = (step if state is not None else None), time.time(), step
+
+    def flush_log():
+        """One host sync: log the pending losses, stop on a non-finite one."""
+        nonlocal t_log, step_log
+        if not pending:
+            return
+        losses = torch.stack([l for _, l in pending])
+        if world > 1:
+            torch.distributed.all_reduce(losses)
+            losses /= world
+        values = losses.tolist()
+        rate = (step - step_log) * B / max(time.time() - t_log, 1e-9)
+        new = [dict(step=s, epoch=ep, loss=v, test_loss=tests.pop(s, ""), images_per_s=f"{rate:.1f}")
+               for ((s, ep), _), v in zip(pending, values)]
+        bad = [r["step"] for r in new if not math.isfinite(r["loss"])]
+        if bad:
+            raise NonFiniteLoss(bad[0])
+        if rank == 0:
+            rows.extend(new)
+            with open(metrics_path, "a") as f:
+                f.writelines(_metrics_line(r) for r in new)
+        bar.set_postfix(loss=f"{values[-1]:.4g}", img_s=f"{rate:.0f}", refresh=False)
+        pending.clear()
+        t_log, step_log = time.time(), step
+
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
+    stop_now = False       # with several processes, only a flag all ranks agreed on stops the run
+    try:
+        while step < total_steps and not stop_now:
+            loader = torch.utils.data.DataLoader(
+                _Batches(train_images), batch_size=None, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+                sampler=list(epoch_batches(len(train_images), B, cfg["seed"], epoch, pos, rank, world)))
+            for images in loader:
+                loss = _train_step(model, opt, images.to(device, non_blocking=True), sigmas, step, cfg, rank, world, device)
+                if ema is not None:
+                    torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1.0 - cfg["ema"])
+                step, pos = step + 1, pos + 1
+                pending.append(((step, epoch), loss))
+                bar.update(1)
+                if rank == 0 and step % TEST_EVERY == 0:
+                    tests[step] = _test_loss(raw, test_images, sigmas, step, cfg, device)
+                if world == 1:
+                    stop_now = stop["signal"] is not None
+                elif step % LOG_EVERY == 0:                 # every rank must stop at the same step
+                    flag = torch.tensor([stop["signal"] is not None], dtype=torch.float32, device=device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    stop_now = bool(flag.item())
+                    stop["signal"] = stop["signal"] or ("a signal on another rank" if stop_now else None)
+                if step % LOG_EVERY == 0 or step == total_steps:
+                    flush_log()
+                if step % cfg["snapshot_every"] == 0:
+                    flush_log()
+                    checkpoint(numbered=True)
+                    last_saved = step
+                if step % cfg["sample_every"] == 0:
+                    flush_log()
+                    figures()
+                if step >= total_steps or stop_now:
+                    break
+            else:
+                epoch, pos = epoch + 1, 0
+        flush_log()
+        if last_saved != step:
+            checkpoint(numbered=not stop_now)
+        bar.close()
+        if stop_now:
+            say(f"\nstopped by {stop['signal']} at step {step}: wrote {ckpt_path}; continue with --resume")
+        else:
+            if step % cfg["sample_every"] != 0:
+                figures()
+            say(f"\ndone: step {step}; wrote {out}/checkpoint.pt, metrics.csv, loss.png, samples_{step}.png, process_{step}.png")
+    except NonFiniteLoss as e:
+        kept = f"{ckpt_path} (step {last_saved}) is kept" if last_saved is not None else "no checkpoint was written"
+        raise SystemExit(f"error: non-finite loss at step {e.args[0]}; stopped; the last good checkpoint {kept}") from None
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return step
+
+
+def train_main(argv, *, dataset, **defaults):
+    """The command line of train_mnist.py and train_cifar.py: TRAIN_DEFAULTS, updated by the
+    script's own (out, ngf)."""
+    d = dict(TRAIN_DEFAULTS, **defaults)
+    p = argparse.ArgumentParser(description=f"Train an NCSN (RefineNet + annealed DSM) on {dataset}.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    nonneg = lambda t: 0 if t == "0" else positive_int(t)
+    def ema_rate(t):
+        v = float(t)
+        if not 0 <= v < 1:
+            raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {t}")
+        return v
+    def device(t):
+        if t not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", t):
+            raise argparse.ArgumentTypeError(f"unknown device {t!r}; use auto, cpu, cuda or cuda:N")
+        return t
+    p.add_argument("--data-root", default=d["data_root"], help="torchvision data folder (downloaded when missing)")
+    p.add_argument("--dataset-path", default=None, help="a folder of images to train on instead (every 20th held out)")
+    p.add_argument("--out", default=d["out"], help="output folder")
+    p.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="global batch per optimizer step")
+    p.add_argument("--epochs", type=positive_int, default=d["epochs"], help="stop after this many epochs")
+    p.add_argument("--iters", type=positive_int, default=d["iters"], help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=positive_float, default=d["lr"], help="Adam learning rate")
+    p.add_argument("--beta1", type=positive_float, default=d["beta1"], help="Adam beta1")
+    p.add_argument("--ngf", type=positive_int, default=d["ngf"], help="RefineNet width (first cascade)")
+    p.add_argument("--sigma-begin", type=positive_float, default=d["sigma_begin"], help="largest noise level")
+    p.add_argument("--sigma-end", type=positive_float, default=d["sigma_end"], help="smallest noise level")
+    p.add_argument("--num-levels", type=positive_int, default=d["num_levels"], help="number of noise levels L")
+    p.add_argument("--anneal-power", type=float, default=d["anneal_power"], help="lambda(sigma) = sigma^power")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--num-workers", type=nonneg, default=d["num_workers"], help="data loader processes")
+    p.add_argument("--snapshot-every", type=positive_int, default=d["snapshot_every"], help="steps between checkpoint_<step>.pt")
+    p.add_argument("--sample-every", type=positive_int, default=d["sample_every"], help="steps between sample figures")
+    p.add_argument("--n-samples", type=positive_int, default=d["n_samples"], help="images in each sample grid")
+    p.add_argument("--steps-each", type=positive_int, default=d["steps_each"], help="sampler steps per noise level")
+    p.add_argument("--step-lr", type=positive_float, default=d["step_lr"], help="sampler step_lr (eps / 2)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward pass")
+    p.add_argument("--ema", type=ema_rate, default=d["ema"], help="EMA rate of the weights (0 = off)")
+    cfg = vars(p.parse_args(argv))
+    if cfg["sigma_begin"] <= cfg["sigma_end"]:
+        p.error(f"--sigma-begin ({cfg['sigma_begin']}) must be larger than --sigma-end ({cfg['sigma_end']})")
+    if cfg["num_levels"] < 2:
+        p.error("--num-levels must be at least 2")
+    if cfg["ngf"] < 2:
+        p.error("--ngf must be at least 2")
+    try:
+        get_device(cfg["device"])
+    except ValueError as e:
+        p.error(str(e))
+    cfg.update(dataset=dataset, flip=DATASETS[dataset]["flip"])
+    try:
+        step = train(cfg)
+    except (DataError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if torch.distributed.is_initialized():
+        dist_exit(0)
+    return step

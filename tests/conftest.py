@@ -15,3 +15,49 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def official_reference():
     """Inputs, scores and DSM losses computed by ermongroup/ncsn on the two ngf-4 fixtures."""
     return torch.load(os.path.join(DATA, "official_reference.pt"), weights_only=True)
+
+
+def write_mnist(root, n_train=64, n_test=16, seed=0):
+    """A tiny MNIST in torchvision's on-disk format: uncompressed IDX files under root/MNIST/raw.
+    Digits are simple strokes (a bar whose angle depends on the label) so there is structure to learn."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for prefix, n in [("train", n_train), ("t10k", n_test)]:
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = np.zeros((n, 28, 28), np.uint8)
+        t = np.linspace(-9, 9, 40)
+        for i, lab in enumerate(labels):
+            a = np.pi * lab / 10
+            r = (14 + t * np.sin(a)).round().astype(int), (14 + t * np.cos(a)).round().astype(int)
+            images[i][r] = 255
+            images[i] = np.maximum(images[i], rng.integers(0, 30, (28, 28)).astype(np.uint8))
+        with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+            f.write(np.array([2051, n, 28, 28], ">i4").tobytes() + images.tobytes())
+        with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+            f.write(np.array([2049, n], ">i4").tobytes() + labels.tobytes())
+    return root
+
+
+def write_cifar10(root, n_train=40, n_test=10, seed=0):
+    """A tiny CIFAR-10 in torchvision's on-disk format: pickled batches in root/cifar-10-batches-py
+    (their MD5 sums differ from the real ones, so tests patch only torchvision's integrity check)."""
+    import pickle
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    def batch(n):
+        base = rng.integers(0, 256, (n, 3, 1, 1))
+        img = np.clip(base + rng.integers(-40, 40, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
+        return {"data": img.reshape(n, 3072), "labels": rng.integers(0, 10, n).tolist()}
+    per = n_train // 5
+    for i in range(1, 6):
+        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+            pickle.dump(batch(per), f)
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        pickle.dump(batch(n_test), f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return root

@@ -1,0 +1,232 @@
+"""train_mnist.py / train_cifar.py (common.train): outputs, resume, DDP, accumulation, signals, NaN."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+
+import pytest
+import torch
+
+import common
+import train_cifar
+import train_mnist
+from conftest import ROOT, write_cifar10, write_mnist
+
+TINY = ["--ngf", "4", "--num-workers", "0", "--n-samples", "4", "--steps-each", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    return write_mnist(str(tmp_path_factory.mktemp("mnist")))
+
+
+@pytest.fixture
+def cifar_root(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)   # only the MD5 check
+    return write_cifar10(str(tmp_path / "cifar"))
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def weights(path, key="model"):
+    return torch.load(path, weights_only=True)[key]
+
+
+def run(script, root, out, *extra):
+    return script.main(["--data-root", root, "--out", str(out), *TINY, *extra])
+
+
+def test_mnist_end_to_end_writes_every_output(mnist_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "TEST_EVERY", 5)
+    out = tmp_path / "run"
+    assert run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "10", "--snapshot-every", "5",
+               "--sample-every", "5") == 10
+    names = set(os.listdir(out))
+    assert {"config.json", "metrics.csv", "checkpoint.pt", "checkpoint_5.pt", "checkpoint_10.pt", "loss.png",
+            "samples_5.png", "process_5.png", "samples_10.png", "process_10.png"} <= names
+    assert not [n for n in names if "tmp" in n]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["ngf"] == 4 and cfg["batch_size"] == 16 and cfg["steps_per_epoch"] == 4 and "torch" in cfg["versions"]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    assert [int(r["epoch"]) for r in rows] == [0] * 4 + [1] * 4 + [2] * 2
+    assert rows[4]["test_loss"] and rows[9]["test_loss"] and not rows[3]["test_loss"]
+    assert float(rows[-1]["images_per_s"]) > 0
+    net, info = common.load_score_net(out / "checkpoint.pt")
+    assert info["step"] == 10 and info["model_args"]["ngf"] == 4 and info["sigma_end"] == 0.01
+
+
+def test_cifar_end_to_end_through_torchvision(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    run(train_cifar, cifar_root, out, "--batch-size", "8", "--iters", "3", "--sample-every", "3")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train_images"] == 40 and cfg["test_images"] == 10 and cfg["flip"] is True
+    assert {"samples_3.png", "process_3.png", "loss.png"} <= set(os.listdir(out))
+    net, info = common.load_score_net(out / "checkpoint.pt")
+    assert info["model_args"] == dict(in_channels=3, ngf=4, num_classes=10, image_size=32)
+
+
+def test_loss_goes_down_on_a_fixed_small_batch(tmp_path):
+    root = write_mnist(str(tmp_path / "d"), n_train=16, n_test=4)
+    out = tmp_path / "run"
+    run(train_mnist, root, out, "--ngf", "8", "--batch-size", "16", "--iters", "40", "--lr", "3e-3")
+    l = losses(out)
+    assert sum(l[-5:]) / 5 < 0.8 * sum(l[:5]) / 5, l
+
+
+def test_resume_continues_exactly(mnist_root, tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--batch-size", "16", "--ema", "0.9", "--snapshot-every", "100", "--sample-every", "100"]
+    run(train_mnist, mnist_root, full, *args, "--iters", "7")
+    run(train_mnist, mnist_root, part, *args, "--iters", "3")                 # stops mid-epoch
+    capsys.readouterr()
+    run(train_mnist, mnist_root, part, *args, "--iters", "7", "--resume")
+    assert "at step 3 (epoch 0, batch 3)" in capsys.readouterr().out
+    assert losses(part) == losses(full) and len(losses(full)) == 7
+    for key in ["model", "ema"]:
+        a, b = weights(full / "checkpoint.pt", key), weights(part / "checkpoint.pt", key)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = weights(full / "checkpoint.pt", "optimizer"), weights(part / "checkpoint.pt", "optimizer")
+    assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
+
+
+def test_ema_follows_its_formula(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "1", "--ema", "0.75")
+    torch.manual_seed(0)
+    init = common.RefineNet(1, 4).state_dict()
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    k = "res2.0.conv1.weight"
+    assert not torch.equal(ck["model"][k], init[k])
+    assert torch.allclose(ck["ema"][k], 0.75 * init[k] + 0.25 * ck["model"][k], atol=1e-7)
+    net, info = common.load_score_net(out / "checkpoint.pt")                 # evaluation takes the EMA
+    assert info["ema"] and torch.equal(net.state_dict()[k], ck["ema"][k])
+
+
+def test_grad_accumulation_equals_the_large_batch(mnist_root, tmp_path):
+    run(train_mnist, mnist_root, tmp_path / "a", "--batch-size", "16", "--iters", "2")
+    run(train_mnist, mnist_root, tmp_path / "b", "--batch-size", "16", "--iters", "2", "--grad-accum", "4")
+    a, b = weights(tmp_path / "a" / "checkpoint.pt"), weights(tmp_path / "b" / "checkpoint.pt")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
+
+
+def test_ddp_two_processes_equal_one_process(mnist_root, tmp_path):
+    base = [*TINY, "--data-root", mnist_root, "--batch-size", "16", "--iters", "2"]
+    subprocess.run([sys.executable, "train_mnist.py", *base, "--out", str(tmp_path / "one")], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train_mnist.py", *base, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["micro_batch"] == 8
+    a, b = weights(tmp_path / "one" / "checkpoint.pt"), weights(tmp_path / "two" / "checkpoint.pt")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+
+
+def test_sigterm_writes_a_loadable_checkpoint(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", mnist_root, "--out", str(out),
+                             "--batch-size", "16", "--iters", "100000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.csv").exists() and len(losses(out)) >= 3):   # rows come every 10 steps
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output[-2000:]
+    assert "stopped by SIGTERM" in output
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["step"] >= 3 and ck["step"] == len(losses(out))
+    net, info = common.load_score_net(out / "checkpoint.pt")
+    assert info["step"] == ck["step"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = common.dsm_loss
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] >= 7 else loss
+    monkeypatch.setattr(common, "dsm_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "20", "--snapshot-every", "5")
+    assert "non-finite loss at step 7" in str(e.value) and "step 5" in str(e.value)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert not (out / "checkpoint_10.pt").exists()
+
+
+def test_resume_refuses_another_model_and_overwrite(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "1")
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds checkpoint.pt; pass --resume"):
+        run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2")
+    with pytest.raises(SystemExit, match=r"different model: ngf 4 \(flags: 8\)"):
+        run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--resume", "--ngf", "8")
+    with pytest.raises(SystemExit, match=r"--batch-size 16 \(flags: 32\)"):
+        run(train_mnist, mnist_root, out, "--batch-size", "32", "--iters", "2", "--resume")
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_missing_data_offline_gives_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets.mnist as mnist
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(mnist, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as e:
+        run(train_mnist, str(tmp_path / "empty"), tmp_path / "run", "--iters", "1")
+    msg = str(e.value)
+    assert "\n" not in msg and os.path.join("empty", "MNIST", "raw") in msg and "train-images-idx3-ubyte.gz" in msg
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_folder_dataset(tmp_path):
+    from PIL import Image
+    import numpy as np
+    folder = tmp_path / "imgs" / "sub"
+    folder.mkdir(parents=True)
+    for i in range(30):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    train_cifar.main(["--dataset-path", str(tmp_path / "imgs"), "--out", str(out), *TINY, "--batch-size", "4", "--iters", "2"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train_images"] == 28 and cfg["test_images"] == 2
+    assert common.load_images("cifar10", True, dataset_path=str(tmp_path / "imgs")).shape == (28, 3, 32, 32)
+    with pytest.raises(common.DataError, match="no such folder"):
+        common.load_images("cifar10", True, dataset_path=str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--batch-size", "-4"], "expected a positive integer, got -4"),
+    (["--sigma-begin", "0.01", "--sigma-end", "1"], "must be larger than --sigma-end"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--amp", "fp8"], "invalid choice"),
+    (["--ema", "1.5"], "expected a rate in [0, 1)"),
+])
+def test_bad_flags_are_refused(bad, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_mnist.main(bad)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bf16_autocast_runs_on_cpu(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--amp", "bf16")
+    assert all(torch.isfinite(torch.tensor(losses(out))))
