@@ -677,6 +677,13 @@ def _dequantize(images, u):
     return (images.float() + u) / 256.0
 
 
+@torch.no_grad()
+def ema_update(ema, net, rate):
+    """Exponential moving average of the weights (NCSNv2): ema <- rate * ema + (1 - rate) * net.
+    Under no_grad, so the average never carries autograd history from one step to the next."""
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - rate)
+
+
 def _train_step(model, opt, images, sigmas, step, cfg, rank, world, device):
     B, K = cfg["batch_size"], cfg["grad_accum"]
     per_rank, micro = B // world, B // (world * K)
@@ -964,7 +971,7 @@ def train(cfg):
             for images in loader:
                 loss = _train_step(model, opt, images.to(device, non_blocking=True), sigmas, step, cfg, rank, world, device)
                 if ema is not None:
-                    torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1.0 - cfg["ema"])
+                    ema_update(ema, raw, cfg["ema"])
                 step, pos = step + 1, pos + 1
                 pending.append(((step, epoch), loss))
                 bar.update(1)

@@ -112,6 +112,15 @@ def test_ema_follows_its_formula(mnist_root, tmp_path):
     assert info["ema"] and torch.equal(net.state_dict()[k], ck["ema"][k])
 
 
+def test_ema_update_keeps_no_autograd_history():
+    net, ema = common.RefineNet(1, 4), common.RefineNet(1, 4).requires_grad_(False)
+    before = [p.clone() for p in ema.parameters()]
+    common.ema_update(ema, net, 0.9)
+    for e, b, p in zip(ema.parameters(), before, net.parameters()):
+        assert e.grad_fn is None and not e.requires_grad
+        assert torch.allclose(e, 0.9 * b + 0.1 * p.detach(), atol=1e-7)
+
+
 def test_grad_accumulation_equals_the_large_batch(mnist_root, tmp_path):
     run(train_mnist, mnist_root, tmp_path / "a", "--batch-size", "16", "--iters", "2")
     run(train_mnist, mnist_root, tmp_path / "b", "--batch-size", "16", "--iters", "2", "--grad-accum", "4")
