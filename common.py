@@ -515,7 +515,7 @@ def load_score_net(path, map_location="cpu", ema=None):
         c_in, ngf = state["begin_conv.weight"].shape[1], state["begin_conv.weight"].shape[0]
         model_args = dict(in_channels=c_in, ngf=ngf, num_classes=state["normalizer.embed.weight"].shape[0],
                           image_size=28 if c_in == 1 else 32)
-        info.update(format="official", step=None, ema=False,
+        info.update(format="official", step=None, ema=False, dataset="mnist" if c_in == 1 else "cifar10",
                     sigma_begin=1.0, sigma_end=0.01, num_levels=model_args["num_classes"])
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("model_args"), dict):
         model_args = dict(ckpt["model_args"])
@@ -581,17 +581,19 @@ class DataError(RuntimeError):
     """A data set that cannot be found or read; the message says what to put where."""
 
 
-def _load_folder(path, train, channels, image_size):
-    """Every image under `path` (recursively, sorted); every 20th is held out as the test split.
-    Images are converted to L or RGB and, if their size differs, resized and centre-cropped."""
+def load_image_folder(path, channels, image_size, split=None, flag="--dataset-path"):
+    """uint8 (N, C, H, W) of every image under `path` (recursively, sorted), converted to L or
+    RGB and, if their size differs, resized and centre-cropped. split='train' / 'test' keeps
+    all but every 20th image / every 20th image."""
     from PIL import Image
     import torchvision.transforms.functional as TF
     if not os.path.isdir(path):
-        raise DataError(f"--dataset-path {path}: no such folder")
+        raise DataError(f"{flag} {path}: no such folder")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
     if len(files) < 2:
-        raise DataError(f"--dataset-path {path}: found {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}); need at least 2")
-    files = [f for i, f in enumerate(files) if (i % 20 == 0) != train]
+        raise DataError(f"{flag} {path}: found {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}); need at least 2")
+    if split is not None:
+        files = [f for i, f in enumerate(files) if (i % 20 == 0) == (split == "test")]
     images = []
     for f in files:
         img = Image.open(f).convert("L" if channels == 1 else "RGB")
@@ -606,7 +608,7 @@ def load_images(dataset, train, data_root="./data", dataset_path=None):
     data_root (downloaded when missing), or a folder of images (dataset_path)."""
     spec = DATASETS[dataset]
     if dataset_path:
-        return _load_folder(dataset_path, train, spec["channels"], spec["image_size"])
+        return load_image_folder(dataset_path, spec["channels"], spec["image_size"], "train" if train else "test")
     import torchvision
     try:
         if dataset == "mnist":
@@ -725,9 +727,13 @@ def _save_png(path, array):
 
 
 def save_image_grid(path, images, nrow):
-    """images (N, C, H, W) in [0, 1] (clamped) -> one PNG grid, written atomically."""
+    """images (N, C, H, W) in [0, 1] (clamped) -> one PNG grid, written atomically; tiles under
+    64 pixels are enlarged (nearest neighbour) so that 28x28 digits can be seen."""
     import torchvision
-    grid = torchvision.utils.make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    images = images.detach().float().clamp(0, 1).cpu()
+    scale = max(1, round(64 / images.shape[-1]))
+    images = F.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
     _save_png(path, (grid.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy())
 
 

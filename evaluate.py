@@ -1,0 +1,285 @@
+"""The table of Fig. 6: Inception score and FID of annealed Langevin samples (CIFAR-10).
+
+    python evaluate.py --checkpoint runs/cifar10/checkpoint.pt --n 5000
+    python evaluate.py --checkpoint run/logs/cifar10/checkpoint.pth                 # an official checkpoint
+    python evaluate.py --checkpoint 'runs/cifar10/checkpoint_*.pt' --step-lr 2e-5 1e-5 --n 1000   # appendix B.2
+    python evaluate.py ... --inception-weights weights-inception-2015-12-05-6726825d.pth --ref ref.npz   # offline
+
+Samples come from common.annealed_langevin_dynamics (10 levels, 100 steps each, step_lr 2e-5,
+uniform start). Image i is drawn with its own generator seeded by (--seed, i), so samples do
+not depend on the batch size, and they are written in shards as they are made: a rerun makes
+only the missing ones. Metrics use torch-fidelity's port of the TensorFlow Inception network
+the paper used (OpenAI's Inception score, 10 splits; TTUR's FID) against the statistics of the
+training set, computed once and cached. Writes per checkpoint and sampler setting:
+shards, grid.png (first 100 samples), metrics.json (with a per-level sampler health report).
+"""
+import argparse
+import glob
+import hashlib
+import math
+import os
+import re
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+
+#----------------------------------------------------------------------------
+# Defaults: the paper's sampler (Sec. 5) and evaluation protocol.
+
+OUT = "runs/eval"        # root of the outputs: <OUT>/<checkpoint name>/<sampler setting>/
+N = 50_000               # samples per evaluation (the usual protocol; model selection can use fewer)
+BATCH_SIZE = 100         # images sampled at once
+STEP_LR = [2e-5]         # annealed Langevin step_lr (the official sampler's)
+STEPS_EACH = 100         # annealed Langevin steps per level (T)
+SEED = 0                 # image i uses a generator seeded by (SEED, i)
+REF_STATS = "runs/eval/ref_stats"   # cached statistics of the reference images
+PAPER = ("paper (NCSN, CIFAR-10)", 8.87, 0.12, 25.32)
+SEED_REPORT = ("seed report", 4.17, 0.13, 110.85)
+
+#----------------------------------------------------------------------------
+# Inception features and the two metrics.
+
+def inception(weights, device):
+    """torch-fidelity's TF-Inception port; `weights` None downloads the released file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    if weights is not None:
+        common.read_checkpoint(weights)          # weights_only=True first: refuse a file that carries code
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=weights)
+    except Exception as e:
+        if weights is not None:
+            raise common.CheckpointError(f"{weights}: not torch-fidelity Inception weights ({str(e).splitlines()[0][:100]})")
+        raise common.DataError(f"could not download the Inception weights ({str(e).splitlines()[0][:80]}); pass "
+                               "--inception-weights weights-inception-2015-12-05-6726825d.pth (torch-fidelity v0.2.0 release)")
+    return net.to(device)
+
+
+@torch.no_grad()
+def features(net, images, device, batch_size=100):
+    """Pool features (N, 2048) and unbiased logits (N, 1008), float64, of uint8 images (N, C, H, W)."""
+    pool, logits = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x        # MNIST: digits repeated to 3 channels
+        p, l = net(x)
+        pool.append(p.double().cpu()), logits.append(l.double().cpu())
+    return torch.cat(pool), torch.cat(logits)
+
+
+def inception_score(logits, splits=10):
+    """exp E_x KL(p(y|x) || p(y)) per split (OpenAI's), via torch-fidelity; returns (mean, std)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    m = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=2020)
+    return m["inception_score_mean"], m["inception_score_std"]
+
+
+def feature_stats(pool):
+    """mu and the unbiased covariance of pool features, in float64."""
+    pool = pool.double()
+    mu = pool.mean(0)
+    d = pool - mu
+    return mu.numpy(), (d.T @ d / (len(pool) - 1)).numpy()
+
+
+def fid(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (TTUR's), via torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    return fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)["frechet_inception_distance"]
+
+
+def reference_stats(args, dataset, net, device, weights_tag):
+    """(mu, sigma, label) of --ref: a stats .npz, a folder of images, or the training set (cached)."""
+    spec = common.DATASETS[dataset]
+    ref = args.ref
+    if ref and ref.endswith(".npz"):
+        if not os.path.isfile(ref):
+            raise common.DataError(f"--ref {ref}: no such statistics file")
+        with np.load(ref) as f:
+            if "mu" not in f or "sigma" not in f:
+                raise common.DataError(f"--ref {ref}: needs arrays 'mu' and 'sigma' (as written by an earlier run)")
+            return f["mu"], f["sigma"], f"statistics {ref}"
+    if ref:
+        images = common.load_image_folder(ref, spec["channels"], spec["image_size"], flag="--ref")
+        return (*feature_stats(features(net, images, device)[0]), f"folder {ref} ({len(images)} images)")
+    cache = os.path.join(REF_STATS, f"{dataset}_train_{weights_tag}.npz")
+    label = f"{dataset} training set" + (", digits repeated to 3 channels" if spec["channels"] == 1 else "")
+    if not os.path.exists(cache):
+        images = common.load_images(dataset, True, args.data_root)
+        print(f"reference statistics: {len(images)} {dataset} training images (computed once, cached in {cache})")
+        mu, sigma = feature_stats(features(net, images, device)[0])
+        os.makedirs(REF_STATS, exist_ok=True)
+        np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
+        os.replace(cache + ".tmp.npz", cache)
+    with np.load(cache) as f:
+        return f["mu"], f["sigma"], label
+
+#----------------------------------------------------------------------------
+# Sampling in shards, resumable, with a per-level health report.
+
+def _generators(seed, start, end, device):
+    return [torch.Generator(device=device).manual_seed(hash((seed, i)) & (2 ** 63 - 1)) for i in range(start, end)]
+
+
+def _shards(folder):
+    """{(start, end): path} of the shards already written."""
+    found = {}
+    for path in glob.glob(os.path.join(folder, "shard_*.npz")):
+        m = re.fullmatch(r"shard_(\d+)_(\d+)\.npz", os.path.basename(path))
+        if m:
+            found[int(m.group(1)), int(m.group(2))] = path
+    return found
+
+
+def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, seed, device, shape):
+    """Make the images of [0, n) that no shard holds yet; each batch becomes shard_<start>_<end>.npz."""
+    have = set()
+    for (a, b) in _shards(folder):
+        have.update(range(a, b))
+    missing = [i for i in range(n) if i not in have]
+    runs = []                                   # contiguous missing ranges, cut to the batch size
+    for i in missing:
+        if runs and runs[-1][1] == i and runs[-1][1] - runs[-1][0] < batch_size:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, i + 1])
+    L = len(sigmas)
+    bar = tqdm(total=n, initial=n - len(missing), desc="sampling", unit="img", dynamic_ncols=True)
+    for start, end in runs:
+        gens = _generators(seed, start, end, device)
+        x0 = torch.stack([torch.rand(shape, generator=g, device=device) for g in gens])
+        randn_like = lambda t: torch.stack([torch.randn(t.shape[1:], generator=g, device=device) for g in gens])
+        norm_sum, out_sum = torch.zeros(L, device=device), torch.zeros(L, device=device)
+        def health(level, step, x, score):     # at the end of each level, no host sync
+            if step == steps_each - 1:
+                norm_sum[level] += score.flatten(1).norm(dim=1).sum()
+                out_sum[level] += ((x < 0) | (x > 1)).float().mean(dim=(1, 2, 3)).sum()
+        x, _ = common.annealed_langevin_dynamics(net, x0, sigmas, steps_each, step_lr, denoise=denoise,
+                                                 keep_levels=False, callback=health, randn_like=randn_like)
+        images = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+        path = os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")
+        np.savez(path + ".tmp.npz", images=images, score_norm_sum=norm_sum.cpu().numpy(), out_of_range_sum=out_sum.cpu().numpy())
+        os.replace(path + ".tmp.npz", path)
+        bar.update(end - start)
+    bar.close()
+    return len(missing)
+
+
+def collect(folder, n):
+    """The first n images (N, C, H, W) and the health sums of the shards that hold them."""
+    images, norm, out, count = [], 0, 0, 0
+    for (a, b), path in sorted(_shards(folder).items()):
+        if a >= n:
+            continue
+        with np.load(path) as f:
+            images.append(f["images"][:n - a])
+            norm, out, count = norm + f["score_norm_sum"], out + f["out_of_range_sum"], count + (b - a)
+    images = torch.from_numpy(np.concatenate(images))
+    assert len(images) == n, f"{folder}: {len(images)} images for n={n}"
+    return images, norm / count, out / count
+
+
+def health_report(sigmas, score_norm, out_share, dim):
+    """Rows per level, and the level where samples start to saturate (None when they do not)."""
+    rows = [dict(level=i + 1, sigma=float(s), mean_score_norm=float(g), sigma_times_norm_over_sqrt_d=float(s * g / math.sqrt(dim)),
+                 share_outside_01=float(o)) for i, (s, g, o) in enumerate(zip(sigmas, score_norm, out_share))]
+    bad = next((r for prev, r in zip(rows, rows[1:]) if r["share_outside_01"] > prev["share_outside_01"] + 0.005), None)
+    if bad is None and rows[-1]["share_outside_01"] > 0.01:
+        bad = min(rows, key=lambda r: r["share_outside_01"])      # where the share stopped falling
+    return rows, (bad["level"] if bad else None)
+
+#----------------------------------------------------------------------------
+
+def evaluate_one(args, ckpt, step_lr, folder, net, info, inc, device, weights_tag):
+    t0 = time.time()
+    spec = common.DATASETS[info["dataset"]]
+    sigmas = common.geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"]).to(device)
+    shape = (spec["channels"], spec["image_size"], spec["image_size"])
+    mu_ref, sigma_ref, ref_label = reference_stats(args, info["dataset"], inc, device, weights_tag)   # fail before sampling
+    os.makedirs(folder, exist_ok=True)
+    made = sample(net, sigmas, folder, args.n, args.batch_size, step_lr, args.steps_each, args.denoise, args.seed, device, shape)
+    images, norm, out = collect(folder, args.n)
+    common.save_image_grid(os.path.join(folder, "grid.png"), images[:100].float() / 255, nrow=10)
+    rows, bad = health_report(sigmas.tolist(), norm, out, int(np.prod(shape)))
+    print(f"sampler health ({ckpt}, step_lr {step_lr:g}): level, sigma, mean |score|, sigma |score| / sqrt(D), share outside [0, 1]")
+    for r in rows:
+        print(f"  {r['level']:>2} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} {r['sigma_times_norm_over_sqrt_d']:7.3f} "
+              f"{r['share_outside_01']:8.2%}")
+    if bad:
+        print(f"WARNING: samples start to saturate at level {bad} (sigma {rows[bad - 1]['sigma']:.4g}); try a smaller --step-lr")
+    pool, logits = features(inc, images, device)
+    is_mean, is_std = inception_score(logits) if spec["channels"] == 3 else (None, None)
+    metrics = dict(checkpoint=ckpt, dataset=info["dataset"], n=args.n, inception_score_mean=is_mean,
+                   inception_score_std=is_std, fid=fid(*feature_stats(pool), mu_ref, sigma_ref), fid_reference=ref_label,
+                   sampler=dict(step_lr=step_lr, steps_each=args.steps_each, num_levels=info["num_levels"],
+                                sigma_begin=info["sigma_begin"], sigma_end=info["sigma_end"], denoise=args.denoise,
+                                seed=args.seed, ema=info["ema"]),
+                   health=rows, saturating_level=bad, samples_made_now=made, seconds=round(time.time() - t0, 1))
+    if spec["channels"] == 1:
+        metrics["note"] = "the paper reports no Inception score or FID for MNIST; FID against " + ref_label
+    common.save_json(metrics, os.path.join(folder, "metrics.json"))
+    return metrics
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", action="extend", nargs="+", required=True, help="checkpoint file(s) or glob(s)")
+    p.add_argument("--n", type=common.positive_int, default=N, help="samples per evaluation")
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="images sampled at once")
+    p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=SEED, help="image i uses a generator seeded by (seed, i)")
+    p.add_argument("--ref", default=None, help="FID reference: a folder of images or a stats .npz (default: the training set)")
+    p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file (default: download)")
+    p.add_argument("--data-root", default=common.TRAIN_DEFAULTS["data_root"], help="torchvision data folder")
+    p.add_argument("--denoise", action="store_true", help="end with x + sigma_L^2 s(x, L)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (default: if the checkpoint has them)")
+    p.add_argument("--step-lr", type=common.positive_float, nargs="+", default=STEP_LR, help="step_lr value(s)")
+    p.add_argument("--steps-each", type=common.positive_int, default=STEPS_EACH, help="steps per noise level")
+    args = p.parse_args(argv)
+    try:
+        device = common.get_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    ckpts = []
+    for pattern in args.checkpoint:
+        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not found:
+            p.error(f"--checkpoint {pattern}: no file matches")
+        ckpts += [c for c in found if c not in ckpts]
+    try:
+        inc = inception(args.inception_weights, device)
+        weights_tag = "tf-inception" if args.inception_weights is None else \
+            hashlib.sha1(open(args.inception_weights, "rb").read()).hexdigest()[:10]
+        results = []
+        for ckpt in ckpts:
+            net, info = common.load_score_net(ckpt, map_location=device, ema=args.ema)
+            name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}_{os.path.splitext(os.path.basename(ckpt))[0]}"
+            base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
+            for step_lr in args.step_lr:
+                tag = f"steplr{step_lr:g}_T{args.steps_each}{'_denoise' if args.denoise else ''}_seed{args.seed}"
+                results.append(evaluate_one(args, ckpt, step_lr, os.path.join(base, tag), net, info, inc, device, weights_tag))
+    except (common.CheckpointError, common.DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+    fmt = lambda m, s: "-" if m is None else f"{m:.2f} +- {s:.2f}"
+    best = min(results, key=lambda r: r["fid"])
+    print(f"\n{'':2}{'checkpoint / source':<44} {'step_lr':>8} {'n':>6} {'Inception score':>16} {'FID':>8}")
+    for label, m, s, f in [PAPER, SEED_REPORT]:
+        print(f"{'':2}{label:<44} {'2e-05':>8} {'50000':>6} {fmt(m, s):>16} {f:>8.2f}")
+    for r in results:
+        mark = "*" if (r is best and len(results) > 1) else " "
+        print(f"{mark:<2}{r['checkpoint'][-44:]:<44} {r['sampler']['step_lr']:>8.2g} {r['n']:>6} "
+              f"{fmt(r['inception_score_mean'], r['inception_score_std']):>16} {r['fid']:>8.2f}")
+    if len(results) > 1:
+        print("* lowest FID")
+    if any(r["dataset"] == "mnist" for r in results):
+        print("MNIST: the paper reports no Inception score or FID; FID here is against MNIST's training set, digits repeated to 3 channels")
+    return results
+
+
+if __name__ == "__main__":
+    main()
