@@ -71,6 +71,21 @@ def features(net, images, device, batch_size=100):
     return torch.cat(pool), torch.cat(logits)
 
 
+@torch.no_grad()
+def streamed_stats(net, batches, device):
+    """mu, sigma of the pool features and all logits, over an iterable of uint8 batches. Sums of
+    features and of their outer products build up in float64 (as EDM's fid.py): memory is one
+    batch plus 2048^2, whatever the number of images."""
+    n, s1, s2, logits = 0, 0, 0, []
+    for images in batches:
+        pool, l = features(net, images, device)
+        n, s1, s2 = n + len(pool), s1 + pool.sum(0), s2 + pool.T @ pool
+        logits.append(l.float())
+    mu = s1 / n
+    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)
+    return mu.numpy(), sigma.numpy(), torch.cat(logits).double()
+
+
 def inception_score(logits, splits=10):
     """exp E_x KL(p(y|x) || p(y)) per split (OpenAI's), via torch-fidelity; returns (mean, std)."""
     from torch_fidelity.metric_isc import isc_features_to_metric
@@ -104,17 +119,21 @@ def reference_stats(args, dataset, net, device, weights_tag):
                 raise common.DataError(f"--ref {ref}: needs arrays 'mu' and 'sigma' (as written by an earlier run)")
             return f["mu"], f["sigma"], f"statistics {ref}"
     if ref:
-        images = common.load_image_folder(ref, spec["channels"], spec["image_size"], flag="--ref")
-        return (*feature_stats(features(net, images, device)[0]), f"folder {ref} ({len(images)} images)")
-    cache = os.path.join(REF_STATS, f"{dataset}_train_{weights_tag}.npz")
-    label = f"{dataset} training set" + (", digits repeated to 3 channels" if spec["channels"] == 1 else "")
+        name = f"folder_{hashlib.sha1(os.path.abspath(ref).encode()).hexdigest()[:8]}"
+        label = f"folder {ref}"
+    else:
+        name = f"{dataset}_train"
+        label = f"{dataset} training set" + (", digits repeated to 3 channels" if spec["channels"] == 1 else "")
+    cache = os.path.join(REF_STATS, f"{name}_{weights_tag}.npz")
     if not os.path.exists(cache):
-        images = common.load_images(dataset, True, args.data_root)
-        print(f"reference statistics: {len(images)} {dataset} training images (computed once, cached in {cache})")
-        mu, sigma = feature_stats(features(net, images, device)[0])
+        images = (common.load_image_folder(ref, spec["channels"], spec["image_size"], flag="--ref") if ref
+                  else common.load_images(dataset, True, args.data_root))
+        print(f"reference statistics of the {label}: {len(images)} images, computed once")
+        mu, sigma, _ = streamed_stats(net, [images[i:i + 1000] for i in range(0, len(images), 1000)], device)
         os.makedirs(REF_STATS, exist_ok=True)
         np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
         os.replace(cache + ".tmp.npz", cache)
+        print(f"saved them as {cache} (--ref {cache} reuses them)")
     with np.load(cache) as f:
         return f["mu"], f["sigma"], label
 
@@ -169,18 +188,29 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
     return len(missing)
 
 
-def collect(folder, n):
-    """The first n images (N, C, H, W) and the health sums of the shards that hold them."""
-    images, norm, out, count = [], 0, 0, 0
+def read_shards(folder, n):
+    """Yield the first n images shard by shard, as uint8 (B, C, H, W) tensors."""
     for (a, b), path in sorted(_shards(folder).items()):
-        if a >= n:
-            continue
-        with np.load(path) as f:
-            images.append(f["images"][:n - a])
-            norm, out, count = norm + f["score_norm_sum"], out + f["out_of_range_sum"], count + (b - a)
-    images = torch.from_numpy(np.concatenate(images))
+        if a < n:
+            with np.load(path) as f:
+                yield torch.from_numpy(f["images"][:n - a])
+
+
+def collect(folder, n):
+    """The first n images in one tensor (the grid, tests)."""
+    images = torch.cat(list(read_shards(folder, n)))
     assert len(images) == n, f"{folder}: {len(images)} images for n={n}"
-    return images, norm / count, out / count
+    return images
+
+
+def health_means(folder, n):
+    """Per level: mean score norm and share of pixels outside [0, 1], over the shards of [0, n)."""
+    norm, out, count = 0, 0, 0
+    for (a, b), path in _shards(folder).items():
+        if a < n:
+            with np.load(path) as f:
+                norm, out, count = norm + f["score_norm_sum"], out + f["out_of_range_sum"], count + (b - a)
+    return norm / count, out / count
 
 
 def health_report(sigmas, score_norm, out_share, dim):
@@ -202,19 +232,22 @@ def evaluate_one(args, ckpt, step_lr, folder, net, info, inc, device, weights_ta
     mu_ref, sigma_ref, ref_label = reference_stats(args, info["dataset"], inc, device, weights_tag)   # fail before sampling
     os.makedirs(folder, exist_ok=True)
     made = sample(net, sigmas, folder, args.n, args.batch_size, step_lr, args.steps_each, args.denoise, args.seed, device, shape)
-    images, norm, out = collect(folder, args.n)
-    common.save_image_grid(os.path.join(folder, "grid.png"), images[:100].float() / 255, nrow=10)
+    norm, out = health_means(folder, args.n)
+    common.save_image_grid(os.path.join(folder, "grid.png"), collect(folder, min(100, args.n)).float() / 255, nrow=10)
     rows, bad = health_report(sigmas.tolist(), norm, out, int(np.prod(shape)))
     print(f"sampler health ({ckpt}, step_lr {step_lr:g}): level, sigma, mean |score|, sigma |score| / sqrt(D), share outside [0, 1]")
     for r in rows:
         print(f"  {r['level']:>2} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} {r['sigma_times_norm_over_sqrt_d']:7.3f} "
               f"{r['share_outside_01']:8.2%}")
     if bad:
-        print(f"WARNING: samples start to saturate at level {bad} (sigma {rows[bad - 1]['sigma']:.4g}); try a smaller --step-lr")
-    pool, logits = features(inc, images, device)
+        r = rows[bad - 1]
+        print(f"WARNING: samples start to saturate at level {bad} (sigma {r['sigma']:.4g}): {r['share_outside_01']:.1%} of "
+              f"pixels outside [0, 1] at its end; try a smaller --step-lr")
+    mu, sigma, logits = streamed_stats(inc, read_shards(folder, args.n), device)
+    assert len(logits) == args.n
     is_mean, is_std = inception_score(logits) if spec["channels"] == 3 else (None, None)
     metrics = dict(checkpoint=ckpt, dataset=info["dataset"], n=args.n, inception_score_mean=is_mean,
-                   inception_score_std=is_std, fid=fid(*feature_stats(pool), mu_ref, sigma_ref), fid_reference=ref_label,
+                   inception_score_std=is_std, fid=fid(mu, sigma, mu_ref, sigma_ref), fid_reference=ref_label,
                    sampler=dict(step_lr=step_lr, steps_each=args.steps_each, num_levels=info["num_levels"],
                                 sigma_begin=info["sigma_begin"], sigma_end=info["sigma_end"], denoise=args.denoise,
                                 seed=args.seed, ema=info["ema"]),

@@ -114,7 +114,7 @@ def test_pipeline_writes_everything_and_its_numbers_check_out(tiny_checkpoint, i
     assert saved["inception_score_mean"] > 1.0 and math_finite(saved["fid"]) and saved["fid"] > 0
     # recompute FID from the saved samples and the reference folder, independently
     net = evaluate.inception(inception_weights, torch.device("cpu"))
-    images, _, _ = evaluate.collect(str(folder), 12)
+    images = evaluate.collect(str(folder), 12)
     pool, _ = evaluate.features(net, images, torch.device("cpu"))
     ref = common.load_image_folder(ref_folder, 3, 32)
     ref_pool, _ = evaluate.features(net, ref, torch.device("cpu"))
@@ -145,9 +145,9 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
     counting.interrupt = False
     evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])
     assert made == [4, 4, 4, 1]                                     # the interrupted batch of 4 is redone once
-    images_a, _, _ = evaluate.collect(str(tmp_path / "a" / "steplr2e-05_T2_seed0"), 9)
+    images_a = evaluate.collect(str(tmp_path / "a" / "steplr2e-05_T2_seed0"), 9)
     evaluate.main([*common_args, "--batch-size", "9", "--out", str(tmp_path / "b")])
-    images_b, _, _ = evaluate.collect(str(tmp_path / "b" / "steplr2e-05_T2_seed0"), 9)
+    images_b = evaluate.collect(str(tmp_path / "b" / "steplr2e-05_T2_seed0"), 9)
     assert len(images_a) == 9 and torch.equal(images_a, images_b)
     made.clear()
     evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])   # all there: nothing sampled
@@ -199,3 +199,24 @@ def test_bad_inputs(tmp_path, inception_weights, ref_stats, capsys):
                 return (print, ("pwned",))
         torch.save({"x": Evil()}, tmp_path / "w.pt")
         evaluate.main(["--checkpoint", str(bad), "--inception-weights", str(tmp_path / "w.pt"), *FAST])
+
+
+def test_streamed_stats_equal_the_two_pass_statistics():
+    torch.manual_seed(0)
+    fake = lambda x: (x.flatten(1)[:, :6].double() * torch.arange(1, 7) + 3.0, x.flatten(1)[:, :4].double())
+    images = torch.randint(0, 256, (23, 3, 4, 4), dtype=torch.uint8)
+    mu, sigma, logits = evaluate.streamed_stats(fake, [images[:10], images[10:17], images[17:]], torch.device("cpu"))
+    want_mu, want_sigma = evaluate.feature_stats(fake(images)[0])
+    assert np.allclose(mu, want_mu, rtol=1e-12) and np.allclose(sigma, want_sigma, rtol=1e-9)
+    assert logits.shape == (23, 4)
+
+
+def test_health_report_names_the_level_where_samples_saturate():
+    sigmas = common.geometric_sigmas(1, 0.01, 6).tolist()
+    healthy = [0.40, 0.20, 0.08, 0.02, 0.004, 0.001]
+    rows, bad = evaluate.health_report(sigmas, [10.0] * 6, healthy, dim=784)
+    assert bad is None and rows[0]["sigma_times_norm_over_sqrt_d"] == pytest.approx(10 / 28)
+    _, bad = evaluate.health_report(sigmas, [10.0] * 6, [0.40, 0.20, 0.08, 0.02, 0.05, 0.12], dim=784)
+    assert bad == 5                                        # the share of saturated pixels rises again at level 5
+    _, bad = evaluate.health_report(sigmas, [10.0] * 6, [0.40, 0.20, 0.08, 0.05, 0.048, 0.047], dim=784)
+    assert bad == 6                                        # never rises, but ends with 4.7% outside [0, 1]
