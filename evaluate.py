@@ -172,16 +172,19 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
         gens = _generators(seed, start, end, device)
         x0 = torch.stack([torch.rand(shape, generator=g, device=device) for g in gens])
         randn_like = lambda t: torch.stack([torch.randn(t.shape[1:], generator=g, device=device) for g in gens])
-        norm_sum, out_sum = torch.zeros(L, device=device), torch.zeros(L, device=device)
+        norm_sum, out_sum, far_sum = (torch.zeros(L, device=device) for _ in range(3))
         def health(level, step, x, score):     # at the end of each level, no host sync
             if step == steps_each - 1:
+                m = 3 * float(sigmas[level])   # a sample of level i is data + N(0, sigma_i^2): beyond 3 sigma_i is off
                 norm_sum[level] += score.flatten(1).norm(dim=1).sum()
                 out_sum[level] += ((x < 0) | (x > 1)).float().mean(dim=(1, 2, 3)).sum()
+                far_sum[level] += ((x < -m) | (x > 1 + m)).float().mean(dim=(1, 2, 3)).sum()
         x, _ = common.annealed_langevin_dynamics(net, x0, sigmas, steps_each, step_lr, denoise=denoise,
                                                  keep_levels=False, callback=health, randn_like=randn_like)
         images = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
         path = os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")
-        np.savez(path + ".tmp.npz", images=images, score_norm_sum=norm_sum.cpu().numpy(), out_of_range_sum=out_sum.cpu().numpy())
+        np.savez(path + ".tmp.npz", images=images, score_norm_sum=norm_sum.cpu().numpy(),
+                 out_of_range_sum=out_sum.cpu().numpy(), far_out_sum=far_sum.cpu().numpy())
         os.replace(path + ".tmp.npz", path)
         bar.update(end - start)
     bar.close()
@@ -204,23 +207,29 @@ def collect(folder, n):
 
 
 def health_means(folder, n):
-    """Per level: mean score norm and share of pixels outside [0, 1], over the shards of [0, n)."""
-    norm, out, count = 0, 0, 0
+    """Per level, over the shards of [0, n): mean score norm, share of pixels outside [0, 1],
+    share more than 3 sigma_i outside it."""
+    sums, count = [0, 0, 0], 0
     for (a, b), path in _shards(folder).items():
         if a < n:
             with np.load(path) as f:
-                norm, out, count = norm + f["score_norm_sum"], out + f["out_of_range_sum"], count + (b - a)
-    return norm / count, out / count
+                sums = [t + f[k] for t, k in zip(sums, ["score_norm_sum", "out_of_range_sum", "far_out_sum"])]
+                count += b - a
+    return [t / count for t in sums]
 
 
-def health_report(sigmas, score_norm, out_share, dim):
-    """Rows per level, and the level where samples start to saturate (None when they do not)."""
+SATURATED = 0.01   # warn when over 1% of pixels lie more than 3 sigma_i outside [0, 1] (0.13% for a correct sample)
+
+
+def health_report(sigmas, score_norm, out_share, far_share, dim):
+    """Rows per level, and the first level where samples saturate (None when none does).
+    Pixels just outside [0, 1] are normal (dark MNIST background plus the level's noise);
+    pixels more than 3 sigma_i outside it are not."""
     rows = [dict(level=i + 1, sigma=float(s), mean_score_norm=float(g), sigma_times_norm_over_sqrt_d=float(s * g / math.sqrt(dim)),
-                 share_outside_01=float(o)) for i, (s, g, o) in enumerate(zip(sigmas, score_norm, out_share))]
-    bad = next((r for prev, r in zip(rows, rows[1:]) if r["share_outside_01"] > prev["share_outside_01"] + 0.005), None)
-    if bad is None and rows[-1]["share_outside_01"] > 0.01:
-        bad = min(rows, key=lambda r: r["share_outside_01"])      # where the share stopped falling
-    return rows, (bad["level"] if bad else None)
+                 share_outside_01=float(o), share_beyond_3_sigma=float(f))
+            for i, (s, g, o, f) in enumerate(zip(sigmas, score_norm, out_share, far_share))]
+    bad = next((r["level"] for r in rows if r["share_beyond_3_sigma"] > SATURATED), None)
+    return rows, bad
 
 #----------------------------------------------------------------------------
 
@@ -232,17 +241,18 @@ def evaluate_one(args, ckpt, step_lr, folder, net, info, inc, device, weights_ta
     mu_ref, sigma_ref, ref_label = reference_stats(args, info["dataset"], inc, device, weights_tag)   # fail before sampling
     os.makedirs(folder, exist_ok=True)
     made = sample(net, sigmas, folder, args.n, args.batch_size, step_lr, args.steps_each, args.denoise, args.seed, device, shape)
-    norm, out = health_means(folder, args.n)
+    norm, out, far = health_means(folder, args.n)
     common.save_image_grid(os.path.join(folder, "grid.png"), collect(folder, min(100, args.n)).float() / 255, nrow=10)
-    rows, bad = health_report(sigmas.tolist(), norm, out, int(np.prod(shape)))
-    print(f"sampler health ({ckpt}, step_lr {step_lr:g}): level, sigma, mean |score|, sigma |score| / sqrt(D), share outside [0, 1]")
+    rows, bad = health_report(sigmas.tolist(), norm, out, far, int(np.prod(shape)))
+    print(f"sampler health ({ckpt}, step_lr {step_lr:g}), at the end of each level:")
+    print(f"  {'level':>5} {'sigma':>8} {'mean |s|':>10} {'sigma|s|/sqrt(D)':>16} {'outside [0,1]':>14} {'> 3 sigma out':>14}")
     for r in rows:
-        print(f"  {r['level']:>2} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} {r['sigma_times_norm_over_sqrt_d']:7.3f} "
-              f"{r['share_outside_01']:8.2%}")
+        print(f"  {r['level']:>5} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} {r['sigma_times_norm_over_sqrt_d']:16.3f} "
+              f"{r['share_outside_01']:14.2%} {r['share_beyond_3_sigma']:14.2%}")
     if bad:
         r = rows[bad - 1]
-        print(f"WARNING: samples start to saturate at level {bad} (sigma {r['sigma']:.4g}): {r['share_outside_01']:.1%} of "
-              f"pixels outside [0, 1] at its end; try a smaller --step-lr")
+        print(f"WARNING: samples saturate from level {bad} (sigma {r['sigma']:.4g}) on: {r['share_beyond_3_sigma']:.1%} of pixels "
+              f"lie more than 3 sigma outside [0, 1] at its end; try a smaller --step-lr")
     mu, sigma, logits = streamed_stats(inc, read_shards(folder, args.n), device)
     assert len(logits) == args.n
     is_mean, is_std = inception_score(logits) if spec["channels"] == 3 else (None, None)

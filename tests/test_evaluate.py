@@ -213,10 +213,24 @@ def test_streamed_stats_equal_the_two_pass_statistics():
 
 def test_health_report_names_the_level_where_samples_saturate():
     sigmas = common.geometric_sigmas(1, 0.01, 6).tolist()
-    healthy = [0.40, 0.20, 0.08, 0.02, 0.004, 0.001]
-    rows, bad = evaluate.health_report(sigmas, [10.0] * 6, healthy, dim=784)
+    # MNIST-like: most pixels sit just below 0 (background plus noise): normal, no warning
+    rows, bad = evaluate.health_report(sigmas, [10.0] * 6, [0.7, 0.6, 0.6, 0.7, 0.8, 0.85], [0.0, 0.001, 0, 0, 0, 0], dim=784)
     assert bad is None and rows[0]["sigma_times_norm_over_sqrt_d"] == pytest.approx(10 / 28)
-    _, bad = evaluate.health_report(sigmas, [10.0] * 6, [0.40, 0.20, 0.08, 0.02, 0.05, 0.12], dim=784)
-    assert bad == 5                                        # the share of saturated pixels rises again at level 5
-    _, bad = evaluate.health_report(sigmas, [10.0] * 6, [0.40, 0.20, 0.08, 0.05, 0.048, 0.047], dim=784)
-    assert bad == 6                                        # never rises, but ends with 4.7% outside [0, 1]
+    assert rows[5]["share_outside_01"] == 0.85
+    _, bad = evaluate.health_report(sigmas, [10.0] * 6, [0.7] * 6, [0.0, 0.0, 0.002, 0.02, 0.05, 0.1], dim=784)
+    assert bad == 4
+
+
+def test_health_callback_counts_only_far_pixels_as_saturated(tmp_path):
+    """The exact score of a point mass at t perturbed by sigma_i: samples sit at N(t, ~sigma_i^2).
+    t = 1.5 saturates from the first level on; t = -0.001 (a dark pixel) never does, although
+    about half its pixels end below 0."""
+    sigmas = torch.tensor([0.1, 0.03, 0.01])
+    for target, want in [(1.5, 1), (-0.001, None)]:
+        net = lambda x, labels: (target - x) / sigmas[labels].view(-1, 1, 1, 1) ** 2
+        folder = tmp_path / str(target)
+        folder.mkdir()
+        evaluate.sample(net, sigmas, str(folder), 4, 4, 0.1 * 0.01 ** 2, 60, False, 0, torch.device("cpu"), (1, 8, 8))
+        norm, out, far = evaluate.health_means(str(folder), 4)
+        _, bad = evaluate.health_report(sigmas.tolist(), norm, out, far, 64)
+        assert bad == want and (out[-1] > 0.2 if target < 0 else out[-1] == 1.0)
