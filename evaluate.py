@@ -319,8 +319,8 @@ def main(argv=None):
               f"{fmt(r['inception_score_mean'], r['inception_score_std']):>16} {r['fid']:>8.2f}")
     if len(results) > 1:
         print("* lowest FID")
-    if any(r["dataset"] == "mnist" for r in results):
-        print("MNIST: the paper reports no Inception score or FID; FID here is against MNIST's training set, digits repeated to 3 channels")
+    for ref in sorted({r["fid_reference"] for r in results if r["dataset"] == "mnist"}):
+        print(f"MNIST: the paper reports no Inception score or FID; FID here is against the {ref}")
     return results
 
 

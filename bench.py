@@ -1,0 +1,154 @@
+"""Speed and memory of NCSN training and sampling, for the MNIST and CIFAR-10 networks.
+
+    python bench.py                                   # both networks, fp32, --device auto
+    python bench.py --amp bf16 --channels-last        # options, to compare with the plain run
+    python bench.py --official ../ncsn                # side by side with ermongroup/ncsn's network (a checkout)
+    python bench.py --device cuda --batch-size 128 --compile --json runs/bench/h100.json
+
+Times the training loop's own step (common._train_step: dequantisation, DSM loss, backward,
+Adam) on a fixed synthetic batch, and one sampler step (a network evaluation and the Langevin
+update), each the median of --repeats runs after --warmup untimed ones (CUDA is synchronised
+around each; the CPU needs no sync). Peak memory: the CUDA allocator's peak, or on the CPU the
+process's peak resident memory (reset before each measurement). FLOPs: torch's flop counter.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+import common
+
+#----------------------------------------------------------------------------
+# Defaults.
+
+CONFIGS = {"mnist": (1, 28, 64), "cifar10": (3, 32, 128)}   # channels, image size, ngf (the paper's networks)
+BATCH_SIZE = None     # None: 128 (the paper's) on CUDA, 16 on the CPU
+WARMUP = 2            # untimed steps first (allocator, cuDNN autotuning, compilation)
+REPEATS = 5           # timed steps; the median is reported
+
+
+def build(config, impl, official_path, device, channels_last):
+    channels, size, ngf = CONFIGS[config]
+    if impl == "ours":
+        net = common.RefineNet(channels, ngf, 10, size)
+    else:   # the official network, imported from a checkout of ermongroup/ncsn
+        sys.path.insert(0, official_path)
+        from models.cond_refinenet_dilated import CondRefineNetDilated
+        net = CondRefineNetDilated(SimpleNamespace(data=SimpleNamespace(logit_transform=False, channels=channels, image_size=size),
+                                                   model=SimpleNamespace(ngf=ngf, num_classes=10)))
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:   # Linux: "5" resets the peak resident size
+            f.write("5")
+
+
+def read_peak_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def median_seconds(fn, device, warmup, repeats):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_one(config, impl, args, device):
+    torch.manual_seed(0)
+    channels, size, ngf = CONFIGS[config]
+    B = args.batch_size
+    net = build(config, impl, args.official, device, args.channels_last)
+    params = sum(p.numel() for p in net.parameters())
+    model = torch.compile(net) if args.compile else net
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sigmas = common.geometric_sigmas().to(device)
+    images = torch.randint(0, 256, (B, channels, size, size), dtype=torch.uint8, device=device)
+    cfg = dict(batch_size=B, grad_accum=1, seed=0, flip=channels == 3, amp=args.amp, anneal_power=2.0)
+    train = lambda: common._train_step(model, opt, images, sigmas, 0, cfg, 0, 1, device)
+    x = torch.rand(B, channels, size, size, device=device)
+    def sample():   # one network evaluation and one Langevin update
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            common.annealed_langevin_dynamics(model, x, sigmas[:1], n_steps_each=1, keep_levels=False)
+
+    reset_peak(device)
+    t_train = median_seconds(train, device, args.warmup, args.repeats)
+    peak_train = read_peak_mib(device)
+    reset_peak(device)
+    t_sample = median_seconds(sample, device, args.warmup, args.repeats)
+    peak_sample = read_peak_mib(device)
+    train_flops = flops(train) if not args.compile else flops(lambda: common._train_step(net, opt, images, sigmas, 0, cfg, 0, 1, device))
+    return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
+                channels_last=args.channels_last, compile=args.compile, train_images_per_s=B / t_train,
+                sample_images_per_s_per_nfe=B / t_sample, train_step_s=t_train, sample_step_s=t_sample,
+                train_gflop_per_image=train_flops / B / 1e9, train_gflops_per_s=train_flops / t_train / 1e9,
+                peak_train_mib=peak_train, peak_sample_mib=peak_sample)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="networks to measure")
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="images per step (default: 128 CUDA, 16 CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward pass")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--official", default=None, help="a checkout of ermongroup/ncsn: also measure its network")
+    p.add_argument("--warmup", type=common.positive_int, default=WARMUP, help="untimed steps")
+    p.add_argument("--repeats", type=common.positive_int, default=REPEATS, help="timed steps (median reported)")
+    p.add_argument("--threads", type=common.positive_int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    try:
+        device = common.get_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    if args.official and not os.path.isfile(os.path.join(args.official, "models", "cond_refinenet_dilated.py")):
+        p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py there (a checkout of ermongroup/ncsn)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.batch_size = args.batch_size or (128 if device.type == "cuda" else 16)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows = [bench_one(c, impl, args, device) for c in args.configs for impl in (["ours", "official"] if args.official else ["ours"])]
+    print(f"torch {torch.__version__}, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}")
+    print(f"{'network':<9} {'impl':<9} {'train img/s':>11} {'sample img/s/NFE':>16} {'GFLOP/img':>9} {'GFLOP/s':>8} "
+          f"{'peak train MiB':>14} {'peak sample MiB':>15}")
+    for r in rows:
+        print(f"{r['config']:<9} {r['impl']:<9} {r['train_images_per_s']:>11.2f} {r['sample_images_per_s_per_nfe']:>16.2f} "
+              f"{r['train_gflop_per_image']:>9.1f} {r['train_gflops_per_s']:>8.1f} {r['peak_train_mib']:>14.0f} {r['peak_sample_mib']:>15.0f}")
+    if args.json:
+        common.save_json(dict(torch=torch.__version__, rows=rows), args.json)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
