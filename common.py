@@ -699,7 +699,8 @@ def _train_step(model, opt, images, sigmas, step, cfg, rank, world, device):
     for k in range(K):
         mine, glob = slice(k * micro, (k + 1) * micro), slice(lo + k * micro, lo + (k + 1) * micro)
         # all-reduce gradients only on the last micro-batch (EDM's ddp_sync)
-        sync = contextlib.nullcontext() if (world == 1 or k == K - 1) else model.no_sync()
+        ddp = getattr(model, "_orig_mod", model)             # the DDP module under torch.compile
+        sync = contextlib.nullcontext() if (world == 1 or k == K - 1) else ddp.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
                 loss = dsm_loss(model, x[mine], labels[glob], sigmas, cfg["anneal_power"], noise=z[glob]) / K
@@ -717,6 +718,15 @@ def _test_loss(net, test_images, sigmas, step, cfg, device):
     labels, u, z, _ = _perturbation(cfg, step, images.shape, len(sigmas), device, stream=1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
         return dsm_loss(net, _dequantize(images, u), labels, sigmas, cfg["anneal_power"], noise=z).item()
+
+
+def save_figure(fig, path, dpi=110):
+    """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(f"{path}.tmp.png", dpi=dpi)
+    os.replace(f"{path}.tmp.png", path)
+    plt.close(fig)
 
 
 def _save_png(path, array):
@@ -752,10 +762,7 @@ def save_process_figure(path, levels, sigmas, rows=8):
     ax.set_xticks([w * (i + 0.5) for i in range(L)], [f"{float(s):.3g}" for s in sigmas], fontsize=8)
     ax.set_yticks([]), ax.set_xlabel(r"end of noise level $\sigma_i$")
     ax.set_title("Annealed Langevin dynamics: state at the end of each level")
-    fig.tight_layout()
-    fig.savefig(f"{path}.tmp.png", dpi=100)
-    os.replace(f"{path}.tmp.png", path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def save_loss_figure(path, rows):
@@ -776,10 +783,7 @@ def save_loss_figure(path, rows):
         ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
     ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("annealed DSM loss"), ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(f"{path}.tmp.png", dpi=110)
-    os.replace(f"{path}.tmp.png", path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 METRICS_COLUMNS = ["step", "epoch", "loss", "test_loss", "images_per_s"]
@@ -880,6 +884,8 @@ def train(cfg):
         torch.backends.cudnn.benchmark = True
     sigmas = geometric_sigmas(cfg["sigma_begin"], cfg["sigma_end"], cfg["num_levels"]).to(device)
     raw = RefineNet(**model_args).to(device)
+    if cfg["channels_last"]:
+        raw = raw.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw).requires_grad_(False) if cfg["ema"] > 0 else None
     opt = torch.optim.Adam(raw.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], 0.999))
     step, epoch, pos = 0, 0, 0
@@ -895,6 +901,8 @@ def train(cfg):
         say(f"resumed {ckpt_path} at step {step} (epoch {epoch}, batch {pos})")
     model = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
         raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:       # checkpoints still save raw's state dict: no '_orig_mod.' prefixes
+        model = torch.compile(model)
 
     rows = _read_metrics(metrics_path, step) if rank == 0 else []
     if rank == 0:
@@ -1064,6 +1072,8 @@ def train_main(argv, *, dataset, **defaults):
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward pass")
     p.add_argument("--ema", type=ema_rate, default=d["ema"], help="EMA rate of the weights (0 = off)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (slower on CPUs: see bench.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
     cfg = vars(p.parse_args(argv))
     if cfg["sigma_begin"] <= cfg["sigma_end"]:
         p.error(f"--sigma-begin ({cfg['sigma_begin']}) must be larger than --sigma-end ({cfg['sigma_end']})")

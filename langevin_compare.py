@@ -96,10 +96,7 @@ def plot(path, samples, metrics, settings):
         ax.set_title(titles[name], fontsize=13)
     fig.suptitle(f"p = 0.2 N((-5,-5), I) + 0.8 N((5,5), I); eps = {settings['eps']:g}, sigmas "
                  f"{settings['sigma_begin']:g} to {settings['sigma_end']:g}", fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):

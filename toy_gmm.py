@@ -120,10 +120,7 @@ def plot(path, net, losses, metrics):
     fig.suptitle(f"Score error under p: {metrics['fisher_divergence']:.3g};  far from the data "
                  f"(red circles: {FAR:g} sd around the modes): {metrics['mse_low_density']:.3g} "
                  f"({metrics['low_to_data_ratio']:.0f}x)", fontsize=13)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -235,6 +235,13 @@ def test_bad_flags_are_refused(bad, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_channels_last_gives_the_same_update(mnist_root, tmp_path):
+    run(train_mnist, mnist_root, tmp_path / "a", "--batch-size", "16", "--iters", "2")
+    run(train_mnist, mnist_root, tmp_path / "b", "--batch-size", "16", "--iters", "2", "--channels-last")
+    a, b = weights(tmp_path / "a" / "checkpoint.pt"), weights(tmp_path / "b" / "checkpoint.pt")
+    assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
 def test_bf16_autocast_runs_on_cpu(mnist_root, tmp_path):
     out = tmp_path / "run"
     run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--amp", "bf16")
