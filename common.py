@@ -872,8 +872,12 @@ def train(cfg):
                 if state["config"].get(k) != cfg[k]]
         if diff:
             raise SystemExit(f"error: {ckpt_path} was trained with {', '.join(diff)}; resume with the same values")
+    if rank != 0:                       # rank 0 goes first: it alone downloads a missing data set
+        torch.distributed.barrier()
     train_images = load_images(cfg["dataset"], True, cfg["data_root"], cfg["dataset_path"])
     test_images = load_images(cfg["dataset"], False, cfg["data_root"], cfg["dataset_path"])
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
     steps_per_epoch = len(train_images) // B
     if steps_per_epoch == 0:
         raise SystemExit(f"error: the training set has {len(train_images)} images, fewer than one batch of {B}")

@@ -164,6 +164,23 @@ def test_sigterm_writes_a_loadable_checkpoint(mnist_root, tmp_path):
     assert info["step"] == ck["step"]
 
 
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train_mnist.py", *TINY, "--data-root", mnist_root, "--out", str(out), "--batch-size", "16",
+                             "--iters", "100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.csv").exists() and len(losses(out)) >= 10):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)               # torchrun forwards it to both workers
+    output, _ = proc.communicate(timeout=90)
+    assert "stopped by SIGTERM" in output
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["step"] % common.LOG_EVERY == 0 and ck["step"] == len(losses(out)) >= 10
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = common.dsm_loss
