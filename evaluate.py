@@ -312,7 +312,7 @@ def main(argv=None):
     best = min(results, key=lambda r: r["fid"])
     print(f"\n{'':2}{'checkpoint / source':<44} {'step_lr':>8} {'n':>6} {'Inception score':>16} {'FID':>8}")
     for label, m, s, f in [PAPER, SEED_REPORT]:
-        print(f"{'':2}{label:<44} {'2e-05':>8} {'50000':>6} {fmt(m, s):>16} {f:>8.2f}")
+        print(f"{'':2}{label:<44} {'-':>8} {'-':>6} {fmt(m, s):>16} {f:>8.2f}")
     for r in results:
         mark = "*" if (r is best and len(results) > 1) else " "
         print(f"{mark:<2}{r['checkpoint'][-44:]:<44} {r['sampler']['step_lr']:>8.2g} {r['n']:>6} "
