@@ -936,6 +936,8 @@ def train(cfg):
         if rank != 0:
             return
         net = (ema if ema is not None else raw).eval()
+        tqdm.write(f"step {step}: sampling {cfg['n_samples']} images for the figures "
+                   f"({cfg['num_levels']} x {cfg['steps_each']} network evaluations{', EMA weights' if ema is not None else ''})")
         g = torch.Generator(device=device).manual_seed(cfg["seed"])           # same start for every grid
         x0 = torch.rand(cfg["n_samples"], spec["channels"], spec["image_size"], spec["image_size"], generator=g, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
