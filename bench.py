@@ -104,7 +104,8 @@ def bench_one(config, impl, args, device):
     reset_peak(device)
     t_sample = median_seconds(sample, device, args.warmup, args.repeats)
     peak_sample = read_peak_mib(device)
-    train_flops = flops(train) if not args.compile else flops(lambda: common._train_step(net, opt, images, sigmas, 0, cfg, 0, 1, device))
+    # counted on the plain network: the flop counter does not see inside compiled code
+    train_flops = flops(lambda: common._train_step(net, opt, images, sigmas, 0, cfg, 0, 1, device))
     return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
                 channels_last=args.channels_last, compile=args.compile, train_images_per_s=B / t_train,
                 sample_images_per_s_per_nfe=B / t_sample, train_step_s=t_train, sample_step_s=t_sample,

@@ -47,15 +47,28 @@ def get_device(name="auto"):
         return dev
     raise ValueError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N")
 
-def save_json(obj, path):
-    """Write JSON atomically (temporary file, then rename)."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` (same extension); when the block succeeds it
+    replaces `path`, when it fails it is removed: a crash never leaves half a file."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + name)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(obj, path):
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def positive_int(text):
@@ -434,21 +447,11 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save atomically, synced to disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def official_to_ours(state_dict):
@@ -724,16 +727,15 @@ def save_figure(fig, path, dpi=110):
     """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(f"{path}.tmp.png", dpi=dpi)
-    os.replace(f"{path}.tmp.png", path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
 
 
 def _save_png(path, array):
     from PIL import Image
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp)
 
 
 def save_image_grid(path, images, nrow):
@@ -802,11 +804,9 @@ def _read_metrics(path, upto):
 
 
 def _write_metrics(path, rows):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(",".join(METRICS_COLUMNS) + "\n")
         f.writelines(_metrics_line(r) for r in rows)
-    os.replace(tmp, path)
 
 
 def _metrics_line(r):

@@ -93,14 +93,6 @@ def inception_score(logits, splits=10):
     return m["inception_score_mean"], m["inception_score_std"]
 
 
-def feature_stats(pool):
-    """mu and the unbiased covariance of pool features, in float64."""
-    pool = pool.double()
-    mu = pool.mean(0)
-    d = pool - mu
-    return mu.numpy(), (d.T @ d / (len(pool) - 1)).numpy()
-
-
 def fid(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (TTUR's), via torch-fidelity."""
     from torch_fidelity.metric_fid import fid_statistics_to_metric
@@ -130,9 +122,8 @@ def reference_stats(args, dataset, net, device, weights_tag):
                   else common.load_images(dataset, True, args.data_root))
         print(f"reference statistics of the {label}: {len(images)} images, computed once")
         mu, sigma, _ = streamed_stats(net, [images[i:i + 1000] for i in range(0, len(images), 1000)], device)
-        os.makedirs(REF_STATS, exist_ok=True)
-        np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
-        os.replace(cache + ".tmp.npz", cache)
+        with common.atomic_path(cache) as tmp:
+            np.savez(tmp, mu=mu, sigma=sigma)
         print(f"saved them as {cache} (--ref {cache} reuses them)")
     with np.load(cache) as f:
         return f["mu"], f["sigma"], label
@@ -183,9 +174,9 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
                                                  keep_levels=False, callback=health, randn_like=randn_like)
         images = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
         path = os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")
-        np.savez(path + ".tmp.npz", images=images, score_norm_sum=norm_sum.cpu().numpy(),
-                 out_of_range_sum=out_sum.cpu().numpy(), far_out_sum=far_sum.cpu().numpy())
-        os.replace(path + ".tmp.npz", path)
+        with common.atomic_path(path) as tmp:
+            np.savez(tmp, images=images, score_norm_sum=norm_sum.cpu().numpy(),
+                     out_of_range_sum=out_sum.cpu().numpy(), far_out_sum=far_sum.cpu().numpy())
         bar.update(end - start)
     bar.close()
     return len(missing)

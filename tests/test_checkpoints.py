@@ -111,3 +111,13 @@ def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch)
         common.atomic_save({"step": 2}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.pt"]                         # no temporary file left behind
+
+
+def test_atomic_path_removes_the_temporary_file_of_a_failed_write(tmp_path):
+    path = tmp_path / "figure.png"
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(path) as tmp:
+            assert tmp.endswith("figure.png") and os.path.dirname(tmp) == str(tmp_path)   # same folder, same extension
+            open(tmp, "w").write("partial")
+            raise RuntimeError("plotting failed")
+    assert os.listdir(tmp_path) == []
