@@ -5,13 +5,12 @@
     python bench.py --official ../ncsn                # side by side with ermongroup/ncsn's network (a checkout)
     python bench.py --device cuda --batch-size 128 --compile --json runs/bench/h100.json
 
-Times the training loop's own step (common._train_step: dequantisation, DSM loss, backward,
+Times the training loop's own step (train.train_step: dequantisation, DSM loss, backward,
 Adam) on a fixed synthetic batch, and one sampler step (a network evaluation and the Langevin
 update), each the median of --repeats runs after --warmup untimed ones (CUDA is synchronised
 around each; the CPU needs no sync). Peak memory: the CUDA allocator's peak, or on the CPU the
 process's peak resident memory (reset before each measurement). FLOPs: torch's flop counter.
 """
-import argparse
 import json
 import os
 import statistics
@@ -22,25 +21,26 @@ from types import SimpleNamespace
 import torch
 
 import common
+import train
 
 #----------------------------------------------------------------------------
 # Defaults.
 
-CONFIGS = {"mnist": (1, 28, 64), "cifar10": (3, 32, 128)}   # channels, image size, ngf (the paper's networks)
 BATCH_SIZE = None     # None: 128 (the paper's) on CUDA, 16 on the CPU
 WARMUP = 2            # untimed steps first (allocator, cuDNN autotuning, compilation)
 REPEATS = 5           # timed steps; the median is reported
 
 
 def build(config, impl, official_path, device, channels_last):
-    channels, size, ngf = CONFIGS[config]
+    spec = common.DATASETS[config]                  # the paper's network for the data set
+    channels, size, ngf = spec["channels"], spec["image_size"], spec["ngf"]
     if impl == "ours":
-        net = common.RefineNet(channels, ngf, 10, size)
+        net = common.RefineNet(channels, ngf, common.NUM_LEVELS, size)
     else:   # the official network, imported from a checkout of ermongroup/ncsn
         sys.path.insert(0, official_path)
         from models.cond_refinenet_dilated import CondRefineNetDilated
         net = CondRefineNetDilated(SimpleNamespace(data=SimpleNamespace(logit_transform=False, channels=channels, image_size=size),
-                                                   model=SimpleNamespace(ngf=ngf, num_classes=10)))
+                                                   model=SimpleNamespace(ngf=ngf, num_classes=common.NUM_LEVELS)))
     net = net.to(device)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
@@ -83,7 +83,8 @@ def flops(fn):
 
 def bench_one(config, impl, args, device):
     torch.manual_seed(0)
-    channels, size, ngf = CONFIGS[config]
+    spec = common.DATASETS[config]
+    channels, size = spec["channels"], spec["image_size"]
     B = args.batch_size
     net = build(config, impl, args.official, device, args.channels_last)
     params = sum(p.numel() for p in net.parameters())
@@ -91,21 +92,21 @@ def bench_one(config, impl, args, device):
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     sigmas = common.geometric_sigmas().to(device)
     images = torch.randint(0, 256, (B, channels, size, size), dtype=torch.uint8, device=device)
-    cfg = dict(batch_size=B, grad_accum=1, seed=0, flip=channels == 3, amp=args.amp, anneal_power=2.0)
-    train = lambda: common._train_step(model, opt, images, sigmas, 0, cfg, 0, 1, device)
+    step = lambda net: train.train_step(net, opt, images, sigmas, step=0, flip=spec["flip"], amp=args.amp)
+    train_step = lambda: step(model)
     x = torch.rand(B, channels, size, size, device=device)
     def sample():   # one network evaluation and one Langevin update
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             common.annealed_langevin_dynamics(model, x, sigmas[:1], n_steps_each=1, keep_levels=False)
 
     reset_peak(device)
-    t_train = median_seconds(train, device, args.warmup, args.repeats)
+    t_train = median_seconds(train_step, device, args.warmup, args.repeats)
     peak_train = read_peak_mib(device)
     reset_peak(device)
     t_sample = median_seconds(sample, device, args.warmup, args.repeats)
     peak_sample = read_peak_mib(device)
     # counted on the plain network: the flop counter does not see inside compiled code
-    train_flops = flops(lambda: common._train_step(net, opt, images, sigmas, 0, cfg, 0, 1, device))
+    train_flops = flops(lambda: step(net))
     return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
                 channels_last=args.channels_last, compile=args.compile, train_images_per_s=B / t_train,
                 sample_images_per_s_per_nfe=B / t_sample, train_step_s=t_train, sample_step_s=t_sample,
@@ -114,10 +115,10 @@ def bench_one(config, impl, args, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="networks to measure")
+    p = common.arg_parser(__doc__)
+    p.add_argument("--configs", nargs="+", choices=list(common.DATASETS), default=list(common.DATASETS), help="networks to measure")
     p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="images per step (default: 128 CUDA, 16 CPU)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward pass")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -127,10 +128,7 @@ def main(argv=None):
     p.add_argument("--threads", type=common.positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
-    try:
-        device = common.get_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = common.get_device(args.device)
     if args.official and not os.path.isfile(os.path.join(args.official, "models", "cond_refinenet_dilated.py")):
         p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py there (a checkout of ermongroup/ncsn)")
     if args.threads:

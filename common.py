@@ -1,28 +1,20 @@
-"""Shared pieces of the NCSN reproduction (Song & Ermon, 2019, "Generative Modeling by
-Estimating Gradients of the Data Distribution").
-
-Every script imports this one file. Sections, top to bottom:
-    devices and small helpers (JSON, argparse types)
-    noise levels
-    toy data: the two-mode Gaussian mixture of Figs. 1 and 2
-    CondInstanceNorm++ (the paper's Sec. 4.3 / appendix A)
-    RefineNet: the 4-cascade dilated score network (CondRefineNetDilated of ermongroup/ncsn)
-    losses: annealed denoising score matching (eq. 5-6), sliced score matching (SSM-VR)
-    samplers: Langevin dynamics (eq. 4) and annealed Langevin dynamics (Algorithm 1)
-    checkpoints: atomic saves, and loading ours or the official implementation's files
-    distributed helpers, image data, and the training loop of train_mnist.py / train_cifar.py
-
-The numbers match the official implementation (tests/test_official.py checks scores and
-losses against outputs of ermongroup/ncsn on its own checkpoint files).
+"""The paper, in one file: Song & Ermon (2019), "Generative Modeling by Estimating Gradients of
+the Data Distribution" (noise conditional score networks, NCSN). Sections, top to bottom, each
+usable on its own (module level imports: torch and the standard library only):
+    small helpers; noise levels and the paper's sampler settings; the toy mixture (Figs. 1-2);
+    CondInstanceNorm++ and RefineNet (Sec. 4.3, appendix A); losses: annealed DSM (eq. 5-6) and
+    SSM-VR; samplers: Langevin dynamics (eq. 4) and annealed Langevin dynamics (Algorithm 1);
+    checkpoint reading (ours and ermongroup/ncsn's files); image data; figure helpers.
+The training machinery is train.py. tests/test_official.py checks the network and loss against
+outputs of the official implementation on its own checkpoint files.
 """
 import os
 import re
-import sys
 import json
 import math
+import hashlib
 import argparse
-import datetime
-import tempfile
+import secrets
 import contextlib
 
 import torch
@@ -30,32 +22,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 #----------------------------------------------------------------------------
-# Devices and small helpers.
+# Small helpers.
 
 def get_device(name="auto"):
     """torch.device for a `--device` flag: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if re.fullmatch(r"cuda(:\d+)?", name or ""):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return dev
-    raise ValueError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N")
+    if name not in ("cpu", "auto") and not re.fullmatch(r"cuda(:\d+)?", name or ""):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{name}: CUDA is not available on this machine; use --device cpu or auto")
+    dev = torch.device(name)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+TMP_PREFIX = ".tmp-"     # atomic_path's temporary files: TMP_PREFIX + 8 hex digits + "-" + final name
+
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` (same extension); when the block succeeds it
-    replaces `path`, when it fails it is removed: a crash never leaves half a file."""
+    replaces `path`, when it fails it is removed: a crash never leaves half a file. The file is
+    created with the user's umask, as open() would."""
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + name)
-    os.close(fd)
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{secrets.token_hex(4)}-{name}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -71,31 +66,61 @@ def save_json(obj, path):
         f.write("\n")
 
 
-def positive_int(text):
-    """argparse type: an integer > 0, refused with a message that names the value."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _positive(cast, what):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text}")
+        return value
+    return parse
 
 
-def positive_float(text):
-    """argparse type: a finite float > 0."""
+positive_int = _positive(int, "integer")        # argparse types: refused with a message naming the value
+positive_float = _positive(float, "number")     # finite and > 0
+
+
+def device_name(text):
+    """argparse type for --device: auto, cpu, cuda or cuda:N, refused at once when not available."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+        get_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except None and False (the help says what they mean)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def arg_parser(doc):
+    """A script's ArgumentParser: the first paragraph of its docstring, defaults shown."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+
+
+def stable_seed(*ints):
+    """A 63-bit seed from a tuple of integers: the first 8 bytes of BLAKE2b over their signed
+    64-bit little-endian bytes. The same on every machine and Python version (unlike hash())."""
+    data = b"".join(int(i).to_bytes(8, "little", signed=True) for i in ints)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 #----------------------------------------------------------------------------
-# Noise levels.
+# Noise levels, and the paper's sampler settings (Sec. 5; the official configs): every script
+# takes its defaults from here.
 
-def geometric_sigmas(sigma_begin=1.0, sigma_end=0.01, num_levels=10):
+SIGMA_BEGIN = 1.0        # sigma_1, the largest noise level
+SIGMA_END = 0.01         # sigma_L, the smallest
+NUM_LEVELS = 10          # L, geometric in between
+STEPS_EACH = 100         # T, annealed Langevin steps per level
+STEP_LR = 2e-5           # the official sampler's step_lr (eps / 2 of Algorithm 1; see annealed_langevin_dynamics)
+
+
+def geometric_sigmas(sigma_begin=SIGMA_BEGIN, sigma_end=SIGMA_END, num_levels=NUM_LEVELS):
     """The noise levels {sigma_i}: a descending geometric sequence (the paper's Sec. 4.2).
 
     Label i always means sigmas[i], so label 0 is the largest noise. Computed in float64 and
@@ -440,7 +465,7 @@ def annealed_langevin_dynamics(score_net, x, sigmas, n_steps_each=100, step_lr=2
     return x, levels
 
 #----------------------------------------------------------------------------
-# Checkpoints: atomic saves; loading ours or the official implementation's files.
+# Checkpoints: reading ours or the official implementation's files.
 
 class CheckpointError(ValueError):
     """A file that is not a usable NCSN checkpoint; the message names the file and the problem."""
@@ -519,7 +544,7 @@ def load_score_net(path, map_location="cpu", ema=None):
         model_args = dict(in_channels=c_in, ngf=ngf, num_classes=state["normalizer.embed.weight"].shape[0],
                           image_size=28 if c_in == 1 else 32)
         info.update(format="official", step=None, ema=False, dataset="mnist" if c_in == 1 else "cifar10",
-                    sigma_begin=1.0, sigma_end=0.01, num_levels=model_args["num_classes"])
+                    sigma_begin=SIGMA_BEGIN, sigma_end=SIGMA_END, num_levels=model_args["num_classes"])
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("model_args"), dict):
         model_args = dict(ckpt["model_args"])
         use_ema = ckpt.get("ema") is not None if ema is None else ema
@@ -541,42 +566,13 @@ def load_score_net(path, map_location="cpu", ema=None):
     return net.to(map_location).eval(), info
 
 #----------------------------------------------------------------------------
-# Distributed helpers: one code path, a single process is world size 1.
-
-def dist_init(device_name="auto"):
-    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs); else a single process.
-    Returns (rank, world_size, device)."""
-    device = get_device(device_name)
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    # generous timeout: the other ranks wait while rank 0 samples figures
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                         timeout=datetime.timedelta(hours=2))
-    return rank, world, device
-
-
-def dist_exit(code=0):
-    """Leave the process group and exit. Barrier, destroy, flush, os._exit: gloo's worker threads
-    can otherwise abort the interpreter at exit ("terminate called without an active exception")."""
-    if torch.distributed.is_initialized():
-        try:
-            torch.distributed.barrier()
-        finally:
-            torch.distributed.destroy_process_group()
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)
-
-#----------------------------------------------------------------------------
 # Image data: whole data sets as uint8 tensors (N, C, H, W); MNIST and CIFAR-10 fit in memory.
 
-DATASETS = {  # name: channels, image size, random horizontal flips (as the official configs)
-    "mnist": dict(channels=1, image_size=28, flip=False),
-    "cifar10": dict(channels=3, image_size=32, flip=True),
+DATASETS = {  # the official configs: channels, image size, random horizontal flips, RefineNet width
+    "mnist": dict(channels=1, image_size=28, flip=False, ngf=64),
+    "cifar10": dict(channels=3, image_size=32, flip=True, ngf=128),
 }
+DATA_ROOT = "./data"     # where torchvision's data sets are looked for, and downloaded into
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -606,7 +602,7 @@ def load_image_folder(path, channels, image_size, split=None, flag="--dataset-pa
     return torch.stack(images)
 
 
-def load_images(dataset, train, data_root="./data", dataset_path=None):
+def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None):
     """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 under
     data_root (downloaded when missing), or a folder of images (dataset_path)."""
     spec = DATASETS[dataset]
@@ -626,102 +622,8 @@ def load_images(dataset, train, data_root="./data", dataset_path=None):
         raise DataError(f"{dataset} is not under --data-root {data_root} and could not be downloaded ({reason}); "
                         f"copy these files into {where}, or pass --dataset-path FOLDER of images") from None
 
-
-class _Batches(torch.utils.data.Dataset):
-    """dataset[list of indices] -> a uint8 batch, so a DataLoader gathers whole batches in workers."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, idx):
-        return self.images[idx]
-
-
-def epoch_batches(n, batch_size, seed, epoch, start, rank=0, world_size=1):
-    """Index lists of one epoch from batch `start` on: a permutation fixed by (seed, epoch),
-    cut into global batches (the last partial one dropped), each rank taking its slice."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    per_rank = batch_size // world_size
-    for b in range(start, n // batch_size):
-        lo = b * batch_size + rank * per_rank
-        yield perm[lo:lo + per_rank].tolist()
-
 #----------------------------------------------------------------------------
-# Training (Sec. 4.2 and 5): annealed DSM with Adam; resumable, DDP, grad accumulation,
-# bf16 autocast, EMA. train_mnist.py and train_cifar.py only choose the data set and defaults.
-
-TEST_EVERY = 100     # steps between test losses (the official code's)
-LOG_EVERY = 10       # steps between host syncs: metrics rows, finiteness and stop checks
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def _step_generator(device, seed, step, stream):
-    """A generator fixed by (seed, step, stream): every random draw of a step is the same
-    whatever the number of processes, gradient-accumulation steps or restarts."""
-    return torch.Generator(device=device).manual_seed(hash((seed, step, stream)) & (2 ** 63 - 1))
-
-
-def _perturbation(cfg, step, shape, num_levels, device, stream=0):
-    """Noise-level labels, dequantisation noise, DSM noise and flips for a global batch."""
-    g = _step_generator(device, cfg["seed"], step, stream)
-    labels = torch.randint(num_levels, (shape[0],), generator=g, device=device)   # one random level each
-    u = torch.rand(shape, generator=g, device=device)
-    z = torch.randn(shape, generator=g, device=device)
-    flip = torch.rand(shape[0], generator=g, device=device) < 0.5
-    return labels, u, z, flip
-
-
-def _dequantize(images, u):
-    """Uniform dequantisation as the official code: x = x_01 * 255/256 + U(0, 1/256) = (x_uint8 + u) / 256."""
-    return (images.float() + u) / 256.0
-
-
-@torch.no_grad()
-def ema_update(ema, net, rate):
-    """Exponential moving average of the weights (NCSNv2): ema <- rate * ema + (1 - rate) * net.
-    Under no_grad, so the average never carries autograd history from one step to the next."""
-    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - rate)
-
-
-def _train_step(model, opt, images, sigmas, step, cfg, rank, world, device):
-    B, K = cfg["batch_size"], cfg["grad_accum"]
-    per_rank, micro = B // world, B // (world * K)
-    labels, u, z, flip = _perturbation(cfg, step, (B, *images.shape[1:]), len(sigmas), device)
-    lo = rank * per_rank
-    x = _dequantize(images, u[lo:lo + per_rank])
-    if cfg["flip"]:
-        x = torch.where(flip[lo:lo + per_rank, None, None, None], x.flip(3), x)
-    opt.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
-    for k in range(K):
-        mine, glob = slice(k * micro, (k + 1) * micro), slice(lo + k * micro, lo + (k + 1) * micro)
-        # all-reduce gradients only on the last micro-batch (EDM's ddp_sync)
-        ddp = getattr(model, "_orig_mod", model)             # the DDP module under torch.compile
-        sync = contextlib.nullcontext() if (world == 1 or k == K - 1) else ddp.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
-                loss = dsm_loss(model, x[mine], labels[glob], sigmas, cfg["anneal_power"], noise=z[glob]) / K
-            loss.backward()
-        total += loss.detach()
-    opt.step()
-    return total
-
-
-@torch.no_grad()
-def _test_loss(net, test_images, sigmas, step, cfg, device):
-    B = min(cfg["batch_size"], len(test_images))
-    t = (step // TEST_EVERY) % max(1, len(test_images) // B)
-    images = test_images[t * B:(t + 1) * B].to(device)
-    labels, u, z, _ = _perturbation(cfg, step, images.shape, len(sigmas), device, stream=1)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
-        return dsm_loss(net, _dequantize(images, u), labels, sigmas, cfg["anneal_power"], noise=z).item()
-
+# Figure helpers shared by the scripts (matplotlib, PIL and torchvision are imported on use).
 
 def save_figure(fig, path, dpi=110):
     """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
@@ -732,29 +634,31 @@ def save_figure(fig, path, dpi=110):
     plt.close(fig)
 
 
-def _save_png(path, array):
-    from PIL import Image
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp)
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no screen needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def save_image_grid(path, images, nrow):
     """images (N, C, H, W) in [0, 1] (clamped) -> one PNG grid, written atomically; tiles under
     64 pixels are enlarged (nearest neighbour) so that 28x28 digits can be seen."""
     import torchvision
+    from PIL import Image
     images = images.detach().float().clamp(0, 1).cpu()
     scale = max(1, round(64 / images.shape[-1]))
     images = F.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    _save_png(path, (grid.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy())
+    with atomic_path(path) as tmp:
+        Image.fromarray((grid.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()).save(tmp)
 
 
 def save_process_figure(path, levels, sigmas, rows=8):
     """The generation process (Figs. 4b, 5b): one row per sample, one column per noise level."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torchvision
+    plt = pyplot()
     L, n = len(levels), min(rows, len(levels[0]))
     tiles = torch.stack([lv[:n].float().clamp(0, 1).cpu() for lv in levels], 1).flatten(0, 1)   # (n*L, C, H, W)
     grid = torchvision.utils.make_grid(tiles, nrow=L, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()
@@ -765,337 +669,3 @@ def save_process_figure(path, levels, sigmas, rows=8):
     ax.set_yticks([]), ax.set_xlabel(r"end of noise level $\sigma_i$")
     ax.set_title("Annealed Langevin dynamics: state at the end of each level")
     save_figure(fig, path, dpi=100)
-
-
-def save_loss_figure(path, rows):
-    """DSM loss against steps, train (per step and smoothed) and test (Fig. 3)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    steps = np.array([r["step"] for r in rows])
-    loss = np.array([r["loss"] for r in rows])
-    test = [(r["step"], r["test_loss"]) for r in rows if r["test_loss"] != ""]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(steps, loss, color="0.8", lw=0.5, label="train (per step)")
-    w = max(1, min(len(loss) // 20, 500))
-    if len(loss) >= w > 1:
-        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), color="C0", label=f"train (mean of {w})")
-    if test:
-        ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("annealed DSM loss"), ax.legend()
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
-
-
-METRICS_COLUMNS = ["step", "epoch", "loss", "test_loss", "images_per_s"]
-
-
-def _read_metrics(path, upto):
-    import csv
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
-    for r in rows:
-        r["step"], r["epoch"], r["loss"] = int(r["step"]), int(r["epoch"]), float(r["loss"])
-        r["test_loss"] = float(r["test_loss"]) if r["test_loss"] else ""
-    return rows
-
-
-def _write_metrics(path, rows):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(",".join(METRICS_COLUMNS) + "\n")
-        f.writelines(_metrics_line(r) for r in rows)
-
-
-def _metrics_line(r):
-    return f"{r['step']},{r['epoch']},{r['loss']:.6g},{r['test_loss'] if r['test_loss'] == '' else format(r['test_loss'], '.6g')},{r['images_per_s']}\n"
-
-
-TRAIN_DEFAULTS = dict(      # the paper's settings (Sec. 5, appendix B.1) and the official configs
-    data_root="./data",      # torchvision's data folder, downloaded into when missing
-    batch_size=128,          # global batch per optimizer step (the paper's 128)
-    epochs=500_000,          # effectively unbounded: --iters ends the run (as the official config)
-    iters=200_000,           # optimizer steps (the paper: 200k)
-    lr=1e-3,                 # Adam learning rate
-    beta1=0.9,               # Adam beta1 (beta2 0.999)
-    sigma_begin=1.0,         # sigma_1, the largest noise level
-    sigma_end=0.01,          # sigma_L, the smallest
-    num_levels=10,           # L geometric levels
-    anneal_power=2.0,        # lambda(sigma) = sigma^2
-    seed=0,                  # fixes initialisation, data order and every noise draw
-    num_workers=2,           # data loader processes
-    snapshot_every=5_000,    # steps between numbered checkpoints (the official snapshot_freq)
-    sample_every=5_000,      # steps between sample grids and generation-process figures
-    n_samples=64,            # images per sample grid
-    steps_each=100,          # annealed Langevin steps per level (T)
-    step_lr=2e-5,            # annealed Langevin step_lr (the official sampler's)
-    ema=0.0,                 # EMA rate of the weights; 0 = off (the paper has none; NCSNv2 uses 0.999)
-)
-
-RESUME_MUST_MATCH = ("dataset", "dataset_path", "batch_size", "sigma_begin", "sigma_end", "num_levels", "seed", "anneal_power")
-
-
-def train(cfg):
-    """Train a RefineNet with annealed DSM; cfg holds every flag of train_mnist.py / train_cifar.py.
-    Returns the final step. Writes config.json, metrics.csv, checkpoints and figures under cfg['out']."""
-    import copy
-    import signal
-    import time
-    from tqdm import tqdm
-
-    rank, world, device = dist_init(cfg["device"])
-    out, B, K = cfg["out"], cfg["batch_size"], cfg["grad_accum"]
-    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if B % (world * K):
-        raise SystemExit(f"error: --batch-size {B} must be divisible by processes ({world}) x --grad-accum ({K})")
-    ckpt_path, metrics_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.csv")
-    state = None
-    if os.path.exists(ckpt_path):
-        if not cfg["resume"]:
-            raise SystemExit(f"error: {out} already holds checkpoint.pt; pass --resume to continue it, or choose another --out")
-        state = read_checkpoint(ckpt_path, map_location="cpu")
-        if not isinstance(state, dict) or "optimizer" not in state:
-            raise SystemExit(f"error: {ckpt_path}: not a training checkpoint of this project (no optimizer state)")
-    elif cfg["resume"]:
-        say(f"--resume: no checkpoint at {ckpt_path} yet; starting from scratch")
-
-    spec = DATASETS[cfg["dataset"]]
-    model_args = dict(in_channels=spec["channels"], ngf=cfg["ngf"], num_classes=cfg["num_levels"], image_size=spec["image_size"])
-    if state is not None:
-        if state["model_args"] != model_args:
-            diff = ", ".join(f"{k} {state['model_args'].get(k)} (flags: {v})" for k, v in model_args.items()
-                             if state["model_args"].get(k) != v)
-            raise SystemExit(f"error: {ckpt_path} holds a different model: {diff}; resume with the same settings or another --out")
-        diff = [f"--{k.replace('_', '-')} {state['config'].get(k)} (flags: {cfg[k]})" for k in RESUME_MUST_MATCH
-                if state["config"].get(k) != cfg[k]]
-        if diff:
-            raise SystemExit(f"error: {ckpt_path} was trained with {', '.join(diff)}; resume with the same values")
-    if rank != 0:                       # rank 0 goes first: it alone downloads a missing data set
-        torch.distributed.barrier()
-    train_images = load_images(cfg["dataset"], True, cfg["data_root"], cfg["dataset_path"])
-    test_images = load_images(cfg["dataset"], False, cfg["data_root"], cfg["dataset_path"])
-    if rank == 0 and world > 1:
-        torch.distributed.barrier()
-    steps_per_epoch = len(train_images) // B
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: the training set has {len(train_images)} images, fewer than one batch of {B}")
-    total_steps = min(cfg["iters"], cfg["epochs"] * steps_per_epoch)
-
-    torch.manual_seed(cfg["seed"])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    sigmas = geometric_sigmas(cfg["sigma_begin"], cfg["sigma_end"], cfg["num_levels"]).to(device)
-    raw = RefineNet(**model_args).to(device)
-    if cfg["channels_last"]:
-        raw = raw.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(raw).requires_grad_(False) if cfg["ema"] > 0 else None
-    opt = torch.optim.Adam(raw.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], 0.999))
-    step, epoch, pos = 0, 0, 0
-    if state is not None:
-        raw.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        for group in opt.param_groups:
-            group["lr"] = cfg["lr"]
-        if ema is not None:
-            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-        step, epoch, pos = state["step"], state["epoch"], state["pos"]
-        torch.set_rng_state(state["rng"]["torch"])
-        say(f"resumed {ckpt_path} at step {step} (epoch {epoch}, batch {pos})")
-    model = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        raw, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg["compile"]:       # checkpoints still save raw's state dict: no '_orig_mod.' prefixes
-        model = torch.compile(model)
-
-    rows = _read_metrics(metrics_path, step) if rank == 0 else []
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        _write_metrics(metrics_path, rows)
-        import platform
-        import numpy
-        import torchvision
-        save_json(dict(cfg, world_size=world, device_used=str(device), micro_batch=B // (world * K),
-                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, train_images=len(train_images),
-                       test_images=len(test_images), versions=dict(python=platform.python_version(), torch=torch.__version__,
-                       torchvision=torchvision.__version__, numpy=numpy.__version__)), os.path.join(out, "config.json"))
-    say(f"{cfg['dataset']}: {len(train_images)} training images, {steps_per_epoch} steps/epoch; training to step "
-        f"{total_steps} (min of --iters {cfg['iters']} and --epochs {cfg['epochs']}); {world} process(es) on {device}; "
-        f"RefineNet({spec['channels']}, {cfg['ngf']}): {sum(p.numel() for p in raw.parameters()):,} parameters")
-
-    def checkpoint(numbered):
-        if rank != 0:
-            return
-        ck = dict(model=raw.state_dict(), ema=None if ema is None else ema.state_dict(), optimizer=opt.state_dict(),
-                  step=step, epoch=epoch, pos=pos, model_args=model_args, config=dict(cfg), rng=dict(torch=torch.get_rng_state()))
-        atomic_save(ck, ckpt_path)
-        if numbered:
-            atomic_save(ck, os.path.join(out, f"checkpoint_{step}.pt"))
-
-    def figures():
-        if rank != 0:
-            return
-        net = (ema if ema is not None else raw).eval()
-        tqdm.write(f"step {step}: sampling {cfg['n_samples']} images for the figures "
-                   f"({cfg['num_levels']} x {cfg['steps_each']} network evaluations{', EMA weights' if ema is not None else ''})")
-        g = torch.Generator(device=device).manual_seed(cfg["seed"])           # same start for every grid
-        x0 = torch.rand(cfg["n_samples"], spec["channels"], spec["image_size"], spec["image_size"], generator=g, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
-            x, levels = annealed_langevin_dynamics(net, x0, sigmas, cfg["steps_each"], cfg["step_lr"],
-                                                   randn_like=lambda t: torch.randn(t.shape, generator=g, device=device))
-        raw.train()
-        save_image_grid(os.path.join(out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
-        save_process_figure(os.path.join(out, f"process_{step}.png"), levels, sigmas.tolist())
-        save_loss_figure(os.path.join(out, "loss.png"), rows)
-
-    stop = {"signal": None}
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)                 # a second one stops at once
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    pending, tests = [], {}                                   # device losses not yet logged; step -> test loss
-    last_saved, t_log, step_log = (step if state is not None else None), time.time(), step
-
-    def flush_log():
-        """One host sync: log the pending losses, stop on a non-finite one."""
-        nonlocal t_log, step_log
-        if not pending:
-            return
-        losses = torch.stack([l for _, l in pending])
-        if world > 1:
-            torch.distributed.all_reduce(losses)
-            losses /= world
-        values = losses.tolist()
-        rate = (step - step_log) * B / max(time.time() - t_log, 1e-9)
-        new = [dict(step=s, epoch=ep, loss=v, test_loss=tests.pop(s, ""), images_per_s=f"{rate:.1f}")
-               for ((s, ep), _), v in zip(pending, values)]
-        bad = [r["step"] for r in new if not math.isfinite(r["loss"])]
-        if bad:
-            raise NonFiniteLoss(bad[0])
-        if rank == 0:
-            rows.extend(new)
-            with open(metrics_path, "a") as f:
-                f.writelines(_metrics_line(r) for r in new)
-        bar.set_postfix(loss=f"{values[-1]:.4g}", img_s=f"{rate:.0f}", refresh=False)
-        pending.clear()
-        t_log, step_log = time.time(), step
-
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
-    stop_now = False       # with several processes, only a flag all ranks agreed on stops the run
-    try:
-        while step < total_steps and not stop_now:
-            loader = torch.utils.data.DataLoader(
-                _Batches(train_images), batch_size=None, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
-                sampler=list(epoch_batches(len(train_images), B, cfg["seed"], epoch, pos, rank, world)))
-            for images in loader:
-                loss = _train_step(model, opt, images.to(device, non_blocking=True), sigmas, step, cfg, rank, world, device)
-                if ema is not None:
-                    ema_update(ema, raw, cfg["ema"])
-                step, pos = step + 1, pos + 1
-                pending.append(((step, epoch), loss))
-                bar.update(1)
-                if rank == 0 and step % TEST_EVERY == 0:
-                    tests[step] = _test_loss(raw, test_images, sigmas, step, cfg, device)
-                if world == 1:
-                    stop_now = stop["signal"] is not None
-                elif step % LOG_EVERY == 0:                 # every rank must stop at the same step
-                    flag = torch.tensor([stop["signal"] is not None], dtype=torch.float32, device=device)
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                    stop_now = bool(flag.item())
-                    stop["signal"] = stop["signal"] or ("a signal on another rank" if stop_now else None)
-                if step % LOG_EVERY == 0 or step == total_steps:
-                    flush_log()
-                if step % cfg["snapshot_every"] == 0:
-                    flush_log()
-                    checkpoint(numbered=True)
-                    last_saved = step
-                if step % cfg["sample_every"] == 0:
-                    flush_log()
-                    figures()
-                if step >= total_steps or stop_now:
-                    break
-            else:
-                epoch, pos = epoch + 1, 0
-        flush_log()
-        if last_saved != step:
-            checkpoint(numbered=not stop_now)
-        bar.close()
-        if stop_now:
-            say(f"\nstopped by {stop['signal']} at step {step}: wrote {ckpt_path}; continue with --resume")
-        else:
-            if step % cfg["sample_every"] != 0:
-                figures()
-            say(f"\ndone: step {step}; wrote {out}/checkpoint.pt, metrics.csv, loss.png, samples_{step}.png, process_{step}.png")
-    except NonFiniteLoss as e:
-        kept = f"{ckpt_path} (step {last_saved}) is kept" if last_saved is not None else "no checkpoint was written"
-        raise SystemExit(f"error: non-finite loss at step {e.args[0]}; stopped; the last good checkpoint {kept}") from None
-    finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    return step
-
-
-def train_main(argv, *, dataset, **defaults):
-    """The command line of train_mnist.py and train_cifar.py: TRAIN_DEFAULTS, updated by the
-    script's own (out, ngf)."""
-    d = dict(TRAIN_DEFAULTS, **defaults)
-    p = argparse.ArgumentParser(description=f"Train an NCSN (RefineNet + annealed DSM) on {dataset}.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    nonneg = lambda t: 0 if t == "0" else positive_int(t)
-    def ema_rate(t):
-        v = float(t)
-        if not 0 <= v < 1:
-            raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {t}")
-        return v
-    def device(t):
-        if t not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", t):
-            raise argparse.ArgumentTypeError(f"unknown device {t!r}; use auto, cpu, cuda or cuda:N")
-        return t
-    p.add_argument("--data-root", default=d["data_root"], help="torchvision data folder (downloaded when missing)")
-    p.add_argument("--dataset-path", default=None, help="a folder of images to train on instead (every 20th held out)")
-    p.add_argument("--out", default=d["out"], help="output folder")
-    p.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="global batch per optimizer step")
-    p.add_argument("--epochs", type=positive_int, default=d["epochs"], help="stop after this many epochs")
-    p.add_argument("--iters", type=positive_int, default=d["iters"], help="stop after this many optimizer steps")
-    p.add_argument("--lr", type=positive_float, default=d["lr"], help="Adam learning rate")
-    p.add_argument("--beta1", type=positive_float, default=d["beta1"], help="Adam beta1")
-    p.add_argument("--ngf", type=positive_int, default=d["ngf"], help="RefineNet width (first cascade)")
-    p.add_argument("--sigma-begin", type=positive_float, default=d["sigma_begin"], help="largest noise level")
-    p.add_argument("--sigma-end", type=positive_float, default=d["sigma_end"], help="smallest noise level")
-    p.add_argument("--num-levels", type=positive_int, default=d["num_levels"], help="number of noise levels L")
-    p.add_argument("--anneal-power", type=float, default=d["anneal_power"], help="lambda(sigma) = sigma^power")
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
-    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--num-workers", type=nonneg, default=d["num_workers"], help="data loader processes")
-    p.add_argument("--snapshot-every", type=positive_int, default=d["snapshot_every"], help="steps between checkpoint_<step>.pt")
-    p.add_argument("--sample-every", type=positive_int, default=d["sample_every"], help="steps between sample figures")
-    p.add_argument("--n-samples", type=positive_int, default=d["n_samples"], help="images in each sample grid")
-    p.add_argument("--steps-each", type=positive_int, default=d["steps_each"], help="sampler steps per noise level")
-    p.add_argument("--step-lr", type=positive_float, default=d["step_lr"], help="sampler step_lr (eps / 2)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward pass")
-    p.add_argument("--ema", type=ema_rate, default=d["ema"], help="EMA rate of the weights (0 = off)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (slower on CPUs: see bench.py)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
-    cfg = vars(p.parse_args(argv))
-    if cfg["sigma_begin"] <= cfg["sigma_end"]:
-        p.error(f"--sigma-begin ({cfg['sigma_begin']}) must be larger than --sigma-end ({cfg['sigma_end']})")
-    if cfg["num_levels"] < 2:
-        p.error("--num-levels must be at least 2")
-    if cfg["ngf"] < 2:
-        p.error("--ngf must be at least 2")
-    try:
-        get_device(cfg["device"])
-    except ValueError as e:
-        p.error(str(e))
-    cfg.update(dataset=dataset, flip=DATASETS[dataset]["flip"])
-    try:
-        step = train(cfg)
-    except (DataError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if torch.distributed.is_initialized():
-        dist_exit(0)
-    return step

@@ -33,8 +33,6 @@ import common
 OUT = "runs/eval"        # root of the outputs: <OUT>/<checkpoint name>/<sampler setting>/
 N = 50_000               # samples per evaluation (the usual protocol; model selection can use fewer)
 BATCH_SIZE = 100         # images sampled at once
-STEP_LR = [2e-5]         # annealed Langevin step_lr (the official sampler's)
-STEPS_EACH = 100         # annealed Langevin steps per level (T)
 SEED = 0                 # image i uses a generator seeded by (SEED, i)
 REF_STATS = "runs/eval/ref_stats"   # cached statistics of the reference images
 PAPER = ("paper (NCSN, CIFAR-10)", 8.87, 0.12, 25.32)
@@ -132,7 +130,8 @@ def reference_stats(args, dataset, net, device, weights_tag):
 # Sampling in shards, resumable, with a per-level health report.
 
 def _generators(seed, start, end, device):
-    return [torch.Generator(device=device).manual_seed(hash((seed, i)) & (2 ** 63 - 1)) for i in range(start, end)]
+    """Image i's own generator, seeded by (seed, i): samples do not depend on the batch size."""
+    return [torch.Generator(device=device).manual_seed(common.stable_seed(seed, i)) for i in range(start, end)]
 
 
 def _shards(folder):
@@ -260,25 +259,22 @@ def evaluate_one(args, ckpt, step_lr, folder, net, info, inc, device, weights_ta
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--checkpoint", action="extend", nargs="+", required=True, help="checkpoint file(s) or glob(s)")
     p.add_argument("--n", type=common.positive_int, default=N, help="samples per evaluation")
     p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="images sampled at once")
     p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=SEED, help="image i uses a generator seeded by (seed, i)")
     p.add_argument("--ref", default=None, help="FID reference: a folder of images or a stats .npz (default: the training set)")
     p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file (default: download)")
-    p.add_argument("--data-root", default=common.TRAIN_DEFAULTS["data_root"], help="torchvision data folder")
+    p.add_argument("--data-root", default=common.DATA_ROOT, help="torchvision data folder")
     p.add_argument("--denoise", action="store_true", help="end with x + sigma_L^2 s(x, L)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (default: if the checkpoint has them)")
-    p.add_argument("--step-lr", type=common.positive_float, nargs="+", default=STEP_LR, help="step_lr value(s)")
-    p.add_argument("--steps-each", type=common.positive_int, default=STEPS_EACH, help="steps per noise level")
+    p.add_argument("--step-lr", type=common.positive_float, nargs="+", default=[common.STEP_LR], help="step_lr value(s)")
+    p.add_argument("--steps-each", type=common.positive_int, default=common.STEPS_EACH, help="steps per noise level")
     args = p.parse_args(argv)
-    try:
-        device = common.get_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = common.get_device(args.device)
     ckpts = []
     for pattern in args.checkpoint:
         found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]

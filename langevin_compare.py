@@ -12,7 +12,6 @@ The default levels, 20 down to 1, are those of the official code; the paper's te
 down to 0.1, for which the first levels are unstable (see the stability table this prints).
 Writes to --out: langevin_compare.png, metrics.json, langevin_compare.npz.
 """
-import argparse
 import os
 
 import numpy as np
@@ -71,9 +70,7 @@ def mode_fractions(x):
 
 
 def plot(path, samples, metrics, settings):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     t = torch.linspace(-BOUND, BOUND, 161)
     yy, xx = torch.meshgrid(t, t, indexing="ij")
@@ -100,8 +97,7 @@ def plot(path, samples, metrics, settings):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--out", default=OUT, help="output folder")
     p.add_argument("--seed", type=int, default=SEED, help="random seed")
     p.add_argument("--n", type=common.positive_int, default=N, help="samples per method")

@@ -9,7 +9,6 @@ and its scores are compared with the exact ones on [-8, 8]^2.
 Writes to --out: toy_gmm.png (density, true and estimated score fields, error map, loss
 curve), metrics.json (errors near and far from the data) and toy_gmm.npz (every array).
 """
-import argparse
 import os
 import time
 
@@ -77,9 +76,7 @@ def score_errors(net, generator, n_data=10_000, n_grid=101):
 
 
 def plot(path, net, losses, metrics):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fine = grid(201)
     dens = common.toy_log_prob(fine).exp().reshape(201, 201).numpy()
@@ -124,8 +121,7 @@ def plot(path, net, losses, metrics):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--out", default=OUT, help="output folder")
     p.add_argument("--seed", type=int, default=SEED, help="random seed")
     p.add_argument("--iters", type=common.positive_int, default=ITERS, help="SSM optimizer steps")

@@ -5,17 +5,14 @@
     python train_mnist.py --resume                         # continue runs/mnist/checkpoint.pt
     torchrun --nproc_per_node 2 train_mnist.py             # 2 GPUs; --batch-size stays the global batch
 
-The data set is torchvision's MNIST under --data-root. Every other setting is the paper's,
-shared with train_cifar.py (common.TRAIN_DEFAULTS; `--help` lists them); the loop is common.train.
+torchvision's MNIST under --data-root; the settings are train.TrainConfig's (`--help` lists
+them) with the data set's from common.DATASETS; the loop is train.train.
 """
-import common
-
-OUT = "runs/mnist"    # output folder: config.json, metrics.csv, checkpoints, figures
-NGF = 64              # RefineNet(1, 64): 7,638,657 parameters
+import train
 
 
 def main(argv=None):
-    return common.train_main(argv, dataset="mnist", out=OUT, ngf=NGF)
+    return train.main(argv, dataset="mnist")
 
 
 if __name__ == "__main__":

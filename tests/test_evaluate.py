@@ -133,7 +133,7 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
     real = common.annealed_langevin_dynamics
     def counting(net, x, *a, **k):
         made.append(len(x))
-        if len(made) == 2 and k.get("interrupt", True) and counting.interrupt:
+        if len(made) == 2 and counting.interrupt:
             raise KeyboardInterrupt
         return real(net, x, *a, **k)
     counting.interrupt = True
@@ -146,7 +146,10 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
     images_a = evaluate.collect(str(tmp_path / "a" / "steplr2e-05_T2_seed0"), 9)
     evaluate.main([*common_args, "--batch-size", "9", "--out", str(tmp_path / "b")])
     images_b = evaluate.collect(str(tmp_path / "b" / "steplr2e-05_T2_seed0"), 9)
-    assert len(images_a) == 9 and torch.equal(images_a, images_b)
+    # the same noise for every image; only float rounding of batched convolutions differs (measured:
+    # 2 of 27,648 pixels by one grey level), where different draws would change almost every pixel
+    diff = (images_a.int() - images_b.int()).abs()
+    assert len(images_a) == 9 and diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
     made.clear()
     evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])   # all there: nothing sampled
     assert made == []

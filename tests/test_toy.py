@@ -43,7 +43,19 @@ def test_toy_gmm_short_run_is_accurate_near_modes_only(tmp_path):
     assert saved["low_to_data_ratio"] == pytest.approx(m["low_to_data_ratio"])
     arrays = np.load(out / "toy_gmm.npz")
     assert arrays["losses"].shape == (400,) and arrays["true_scores"].shape == arrays["est_scores"].shape
-    assert (out / "toy_gmm.png").stat().st_size > 20_000
+    # the saved fields: estimated scores close to the exact ones near the modes, far off away from them
+    pts, true, est = arrays["arrow_points"], arrays["true_scores"], arrays["est_scores"]
+    assert np.allclose(true, common.toy_score(torch.from_numpy(pts)).numpy(), atol=1e-5)
+    d = np.linalg.norm(pts[:, None] - common.TOY_MEANS.numpy()[None], axis=2).min(1)
+    err = ((est - true) ** 2).sum(1)
+    assert err[d < 1.5].mean() < 1.0 and err[d > 5].mean() > 10 * err[d < 1.5].mean()
+    # the figure: four panels at the size asked for, with the density's colours and black arrows
+    from PIL import Image
+    png = np.asarray(Image.open(out / "toy_gmm.png").convert("RGB")).astype(int)
+    assert png.shape == (int(4.8 * 110), 19 * 110, 3)
+    assert len(np.unique(png.reshape(-1, 3), axis=0)) > 500
+    orange = (png[..., 0] > 200) & (png[..., 1] > 100) & (png[..., 1] < 200) & (png[..., 2] < 120)
+    assert orange.mean() > 0.002 and (png.sum(2) < 60).mean() > 0.002
     # the loss falls from its start toward the optimum -1/2 E||grad log p||^2 = -1
     assert arrays["losses"][-50:].mean() < arrays["losses"][:10].mean() - 0.3
 

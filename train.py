@@ -1,0 +1,589 @@
+"""Train a noise conditional score network: RefineNet and annealed denoising score matching
+(the paper's Sec. 4.2 and 5), resumable, on one process or several (torchrun).
+
+    python train.py --dataset mnist                       # the paper's MNIST run (= python train_mnist.py)
+    python train.py --dataset cifar10 --batch-size 100 --epochs 500
+    python train.py --dataset cifar10 --resume            # continue runs/cifar10/checkpoint.pt
+    torchrun --nproc_per_node 2 train.py --dataset cifar10
+
+Every setting is a field of TrainConfig and a flag of the same name; train() is the set-up and
+one loop. Writes under --out: config.json, metrics.csv, checkpoint.pt (the latest, resumable),
+checkpoint_<step>.pt (snapshots), loss.png, samples_<step>.png and process_<step>.png.
+Exit status: 0 finished, 3 stopped by SIGINT/SIGTERM (continue with --resume), 1 an error,
+2 a bad flag.
+"""
+import argparse
+import contextlib
+import copy
+import csv
+import dataclasses
+import datetime
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import common
+
+#----------------------------------------------------------------------------
+# Settings. Each TrainConfig field is a flag (--batch-size for batch_size) with its default and
+# help; the per-data-set defaults (channels, image size, flips, ngf) are common.DATASETS.
+
+ITERS = 200_000      # the paper's optimizer steps, when neither --iters nor --epochs is given
+TEST_EVERY = 100     # steps between test losses (the official code's)
+LOG_EVERY = 10       # steps between host syncs: metrics rows, finiteness and stop checks
+EXIT_STOPPED = 3     # exit status of a run stopped by a signal: continue it with --resume
+
+
+def _rate(text):
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text}")
+    return value
+
+
+def _count(text):
+    """argparse type: an integer >= 0."""
+    return 0 if text.strip() == "0" else common.positive_int(text)
+
+
+def _setting(default, help, **kw):
+    return dataclasses.field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every training setting. must_match: a resumed run must use the checkpoint's value."""
+    # data and outputs
+    dataset: str = _setting("mnist", "data set", choices=list(common.DATASETS), must_match=True)
+    data_root: str = _setting(common.DATA_ROOT, "torchvision data folder (downloaded into when missing)")
+    dataset_path: str = _setting(None, "a folder of images to train on instead (every 20th held out)", must_match=True)
+    out: str = _setting(None, "output folder (default: runs/<dataset>)")
+    resume: bool = _setting(False, "continue from <out>/checkpoint.pt")
+    # the paper's training (Sec. 5, appendix B.1) and the official configs
+    batch_size: int = _setting(128, "global batch per optimizer step", type=common.positive_int, must_match=True)
+    iters: int = _setting(None, f"stop after this many optimizer steps (default {ITERS:,} if --epochs is not given)",
+                          type=common.positive_int)
+    epochs: int = _setting(None, "stop after this many epochs (with --iters too: whichever comes first)",
+                           type=common.positive_int)
+    lr: float = _setting(1e-3, "Adam learning rate", type=common.positive_float)
+    beta1: float = _setting(0.9, "Adam beta1 (beta2 is 0.999)", type=_rate)
+    ngf: int = _setting(None, "RefineNet width (default: the data set's, 64 MNIST, 128 CIFAR-10)", type=common.positive_int)
+    sigma_begin: float = _setting(common.SIGMA_BEGIN, "sigma_1, the largest noise level", type=common.positive_float,
+                                  must_match=True)
+    sigma_end: float = _setting(common.SIGMA_END, "sigma_L, the smallest", type=common.positive_float, must_match=True)
+    num_levels: int = _setting(common.NUM_LEVELS, "L, the number of noise levels", type=common.positive_int, must_match=True)
+    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power", must_match=True)
+    ema: float = _setting(0.0, "EMA rate of the weights, 0 = off (NCSNv2 uses 0.999)", type=_rate)
+    seed: int = _setting(0, "fixes initialisation, data order and every noise draw", must_match=True)
+    # checkpoints and figures
+    snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=common.positive_int)
+    sample_every: int = _setting(5_000, "steps between sample figures", type=common.positive_int)
+    n_samples: int = _setting(64, "images in each sample grid", type=common.positive_int)
+    steps_each: int = _setting(common.STEPS_EACH, "sampler steps per noise level (T)", type=common.positive_int)
+    step_lr: float = _setting(common.STEP_LR, "sampler step_lr (eps / 2)", type=common.positive_float)
+    # machinery
+    device: str = _setting("auto", "auto, cpu, cuda or cuda:N", type=common.device_name)
+    num_workers: int = _setting(2, "data loader processes", type=_count)
+    grad_accum: int = _setting(1, "micro-batches per optimizer step", type=common.positive_int)
+    amp: str = _setting("none", "bf16 autocast for the forward pass", choices=["none", "bf16"])
+    channels_last: bool = _setting(False, "channels_last memory format (slower on CPUs: see bench.py)")
+    compile: bool = _setting(False, "torch.compile the training forward and backward")
+
+
+def parser(fixed=()):
+    """argparse flags generated from TrainConfig, less the `fixed` fields."""
+    p = common.arg_parser(__doc__)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in fixed:
+            continue
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=meta["help"])
+        else:
+            p.add_argument(flag, type=meta.get("type", f.type), choices=meta.get("choices"), default=f.default,
+                           help=meta["help"])
+    return p
+
+
+def check_config(cfg):
+    """The settings that no single flag can check; returns the error or None."""
+    if cfg.sigma_begin <= cfg.sigma_end:
+        return f"--sigma-begin ({cfg.sigma_begin}) must be larger than --sigma-end ({cfg.sigma_end})"
+    if cfg.num_levels < 2:
+        return "--num-levels must be at least 2"
+    if cfg.ngf is not None and cfg.ngf < 2:
+        return "--ngf must be at least 2"
+    return None
+
+
+def resolve(cfg):
+    """Fill the settings whose default depends on the data set."""
+    return dataclasses.replace(cfg, ngf=cfg.ngf or common.DATASETS[cfg.dataset]["ngf"],
+                               out=cfg.out or os.path.join("runs", cfg.dataset))
+
+
+def run_length(cfg, steps_per_epoch):
+    """(total steps, the limit that ends the run): a flag the user gave wins; both: the first."""
+    limits = [(cfg.iters, f"--iters {cfg.iters}")] if cfg.iters else []
+    if cfg.epochs:
+        limits.append((cfg.epochs * steps_per_epoch, f"--epochs {cfg.epochs} x {steps_per_epoch} steps"))
+    return min(limits) if limits else (ITERS, f"the paper's {ITERS:,} steps")
+
+#----------------------------------------------------------------------------
+# Processes: one code path, a single process is world size 1.
+
+def dist_init(device_name="auto"):
+    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs); else a single process.
+    Returns (rank, world_size, device)."""
+    device = common.get_device(device_name)
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    # generous timeout: the other ranks wait while rank 0 samples figures
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(hours=2))
+    return rank, world, device
+
+
+def dist_exit(code=0, barrier=True):
+    """Leave the process group and exit. Barrier, destroy, flush, os._exit: gloo's worker threads
+    can otherwise abort the interpreter at exit ("terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        try:
+            if barrier:
+                torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+#----------------------------------------------------------------------------
+# Data: the training set is one uint8 tensor; every random draw is fixed by (seed, step).
+
+def epoch_batches(n, batch_size, seed, epoch, start, rank=0, world_size=1):
+    """Index lists of one epoch from batch `start` on: a permutation fixed by (seed, epoch),
+    cut into global batches (the last partial one dropped), each rank taking its slice."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(common.stable_seed(seed, epoch, -1)))
+    per_rank = batch_size // world_size
+    for b in range(start, n // batch_size):
+        lo = b * batch_size + rank * per_rank
+        yield perm[lo:lo + per_rank].tolist()
+
+
+def batches(images, cfg, epoch, pos, rank, world, device):
+    """Yield (epoch, batches done in it, this rank's uint8 batch on the device), from batch `pos`
+    of `epoch` on, epoch after epoch."""
+    while True:
+        order = list(epoch_batches(len(images), cfg.batch_size, cfg.seed, epoch, pos, rank, world))
+        # a tensor is a map-style data set: images[list of indices] is a batch, gathered in the workers
+        loader = torch.utils.data.DataLoader(images, batch_size=None, sampler=order,
+                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        for batch in loader:
+            pos += 1
+            yield epoch, pos, batch.to(device, non_blocking=True)
+        epoch, pos = epoch + 1, 0
+
+
+def step_draws(seed, step, shape, num_levels, device, stream=0):
+    """Noise-level labels, dequantisation noise u, DSM noise z and flips of a global batch of
+    `shape`, fixed by (seed, step, stream) through common.stable_seed: the same whatever the
+    number of processes, accumulation steps or restarts."""
+    g = torch.Generator(device=device).manual_seed(common.stable_seed(seed, step, stream))
+    labels = torch.randint(num_levels, (shape[0],), generator=g, device=device)   # one random level each
+    u = torch.rand(shape, generator=g, device=device)
+    z = torch.randn(shape, generator=g, device=device)
+    flip = torch.rand(shape[0], generator=g, device=device) < 0.5
+    return labels, u, z, flip
+
+
+def dequantize(images, u):
+    """Uniform dequantisation as the official code: x = x_01 * 255/256 + U(0, 1/256) = (x_uint8 + u) / 256."""
+    return (images.float() + u) / 256.0
+
+#----------------------------------------------------------------------------
+# One optimizer step, the test loss, the EMA.
+
+def train_step(model, opt, images, sigmas, *, step, seed=0, batch_size=None, grad_accum=1, rank=0, world_size=1,
+               flip=False, amp="none", anneal_power=2.0):
+    """One Adam step of annealed DSM (eq. 6) on a global batch of `batch_size` images (default:
+    len(images) x world_size), of which `images` (uint8, on the device) are this rank's share.
+    Gradients build up over `grad_accum` micro-batches and are all-reduced once (EDM's
+    ddp_sync). Returns this rank's mean loss as a device scalar (no host sync)."""
+    device, per_rank = images.device, len(images)
+    B, micro, lo = batch_size or per_rank * world_size, per_rank // grad_accum, rank * per_rank
+    labels, u, z, flips = step_draws(seed, step, (B, *images.shape[1:]), len(sigmas), device)
+    x = dequantize(images, u[lo:lo + per_rank])
+    if flip:
+        x = torch.where(flips[lo:lo + per_rank, None, None, None], x.flip(3), x)
+    opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    ddp = getattr(model, "_orig_mod", model)             # the DDP module under torch.compile
+    for k in range(grad_accum):
+        mine, glob = slice(k * micro, (k + 1) * micro), slice(lo + k * micro, lo + (k + 1) * micro)
+        last = world_size == 1 or k == grad_accum - 1
+        with contextlib.nullcontext() if last else ddp.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                loss = common.dsm_loss(model, x[mine], labels[glob], sigmas, anneal_power, noise=z[glob]) / grad_accum
+            loss.backward()
+        total += loss.detach()
+    opt.step()
+    return total
+
+
+@torch.no_grad()
+def test_loss(net, test_images, sigmas, step, cfg, device):
+    """The DSM loss of one test batch (a different batch each time, draws of stream 1)."""
+    B = min(cfg.batch_size, len(test_images))
+    t = (step // TEST_EVERY) % max(1, len(test_images) // B)
+    images = test_images[t * B:(t + 1) * B].to(device)
+    labels, u, z, _ = step_draws(cfg.seed, step, images.shape, len(sigmas), device, stream=1)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+        return common.dsm_loss(net, dequantize(images, u), labels, sigmas, cfg.anneal_power, noise=z).item()
+
+
+@torch.no_grad()
+def ema_update(ema, net, rate):
+    """Exponential moving average of the weights (NCSNv2): ema <- rate * ema + (1 - rate) * net.
+    Under no_grad, so the average never carries autograd history from one step to the next."""
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - rate)
+
+#----------------------------------------------------------------------------
+# Metrics, stop signals, checkpoints, figures.
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+class NonFiniteLoss(TrainError):
+    """The loss of step args[0] is NaN or infinite."""
+
+
+class MetricsLog:
+    """metrics.csv, one row per step. Losses stay on the device and are written every LOG_EVERY
+    steps (one host sync; averaged over processes); a non-finite one raises NonFiniteLoss."""
+    COLUMNS = ["step", "epoch", "loss", "test_loss", "images_per_s"]
+
+    def __init__(self, path, upto, write):
+        self.path, self.write, self.rows, self.pending, self.tests = path, write, [], [], {}
+        if write:
+            self.rows = read_metrics(path, upto)
+            with common.atomic_path(path) as tmp, open(tmp, "w") as f:
+                f.write(",".join(self.COLUMNS) + "\n")
+                f.writelines(self._line(r) for r in self.rows)
+        self.t, self.step = time.time(), upto
+
+    @staticmethod
+    def _line(r):
+        test = "" if r["test_loss"] == "" else f"{r['test_loss']:.6g}"
+        return f"{r['step']},{r['epoch']},{r['loss']:.6g},{test},{r['images_per_s']}\n"
+
+    def add(self, step, epoch, loss):
+        self.pending.append((step, epoch, loss))
+
+    def flush(self, step, images_per_step, world):
+        if not self.pending:
+            return None
+        losses = torch.stack([loss for _, _, loss in self.pending])
+        if world > 1:
+            torch.distributed.all_reduce(losses)
+            losses /= world
+        rate = (step - self.step) * images_per_step / max(time.time() - self.t, 1e-9)
+        new = [dict(step=s, epoch=e, loss=v, test_loss=self.tests.pop(s, ""), images_per_s=f"{rate:.1f}")
+               for (s, e, _), v in zip(self.pending, losses.tolist())]
+        self.pending, self.t, self.step = [], time.time(), step
+        bad = next((r["step"] for r in new if not math.isfinite(r["loss"])), None)
+        if bad is not None:
+            raise NonFiniteLoss(bad)
+        if self.write:
+            self.rows.extend(new)
+            with open(self.path, "a") as f:
+                f.writelines(self._line(r) for r in new)
+        return f"loss {new[-1]['loss']:.4g}, {rate:.0f} img/s"
+
+
+def read_metrics(path, upto):
+    """The rows of an earlier metrics.csv up to step `upto`."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
+    for r in rows:
+        r["step"], r["epoch"], r["loss"] = int(r["step"]), int(r["epoch"]), float(r["loss"])
+        r["test_loss"] = float(r["test_loss"]) if r["test_loss"] else ""
+    return rows
+
+
+class Stopped(Exception):
+    """Raised inside the figure sampler when a stop signal arrives."""
+
+
+class StopSignal:
+    """SIGINT / SIGTERM set `name`; the loop then finishes its step, saves and exits (a second
+    signal takes the default action). A context manager that restores the old handlers."""
+
+    def __init__(self):
+        self.name, self.old = None, {}
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def check(self, *args):
+        """A sampler callback: stop sampling at once when a signal came."""
+        if self.name is not None:
+            raise Stopped
+
+    def agreed(self, world, device):
+        """Whether to stop now; with several processes, whether any rank got a signal."""
+        if world == 1:
+            return self.name is not None
+        flag = torch.tensor([self.name is not None], dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.name = self.name or ("a signal on another rank" if flag.item() else None)
+        return self.name is not None
+
+
+def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_args, cfg):
+    """checkpoint.pt, the latest: everything resume needs; and when numbered checkpoint_<step>.pt,
+    the same bytes (a hard link; a copy where links are not supported)."""
+    path = os.path.join(out, "checkpoint.pt")
+    common.atomic_save(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(), step=step,
+                            epoch=epoch, pos=pos, model_args=model_args, config=dataclasses.asdict(cfg),
+                            rng=dict(torch=torch.get_rng_state())), path)
+    if numbered:
+        with common.atomic_path(os.path.join(out, f"checkpoint_{step}.pt")) as tmp:
+            os.remove(tmp)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                import shutil
+                shutil.copyfile(path, tmp)
+
+
+def save_loss_figure(path, rows):
+    """DSM loss against steps, train (per step and smoothed) and test (Fig. 3)."""
+    import numpy as np
+    plt = common.pyplot()
+    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
+    test = [(r["step"], r["test_loss"]) for r in rows if r["test_loss"] != ""]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(steps, loss, color="0.8", lw=0.5, label="train (per step)")
+    w = max(1, min(len(loss) // 20, 500))
+    if len(loss) >= w > 1:
+        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), color="C0", label=f"train (mean of {w})")
+    if test:
+        ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("annealed DSM loss"), ax.legend()
+    ax.grid(alpha=0.3)
+    common.save_figure(fig, path)
+
+
+def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
+    """samples_<step>.png and process_<step>.png (Figs. 4, 5) from the same start every time,
+    and loss.png (Fig. 3). Returns False, writing nothing, when a stop signal cut sampling short."""
+    spec = common.DATASETS[cfg.dataset]
+    tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({len(sigmas)} x {cfg.steps_each} "
+               f"network evaluations)")
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    x0 = torch.rand(cfg.n_samples, spec["channels"], spec["image_size"], spec["image_size"], generator=g, device=device)
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            x, levels = common.annealed_langevin_dynamics(
+                net, x0, sigmas, cfg.steps_each, cfg.step_lr, callback=stop.check,
+                randn_like=lambda t: torch.randn(t.shape, generator=g, device=device))
+    except Stopped:
+        return False
+    common.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
+    common.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), levels, sigmas.tolist())
+    save_loss_figure(os.path.join(cfg.out, "loss.png"), rows)
+    return True
+
+#----------------------------------------------------------------------------
+# The training loop.
+
+def resume_state(cfg, model_args):
+    """The checkpoint to continue (None for a fresh run), checked against the flags."""
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    if not cfg.resume:
+        raise TrainError(f"{cfg.out} already holds checkpoint.pt; pass --resume to continue it, or choose another --out")
+    state = common.read_checkpoint(path, map_location="cpu")
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise TrainError(f"{path}: not a training checkpoint of this project (no optimizer state)")
+    if state["model_args"] != model_args:
+        diff = ", ".join(f"{k} {state['model_args'].get(k)} (flags: {v})" for k, v in model_args.items()
+                         if state["model_args"].get(k) != v)
+        raise TrainError(f"{path} holds a different model: {diff}; resume with the same settings or another --out")
+    diff = [f"--{f.name.replace('_', '-')} {state['config'].get(f.name)} (flags: {getattr(cfg, f.name)})"
+            for f in dataclasses.fields(cfg) if f.metadata.get("must_match")
+            and state["config"].get(f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise TrainError(f"{path} was trained with {', '.join(diff)}; resume with the same values")
+    return state
+
+
+def load_data(cfg, rank, world):
+    """(train, test) uint8 images; rank 0 first, as it alone downloads a missing data set."""
+    if rank != 0:
+        torch.distributed.barrier()
+    images = [common.load_images(cfg.dataset, split, cfg.data_root, cfg.dataset_path) for split in (True, False)]
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+    if len(images[0]) < cfg.batch_size:
+        raise TrainError(f"the training set has {len(images[0])} images, fewer than one batch of {cfg.batch_size}")
+    return images
+
+
+def build(cfg, model_args, device, state):
+    """The network, its EMA copy (None when off) and Adam, restored from `state` when resuming."""
+    torch.manual_seed(cfg.seed)
+    net = common.RefineNet(**model_args).to(device, memory_format=torch.channels_last if cfg.channels_last else None)
+    ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema > 0 else None
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr
+        if ema is not None:
+            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        torch.set_rng_state(state["rng"]["torch"])
+    return net, ema, opt
+
+
+def save_config(cfg, path, **found):
+    """config.json: every setting, what the run found (processes, data sizes) and the versions."""
+    import platform
+    import numpy
+    import torchvision
+    versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+                    numpy=numpy.__version__)
+    common.save_json(dict(dataclasses.asdict(cfg), **found, versions=versions), path)
+
+
+def train(cfg):
+    """Train a RefineNet with annealed DSM as `cfg` (a resolved TrainConfig) says.
+    Returns (final step, the name of the signal that stopped the run, or None)."""
+    # Set-up: processes, the run to continue, data, network.
+    rank, world, device = dist_init(cfg.device)
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    B, spec = cfg.batch_size, common.DATASETS[cfg.dataset]
+    if B % (world * cfg.grad_accum):
+        raise TrainError(f"--batch-size {B} must be divisible by processes ({world}) x --grad-accum ({cfg.grad_accum})")
+    model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels, image_size=spec["image_size"])
+    state = resume_state(cfg, model_args)
+    train_images, test_images = load_data(cfg, rank, world)
+    steps_per_epoch = len(train_images) // B
+    total_steps, limit = run_length(cfg, steps_per_epoch)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
+    raw, ema, opt = build(cfg, model_args, device, state)
+    step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
+    model = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        raw, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(model) if cfg.compile else model    # checkpoints save raw's state dict all the same
+    log = MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, write=rank == 0)
+    if rank == 0:
+        save_config(cfg, os.path.join(cfg.out, "config.json"), world_size=world, device_used=str(device),
+                    micro_batch=B // (world * cfg.grad_accum), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                    train_images=len(train_images), test_images=len(test_images), dataset_spec=spec)
+    say((f"resumed at step {step} (epoch {epoch}, batch {pos}); " if state else "") +
+        f"{cfg.dataset}: {len(train_images)} training images, {steps_per_epoch} steps/epoch; training to step "
+        f"{total_steps:,} ({limit}); {world} process(es) on {device}; RefineNet({spec['channels']}, {cfg.ngf}): "
+        f"{sum(p.numel() for p in raw.parameters()):,} parameters")
+    parts = dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg)    # of every checkpoint
+
+    # The loop, one optimizer step an iteration; rank 0 alone writes files.
+    data = batches(train_images, cfg, epoch, pos, rank, world, device)
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
+    last_saved, stopped = (step if state else None), False
+    with StopSignal() as stop:
+        try:
+            while step < total_steps and not stopped:
+                # Optimizer step, EMA, test loss.
+                epoch, pos, images = next(data)
+                loss = train_step(model, opt, images, sigmas, step=step, seed=cfg.seed, batch_size=B,
+                                  grad_accum=cfg.grad_accum, rank=rank, world_size=world, flip=spec["flip"],
+                                  amp=cfg.amp, anneal_power=cfg.anneal_power)
+                if ema is not None:
+                    ema_update(ema, raw, cfg.ema)
+                step += 1
+                log.add(step, epoch, loss)
+                bar.update(1)
+                if rank == 0 and step % TEST_EVERY == 0:
+                    log.tests[step] = test_loss(raw, test_images, sigmas, step, cfg, device)
+                # Snapshot and figures (a stop signal cuts the figures short).
+                if step % cfg.snapshot_every == 0:
+                    log.flush(step, B, world)
+                    if rank == 0:
+                        save_checkpoint(cfg.out, step, epoch, pos, True, **parts)
+                    last_saved = step
+                if rank == 0 and step % cfg.sample_every == 0:
+                    log.flush(step, B, world)
+                    save_sample_figures(ema or raw, sigmas, cfg, step, log.rows, device, stop)
+                # Stop? Alone, at once; with several processes, every LOG_EVERY steps, all at one step.
+                if world == 1 or step % LOG_EVERY == 0:
+                    stopped = stop.agreed(world, device)
+                if step % LOG_EVERY == 0 or step == total_steps or stopped:
+                    bar.set_postfix_str(log.flush(step, B, world) or "", refresh=False)
+        except NonFiniteLoss as e:
+            kept = f"{cfg.out}/checkpoint.pt of step {last_saved} is kept" if last_saved is not None else "no checkpoint was written"
+            raise TrainError(f"non-finite loss at step {e.args[0]}; stopped; {kept}") from None
+        finally:
+            bar.close(), data.close()
+        if rank == 0 and last_saved != step:
+            save_checkpoint(cfg.out, step, epoch, pos, not stopped, **parts)
+        if stopped:
+            say(f"stopped by {stop.name} at step {step}: wrote {cfg.out}/checkpoint.pt; continue with --resume")
+            return step, stop.name
+        if rank == 0 and step % cfg.sample_every != 0:
+            save_sample_figures(ema or raw, sigmas, cfg, step, log.rows, device, stop)
+    say(f"done: step {step}; wrote {cfg.out}/checkpoint.pt, metrics.csv, loss.png, samples_{step}.png, process_{step}.png")
+    return step, None
+
+
+def main(argv=None, **fixed):
+    """The command line of train.py; train_mnist.py and train_cifar.py fix `dataset`.
+    Returns the final step; exits with EXIT_STOPPED when a signal stopped the run."""
+    p = parser(fixed)
+    cfg = TrainConfig(**vars(p.parse_args(argv)), **fixed)
+    problem = check_config(cfg)
+    if problem:
+        p.error(problem)
+    try:
+        step, stopped = train(resolve(cfg))
+    except (TrainError, common.DataError, common.CheckpointError) as e:
+        if torch.distributed.is_initialized():      # the other ranks meet the same error, or time out
+            print(f"error: {e}", file=sys.stderr)
+            dist_exit(1, barrier=False)
+        raise SystemExit(f"error: {e}") from None
+    if torch.distributed.is_initialized():
+        dist_exit(EXIT_STOPPED if stopped else 0)
+    if stopped:
+        raise SystemExit(EXIT_STOPPED)
+    return step
+
+
+if __name__ == "__main__":
+    main()
