@@ -129,6 +129,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     device = common.get_device(args.device)
+    if args.json and (problem := common.check_out(os.path.dirname(os.path.abspath(args.json)), "--json's folder")):
+        p.error(problem)
     if args.official and not os.path.isfile(os.path.join(args.official, "models", "cond_refinenet_dilated.py")):
         p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py there (a checkout of ermongroup/ncsn)")
     if args.threads:

@@ -15,6 +15,7 @@ import math
 import hashlib
 import argparse
 import secrets
+import tempfile
 import contextlib
 
 import torch
@@ -59,6 +60,29 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def check_out(path, flag="--out"):
+    """None when `path` is, or can be made, a writable folder; else why not, in one line."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{flag} {path} is a file, not a folder; choose another {flag}"
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable folder"
+    return None
+
+
+def is_out_of_memory(e):
+    """Whether an exception is torch running out of memory (CUDA's error, or the CPU allocator's)."""
+    return isinstance(e, torch.OutOfMemoryError) or bool(re.search(r"out of memory|can't allocate memory", str(e)))
+
+
+def first_line(e):
+    """An exception's message cut to its first line (120 characters), for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+
+
 def save_json(obj, path):
     """Write JSON atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -80,6 +104,17 @@ def _positive(cast, what):
 
 positive_int = _positive(int, "integer")        # argparse types: refused with a message naming the value
 positive_float = _positive(float, "number")     # finite and > 0
+
+
+def finite_float(text):
+    """argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def device_name(text):
@@ -580,10 +615,28 @@ class DataError(RuntimeError):
     """A data set that cannot be found or read; the message says what to put where."""
 
 
+def to_8bit(img, channels):
+    """A PIL image of any mode as 8-bit 'L' (channels 1) or 'RGB' (3). 16- and 32-bit integer
+    greys (PNG's I;16, I) are scaled from 0-65535, palettes expanded, alpha dropped, CMYK and
+    other colour spaces converted; floating-point images are refused (their range is unknown)."""
+    import numpy as np
+    from PIL import Image
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"{img.mode} values {a.min()} to {a.max()} are not 16-bit")
+        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError("a floating-point image (mode F); save it as 8- or 16-bit")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return img.convert("L" if channels == 1 else "RGB")
+
+
 def load_image_folder(path, channels, image_size, split=None, flag="--dataset-path"):
-    """uint8 (N, C, H, W) of every image under `path` (recursively, sorted), converted to L or
-    RGB and, if their size differs, resized and centre-cropped. split='train' / 'test' keeps
-    all but every 20th image / every 20th image."""
+    """uint8 (N, C, H, W) of every image under `path` (recursively, sorted), made 8-bit L or RGB
+    (to_8bit) and, if their size differs, resized and centre-cropped. split='train' / 'test'
+    keeps all but every 20th image / every 20th image. An unreadable file stops it, named."""
     from PIL import Image
     import torchvision.transforms.functional as TF
     if not os.path.isdir(path):
@@ -595,14 +648,50 @@ def load_image_folder(path, channels, image_size, split=None, flag="--dataset-pa
         files = [f for i, f in enumerate(files) if (i % 20 == 0) == (split == "test")]
     images = []
     for f in files:
-        img = Image.open(f).convert("L" if channels == 1 else "RGB")
+        try:
+            with Image.open(f) as im:
+                img = to_8bit(im, channels)
+        except Exception as e:          # PIL raises OSError, SyntaxError, ValueError, ... by format
+            raise DataError(f"{flag} {path}: {f} is not a readable image ({first_line(e)}); "
+                            "remove or replace it") from None
         if img.size != (image_size, image_size):
             img = TF.center_crop(TF.resize(img, image_size), image_size)
         images.append(TF.pil_to_tensor(img))
     return torch.stack(images)
 
 
-def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None):
+def damaged_files(dataset, data_root):
+    """Files of torchvision's layout under data_root that are present but damaged (an MD5 other
+    than torchvision's, or an IDX file shorter than its header says), as messages."""
+    import torchvision
+    from torchvision.datasets.utils import calculate_md5
+    found = []
+    def check_md5(path, md5):
+        if os.path.isfile(path) and calculate_md5(path) != md5:
+            found.append(f"{path} is present but damaged (MD5 {calculate_md5(path)}, expected {md5}: truncated or "
+                         "another file); delete it to download it again, or copy a good one")
+    if dataset == "mnist":
+        raw = os.path.join(data_root, "MNIST", "raw")
+        for name, md5 in torchvision.datasets.MNIST.resources:
+            check_md5(os.path.join(raw, name), md5)
+            idx = os.path.join(raw, name[:-3])
+            if os.path.isfile(idx):
+                with open(idx, "rb") as f:
+                    head = f.read(16)
+                dims = [int.from_bytes(head[4 + 4 * k:8 + 4 * k], "big") for k in range(head[3] if len(head) > 3 else 0)]
+                want = 4 * (1 + len(dims)) + math.prod(dims)
+                if len(head) < 8 or os.path.getsize(idx) != want:
+                    found.append(f"{idx} is present but truncated ({os.path.getsize(idx)} bytes, its header says {want}); "
+                                 "delete it (and its .gz) to download it again, or copy a good one")
+    else:
+        cls = torchvision.datasets.CIFAR10
+        check_md5(os.path.join(data_root, cls.filename), cls.tgz_md5)
+        for name, md5 in cls.train_list + cls.test_list:
+            check_md5(os.path.join(data_root, cls.base_folder, name), md5)
+    return found
+
+
+def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_flag="--dataset-path"):
     """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 under
     data_root (downloaded when missing), or a folder of images (dataset_path)."""
     spec = DATASETS[dataset]
@@ -615,12 +704,14 @@ def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None):
         data = torchvision.datasets.CIFAR10(data_root, train=train, download=True).data      # (N, 32, 32, 3)
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        damaged = damaged_files(dataset, data_root)
+        if damaged:
+            raise DataError(damaged[0] + (f" ({len(damaged) - 1} more damaged)" if len(damaged) > 1 else "")) from None
         where = {"mnist": f"{os.path.join(data_root, 'MNIST', 'raw')}: train-images-idx3-ubyte.gz, "
                           "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
                  "cifar10": f"{data_root}: cifar-10-python.tar.gz (or its folder cifar-10-batches-py)"}[dataset]
-        raise DataError(f"{dataset} is not under --data-root {data_root} and could not be downloaded ({reason}); "
-                        f"copy these files into {where}, or pass --dataset-path FOLDER of images") from None
+        raise DataError(f"{dataset} is not under --data-root {data_root} and could not be downloaded ({first_line(e)}); "
+                        f"copy these files into {where}, or pass {folder_flag} FOLDER of images") from None
 
 #----------------------------------------------------------------------------
 # Figure helpers shared by the scripts (matplotlib, PIL and torchvision are imported on use).

@@ -108,6 +108,8 @@ def main(argv=None):
     p.add_argument("--sigma-end", type=common.positive_float, default=SIGMA_END, help="smallest noise level")
     p.add_argument("--num-levels", type=common.positive_int, default=NUM_LEVELS, help="number of noise levels")
     args = p.parse_args(argv)
+    if problem := common.check_out(args.out):
+        p.error(problem)
     try:
         sigmas = common.geometric_sigmas(args.sigma_begin, args.sigma_end, args.num_levels).double()
     except ValueError as e:
@@ -135,10 +137,9 @@ def main(argv=None):
         print(f"{name:>9}: near (5,5) {m['frac_near_(5,5)']:.3f}, near (-5,-5) {m['frac_near_(-5,-5)']:.3f}"
               + (f", DIVERGED: {m['n_diverged']} samples" if m["diverged"] else ""))
     metrics.update(stability=rows, settings=vars(args), sigmas=sigmas.tolist())
-    os.makedirs(args.out, exist_ok=True)
     common.save_json(metrics, os.path.join(args.out, "metrics.json"))
-    np.savez(os.path.join(args.out, "langevin_compare.npz"), x0=x0.numpy(), sigmas=sigmas.numpy(),
-             **{k: v.numpy() for k, v in samples.items()})
+    with common.atomic_path(os.path.join(args.out, "langevin_compare.npz")) as tmp:
+        np.savez(tmp, x0=x0.numpy(), sigmas=sigmas.numpy(), **{k: v.numpy() for k, v in samples.items()})
     plot(os.path.join(args.out, "langevin_compare.png"), samples, metrics, vars(args))
     print(f"wrote {args.out}/langevin_compare.png, metrics.json, langevin_compare.npz")
     return metrics

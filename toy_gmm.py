@@ -50,6 +50,9 @@ def train(net, iters, batch_size, lr, generator):
         loss.backward()
         opt.step()
         losses[it] = loss.item()
+        if not np.isfinite(losses[it]):
+            raise FloatingPointError(f"the SSM loss is {losses[it]} at iteration {it + 1}: training diverged; "
+                                     "use a smaller --lr (nothing was written)")
         if it % 200 == 0:
             bar.set_postfix(loss=f"{losses[max(0, it - 199):it + 1].mean():.3f}", refresh=False)
     return losses
@@ -128,20 +131,24 @@ def main(argv=None):
     p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="samples per step")
     p.add_argument("--lr", type=common.positive_float, default=LR, help="Adam learning rate")
     args = p.parse_args(argv)
+    if problem := common.check_out(args.out):
+        p.error(problem)
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     net = make_mlp()
-    losses = train(net, args.iters, args.batch_size, args.lr, gen)
+    try:
+        losses = train(net, args.iters, args.batch_size, args.lr, gen)
+    except FloatingPointError as e:
+        raise SystemExit(f"error: {e}") from None
     metrics, xg, err = score_errors(net, torch.Generator().manual_seed(args.seed + 1))
     metrics.update(final_loss=float(losses[-min(100, len(losses)):].mean()), seconds=round(time.time() - t0, 1),
                    settings=vars(args))
     common.save_json(metrics, os.path.join(args.out, "metrics.json"))
     pts = grid(21)
-    with torch.no_grad():
-        np.savez(os.path.join(args.out, "toy_gmm.npz"), losses=losses, grid=xg.numpy(), grid_sq_error=err.numpy(),
+    with torch.no_grad(), common.atomic_path(os.path.join(args.out, "toy_gmm.npz")) as tmp:
+        np.savez(tmp, losses=losses, grid=xg.numpy(), grid_sq_error=err.numpy(),
                  arrow_points=pts.numpy(), true_scores=common.toy_score(pts).numpy(), est_scores=net(pts).numpy(),
                  density=common.toy_log_prob(xg).exp().numpy())
     plot(os.path.join(args.out, "toy_gmm.png"), net, losses, metrics)

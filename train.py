@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -81,7 +82,7 @@ class TrainConfig:
                                   must_match=True)
     sigma_end: float = _setting(common.SIGMA_END, "sigma_L, the smallest", type=common.positive_float, must_match=True)
     num_levels: int = _setting(common.NUM_LEVELS, "L, the number of noise levels", type=common.positive_int, must_match=True)
-    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power", must_match=True)
+    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power", type=common.finite_float, must_match=True)
     ema: float = _setting(0.0, "EMA rate of the weights, 0 = off (NCSNv2 uses 0.999)", type=_rate)
     seed: int = _setting(0, "fixes initialisation, data order and every noise draw", must_match=True)
     # checkpoints and figures
@@ -314,14 +315,20 @@ class MetricsLog:
 
 
 def read_metrics(path, upto):
-    """The rows of an earlier metrics.csv up to step `upto`."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
-    for r in rows:
-        r["step"], r["epoch"], r["loss"] = int(r["step"]), int(r["epoch"]), float(r["loss"])
-        r["test_loss"] = float(r["test_loss"]) if r["test_loss"] else ""
+    """The rows of an earlier metrics.csv up to step `upto`; a torn row (the process died while
+    writing it) and anything after it are dropped."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                try:
+                    row = dict(step=int(r["step"]), epoch=int(r["epoch"]), loss=float(r["loss"]),
+                               test_loss=float(r["test_loss"]) if r["test_loss"] else "",
+                               images_per_s=str(float(r["images_per_s"])))
+                except (TypeError, ValueError, KeyError):
+                    break
+                if row["step"] <= upto:
+                    rows.append(row)
     return rows
 
 
@@ -367,17 +374,21 @@ def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_arg
     """checkpoint.pt, the latest: everything resume needs; and when numbered checkpoint_<step>.pt,
     the same bytes (a hard link; a copy where links are not supported)."""
     path = os.path.join(out, "checkpoint.pt")
-    common.atomic_save(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(), step=step,
-                            epoch=epoch, pos=pos, model_args=model_args, config=dataclasses.asdict(cfg),
-                            rng=dict(torch=torch.get_rng_state())), path)
-    if numbered:
-        with common.atomic_path(os.path.join(out, f"checkpoint_{step}.pt")) as tmp:
-            os.remove(tmp)
-            try:
-                os.link(path, tmp)
-            except OSError:
-                import shutil
-                shutil.copyfile(path, tmp)
+    try:
+        common.atomic_save(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(),
+                                step=step, epoch=epoch, pos=pos, model_args=model_args, config=dataclasses.asdict(cfg),
+                                rng=dict(torch=torch.get_rng_state())), path)
+        if numbered:
+            with common.atomic_path(os.path.join(out, f"checkpoint_{step}.pt")) as tmp:
+                os.remove(tmp)
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    import shutil
+                    shutil.copyfile(path, tmp)
+    except OSError as e:
+        raise TrainError(f"could not write the checkpoint of step {step} in {out} ({e.strerror or e}); the files "
+                         "written before are intact (checkpoint.pt is the last complete one): make room, then --resume")
 
 
 def save_loss_figure(path, rows):
@@ -421,6 +432,23 @@ def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
 #----------------------------------------------------------------------------
 # The training loop.
 
+def prepare_out(out):
+    """Make --out a writable folder and remove the temporary files of writes that a killed run
+    left (common.atomic_path's naming only). Returns how many bytes that freed."""
+    problem = common.check_out(out)
+    if problem:
+        raise TrainError(problem)
+    freed = 0
+    for name in os.listdir(out):
+        if re.fullmatch(re.escape(common.TMP_PREFIX) + r"[A-Za-z0-9_]{8}-.+", name):
+            freed += os.path.getsize(os.path.join(out, name))
+            os.remove(os.path.join(out, name))
+    return freed
+
+
+RESUME_KEYS = ("model", "optimizer", "model_args", "config", "step", "epoch", "pos", "rng")
+
+
 def resume_state(cfg, model_args):
     """The checkpoint to continue (None for a fresh run), checked against the flags."""
     path = os.path.join(cfg.out, "checkpoint.pt")
@@ -429,8 +457,10 @@ def resume_state(cfg, model_args):
     if not cfg.resume:
         raise TrainError(f"{cfg.out} already holds checkpoint.pt; pass --resume to continue it, or choose another --out")
     state = common.read_checkpoint(path, map_location="cpu")
-    if not isinstance(state, dict) or "optimizer" not in state:
-        raise TrainError(f"{path}: not a training checkpoint of this project (no optimizer state)")
+    lacking = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if lacking:
+        raise TrainError(f"{path} lacks {', '.join(lacking)}: not a training checkpoint of this project; "
+                         "continue it with the version that wrote it, or train into another --out")
     if state["model_args"] != model_args:
         diff = ", ".join(f"{k} {state['model_args'].get(k)} (flags: {v})" for k, v in model_args.items()
                          if state["model_args"].get(k) != v)
@@ -492,6 +522,9 @@ def train(cfg):
     if B % (world * cfg.grad_accum):
         raise TrainError(f"--batch-size {B} must be divisible by processes ({world}) x --grad-accum ({cfg.grad_accum})")
     model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels, image_size=spec["image_size"])
+    freed = prepare_out(cfg.out) if rank == 0 else 0
+    if freed:
+        say(f"removed the temporary files of an interrupted write in {cfg.out} ({freed / 2**20:.1f} MiB)")
     state = resume_state(cfg, model_args)
     train_images, test_images = load_data(cfg, rank, world)
     steps_per_epoch = len(train_images) // B
@@ -563,6 +596,18 @@ def train(cfg):
     return step, None
 
 
+def one_line_error(e, cfg):
+    """The command line's message for an error, or None for an unexpected one (a traceback)."""
+    if isinstance(e, (TrainError, common.DataError, common.CheckpointError)):
+        return f"error: {e}"
+    if isinstance(e, OSError):
+        return f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
+    if common.is_out_of_memory(e):
+        return (f"error: out of memory with --ngf {cfg.ngf} and --batch-size {cfg.batch_size} on {cfg.device} "
+                f"({common.first_line(e)[:80]}); use a smaller --ngf or --batch-size, or --grad-accum")
+    return None
+
+
 def main(argv=None, **fixed):
     """The command line of train.py; train_mnist.py and train_cifar.py fix `dataset`.
     Returns the final step; exits with EXIT_STOPPED when a signal stopped the run."""
@@ -571,13 +616,17 @@ def main(argv=None, **fixed):
     problem = check_config(cfg)
     if problem:
         p.error(problem)
+    cfg = resolve(cfg)
     try:
-        step, stopped = train(resolve(cfg))
-    except (TrainError, common.DataError, common.CheckpointError) as e:
+        step, stopped = train(cfg)
+    except (TrainError, common.DataError, common.CheckpointError, OSError, RuntimeError) as e:
+        message = one_line_error(e, cfg)
+        if message is None:
+            raise
         if torch.distributed.is_initialized():      # the other ranks meet the same error, or time out
-            print(f"error: {e}", file=sys.stderr)
+            print(message, file=sys.stderr)
             dist_exit(1, barrier=False)
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(message) from None
     if torch.distributed.is_initialized():
         dist_exit(EXIT_STOPPED if stopped else 0)
     if stopped:

@@ -48,3 +48,10 @@ def test_bf16_loss_stays_within_a_few_percent_of_fp32(name, official_reference):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             s16 = net(x, labels).float()
     assert 0 < (s16 - s32).norm() / s32.norm() < 0.06          # measured: 3.2% (MNIST), 1.6% (CIFAR-10)
+
+
+def test_bench_refuses_a_json_path_it_cannot_write_before_measuring(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        bench.main(["--json", str(tmp_path / "file" / "out.json"), "--device", "cpu"])
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """evaluate.py offline: a random-weights Inception with the real architecture, tiny checkpoints."""
+import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -102,11 +104,12 @@ def test_pipeline_writes_everything_and_its_numbers_check_out(tiny_checkpoint, i
     out = tmp_path / "eval"
     [r] = evaluate.main(["--checkpoint", tiny_checkpoint, "--n", "12", "--batch-size", "5", "--out", str(out),
                          "--ref", ref_folder, "--inception-weights", inception_weights, *FAST])
-    folder = out / "steplr2e-05_T2_seed0"
+    folder = out / f"steplr2e-05_T2_seed0_{r['fingerprint'][:10]}"
+    assert r["folder"] == str(folder)
     shards = sorted(os.listdir(folder))
     assert [s for s in shards if s.startswith("shard_")] == ["shard_0000000_0000005.npz", "shard_0000005_0000010.npz",
                                                              "shard_0000010_0000012.npz"]
-    assert {"grid.png", "metrics.json"} <= set(shards)
+    assert {"grid.png", "metrics.json", "samples.json"} <= set(shards)
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved["n"] == 12 and len(saved["health"]) == 10 and saved["fid"] == pytest.approx(r["fid"])
     assert saved["inception_score_mean"] > 1.0 and math_finite(saved["fid"]) and saved["fid"] > 0
@@ -138,14 +141,15 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
         return real(net, x, *a, **k)
     counting.interrupt = True
     monkeypatch.setattr(common, "annealed_langevin_dynamics", counting)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:                            # Ctrl-C: a message, status 130
         evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])
+    assert e.value.code == 130
     counting.interrupt = False
-    evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])
-    assert made == [4, 4, 4, 1]                                     # the interrupted batch of 4 is redone once
-    images_a = evaluate.collect(str(tmp_path / "a" / "steplr2e-05_T2_seed0"), 9)
-    evaluate.main([*common_args, "--batch-size", "9", "--out", str(tmp_path / "b")])
-    images_b = evaluate.collect(str(tmp_path / "b" / "steplr2e-05_T2_seed0"), 9)
+    [ra] = evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])
+    assert made == [4, 4, 4, 1] and ra["samples_made_now"] == 5    # the interrupted batch of 4 is redone once
+    images_a = evaluate.collect(ra["folder"], 9)
+    [rb] = evaluate.main([*common_args, "--batch-size", "9", "--out", str(tmp_path / "b")])
+    images_b = evaluate.collect(rb["folder"], 9)
     # the same noise for every image; only float rounding of batched convolutions differs (measured:
     # 2 of 27,648 pixels by one grey level), where different draws would change almost every pixel
     diff = (images_a.int() - images_b.int()).abs()
@@ -166,20 +170,70 @@ def test_official_checkpoint_and_model_selection(inception_weights, ref_stats, t
     assert [l for l in table.splitlines() if l.startswith("*") and f"{best['fid']:.2f}" in l]
 
 
-def test_mnist_checkpoint_reports_fid_only_and_caches_reference_stats(inception_weights, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "REF_STATS", str(tmp_path / "ref_stats"))
+def test_mnist_checkpoint_reports_fid_only_and_caches_reference_stats_by_content(inception_weights, tmp_path, capsys):
     root = write_mnist(str(tmp_path / "data"), n_train=12, n_test=4)
     ck = os.path.join(DATA, "official_mnist_ngf4.pth")
+    cache = tmp_path / "cache"
     args = ["--checkpoint", ck, "--n", "5", "--batch-size", "5", "--out", str(tmp_path / "e"), "--data-root", root,
-            "--inception-weights", inception_weights, *FAST]
+            "--inception-weights", inception_weights, "--ref-cache", str(cache), *FAST]
     [r] = evaluate.main(args)
     assert r["inception_score_mean"] is None and r["fid"] > 0 and "paper reports no" in r["note"]
     assert "repeated to 3 channels" in r["fid_reference"]
-    [cache] = os.listdir(tmp_path / "ref_stats")
-    os.remove(os.path.join(root, "MNIST", "raw", "train-images-idx3-ubyte"))   # the cache is used from now on
-    [r2] = evaluate.main(args)
-    assert r2["fid"] == pytest.approx(r["fid"])
-    assert "paper reports no Inception score" in capsys.readouterr().out
+    [first] = os.listdir(cache)
+    assert "computed once" in capsys.readouterr().out
+    [r2] = evaluate.main(args)                                       # same images, same weights: the cache
+    assert r2["fid"] == pytest.approx(r["fid"]) and r2["samples_made_now"] == 0
+    out = capsys.readouterr().out
+    assert f"{cache / first} (cached" in out and "paper reports no Inception score" in out
+    # other images under the same name and --data-root: new statistics, never the old ones
+    write_mnist(root, n_train=12, n_test=4, seed=1)
+    [r3] = evaluate.main(args)
+    assert len(os.listdir(cache)) == 2 and r3["fid"] != pytest.approx(r["fid"]) and r3["samples_made_now"] == 0
+    # by default the cache lives under --out
+    evaluate.main([a for a in args if a not in ("--ref-cache", str(cache))])
+    assert len(os.listdir(tmp_path / "e" / "ref_stats")) == 1
+
+
+def test_other_weights_or_settings_never_reuse_samples(tiny_checkpoint, inception_weights, ref_stats, tmp_path):
+    """Same --out: another checkpoint, the same file trained further, EMA on/off: fresh samples each."""
+    base = ["--n", "3", "--batch-size", "3", "--ref", ref_stats, "--inception-weights", inception_weights, *FAST]
+    out = ["--out", str(tmp_path / "e")]
+    [a] = evaluate.main(["--checkpoint", tiny_checkpoint, *out, *base])
+    path = tmp_path / "ck" / "checkpoint.pt"
+    path.parent.mkdir()
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    ema = {k: v + 0.01 for k, v in state["model"].items()}
+    common.atomic_save(dict(state, ema=ema), path)                    # the same run, later, with an EMA
+    [b] = evaluate.main(["--checkpoint", str(path), *out, *base])
+    [c] = evaluate.main(["--checkpoint", str(path), *out, *base, "--no-ema"])
+    assert a["samples_made_now"] == b["samples_made_now"] == 3 and b["folder"] != a["folder"]
+    # --no-ema takes the raw weights, which are the first file's: its samples are the right ones to reuse
+    assert c["fingerprint"] == a["fingerprint"] and c["folder"] == a["folder"] and c["samples_made_now"] == 0
+    assert not torch.equal(evaluate.collect(a["folder"], 3), evaluate.collect(b["folder"], 3))
+    [d] = evaluate.main(["--checkpoint", str(path), *out, *base, "--seed", "1"])
+    assert d["samples_made_now"] == 3 and d["folder"] != b["folder"]
+    # a shard that another setting made, copied in by hand, is refused rather than counted
+    shard = sorted(glob.glob(os.path.join(d["folder"], "shard_*.npz")))[0]
+    shutil.copy(shard, os.path.join(b["folder"], "shard_0000003_0000004.npz"))
+    with pytest.raises(SystemExit, match="made by other weights or sampler settings") as e:
+        evaluate.main(["--checkpoint", str(path), *out, *base, "--n", "4"])
+    assert "\n" not in str(e.value)
+
+
+def test_two_checkpoints_with_the_same_name_keep_their_own_results(tiny_checkpoint, inception_weights, ref_stats, tmp_path):
+    paths = []
+    for run, shift in [("a", 0.0), ("b", 0.02)]:
+        path = tmp_path / run / "logs" / "checkpoint.pt"                   # same parent folder and file name
+        path.parent.mkdir(parents=True)
+        state = torch.load(tiny_checkpoint, weights_only=True)
+        common.atomic_save(dict(state, model={k: v + shift for k, v in state["model"].items()}), path)
+        paths.append(str(path))
+    results = evaluate.main(["--checkpoint", *paths, "--n", "2", "--batch-size", "2", "--out", str(tmp_path / "e"),
+                             "--ref", ref_stats, "--inception-weights", inception_weights, *FAST])
+    assert len({r["folder"] for r in results}) == 2
+    for r in results:
+        saved = json.loads(open(os.path.join(r["folder"], "metrics.json")).read())
+        assert saved["checkpoint"] == r["checkpoint"] and saved["fid"] == pytest.approx(r["fid"])
 
 
 def test_bad_inputs(tmp_path, inception_weights, ref_stats, capsys):
@@ -190,16 +244,55 @@ def test_bad_inputs(tmp_path, inception_weights, ref_stats, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(tmp_path / "*.pth"), "--n", "2"])
     assert "no file matches" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="needs arrays 'mu' and 'sigma'"):
-        np.savez(tmp_path / "wrong.npz", mean=np.zeros(3))
-        evaluate.main(["--checkpoint", os.path.join(DATA, "official_cifar_ngf4.pth"), "--n", "2", "--ref",
-                       str(tmp_path / "wrong.npz"), "--inception-weights", inception_weights, *FAST])
     with pytest.raises(SystemExit, match="refused"):
         class Evil:
             def __reduce__(self):
                 return (print, ("pwned",))
         torch.save({"x": Evil()}, tmp_path / "w.pt")
-        evaluate.main(["--checkpoint", str(bad), "--inception-weights", str(tmp_path / "w.pt"), *FAST])
+        evaluate.main(["--checkpoint", os.path.join(DATA, "official_cifar_ngf4.pth"), "--inception-weights",
+                       str(tmp_path / "w.pt"), *FAST])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", os.path.join(DATA, "official_cifar_ngf4.pth"), "--out", str(tmp_path / "file")])
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("corrupt", "not a readable .npz"), ("keys", "needs arrays 'mu' and 'sigma'"),
+    ("shape", "mu has shape (3,)"), ("nan", "NaN or infinite"), ("pickle", "not a readable .npz")])
+def test_bad_ref_file_is_refused_before_any_sampling(kind, message, tmp_path, monkeypatch, capsys):
+    ref = tmp_path / "ref.npz"
+    if kind == "corrupt":
+        ref.write_bytes(b"PK\x03\x04 half a zip file")
+    elif kind == "keys":
+        np.savez(ref, mean=np.zeros(2048))
+    elif kind == "shape":
+        np.savez(ref, mu=np.zeros(3), sigma=np.eye(3))
+    elif kind == "nan":
+        np.savez(ref, mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    else:
+        np.savez(ref, mu=np.array([object()], dtype=object), sigma=np.eye(2048))
+    calls = []
+    monkeypatch.setattr(common, "annealed_langevin_dynamics", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(evaluate, "inception", lambda *a: calls.append("inception"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", os.path.join(DATA, "official_cifar_ngf4.pth"), "--n", "2", "--ref", str(ref),
+                       "--out", str(tmp_path / "e"), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and message in err and str(ref) in err
+    assert calls == [] and not (tmp_path / "e").exists()
+
+
+def test_missing_data_names_evaluate_s_own_flag(inception_weights, tmp_path, monkeypatch):
+    import urllib.error
+    import torchvision.datasets.mnist as mnist
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(mnist, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", os.path.join(DATA, "official_mnist_ngf4.pth"), "--n", "2", "--data-root",
+                       str(tmp_path / "none"), "--inception-weights", inception_weights, "--out", str(tmp_path / "e"), *FAST])
+    assert "--ref FOLDER" in str(e.value) and "--dataset-path" not in str(e.value)
 
 
 def test_streamed_stats_equal_numpy_mean_and_covariance():
@@ -233,6 +326,17 @@ def test_health_callback_counts_only_far_pixels_as_saturated(tmp_path):
         folder = tmp_path / str(target)
         folder.mkdir()
         evaluate.sample(net, sigmas, str(folder), 4, 4, 0.1 * 0.01 ** 2, 60, False, 0, torch.device("cpu"), (1, 8, 8))
-        norm, out, far = evaluate.health_means(str(folder), 4)
+        norm, out, far, non_finite = evaluate.health_means(str(folder), 4)
+        assert non_finite == 0
         _, bad = evaluate.health_report(sigmas.tolist(), norm, out, far, 64)
         assert bad == want and (out[-1] > 0.2 if target < 0 else out[-1] == 1.0)
+
+
+def test_out_of_memory_is_one_line(tiny_checkpoint, inception_weights, ref_stats, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(common, "annealed_langevin_dynamics", oom)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", tiny_checkpoint, "--n", "2", "--ref", ref_stats, "--inception-weights",
+                       inception_weights, "--out", str(tmp_path / "e"), *FAST])
+    assert "out of memory" in str(e.value) and "smaller --batch-size" in str(e.value) and "\n" not in str(e.value)

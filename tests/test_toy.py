@@ -99,3 +99,20 @@ def test_bad_flags_are_refused(capsys):
     with pytest.raises(SystemExit):
         toy_gmm.main(["--iters", "-5"])
     assert "expected a positive integer, got -5" in capsys.readouterr().err
+
+
+def test_diverging_training_stops_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "toy"
+    with pytest.raises(SystemExit) as e:
+        toy_gmm.main(["--out", str(out), "--iters", "200", "--lr", "1e30"])
+    assert "training diverged; use a smaller --lr" in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists() or os.listdir(out) == []                # no NaN metrics, no figure
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("keep")
+    for script in (toy_gmm, langevin_compare):
+        with pytest.raises(SystemExit):
+            script.main(["--out", str(tmp_path / "f")])
+        assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "keep"

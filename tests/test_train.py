@@ -320,3 +320,132 @@ def test_bf16_autocast_trains_close_to_fp32(mnist_root, tmp_path):
     a, b = weights(tmp_path / "a" / "checkpoint.pt"), weights(tmp_path / "b" / "checkpoint.pt")
     k = "res2.0.conv1.weight"
     assert not torch.equal(a[k], b[k]) and (a[k] - b[k]).norm() < 0.1 * a[k].norm()
+
+
+#----------------------------------------------------------------------------
+# Issue 10: nothing promised is lost, every failure one line.
+
+def test_stop_signal_during_figure_sampling_ends_the_run_promptly(mnist_root, tmp_path):
+    """Figures of 10 x 100,000 sampler steps would take an hour; SIGTERM must end the run in seconds
+    with checkpoint.pt at the current step and the 'stopped' exit status."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", mnist_root, "--out", str(out),
+                             "--batch-size", "16", "--iters", "100", "--sample-every", "3", "--steps-each", "100000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:                       # wait until the loop pauses for the figures
+        lines.append(line)
+        if "for the figures" in line:
+            break
+    time.sleep(1.0)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(lines) + proc.communicate(timeout=60)[0]
+    assert time.time() - t0 < 10, output[-2000:]
+    assert proc.returncode == train.EXIT_STOPPED and "stopped by SIGTERM at step 3" in output
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert not (out / "samples_3.png").exists()                   # no half-made figure
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def test_stale_temporary_files_are_removed_and_others_kept(mnist_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".tmp-a1b2c3d4-checkpoint.pt").write_bytes(b"\0" * 3_000_000)   # a write killed by kill -9
+    (out / ".tmp-x_9yz8w7-metrics.csv").write_text("step\n")                 # the older mkstemp naming
+    (out / ".tmp-notes.txt").write_text("mine")                               # not this project's naming
+    (out / "notes.tmp").write_text("mine")
+    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "1")
+    names = set(os.listdir(out))
+    assert ".tmp-a1b2c3d4-checkpoint.pt" not in names and ".tmp-x_9yz8w7-metrics.csv" not in names
+    assert {".tmp-notes.txt", "notes.tmp", "checkpoint.pt"} <= names
+    assert "removed the temporary files of an interrupted write" in capsys.readouterr().out
+
+
+def test_torn_metrics_row_does_not_block_resume(mnist_root, tmp_path):
+    out, full = tmp_path / "run", tmp_path / "full"
+    args = ["--batch-size", "16", "--snapshot-every", "100", "--sample-every", "100"]
+    run(train_mnist, mnist_root, full, *args, "--iters", "6")
+    run(train_mnist, mnist_root, out, *args, "--iters", "3")
+    with open(out / "metrics.csv", "a") as f:
+        f.write("4,1,41.2,,15.1\n1")                             # died mid-row (of step 1x), after the checkpoint
+    run(train_mnist, mnist_root, out, *args, "--iters", "6", "--resume")
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7)) and losses(out) == losses(full)
+
+
+def test_outputs_follow_the_umask(mnist_root, tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "run"
+        run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--snapshot-every", "2")
+    finally:
+        os.umask(old)
+    for name in ["checkpoint.pt", "checkpoint_2.pt", "metrics.csv", "config.json", "samples_2.png", "loss.png"]:
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def _one_line_exit(capsys, fn, *args):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    message = str(e.value) if not isinstance(e.value.code, int) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert "\n" not in message.strip() and e.value.code != 0
+    return message
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta1", "1.5"], "expected a rate in [0, 1), got 1.5"),
+    (["--lr", "-1"], "expected a positive number, got -1"),
+    (["--lr", "nan"], "expected a positive number, got nan"),
+    (["--anneal-power", "inf"], "expected a finite number, got 'inf'"),
+    (["--num-workers", "-2"], "expected a positive integer, got -2"),
+])
+def test_out_of_range_settings_are_refused(flags, message, capsys):
+    assert message in _one_line_exit(capsys, train_mnist.main, flags)
+
+
+def test_failures_give_one_line_and_lose_nothing(mnist_root, tmp_path, capsys, monkeypatch):
+    # an --ngf that cannot fit in memory
+    msg = _one_line_exit(capsys, run, train_mnist, mnist_root, tmp_path / "big", "--ngf", "200000", "--iters", "1",
+                         "--batch-size", "16")
+    assert "out of memory with --ngf 200000" in msg and "smaller --ngf" in msg
+    # --out an existing file, or a folder that cannot be written
+    (tmp_path / "file").write_text("keep me")
+    assert "is a file, not a folder" in _one_line_exit(capsys, run, train_mnist, mnist_root, tmp_path / "file", "--iters", "1")
+    assert (tmp_path / "file").read_text() == "keep me"
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    target = ro / "run" if not os.access(ro, os.W_OK) else "/sys/ncsn-read-only"    # root ignores file modes
+    assert "cannot write there" in _one_line_exit(capsys, run, train_mnist, mnist_root, target, "--iters", "1")
+    # a resume checkpoint without model_args
+    out = tmp_path / "run"
+    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2")
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    ck.pop("model_args")
+    torch.save(ck, out / "checkpoint.pt")
+    msg = _one_line_exit(capsys, run, train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "3", "--resume")
+    assert "lacks model_args" in msg
+    # the disk fills while a checkpoint is written: the old one survives, one line, no temporary file
+    out = tmp_path / "full"
+    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2")
+    before = (out / "checkpoint.pt").read_bytes()
+    real = torch.save
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    msg = _one_line_exit(capsys, run, train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "4", "--resume")
+    monkeypatch.setattr(torch, "save", real)
+    assert "No space left on device" in msg and "checkpoint.pt is the last complete one" in msg
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    assert common.load_score_net(out / "checkpoint.pt")[1]["step"] == 2
+
+
+def test_non_finite_loss_message_reads_well(mnist_root, tmp_path, monkeypatch):
+    real = common.dsm_loss
+    monkeypatch.setattr(common, "dsm_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(SystemExit) as e:
+        run(train_mnist, mnist_root, tmp_path / "run", "--batch-size", "16", "--iters", "5")
+    assert str(e.value) == "error: non-finite loss at step 1; stopped; no checkpoint was written"
