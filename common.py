@@ -13,6 +13,7 @@ import re
 import json
 import math
 import hashlib
+import inspect
 import argparse
 import secrets
 import tempfile
@@ -167,6 +168,65 @@ def geometric_sigmas(sigma_begin=SIGMA_BEGIN, sigma_end=SIGMA_END, num_levels=NU
         raise ValueError(f"num_levels must be at least 2, got {num_levels}")
     logs = torch.linspace(math.log(sigma_begin), math.log(sigma_end), num_levels, dtype=torch.float64)
     return logs.exp().float()
+
+
+# NCSNv2 (Song & Ermon 2020, "Improved Techniques for Training Score-Based Generative Models"):
+# techniques 1, 2 and 4 choose the levels and the step size; technique 3 is RefineNet's
+# conditioning='scale', technique 5 the EMA of train.py.
+
+MAX_DISTANCE_IMAGES = 50_000    # technique 1 is exact up to this many images, else on a seeded random subset
+
+
+@torch.no_grad()
+def max_pairwise_distance(x, chunk=1024, max_images=MAX_DISTANCE_IMAGES, seed=0):
+    """Technique 1: sigma_1 = the largest Euclidean distance between two data points, x of shape
+    (N, ...), computed exactly in chunks on x's device (on a random subset of max_images,
+    seeded, when N is larger)."""
+    x = x.flatten(1).double()
+    if len(x) > max_images:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_images].to(x.device)]
+    best = x.new_zeros(())
+    for i in range(0, len(x), chunk):
+        best = torch.maximum(best, torch.cdist(x[i:i + chunk], x[i:]).max())
+    return best.item()
+
+
+def _normal_cdf(t):
+    return 0.5 * (1 + math.erf(t / math.sqrt(2)))
+
+
+def ratio_for_dimension(D):
+    """Technique 2: the ratio gamma = sigma_{i-1} / sigma_i solving
+    Phi(sqrt(2D)(gamma - 1) + 3 gamma) - Phi(sqrt(2D)(gamma - 1) - 3 gamma) = 0.5 (bisection)."""
+    f = lambda g: _normal_cdf(math.sqrt(2 * D) * (g - 1) + 3 * g) - _normal_cdf(math.sqrt(2 * D) * (g - 1) - 3 * g) - 0.5
+    lo, hi = 1.0, 10.0
+    if f(hi) > 0:
+        raise ValueError(f"technique 2 has no solution for D = {D} (too few dimensions)")
+    for _ in range(100):
+        lo, hi = ((lo + hi) / 2, hi) if f((lo + hi) / 2) > 0 else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def num_levels_for(sigma_begin, sigma_end, gamma):
+    """Technique 2's L: the fewest geometric levels from sigma_begin to sigma_end whose ratio is at most gamma."""
+    return math.ceil(math.log(sigma_begin / sigma_end) / math.log(gamma) - 1e-9) + 1
+
+
+def step_lr_for(gamma, sigma_end, n_steps_each):
+    """Technique 4: the step_lr e of annealed_langevin_dynamics (alpha_i = e sigma_i^2 / sigma_L^2)
+    that brings (1 - e/s^2)^(2T) (gamma^2 - 2e/(s^2 - s^2 (1 - e/s^2)^2)) + 2e/(s^2 - s^2 (1 - e/s^2)^2)
+    closest to 1, s = sigma_L, T = n_steps_each. The expression exceeds 1 for every e in (0, s^2),
+    so this is its minimum (golden-section search on log e)."""
+    s2 = sigma_end ** 2
+    def f(log_e):
+        e = math.exp(log_e)
+        c = 2 * e / (s2 - s2 * (1 - e / s2) ** 2)
+        return (1 - e / s2) ** (2 * n_steps_each) * (gamma ** 2 - c) + c
+    lo, hi, r = math.log(s2) - 40, math.log(s2), (math.sqrt(5) - 1) / 2
+    for _ in range(200):
+        a, b = hi - r * (hi - lo), lo + r * (hi - lo)
+        lo, hi = (lo, b) if f(a) < f(b) else (a, hi)
+    return math.exp((lo + hi) / 2)
 
 #----------------------------------------------------------------------------
 # Toy data of Figs. 1 and 2: p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I).
@@ -364,16 +424,30 @@ class RefineNet(nn.Module):
     official MNIST and CIFAR-10 models. The 28x28 and 32x32 networks are the same module (the
     official 28x28 padding adjustment only applies to a stride-2 block this network lacks);
     image_size is kept for the record and checked to be even.
+
+    conditioning='norm' is the paper's: CondInstanceNorm++ with parameters per level.
+    conditioning='scale' is NCSNv2's technique 3: one unconditional network (InstanceNorm++, a
+    single set of parameters) whose output is divided by the noise level, s(x, sigma) =
+    s_theta(x) / sigma. Its `sigmas` buffer maps level labels to sigma; labels may also be the
+    noise levels themselves (a float tensor), so it can be evaluated at any sigma, not only at
+    the training levels.
     """
 
-    def __init__(self, in_channels, ngf, num_classes=10, image_size=32):
+    def __init__(self, in_channels, ngf, num_classes=NUM_LEVELS, image_size=32, conditioning="norm", sigmas=None):
         super().__init__()
         if in_channels < 1 or ngf < 2 or num_classes < 1:
             raise ValueError(f"RefineNet needs in_channels >= 1, ngf >= 2, num_classes >= 1; got {in_channels}, {ngf}, {num_classes}")
         if image_size % 2:
             raise ValueError(f"RefineNet needs an even image_size, got {image_size}")
-        self.model_args = dict(in_channels=in_channels, ngf=ngf, num_classes=num_classes, image_size=image_size)
-        n = num_classes
+        if conditioning not in ("norm", "scale"):
+            raise ValueError(f"RefineNet conditioning is 'norm' or 'scale', got {conditioning!r}")
+        self.model_args = dict(in_channels=in_channels, ngf=ngf, num_classes=num_classes, image_size=image_size,
+                               conditioning=conditioning)
+        self.conditioning = conditioning
+        n = num_classes if conditioning == "norm" else 1
+        if conditioning == "scale":         # NaN until set (training) or loaded (checkpoints)
+            self.register_buffer("sigmas", torch.full((num_classes,), math.nan) if sigmas is None else
+                                 torch.as_tensor(sigmas, dtype=torch.float32).clone())
         self.begin_conv = nn.Conv2d(in_channels, ngf, 3, padding=1)
         self.res1 = nn.ModuleList([CondResBlock(ngf, ngf, n), CondResBlock(ngf, ngf, n)])
         self.res2 = nn.ModuleList([CondResBlock(ngf, 2 * ngf, n, down=True), CondResBlock(2 * ngf, 2 * ngf, n)])
@@ -389,6 +463,9 @@ class RefineNet(nn.Module):
         self.end_conv = nn.Conv2d(ngf, in_channels, 3, padding=1)
 
     def forward(self, x, labels):
+        if self.conditioning == "scale":
+            sigma = labels.to(x.dtype) if labels.is_floating_point() else self.sigmas[labels]
+            labels = torch.zeros(len(x), dtype=torch.long, device=x.device)     # the one set of norm parameters
         h = self.begin_conv(2 * x - 1)
         layers = []
         for stage in (self.res1, self.res2, self.res3, self.res4):
@@ -400,7 +477,8 @@ class RefineNet(nn.Module):
         h = self.refine2([l3, h], labels, l3.shape[2:])
         h = self.refine3([l2, h], labels, l2.shape[2:])
         h = self.refine4([l1, h], labels, l1.shape[2:])
-        return self.end_conv(F.elu(self.normalizer(h, labels)))
+        out = self.end_conv(F.elu(self.normalizer(h, labels)))
+        return out if self.conditioning == "norm" else out / sigma.view(-1, *[1] * (x.dim() - 1))
 
 #----------------------------------------------------------------------------
 # Losses.
@@ -514,6 +592,13 @@ def atomic_save(obj, path):
         os.fsync(f.fileno())
 
 
+def full_model_args(model_args):
+    """model_args with RefineNet's defaults filled in (files of older versions lack newer settings)."""
+    defaults = {k: p.default for k, p in inspect.signature(RefineNet).parameters.items() if k != "sigmas"
+                and p.default is not inspect.Parameter.empty}
+    return {**defaults, **model_args}
+
+
 def official_to_ours(state_dict):
     """Rename an official CondRefineNetDilated state dict: strip 'module.', and turn the
     RCU names '{i}_{j}_norm' / '{i}_{j}_conv' (1-based, 2 stages a block) into list indices."""
@@ -581,14 +666,15 @@ def load_score_net(path, map_location="cpu", ema=None):
         info.update(format="official", step=None, ema=False, dataset="mnist" if c_in == 1 else "cifar10",
                     sigma_begin=SIGMA_BEGIN, sigma_end=SIGMA_END, num_levels=model_args["num_classes"])
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("model_args"), dict):
-        model_args = dict(ckpt["model_args"])
+        model_args = full_model_args(ckpt["model_args"])
         use_ema = ckpt.get("ema") is not None if ema is None else ema
         if use_ema and ckpt.get("ema") is None:
             raise CheckpointError(f"{path}: EMA weights asked for, but the checkpoint has none (trained with --ema 0)")
         state = ckpt["ema"] if use_ema else ckpt["model"]
         config = ckpt.get("config") or {}
         info.update(format="ncsn-repro", step=ckpt.get("step"), ema=bool(use_ema),
-                    **{k: config[k] for k in ("sigma_begin", "sigma_end", "num_levels", "dataset") if k in config})
+                    **{k: config[k] for k in ("sigma_begin", "sigma_end", "num_levels", "dataset", "recipe",
+                                              "steps_each", "step_lr", "denoise") if k in config})
     else:
         raise CheckpointError(f"{path}: not an NCSN checkpoint (expected this project's dict with 'model' and "
                               "'model_args', or the official [state_dict, optimizer_state] list)")
@@ -597,7 +683,7 @@ def load_score_net(path, map_location="cpu", ema=None):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model settings {model_args}: {e}") from None
     _fit_state_dict(net, state, path)
-    info["model_args"] = model_args
+    info["model_args"] = net.model_args
     return net.to(map_location).eval(), info
 
 #----------------------------------------------------------------------------

@@ -56,41 +56,62 @@ def _count(text):
     return 0 if text.strip() == "0" else common.positive_int(text)
 
 
+def _or_auto(parse):
+    """argparse type: `parse`'s, or 'auto' (an NCSNv2 technique chooses the value)."""
+    return lambda text: "auto" if text == "auto" else parse(text)
+
+
 def _setting(default, help, **kw):
     return dataclasses.field(default=default, metadata=dict(help=help, **kw))
 
 
+RECIPES = {   # what a recipe gives each of these flags when it is not given
+    "ncsn": dict(lr=1e-3, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END, num_levels=common.NUM_LEVELS,
+                 conditioning="norm", ema=0.0, dequantize=True, steps_each=common.STEPS_EACH, step_lr=common.STEP_LR,
+                 denoise=False),                                # the paper's (Sec. 5, appendix B.1; the official configs)
+    "ncsnv2": dict(lr=1e-4, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels="auto", conditioning="scale",
+                   ema=0.999, dequantize=False, steps_each=5, step_lr="auto", denoise=True),   # NCSNv2's techniques 1-5
+}
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Every training setting. must_match: a resumed run must use the checkpoint's value."""
+    """Every training setting. None: the recipe's (RECIPES) or the data set's (common.DATASETS).
+    must_match: a resumed run must use the checkpoint's value."""
     # data and outputs
     dataset: str = _setting("mnist", "data set", choices=list(common.DATASETS), must_match=True)
     data_root: str = _setting(common.DATA_ROOT, "torchvision data folder (downloaded into when missing)")
     dataset_path: str = _setting(None, "a folder of images to train on instead (every 20th held out)", must_match=True)
     out: str = _setting(None, "output folder (default: runs/<dataset>)")
     resume: bool = _setting(False, "continue from <out>/checkpoint.pt")
-    # the paper's training (Sec. 5, appendix B.1) and the official configs
+    recipe: str = _setting("ncsn", "ncsn: the paper's; ncsnv2: the improved techniques", choices=list(RECIPES))
+    # training
     batch_size: int = _setting(128, "global batch per optimizer step", type=common.positive_int, must_match=True)
     iters: int = _setting(None, f"stop after this many optimizer steps (default {ITERS:,} if --epochs is not given)",
                           type=common.positive_int)
     epochs: int = _setting(None, "stop after this many epochs (with --iters too: whichever comes first)",
                            type=common.positive_int)
-    lr: float = _setting(1e-3, "Adam learning rate", type=common.positive_float)
+    lr: float = _setting(None, "Adam learning rate", type=common.positive_float)
     beta1: float = _setting(0.9, "Adam beta1 (beta2 is 0.999)", type=_rate)
     ngf: int = _setting(None, "RefineNet width (default: the data set's, 64 MNIST, 128 CIFAR-10)", type=common.positive_int)
-    sigma_begin: float = _setting(common.SIGMA_BEGIN, "sigma_1, the largest noise level", type=common.positive_float,
-                                  must_match=True)
-    sigma_end: float = _setting(common.SIGMA_END, "sigma_L, the smallest", type=common.positive_float, must_match=True)
-    num_levels: int = _setting(common.NUM_LEVELS, "L, the number of noise levels", type=common.positive_int, must_match=True)
+    sigma_begin: float = _setting(None, "sigma_1, the largest noise level; auto: the largest distance between two "
+                                  "training images (technique 1)", type=_or_auto(common.positive_float), must_match=True)
+    sigma_end: float = _setting(None, "sigma_L, the smallest", type=common.positive_float, must_match=True)
+    num_levels: int = _setting(None, "L, the number of noise levels; auto: technique 2's for the image size",
+                               type=_or_auto(common.positive_int), must_match=True)
+    conditioning: str = _setting(None, "norm: CondInstanceNorm++ per level; scale: s(x)/sigma (technique 3)",
+                                 choices=["norm", "scale"], must_match=True)
     anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power", type=common.finite_float, must_match=True)
-    ema: float = _setting(0.0, "EMA rate of the weights, 0 = off (NCSNv2 uses 0.999)", type=_rate)
+    dequantize: bool = _setting(None, "uniform dequantisation (x_uint8 + U(0, 1)) / 256, else x_uint8 / 255")
+    ema: float = _setting(None, "EMA rate of the weights, 0 = off (technique 5)", type=_rate)
     seed: int = _setting(0, "fixes initialisation, data order and every noise draw", must_match=True)
     # checkpoints and figures
     snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=common.positive_int)
     sample_every: int = _setting(5_000, "steps between sample figures", type=common.positive_int)
     n_samples: int = _setting(64, "images in each sample grid", type=common.positive_int)
-    steps_each: int = _setting(common.STEPS_EACH, "sampler steps per noise level (T)", type=common.positive_int)
-    step_lr: float = _setting(common.STEP_LR, "sampler step_lr (eps / 2)", type=common.positive_float)
+    steps_each: int = _setting(None, "sampler steps per noise level (T)", type=common.positive_int)
+    step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T", type=_or_auto(common.positive_float))
+    denoise: bool = _setting(None, "end the sampler with x + sigma_L^2 s(x, L)")
     # machinery
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N", type=common.device_name)
     num_workers: int = _setting(2, "data loader processes", type=_count)
@@ -107,29 +128,60 @@ def parser(fixed=()):
         if f.name in fixed:
             continue
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        help = meta["help"]
+        if f.name in RECIPES["ncsn"]:
+            help += " (default: the recipe's, " + ", ".join(f"{r} {v[f.name]}" for r, v in RECIPES.items()) + ")"
         if f.type is bool:
-            p.add_argument(flag, action="store_true", help=meta["help"])
+            action = argparse.BooleanOptionalAction if f.default is None else "store_true"
+            p.add_argument(flag, action=action, default=f.default, help=help)
         else:
-            p.add_argument(flag, type=meta.get("type", f.type), choices=meta.get("choices"), default=f.default,
-                           help=meta["help"])
+            p.add_argument(flag, type=meta.get("type", f.type), choices=meta.get("choices"), default=f.default, help=help)
     return p
 
 
+def resolve(cfg):
+    """Fill the settings left unset from the recipe and the data set."""
+    recipe = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or common.DATASETS[cfg.dataset]["ngf"],
+                               out=cfg.out or os.path.join("runs", cfg.dataset))
+
+
 def check_config(cfg):
-    """The settings that no single flag can check; returns the error or None."""
-    if cfg.sigma_begin <= cfg.sigma_end:
+    """The settings that no single flag can check (on a resolved config); returns the error or None."""
+    numbers = all(isinstance(v, (int, float)) for v in (cfg.sigma_begin, cfg.sigma_end))
+    if numbers and cfg.sigma_begin <= cfg.sigma_end:
         return f"--sigma-begin ({cfg.sigma_begin}) must be larger than --sigma-end ({cfg.sigma_end})"
-    if cfg.num_levels < 2:
+    if cfg.num_levels != "auto" and cfg.num_levels < 2:
         return "--num-levels must be at least 2"
-    if cfg.ngf is not None and cfg.ngf < 2:
+    if cfg.ngf < 2:
         return "--ngf must be at least 2"
     return None
 
 
-def resolve(cfg):
-    """Fill the settings whose default depends on the data set."""
-    return dataclasses.replace(cfg, ngf=cfg.ngf or common.DATASETS[cfg.dataset]["ngf"],
-                               out=cfg.out or os.path.join("runs", cfg.dataset))
+def resolve_auto(cfg, train_images, device, state, say):
+    """The 'auto' settings as numbers: from the checkpoint when resuming, else by NCSNv2's techniques."""
+    auto = [k for k in ("sigma_begin", "num_levels", "step_lr") if getattr(cfg, k) == "auto"]
+    if state is not None:
+        return dataclasses.replace(cfg, **{k: state["config"][k] for k in auto}), auto
+    found = {}
+    if "sigma_begin" in auto:
+        found["sigma_begin"] = common.max_pairwise_distance(train_images.to(device).float() / 255)
+        say(f"--sigma-begin auto: {found['sigma_begin']:.4g}, the largest distance between two of the "
+            f"{min(len(train_images), common.MAX_DISTANCE_IMAGES):,} training images (technique 1)")
+    sigma_begin = found.get("sigma_begin", cfg.sigma_begin)
+    if sigma_begin <= cfg.sigma_end:
+        raise TrainError(f"sigma_begin {sigma_begin:.4g} must be larger than --sigma-end {cfg.sigma_end}")
+    if "num_levels" in auto:
+        gamma = common.ratio_for_dimension(train_images[0].numel())
+        found["num_levels"] = common.num_levels_for(sigma_begin, cfg.sigma_end, gamma)
+        say(f"--num-levels auto: {found['num_levels']} levels (ratio at most {gamma:.4f} for D = "
+            f"{train_images[0].numel()}, technique 2)")
+    L = found.get("num_levels", cfg.num_levels)
+    if "step_lr" in auto:
+        ratio = (sigma_begin / cfg.sigma_end) ** (1 / (L - 1))
+        found["step_lr"] = common.step_lr_for(ratio, cfg.sigma_end, cfg.steps_each)
+        say(f"--step-lr auto: {found['step_lr']:.4g} for T = {cfg.steps_each} (technique 4)")
+    return dataclasses.replace(cfg, **found), auto
 
 
 def run_length(cfg, steps_per_epoch):
@@ -209,15 +261,16 @@ def step_draws(seed, step, shape, num_levels, device, stream=0):
     return labels, u, z, flip
 
 
-def dequantize(images, u):
-    """Uniform dequantisation as the official code: x = x_01 * 255/256 + U(0, 1/256) = (x_uint8 + u) / 256."""
-    return (images.float() + u) / 256.0
+def to_unit(images, u=None):
+    """uint8 images to [0, 1]: with u ~ U(0, 1), uniform dequantisation as the official code,
+    x = x_01 * 255/256 + U(0, 1/256) = (x_uint8 + u) / 256; without, x_uint8 / 255 (NCSNv2's default)."""
+    return (images.float() + u) / 256.0 if u is not None else images.float() / 255.0
 
 #----------------------------------------------------------------------------
 # One optimizer step, the test loss, the EMA.
 
 def train_step(model, opt, images, sigmas, *, step, seed=0, batch_size=None, grad_accum=1, rank=0, world_size=1,
-               flip=False, amp="none", anneal_power=2.0):
+               flip=False, amp="none", anneal_power=2.0, dequantize=True):
     """One Adam step of annealed DSM (eq. 6) on a global batch of `batch_size` images (default:
     len(images) x world_size), of which `images` (uint8, on the device) are this rank's share.
     Gradients build up over `grad_accum` micro-batches and are all-reduced once (EDM's
@@ -225,7 +278,7 @@ def train_step(model, opt, images, sigmas, *, step, seed=0, batch_size=None, gra
     device, per_rank = images.device, len(images)
     B, micro, lo = batch_size or per_rank * world_size, per_rank // grad_accum, rank * per_rank
     labels, u, z, flips = step_draws(seed, step, (B, *images.shape[1:]), len(sigmas), device)
-    x = dequantize(images, u[lo:lo + per_rank])
+    x = to_unit(images, u[lo:lo + per_rank] if dequantize else None)
     if flip:
         x = torch.where(flips[lo:lo + per_rank, None, None, None], x.flip(3), x)
     opt.zero_grad(set_to_none=True)
@@ -251,7 +304,8 @@ def test_loss(net, test_images, sigmas, step, cfg, device):
     images = test_images[t * B:(t + 1) * B].to(device)
     labels, u, z, _ = step_draws(cfg.seed, step, images.shape, len(sigmas), device, stream=1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-        return common.dsm_loss(net, dequantize(images, u), labels, sigmas, cfg.anneal_power, noise=z).item()
+        return common.dsm_loss(net, to_unit(images, u if cfg.dequantize else None), labels, sigmas, cfg.anneal_power,
+                               noise=z).item()
 
 
 @torch.no_grad()
@@ -420,7 +474,7 @@ def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             x, levels = common.annealed_langevin_dynamics(
-                net, x0, sigmas, cfg.steps_each, cfg.step_lr, callback=stop.check,
+                net, x0, sigmas, cfg.steps_each, cfg.step_lr, denoise=cfg.denoise, callback=stop.check,
                 randn_like=lambda t: torch.randn(t.shape, generator=g, device=device))
     except Stopped:
         return False
@@ -449,8 +503,8 @@ def prepare_out(out):
 RESUME_KEYS = ("model", "optimizer", "model_args", "config", "step", "epoch", "pos", "rng")
 
 
-def resume_state(cfg, model_args):
-    """The checkpoint to continue (None for a fresh run), checked against the flags."""
+def resume_state(cfg):
+    """The checkpoint to continue (None for a fresh run); refused unless it is a whole training checkpoint."""
     path = os.path.join(cfg.out, "checkpoint.pt")
     if not os.path.exists(path):
         return None
@@ -461,16 +515,20 @@ def resume_state(cfg, model_args):
     if lacking:
         raise TrainError(f"{path} lacks {', '.join(lacking)}: not a training checkpoint of this project; "
                          "continue it with the version that wrote it, or train into another --out")
-    if state["model_args"] != model_args:
-        diff = ", ".join(f"{k} {state['model_args'].get(k)} (flags: {v})" for k, v in model_args.items()
-                         if state["model_args"].get(k) != v)
+    return state
+
+
+def check_resume(state, cfg, model_args):
+    """Refuse to continue a checkpoint of another model or of other must_match settings."""
+    path, old = os.path.join(cfg.out, "checkpoint.pt"), common.full_model_args(state["model_args"])
+    if old != model_args:
+        diff = ", ".join(f"{k} {old.get(k)} (flags: {v})" for k, v in model_args.items() if old.get(k) != v)
         raise TrainError(f"{path} holds a different model: {diff}; resume with the same settings or another --out")
     diff = [f"--{f.name.replace('_', '-')} {state['config'].get(f.name)} (flags: {getattr(cfg, f.name)})"
             for f in dataclasses.fields(cfg) if f.metadata.get("must_match")
-            and state["config"].get(f.name) != getattr(cfg, f.name)]
+            and state["config"].get(f.name, RECIPES["ncsn"].get(f.name)) != getattr(cfg, f.name)]
     if diff:
         raise TrainError(f"{path} was trained with {', '.join(diff)}; resume with the same values")
-    return state
 
 
 def load_data(cfg, rank, world):
@@ -485,10 +543,11 @@ def load_data(cfg, rank, world):
     return images
 
 
-def build(cfg, model_args, device, state):
+def build(cfg, model_args, sigmas, state):
     """The network, its EMA copy (None when off) and Adam, restored from `state` when resuming."""
     torch.manual_seed(cfg.seed)
-    net = common.RefineNet(**model_args).to(device, memory_format=torch.channels_last if cfg.channels_last else None)
+    net = common.RefineNet(**model_args, sigmas=sigmas if cfg.conditioning == "scale" else None)
+    net = net.to(sigmas.device, memory_format=torch.channels_last if cfg.channels_last else None)
     ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema > 0 else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     if state is not None:
@@ -521,17 +580,21 @@ def train(cfg):
     B, spec = cfg.batch_size, common.DATASETS[cfg.dataset]
     if B % (world * cfg.grad_accum):
         raise TrainError(f"--batch-size {B} must be divisible by processes ({world}) x --grad-accum ({cfg.grad_accum})")
-    model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels, image_size=spec["image_size"])
     freed = prepare_out(cfg.out) if rank == 0 else 0
     if freed:
         say(f"removed the temporary files of an interrupted write in {cfg.out} ({freed / 2**20:.1f} MiB)")
-    state = resume_state(cfg, model_args)
+    state = resume_state(cfg)
     train_images, test_images = load_data(cfg, rank, world)
+    cfg, auto = resolve_auto(cfg, train_images, device, state, say)
+    model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels, image_size=spec["image_size"],
+                      conditioning=cfg.conditioning)
+    if state is not None:
+        check_resume(state, cfg, model_args)
     steps_per_epoch = len(train_images) // B
     total_steps, limit = run_length(cfg, steps_per_epoch)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
-    raw, ema, opt = build(cfg, model_args, device, state)
+    raw, ema, opt = build(cfg, model_args, sigmas, state)
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
     model = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
         raw, device_ids=[device.index] if device.type == "cuda" else None)
@@ -540,10 +603,11 @@ def train(cfg):
     if rank == 0:
         save_config(cfg, os.path.join(cfg.out, "config.json"), world_size=world, device_used=str(device),
                     micro_batch=B // (world * cfg.grad_accum), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                    train_images=len(train_images), test_images=len(test_images), dataset_spec=spec)
+                    train_images=len(train_images), test_images=len(test_images), dataset_spec=spec, auto=auto)
     say((f"resumed at step {step} (epoch {epoch}, batch {pos}); " if state else "") +
         f"{cfg.dataset}: {len(train_images)} training images, {steps_per_epoch} steps/epoch; training to step "
-        f"{total_steps:,} ({limit}); {world} process(es) on {device}; RefineNet({spec['channels']}, {cfg.ngf}): "
+        f"{total_steps:,} ({limit}); {world} process(es) on {device}; recipe {cfg.recipe}: RefineNet({spec['channels']}, "
+        f"{cfg.ngf}, {cfg.conditioning}-conditioned, {cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}): "
         f"{sum(p.numel() for p in raw.parameters()):,} parameters")
     parts = dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg)    # of every checkpoint
 
@@ -558,7 +622,7 @@ def train(cfg):
                 epoch, pos, images = next(data)
                 loss = train_step(model, opt, images, sigmas, step=step, seed=cfg.seed, batch_size=B,
                                   grad_accum=cfg.grad_accum, rank=rank, world_size=world, flip=spec["flip"],
-                                  amp=cfg.amp, anneal_power=cfg.anneal_power)
+                                  amp=cfg.amp, anneal_power=cfg.anneal_power, dequantize=cfg.dequantize)
                 if ema is not None:
                     ema_update(ema, raw, cfg.ema)
                 step += 1
@@ -613,10 +677,9 @@ def main(argv=None, **fixed):
     Returns the final step; exits with EXIT_STOPPED when a signal stopped the run."""
     p = parser(fixed)
     cfg = TrainConfig(**vars(p.parse_args(argv)), **fixed)
-    problem = check_config(cfg)
-    if problem:
-        p.error(problem)
     cfg = resolve(cfg)
+    if problem := check_config(cfg):
+        p.error(problem)
     try:
         step, stopped = train(cfg)
     except (TrainError, common.DataError, common.CheckpointError, OSError, RuntimeError) as e:

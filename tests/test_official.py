@@ -14,7 +14,7 @@ def test_official_checkpoint_reproduces_reference_scores(name, official_referenc
     net, info = common.load_score_net(os.path.join(DATA, f"official_{name}_ngf4.pth"))
     assert info["format"] == "official"
     assert info["model_args"] == dict(in_channels=ref["channels"], ngf=ref["ngf"], num_classes=10,
-                                      image_size=ref["image_size"])
+                                      image_size=ref["image_size"], conditioning="norm")
     assert not net.training
     with torch.no_grad():
         score = net(ref["x"], ref["labels"])

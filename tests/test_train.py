@@ -76,7 +76,7 @@ def test_cifar_end_to_end_through_torchvision(cifar_root, tmp_path):
     grid = Image.open(out / "samples_3.png")                   # 2 x 2 tiles of 32 px, enlarged to 64, 2 px apart
     assert grid.mode == "RGB" and grid.size == (2 * 64 + 3 * 2,) * 2
     net, info = common.load_score_net(out / "checkpoint.pt")
-    assert info["model_args"] == dict(in_channels=3, ngf=4, num_classes=10, image_size=32)
+    assert info["model_args"] == dict(in_channels=3, ngf=4, num_classes=10, image_size=32, conditioning="norm")
     torch.manual_seed(0)
     init = common.RefineNet(3, 4).state_dict()
     trained = weights(out / "checkpoint.pt")
