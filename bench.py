@@ -31,18 +31,24 @@ WARMUP = 2            # untimed steps first (allocator, cuDNN autotuning, compil
 REPEATS = 5           # timed steps; the median is reported
 
 
-def build(config, impl, official_path, device, channels_last):
+def build(config, impl, args, device):
+    """The network to time, and its noise levels: a checkpoint's (--checkpoint: its conditioning and
+    levels), the paper's for the data set, or the official implementation's."""
     spec = common.DATASETS[config]                  # the paper's network for the data set
     channels, size, ngf = spec["channels"], spec["image_size"], spec["ngf"]
-    if impl == "ours":
+    sigmas = common.geometric_sigmas()
+    if args.checkpoint:
+        net, info = common.load_score_net(args.checkpoint)
+        sigmas = common.geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"])
+    elif impl == "ours":
         net = common.RefineNet(channels, ngf, common.NUM_LEVELS, size)
     else:   # the official network, imported from a checkout of ermongroup/ncsn
-        sys.path.insert(0, official_path)
+        sys.path.insert(0, args.official)
         from models.cond_refinenet_dilated import CondRefineNetDilated
         net = CondRefineNetDilated(SimpleNamespace(data=SimpleNamespace(logit_transform=False, channels=channels, image_size=size),
                                                    model=SimpleNamespace(ngf=ngf, num_classes=common.NUM_LEVELS)))
-    net = net.to(device)
-    return net.to(memory_format=torch.channels_last) if channels_last else net
+    net = net.train().to(device)
+    return (net.to(memory_format=torch.channels_last) if args.channels_last else net), sigmas.to(device)
 
 
 def reset_peak(device):
@@ -76,8 +82,11 @@ def median_seconds(fn, device, warmup, repeats):
 
 def flops(fn):
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    except RuntimeError:        # the counter's hooks cannot follow autograd.grad (SSM's second pass)
+        return None
     return counter.get_total_flops()
 
 
@@ -86,13 +95,13 @@ def bench_one(config, impl, args, device):
     spec = common.DATASETS[config]
     channels, size = spec["channels"], spec["image_size"]
     B = args.batch_size
-    net = build(config, impl, args.official, device, args.channels_last)
+    net, sigmas = build(config, impl, args, device)
     params = sum(p.numel() for p in net.parameters())
     model = torch.compile(net) if args.compile else net
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    sigmas = common.geometric_sigmas().to(device)
     images = torch.randint(0, 256, (B, channels, size, size), dtype=torch.uint8, device=device)
-    step = lambda net: train.train_step(net, opt, images, sigmas, step=0, flip=spec["flip"], amp=args.amp)
+    step = lambda net: train.train_step(net, opt, images, sigmas, step=0, flip=spec["flip"], amp=args.amp,
+                                        objective=args.objective)
     train_step = lambda: step(model)
     x = torch.rand(B, channels, size, size, device=device)
     def sample():   # one network evaluation and one Langevin update
@@ -107,22 +116,25 @@ def bench_one(config, impl, args, device):
     peak_sample = read_peak_mib(device)
     # counted on the plain network: the flop counter does not see inside compiled code
     train_flops = flops(lambda: step(net))
-    return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
+    return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp, objective=args.objective,
                 channels_last=args.channels_last, compile=args.compile, train_images_per_s=B / t_train,
                 sample_images_per_s_per_nfe=B / t_sample, train_step_s=t_train, sample_step_s=t_sample,
-                train_gflop_per_image=train_flops / B / 1e9, train_gflops_per_s=train_flops / t_train / 1e9,
+                train_gflop_per_image=train_flops and train_flops / B / 1e9,
+                train_gflops_per_s=train_flops and train_flops / t_train / 1e9,
                 peak_train_mib=peak_train, peak_sample_mib=peak_sample)
 
 
 def main(argv=None):
     p = common.arg_parser(__doc__)
-    p.add_argument("--configs", nargs="+", choices=list(common.DATASETS), default=list(common.DATASETS), help="networks to measure")
+    p.add_argument("--configs", nargs="+", choices=list(common.DATASETS), default=["mnist", "cifar10"], help="networks to measure (the paper's for each data set)")
     p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="images per step (default: 128 CUDA, 16 CPU)")
     p.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward pass")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--official", default=None, help="a checkout of ermongroup/ncsn: also measure its network")
+    p.add_argument("--checkpoint", default=None, help="time this checkpoint's network instead (its conditioning and levels)")
+    p.add_argument("--objective", choices=["dsm", "ssm"], default="dsm", help="training loss: annealed DSM or sliced SM")
     p.add_argument("--warmup", type=common.positive_int, default=WARMUP, help="untimed steps")
     p.add_argument("--repeats", type=common.positive_int, default=REPEATS, help="timed steps (median reported)")
     p.add_argument("--threads", type=common.positive_int, default=None, help="CPU threads (default: torch's)")
@@ -133,6 +145,13 @@ def main(argv=None):
         p.error(problem)
     if args.official and not os.path.isfile(os.path.join(args.official, "models", "cond_refinenet_dilated.py")):
         p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py there (a checkout of ermongroup/ncsn)")
+    if args.checkpoint:
+        if args.official:
+            p.error("--checkpoint and --official: time one or the other")
+        try:
+            args.configs = [common.load_score_net(args.checkpoint)[1].get("dataset", "cifar10")]
+        except common.CheckpointError as e:
+            p.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch_size = args.batch_size or (128 if device.type == "cuda" else 16)
@@ -145,7 +164,8 @@ def main(argv=None):
           f"{'peak train MiB':>14} {'peak sample MiB':>15}")
     for r in rows:
         print(f"{r['config']:<9} {r['impl']:<9} {r['train_images_per_s']:>11.2f} {r['sample_images_per_s_per_nfe']:>16.2f} "
-              f"{r['train_gflop_per_image']:>9.1f} {r['train_gflops_per_s']:>8.1f} {r['peak_train_mib']:>14.0f} {r['peak_sample_mib']:>15.0f}")
+              f"{r['train_gflop_per_image'] or float('nan'):>9.1f} {r['train_gflops_per_s'] or float('nan'):>8.1f} "
+              f"{r['peak_train_mib']:>14.0f} {r['peak_sample_mib']:>15.0f}")
     if args.json:
         common.save_json(dict(torch=torch.__version__, rows=rows), args.json)
     return rows

@@ -139,6 +139,22 @@ def arg_parser(doc):
     return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
 
 
+def digest(*parts):
+    """SHA-256 (hex) of tensors (dtype, shape and bytes), state dicts, strings and numbers: the
+    key of cached results and of sample folders (what they were computed from)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, dict):
+            h.update(digest(*[x for k, v in part.items() for x in (k, v)]).encode())
+        elif torch.is_tensor(part):
+            t = part.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(part.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
 def stable_seed(*ints):
     """A 63-bit seed from a tuple of integers: the first 8 bytes of BLAKE2b over their signed
     64-bit little-endian bytes. The same on every machine and Python version (unlike hash())."""
@@ -205,6 +221,24 @@ def ratio_for_dimension(D):
     for _ in range(100):
         lo, hi = ((lo + hi) / 2, hi) if f((lo + hi) / 2) > 0 else (lo, (lo + hi) / 2)
     return (lo + hi) / 2
+
+
+def sampler_defaults(info, nfe=None, steps_each=None, step_lr=None, denoise=False):
+    """(T, step_lr) for a checkpoint (load_score_net's info): its recipe's unless given. An nfe
+    budget sets T = (nfe - denoise) // L; step_lr 'auto' is technique 4's for T, as is the default
+    when the checkpoint's own step_lr was technique 4's for its T."""
+    L, sigma_end = info["num_levels"], info["sigma_end"]
+    gamma = level_ratio(info["sigma_begin"], sigma_end, L)
+    T = max(1, (nfe - denoise) // L) if nfe else steps_each or info.get("steps_each", STEPS_EACH)
+    if step_lr is None:
+        step_lr, trained_T = info.get("step_lr", STEP_LR), info.get("steps_each", STEPS_EACH)
+        step_lr = "auto" if math.isclose(step_lr, step_lr_for(gamma, sigma_end, trained_T), rel_tol=1e-9) else step_lr
+    return T, step_lr_for(gamma, sigma_end, T) if step_lr == "auto" else step_lr
+
+
+def level_ratio(sigma_begin, sigma_end, num_levels):
+    """gamma = sigma_{i-1} / sigma_i of geometric_sigmas(sigma_begin, sigma_end, num_levels)."""
+    return (sigma_begin / sigma_end) ** (1 / (num_levels - 1))
 
 
 def num_levels_for(sigma_begin, sigma_end, gamma):
@@ -501,15 +535,15 @@ def dsm_loss(score_net, x, labels, sigmas, anneal_power=2.0, noise=None, reducti
     return per_example.mean() if reduction == "mean" else per_example
 
 
-def sliced_score_matching_vr(score_fn, x, n_particles=1, vectors=None):
+def sliced_score_matching_vr(score_fn, x, n_particles=1, vectors=None, reduction="mean"):
     """Sliced score matching with variance reduction (SSM-VR; Song et al. 2019, Algorithm 1).
 
         J = E_x E_v [ v^T grad_x(s(x)) v + 1/2 ||s(x)||^2 ],   v ~ N(0, I),
     the Hessian-vector product v^T grad(s) v taken by one extra backward pass of v^T s(x),
-    never the full Jacobian. score_fn maps a (N, ...) batch to scores of the same shape.
-    vectors: optional projections, shape (n_particles, *x.shape) or x.shape.
-    Returns the scalar loss (mean over particles and batch), differentiable in score_fn's
-    parameters.
+    never the full Jacobian. score_fn maps a (N, ...) batch to scores of the same shape (the
+    particles come as n_particles consecutive copies of x). vectors: optional projections,
+    shape (n_particles, *x.shape) or x.shape. Returns the loss averaged over particles and the
+    batch (reduction='mean') or per example ('none'), differentiable in score_fn's parameters.
     """
     xs = x.detach().unsqueeze(0).expand(n_particles, *x.shape).reshape(-1, *x.shape[1:])
     xs.requires_grad_(True)
@@ -519,7 +553,20 @@ def sliced_score_matching_vr(score_fn, x, n_particles=1, vectors=None):
         vjp = torch.autograd.grad((s * v).sum(), xs, create_graph=True)[0]  # v^T grad_x s, per row
     loss1 = 0.5 * s.flatten(1).pow(2).sum(1)                  # 1/2 ||s(x)||^2
     loss2 = (vjp * v).flatten(1).sum(1)                       # v^T grad_x s(x) v
-    return (loss1 + loss2).mean()
+    per_example = (loss1 + loss2).view(n_particles, -1).mean(0)
+    return per_example.mean() if reduction == "mean" else per_example
+
+
+def annealed_ssm_loss(score_net, x, labels, sigmas, noise=None, vectors=None, n_particles=1, reduction="mean"):
+    """Annealed sliced score matching (the official anneal_sliced_score_estimation_vr, training.algo
+    ssm): SSM-VR of s(., i) at x~ = x + sigma_i z, weighted by sigma_i^2 as DSM's lambda,
+        l_i = sigma_i^2 E_v [ v^T grad_x~ s(x~, i) v + 1/2 ||s(x~, i)||^2 ].
+    It needs no knowledge of the noise (unlike DSM), at the cost of a second backward pass."""
+    used = sigmas.to(x.device)[labels]
+    perturbed = x + (torch.randn_like(x) if noise is None else noise) * used.view(-1, *[1] * (x.dim() - 1))
+    score_fn = lambda xs: score_net(xs, labels.repeat(n_particles))
+    per_example = sliced_score_matching_vr(score_fn, perturbed, n_particles, vectors, reduction="none") * used ** 2
+    return per_example.mean() if reduction == "mean" else per_example
 
 #----------------------------------------------------------------------------
 # Samplers.
@@ -576,6 +623,42 @@ def annealed_langevin_dynamics(score_net, x, sigmas, n_steps_each=100, step_lr=2
     if denoise:
         x = x + sigmas[-1] ** 2 * score_net(x, labels)
     return x, levels
+
+class SampleNoise:
+    """One torch.Generator per sample, seeded by stable_seed(*key) (EDM's StackedRandomGenerator):
+    every draw of sample i depends on its key only, not on the batch it is drawn in."""
+
+    def __init__(self, keys, device):
+        self.gens = [torch.Generator(device=device).manual_seed(stable_seed(*k)) for k in keys]
+        self.device = device
+
+    def rand(self, *shape):
+        return torch.stack([torch.rand(shape, generator=g, device=self.device) for g in self.gens])
+
+    def randn_like(self, t):
+        return torch.stack([torch.randn(t.shape[1:], generator=g, device=self.device) for g in self.gens])
+
+
+@torch.no_grad()
+def annealed_langevin_inpainting(score_net, x, known, mask, sigmas, n_steps_each=STEPS_EACH, step_lr=STEP_LR, *,
+                                 randn_like=torch.randn_like):
+    """Inpainting with annealed Langevin dynamics (the paper's Algorithm 2; the official
+    anneal_Langevin_dynamics_inpainting). mask (bool, broadcastable to x) marks the known pixels,
+    whose values are `known`. At each level i they are set to y_i = known + sigma_i z (one draw
+    per level) before every step and after it; the other pixels follow annealed_langevin_dynamics'
+    update. Runs without autograd, keeps no trajectory. Returns the final x.
+    """
+    sigmas = [float(s) for s in sigmas]
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for i, sigma in enumerate(sigmas):
+        labels.fill_(i)
+        alpha = step_lr * (sigma / sigmas[-1]) ** 2
+        y = known + sigma * randn_like(known)                          # the known pixels at this level's noise
+        x = torch.where(mask, y, x)
+        for _ in range(n_steps_each):
+            x = x + alpha * score_net(x, labels) + math.sqrt(2 * alpha) * randn_like(x)
+            x = torch.where(mask, y, x)
+    return x
 
 #----------------------------------------------------------------------------
 # Checkpoints: reading ours or the official implementation's files.
@@ -692,7 +775,9 @@ def load_score_net(path, map_location="cpu", ema=None):
 DATASETS = {  # the official configs: channels, image size, random horizontal flips, RefineNet width
     "mnist": dict(channels=1, image_size=28, flip=False, ngf=64),
     "cifar10": dict(channels=3, image_size=32, flip=True, ngf=128),
+    "celeba": dict(channels=3, image_size=32, flip=True, ngf=128),         # centre crop 140, then resized
 }
+CELEBA_CROP = 140        # the official CelebA preprocessing: centre crop 140 x 140, resize to 32
 DATA_ROOT = "./data"     # where torchvision's data sets are looked for, and downloaded into
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -769,22 +854,48 @@ def damaged_files(dataset, data_root):
                 if len(head) < 8 or os.path.getsize(idx) != want:
                     found.append(f"{idx} is present but truncated ({os.path.getsize(idx)} bytes, its header says {want}); "
                                  "delete it (and its .gz) to download it again, or copy a good one")
-    else:
+    elif dataset == "cifar10":
         cls = torchvision.datasets.CIFAR10
         check_md5(os.path.join(data_root, cls.filename), cls.tgz_md5)
         for name, md5 in cls.train_list + cls.test_list:
             check_md5(os.path.join(data_root, cls.base_folder, name), md5)
+    else:
+        for _, md5, name in torchvision.datasets.CelebA.file_list:
+            check_md5(os.path.join(data_root, "celeba", name), md5)
     return found
 
 
+def load_celeba(data_root, train):
+    """torchvision's CelebA split with the official preprocessing (centre crop 140, resize to 32),
+    uint8 (N, 3, 32, 32). Decoding 162,770 JPEGs takes minutes, so the result is cached beside
+    them under a key of the file names (celeba/ncsn_<split>_<N>_<key>.pt)."""
+    import torchvision
+    import torchvision.transforms.functional as TF
+    from tqdm import tqdm
+    split = "train" if train else "test"
+    ds = torchvision.datasets.CelebA(data_root, split=split, target_type=[], download=True)
+    size = DATASETS["celeba"]["image_size"]
+    cache = os.path.join(data_root, "celeba", f"ncsn_{split}_{len(ds)}_{digest(list(ds.filename), CELEBA_CROP, size)[:12]}.pt")
+    if os.path.exists(cache):
+        return read_checkpoint(cache)["images"]
+    images = torch.empty(len(ds), 3, size, size, dtype=torch.uint8)
+    for i in tqdm(range(len(ds)), desc=f"CelebA {split}: crop {CELEBA_CROP}, resize {size}", unit="img", mininterval=2):
+        with ds[i][0] as img:
+            images[i] = TF.pil_to_tensor(TF.resize(TF.center_crop(to_8bit(img, 3), CELEBA_CROP), size))
+    atomic_save(dict(images=images), cache)
+    return images
+
+
 def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_flag="--dataset-path"):
-    """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 under
-    data_root (downloaded when missing), or a folder of images (dataset_path)."""
+    """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 / CelebA
+    under data_root (downloaded when missing), or a folder of images (dataset_path)."""
     spec = DATASETS[dataset]
     if dataset_path:
         return load_image_folder(dataset_path, spec["channels"], spec["image_size"], "train" if train else "test")
     import torchvision
     try:
+        if dataset == "celeba":
+            return load_celeba(data_root, train)
         if dataset == "mnist":
             return torchvision.datasets.MNIST(data_root, train=train, download=True).data[:, None].contiguous()
         data = torchvision.datasets.CIFAR10(data_root, train=train, download=True).data      # (N, 32, 32, 3)
@@ -795,9 +906,19 @@ def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_f
             raise DataError(damaged[0] + (f" ({len(damaged) - 1} more damaged)" if len(damaged) > 1 else "")) from None
         where = {"mnist": f"{os.path.join(data_root, 'MNIST', 'raw')}: train-images-idx3-ubyte.gz, "
                           "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
-                 "cifar10": f"{data_root}: cifar-10-python.tar.gz (or its folder cifar-10-batches-py)"}[dataset]
+                 "cifar10": f"{data_root}: cifar-10-python.tar.gz (or its folder cifar-10-batches-py)",
+                 "celeba": f"{os.path.join(data_root, 'celeba')} (torchvision's layout; its download often fails on "
+                           "Google Drive's quota): the folder img_align_celeba (unzipped img_align_celeba.zip), "
+                           "list_eval_partition.txt, identity_CelebA.txt, list_attr_celeba.txt, list_bbox_celeba.txt, "
+                           "list_landmarks_align_celeba.txt"}[dataset]
         raise DataError(f"{dataset} is not under --data-root {data_root} and could not be downloaded ({first_line(e)}); "
-                        f"copy these files into {where}, or pass {folder_flag} FOLDER of images") from None
+                        f"copy these files into {where}" + (f", or pass {folder_flag} FOLDER of images" if folder_flag else "")) from None
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians of features (TTUR's
+    FID formula), via torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    return fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)["frechet_inception_distance"]
 
 #----------------------------------------------------------------------------
 # Figure helpers shared by the scripts (matplotlib, PIL and torchvision are imported on use).
@@ -832,10 +953,13 @@ def save_image_grid(path, images, nrow):
         Image.fromarray((grid.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()).save(tmp)
 
 
-def save_process_figure(path, levels, sigmas, rows=8):
-    """The generation process (Figs. 4b, 5b): one row per sample, one column per noise level."""
+def save_process_figure(path, levels, sigmas, rows=8, columns=10):
+    """The generation process (Figs. 4b, 5b): one row per sample, one column per noise level (at
+    most `columns`, evenly spaced, the last level always shown)."""
     import torchvision
     plt = pyplot()
+    keep = sorted({len(levels) - 1 - round(k * (len(levels) - 1) / (columns - 1)) for k in range(columns)})
+    levels, sigmas = [levels[i] for i in keep], [sigmas[i] for i in keep]
     L, n = len(levels), min(rows, len(levels[0]))
     tiles = torch.stack([lv[:n].float().clamp(0, 1).cpu() for lv in levels], 1).flatten(0, 1)   # (n*L, C, H, W)
     grid = torchvision.utils.make_grid(tiles, nrow=L, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()

@@ -1,9 +1,13 @@
-"""The table of Fig. 6: Inception score and FID of annealed Langevin samples (CIFAR-10).
+"""The table of Fig. 6: Inception score and FID of annealed Langevin samples (CIFAR-10); samples,
+pictures and digit scores for any checkpoint.
 
     python evaluate.py --checkpoint runs/cifar10/checkpoint.pt --n 5000
     python evaluate.py --checkpoint run/logs/cifar10/checkpoint.pth                 # an official checkpoint
     python evaluate.py --checkpoint 'runs/cifar10/checkpoint_*.pt' --step-lr 2e-5 1e-5 --n 1000   # appendix B.2
     python evaluate.py ... --inception-weights weights-inception-2015-12-05-6726825d.pth --ref ref.npz   # offline
+    python evaluate.py --checkpoint runs/mnist/checkpoint.pt --metrics none --n 64 --png      # samples only, no network needed
+    python evaluate.py --checkpoint A.pt B.pt --metrics classifier --nfe 100 300 1000          # MNIST: quality against cost
+    python evaluate.py --checkpoint runs/cifar10/checkpoint.pt --n 100 --nearest 5            # memorisation check
 
 Samples come from common.annealed_langevin_dynamics (the paper's 10 levels, 100 steps each,
 step_lr 2e-5, uniform start). Image i is drawn with its own generator seeded by (--seed, i), so
@@ -14,8 +18,9 @@ samples of other weights or settings are never counted. Metrics use torch-fideli
 the TensorFlow Inception network the paper used (OpenAI's Inception score, 10 splits; TTUR's
 FID) against statistics of the training set, cached under a key of the images' content and
 the Inception weights. Writes per checkpoint and sampler setting: samples.json (the
-fingerprint), shards, grid.png (first 100 samples), metrics.json (with a per-level sampler
-health report).
+fingerprint), shards, grid.png (first 100 samples), process.png (the first 8 at the end of
+each level), metrics.json (with a per-level sampler health report); png/ with --png; nearest.png
+with --nearest; sweep.png (each metric against network evaluations) when several are compared.
 """
 import argparse
 import glob
@@ -97,28 +102,10 @@ def inception_score(logits, splits=10):
     return m["inception_score_mean"], m["inception_score_std"]
 
 
-def fid(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (TTUR's), via torch-fidelity."""
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-    return fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)["frechet_inception_distance"]
+fid = common.frechet_distance       # on Inception pool features: FID
 
 #----------------------------------------------------------------------------
 # Reference statistics, cached under a key of what they were computed from.
-
-def digest(*parts):
-    """SHA-256 (hex) of tensors (dtype, shape and bytes), state dicts, strings and numbers."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, dict):
-            h.update(digest(*[x for k, v in part.items() for x in (k, v)]).encode())
-        elif torch.is_tensor(part):
-            t = part.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{t.dtype}{tuple(part.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(repr(part).encode())
-    return h.hexdigest()
-
 
 def read_stats(path):
     """(mu, sigma) of a statistics .npz, refused in one line unless both are finite 2048-feature arrays."""
@@ -154,7 +141,7 @@ def reference_stats(args, dataset, net, net_digest, device, cache_dir):
         label = f"{dataset} training set" + (", digits repeated to 3 channels" if spec["channels"] == 1 else "")
     import torch_fidelity
     path = f"inception-v3-compat 299 bilinear, torch-fidelity {torch_fidelity.__version__}, channels {spec['channels']}->3"
-    key = digest(images, net_digest, path)[:16]
+    key = common.digest(images, net_digest, path)[:16]
     cache = os.path.join(cache_dir, f"{'folder' if args.ref else dataset}_{len(images)}_{key}.npz")
     if os.path.exists(cache):
         print(f"reference statistics of the {label}: {cache} (cached; key of images, weights and feature path)")
@@ -176,7 +163,7 @@ class StaleSamples(common.DataError):
 
 def fingerprint(net, settings):
     """The key of a set of samples: the weights actually used and every sampler setting."""
-    return digest(net.state_dict(), json.dumps(settings, sort_keys=True))
+    return common.digest(net.state_dict(), json.dumps(settings, sort_keys=True))
 
 
 def open_folder(folder, fp, settings, info):
@@ -192,11 +179,6 @@ def open_folder(folder, fp, settings, info):
         return
     os.makedirs(folder, exist_ok=True)
     common.save_json(dict(fingerprint=fp, settings=settings, checkpoint=info["path"], ema=info["ema"], step=info["step"]), meta)
-
-
-def _generators(seed, start, end, device):
-    """Image i's own generator, seeded by (seed, i): samples do not depend on the batch size."""
-    return [torch.Generator(device=device).manual_seed(common.stable_seed(seed, i)) for i in range(start, end)]
 
 
 def _shards(folder, fp=None):
@@ -229,12 +211,14 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
     L = len(sigmas)
     bar = tqdm(total=n, initial=n - len(missing), desc="sampling", unit="img", dynamic_ncols=True)
     for start, end in runs:
-        gens = _generators(seed, start, end, device)
-        x0 = torch.stack([torch.rand(shape, generator=g, device=device) for g in gens])
-        randn_like = lambda t: torch.stack([torch.randn(t.shape[1:], generator=g, device=device) for g in gens])
+        noise = common.SampleNoise([(seed, i) for i in range(start, end)], device)   # image i: seeded by (seed, i)
+        x0, randn_like = noise.rand(*shape), noise.randn_like
         norm_sum, out_sum, far_sum = (torch.zeros(L, device=device) for _ in range(3))
+        snaps = []                             # end-of-level states of the first images, for process.png
         def health(level, step, x, score):     # at the end of each level, no host sync
             if step == steps_each - 1:
+                if start == 0:
+                    snaps.append(x[:PROCESS_ROWS].clone())
                 m = 3 * float(sigmas[level])   # a sample of level i is data + N(0, sigma_i^2): beyond 3 sigma_i is off
                 norm_sum[level] += score.flatten(1).norm(dim=1).sum()
                 out_sum[level] += ((x < 0) | (x > 1)).float().mean(dim=(1, 2, 3)).sum()
@@ -244,8 +228,9 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
         non_finite = (~torch.isfinite(x)).flatten(1).any(1).sum()
         images = (torch.nan_to_num(x, nan=0.0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
         path = os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")
+        extra = dict(levels=torch.stack(snaps).cpu().numpy()) if snaps else {}
         with common.atomic_path(path) as tmp:
-            np.savez(tmp, images=images, score_norm_sum=norm_sum.cpu().numpy(), out_of_range_sum=out_sum.cpu().numpy(),
+            np.savez(tmp, images=images, **extra, score_norm_sum=norm_sum.cpu().numpy(), out_of_range_sum=out_sum.cpu().numpy(),
                      far_out_sum=far_sum.cpu().numpy(), non_finite=non_finite.cpu().numpy(), fingerprint=np.array(fp))
         bar.update(end - start)
     bar.close()
@@ -308,35 +293,75 @@ def print_health(rows, bad, non_finite, n, title):
         print(f"WARNING: {non_finite} of {n} samples became NaN or infinite (stored as black where NaN); try a smaller --step-lr")
 
 #----------------------------------------------------------------------------
+# Pictures of a set of samples: the generation process, PNG files, nearest training images.
 
-def evaluate_one(args, job, ref, inc, device):
-    """Sample (what is missing), report the sampler's health, IS and FID for one checkpoint and step_lr."""
-    t0 = time.time()
-    net, info, step_lr, folder, fp, settings = (job[k] for k in ("net", "info", "step_lr", "folder", "fp", "settings"))
+PROCESS_ROWS = 8         # samples shown in process.png
+
+
+def save_process(folder, settings, fp):
+    """process.png: the first PROCESS_ROWS samples at the end of each level, as the first shard kept them."""
+    first = [path for (a, b), path in _shards(folder, fp).items() if a == 0]
+    with np.load(first[0]) as f:
+        if "levels" not in f:                   # a shard of an older version: no states were kept
+            return
+        levels = list(torch.from_numpy(f["levels"]))
+    common.save_process_figure(os.path.join(folder, "process.png"), levels, settings["sigmas"])
+
+
+def save_pngs(folder, n, fp):
+    """png/<i>.png for each of the first n samples (EDM's layout), skipping those already written."""
+    from PIL import Image
+    os.makedirs(os.path.join(folder, "png"), exist_ok=True)
+    i = 0
+    for images in read_shards(folder, n, fp):
+        for img in images:
+            path = os.path.join(folder, "png", f"{i:06d}.png")
+            if not os.path.exists(path):
+                with common.atomic_path(path) as tmp:
+                    Image.fromarray(img.permute(1, 2, 0).squeeze(2).numpy()).save(tmp)
+            i += 1
+
+
+@torch.no_grad()
+def nearest_neighbours(samples, train_images, k, embed, chunk=1000):
+    """Indices (G, k) of the k training images nearest to each sample, by L2 distance between
+    embed(images) (pixels, or Inception features), streamed over the training set in chunks."""
+    q = embed(samples)
+    best_d = torch.full((len(q), 0), math.inf, dtype=q.dtype)
+    best_i = torch.zeros((len(q), 0), dtype=torch.long)
+    for lo in range(0, len(train_images), chunk):
+        d = torch.cdist(q, embed(train_images[lo:lo + chunk]))
+        d, i = torch.cat([best_d, d], 1), torch.cat([best_i, torch.arange(lo, lo + d.shape[1]).expand(len(q), -1)], 1)
+        best_d, order = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+        best_i = i.gather(1, order)
+    return best_i
+
+
+def save_nearest(folder, args, job, inc, device):
+    """nearest.png: for up to 10 samples, the --nearest training images nearest in pixels (and, with
+    the Inception metrics, in Inception pool features): a memorisation check, as NCSNv2's."""
+    samples = collect(folder, min(10, args.n), job["fp"])
+    train_images = common.load_images(job["info"]["dataset"], True, args.data_root, folder_flag="--ref")
+    pixels = lambda x: x.flatten(1).double()
+    rows = [samples[:, None], train_images[nearest_neighbours(samples, train_images, args.nearest, pixels)]]
+    if inc is not None:
+        rows.append(train_images[nearest_neighbours(samples, train_images, args.nearest,
+                                                    lambda x: features(inc, x, device)[0])])
+    grid = torch.cat(rows, 1)                                     # (G, 1 + k (+ k), C, H, W)
+    common.save_image_grid(os.path.join(folder, "nearest.png"), grid.flatten(0, 1).float() / 255, nrow=grid.shape[1])
+
+#----------------------------------------------------------------------------
+# Evaluation: plan every job first (checkpoints, sampler settings, folders), then sample and score.
+
+def sampler_settings(args, info, nfe=None, steps_each=None, step_lr=None):
+    """One sampler setting for a checkpoint: its recipe's unless the flags say otherwise; an
+    --nfe budget sets T = (budget - denoise step) // L; step_lr 'auto' is technique 4's for T."""
     spec = common.DATASETS[info["dataset"]]
-    sigmas = torch.tensor(settings["sigmas"], device=device)
-    shape = tuple(settings["shape"])
-    open_folder(folder, fp, settings, info)
-    made = sample(net.to(device), sigmas, folder, args.n, args.batch_size, step_lr, args.steps_each, args.denoise,
-                  args.seed, device, shape, fp)
-    net.cpu()
-    *means, non_finite = health_means(folder, args.n, fp)
-    common.save_image_grid(os.path.join(folder, "grid.png"), collect(folder, min(100, args.n), fp).float() / 255, nrow=10)
-    rows, bad = health_report(sigmas.tolist(), *means, int(np.prod(shape)))
-    print_health(rows, bad, non_finite, args.n, f"{info['path']}, step_lr {step_lr:g}")
-    mu, sigma, logits = streamed_stats(inc, read_shards(folder, args.n, fp), device)
-    assert len(logits) == args.n
-    is_mean, is_std = inception_score(logits) if spec["channels"] == 3 else (None, None)
-    mu_ref, sigma_ref, ref_label = ref
-    metrics = dict(checkpoint=info["path"], dataset=info["dataset"], n=args.n, inception_score_mean=is_mean,
-                   inception_score_std=is_std, fid=fid(mu, sigma, mu_ref, sigma_ref), fid_reference=ref_label,
-                   sampler=dict(settings, ema=info["ema"]), fingerprint=fp, folder=folder, health=rows,
-                   saturating_level=bad, non_finite_samples=non_finite, samples_made_now=made,
-                   seconds=round(time.time() - t0, 1))
-    if spec["channels"] == 1:
-        metrics["note"] = "the paper reports no Inception score or FID for MNIST; FID against " + ref_label
-    common.save_json(metrics, os.path.join(folder, "metrics.json"))
-    return metrics
+    sigmas = common.geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"]).tolist()
+    denoise = info.get("denoise", False) if args.denoise is None else args.denoise
+    T, step_lr = common.sampler_defaults(info, nfe, steps_each, step_lr, denoise)
+    return dict(sampler="annealed_langevin_dynamics, uniform start", sigmas=sigmas, step_lr=step_lr, steps_each=T,
+                denoise=denoise, seed=args.seed, shape=[spec["channels"], spec["image_size"], spec["image_size"]])
 
 
 def plan(args, ckpts):
@@ -347,34 +372,120 @@ def plan(args, ckpts):
         if "sigma_begin" not in info:
             raise common.CheckpointError(f"{ckpt}: no noise levels stored (config sigma_begin, sigma_end, num_levels)")
         info.setdefault("dataset", "mnist" if info["model_args"]["in_channels"] == 1 else "cifar10")
-        spec = common.DATASETS[info["dataset"]]
-        sigmas = common.geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"]).tolist()
         name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}_{os.path.splitext(os.path.basename(ckpt))[0]}"
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
-        for step_lr in args.step_lr:
-            settings = dict(sampler="annealed_langevin_dynamics, uniform start", sigmas=sigmas, step_lr=step_lr,
-                            steps_each=args.steps_each, denoise=args.denoise, seed=args.seed,
-                            shape=[spec["channels"], spec["image_size"], spec["image_size"]])
-            fp = fingerprint(net, settings)
-            tag = f"steplr{step_lr:g}_T{args.steps_each}{'_denoise' if args.denoise else ''}_seed{args.seed}_{fp[:10]}"
-            jobs.append(dict(net=net, info=info, step_lr=step_lr, folder=os.path.join(base, tag), fp=fp, settings=settings))
+        for nfe in args.nfe or [None]:
+            for steps_each in args.steps_each or [None]:
+                for step_lr in args.step_lr or [None]:
+                    settings = sampler_settings(args, info, nfe, steps_each, step_lr)
+                    fp = fingerprint(net, settings)
+                    tag = (f"steplr{settings['step_lr']:.4g}_T{settings['steps_each']}"
+                           f"{'_denoise' if settings['denoise'] else ''}_seed{args.seed}_{fp[:10]}")
+                    jobs.append(dict(net=net, info=info, folder=os.path.join(base, tag), fp=fp, settings=settings))
     return jobs
+
+
+def evaluate_one(args, job, scorers, device):
+    """Sample (what is missing), report the sampler's health and the chosen metrics for one job."""
+    t0 = time.time()
+    net, info, folder, fp, settings = (job[k] for k in ("net", "info", "folder", "fp", "settings"))
+    sigmas, shape = torch.tensor(settings["sigmas"], device=device), tuple(settings["shape"])
+    open_folder(folder, fp, settings, info)
+    made = sample(net.to(device), sigmas, folder, args.n, args.batch_size, settings["step_lr"], settings["steps_each"],
+                  settings["denoise"], args.seed, device, shape, fp)
+    net.cpu()
+    *means, non_finite = health_means(folder, args.n, fp)
+    grid = collect(folder, min(100, args.n), fp)
+    common.save_image_grid(os.path.join(folder, "grid.png"), grid.float() / 255, nrow=int(math.ceil(math.sqrt(len(grid)))))
+    save_process(folder, settings, fp)
+    if args.png:
+        save_pngs(folder, args.n, fp)
+    if args.nearest:
+        save_nearest(folder, args, job, scorers.get("inception", (None,))[0], device)
+    rows, bad = health_report(sigmas.tolist(), *means, int(np.prod(shape)))
+    print_health(rows, bad, non_finite, args.n, f"{info['path']}, step_lr {settings['step_lr']:.4g}, T {settings['steps_each']}")
+    nfe = len(settings["sigmas"]) * settings["steps_each"] + settings["denoise"]
+    metrics = dict(checkpoint=info["path"], dataset=info["dataset"], n=args.n, nfe=nfe, sampler=dict(settings, ema=info["ema"]),
+                   fingerprint=fp, folder=folder, health=rows, saturating_level=bad, non_finite_samples=non_finite,
+                   samples_made_now=made)
+    if "inception" in scorers:
+        inc, refs = scorers["inception"]
+        mu_ref, sigma_ref, ref_label = refs[info["dataset"]]
+        mu, sigma, logits = streamed_stats(inc, read_shards(folder, args.n, fp), device)
+        is_mean, is_std = inception_score(logits) if shape[0] == 3 else (None, None)
+        metrics.update(inception_score_mean=is_mean, inception_score_std=is_std, fid=fid(mu, sigma, mu_ref, sigma_ref),
+                       fid_reference=ref_label)
+        if shape[0] == 1:
+            metrics["note"] = "the paper reports no Inception score or FID for MNIST; FID against " + ref_label
+    if "classifier" in scorers:
+        metrics["classifier"] = scorers["classifier"](torch.cat(list(read_shards(folder, args.n, fp))))
+    metrics["seconds"] = round(time.time() - t0, 1)
+    common.save_json(metrics, os.path.join(folder, "metrics.json"))
+    return metrics
+
+
+def make_scorers(args, jobs, device):
+    """The metrics asked for, with everything they need loaded (before any sampling)."""
+    scorers = {}
+    if "inception" in args.metrics:
+        inc = inception(args.inception_weights, device)
+        inc_digest = common.digest(inc.state_dict())
+        cache_dir = args.ref_cache or os.path.join(args.out or OUT, "ref_stats")
+        refs = {d: reference_stats(args, d, inc, inc_digest, device, cache_dir)
+                for d in dict.fromkeys(j["info"]["dataset"] for j in jobs)}
+        scorers["inception"] = (inc, refs)
+    if "classifier" in args.metrics:
+        if any(j["info"]["dataset"] != "mnist" for j in jobs):
+            raise common.DataError("--metrics classifier scores MNIST digits only; drop it for other data sets")
+        import mnist_classifier
+        scorers["classifier"] = mnist_classifier.DigitScorer(args.data_root, device, args.classifier_cache)
+    return scorers
 
 
 def print_table(results):
     fmt = lambda m, s: "-" if m is None else f"{m:.2f} +- {s:.2f}"
-    best = min(results, key=lambda r: r["fid"])
-    print(f"\n{'':2}{'checkpoint / source':<44} {'step_lr':>8} {'n':>6} {'Inception score':>16} {'FID':>8}")
-    for label, m, s, f in [PAPER, SEED_REPORT]:
-        print(f"{'':2}{label:<44} {'-':>8} {'-':>6} {fmt(m, s):>16} {f:>8.2f}")
+    label = lambda r: r["checkpoint"][-38:] + (" (EMA)" if r["sampler"]["ema"] else "")
+    print(f"\n{'':2}{'checkpoint / source':<46} {'step_lr':>8} {'T':>4} {'NFE':>5} {'n':>6} {'Inception score':>16} {'FID':>8}"
+          f" {'digit IS':>8} {'confident':>9} {'digit FD':>8}")
+    if any("fid" in r and r["dataset"] == "cifar10" for r in results):
+        for name, m, s, f in [PAPER, SEED_REPORT]:
+            print(f"{'':2}{name:<46} {'-':>8} {'-':>4} {'-':>5} {'-':>6} {fmt(m, s):>16} {f:>8.2f}")
+    scored = [r for r in results if "fid" in r]
+    best = min(scored, key=lambda r: r["fid"]) if len(scored) > 1 else None
     for r in results:
-        mark = "*" if (r is best and len(results) > 1) else " "
-        print(f"{mark:<2}{r['checkpoint'][-44:]:<44} {r['sampler']['step_lr']:>8.2g} {r['n']:>6} "
-              f"{fmt(r['inception_score_mean'], r['inception_score_std']):>16} {r['fid']:>8.2f}")
-    if len(results) > 1:
+        c = r.get("classifier")
+        print(f"{'*' if r is best else ' ':<2}{label(r):<46} {r['sampler']['step_lr']:>8.2g} {r['sampler']['steps_each']:>4} "
+              f"{r['nfe']:>5} {r['n']:>6} {fmt(r.get('inception_score_mean'), r.get('inception_score_std')):>16} "
+              f"{format(r['fid'], '.2f') if 'fid' in r else '-':>8} " + (f"{c['classifier_is']:>8.2f} {c['confident_share']:>9.2f} "
+              f"{c['frechet_distance']:>8.2f}" if c else f"{'-':>8} {'-':>9} {'-':>8}"))
+    if best:
         print("* lowest FID")
-    for ref in sorted({r["fid_reference"] for r in results if r["dataset"] == "mnist"}):
+    for ref in sorted({r["fid_reference"] for r in results if r["dataset"] == "mnist" and "fid" in r}):
         print(f"MNIST: the paper reports no Inception score or FID; FID here is against the {ref}")
+
+
+def save_sweep_figure(path, results):
+    """Each metric against network evaluations per sample, a line per checkpoint (and EMA choice)."""
+    plt = common.pyplot()
+    keys = [k for k in ("fid", "inception_score_mean") if any(r.get(k) is not None for r in results)]
+    keys += [k for k in ("classifier_is", "frechet_distance") if any("classifier" in r for r in results)]
+    if not keys:
+        return
+    value = lambda r, k: r["classifier"][k] if k in ("classifier_is", "frechet_distance") else r.get(k)
+    names = {"fid": "FID", "inception_score_mean": "Inception score", "classifier_is": "classifier Inception score (max 10)",
+             "frechet_distance": "Frechet distance, classifier features"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
+    groups = {}
+    for r in results:
+        groups.setdefault((r["checkpoint"], r["sampler"]["ema"]), []).append(r)
+    for ax, k in zip(axes[0], keys):
+        for (ckpt, ema), rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["nfe"])
+            ax.plot([r["nfe"] for r in rs], [value(r, k) for r in rs], "o-",
+                    label=f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}{' (EMA)' if ema else ''}")
+        ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample"), ax.set_title(names[k]), ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -385,16 +496,30 @@ def main(argv=None):
     p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
     p.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=SEED, help="image i uses a generator seeded by (seed, i)")
+    p.add_argument("--metrics", nargs="+", choices=["inception", "classifier", "none"], default=["inception"],
+                   help="inception: IS and FID (the paper's); classifier: mnist_classifier.py's digit scores; none")
     p.add_argument("--ref", default=None, help="FID reference: a folder of images or a stats .npz (default: the training set)")
     p.add_argument("--ref-cache", default=None, help="folder of cached reference statistics (default: <--out or runs/eval>/ref_stats)")
     p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file (default: download)")
+    p.add_argument("--classifier-cache", default="runs/mnist_classifier", help="folder of the MNIST classifier's weights")
     p.add_argument("--data-root", default=common.DATA_ROOT, help="torchvision data folder")
-    p.add_argument("--denoise", action="store_true", help="end with x + sigma_L^2 s(x, L)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (default: if the checkpoint has them)")
-    p.add_argument("--step-lr", type=common.positive_float, nargs="+", default=[common.STEP_LR], help="step_lr value(s)")
-    p.add_argument("--steps-each", type=common.positive_int, default=common.STEPS_EACH, help="steps per noise level")
+    p.add_argument("--step-lr", type=lambda t: t if t == "auto" else common.positive_float(t), nargs="+", default=None,
+                   help="step_lr value(s); auto: technique 4's for T (default: the checkpoint's recipe's)")
+    p.add_argument("--steps-each", type=common.positive_int, nargs="+", default=None,
+                   help="steps per noise level, T (default: the checkpoint's recipe's)")
+    p.add_argument("--nfe", type=common.positive_int, nargs="+", default=None,
+                   help="network evaluations per sample instead of --steps-each: T = (NFE - denoise) // L")
+    p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
+    p.add_argument("--nearest", type=common.positive_int, default=None,
+                   help="nearest.png: the K nearest training images of 10 samples (pixels; Inception features too)")
+    p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
+                   help="end with x + sigma_L^2 s(x, L) (default: the checkpoint's recipe's)")
     args = p.parse_args(argv)
     device = common.get_device(args.device)
+    args.metrics = [] if "none" in args.metrics else args.metrics
+    if args.nfe and args.steps_each:
+        p.error("--nfe and --steps-each both set T; give one")
     if args.ref and args.ref.endswith(".npz"):
         try:
             read_stats(args.ref)                                  # a bad file stops us before any work
@@ -411,12 +536,8 @@ def main(argv=None):
         ckpts += [c for c in found if c not in ckpts]
     try:
         jobs = plan(args, ckpts)
-        inc = inception(args.inception_weights, device)
-        inc_digest = digest(inc.state_dict())
-        cache_dir = args.ref_cache or os.path.join(args.out or OUT, "ref_stats")
-        refs = {d: reference_stats(args, d, inc, inc_digest, device, cache_dir)       # before any sampling
-                for d in dict.fromkeys(j["info"]["dataset"] for j in jobs)}
-        results = [evaluate_one(args, j, refs[j["info"]["dataset"]], inc, device) for j in jobs]
+        scorers = make_scorers(args, jobs, device)              # every reference ready before any sampling
+        results = [evaluate_one(args, j, scorers, device) for j in jobs]
     except (common.CheckpointError, common.DataError) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:
@@ -429,6 +550,8 @@ def main(argv=None):
             raise
         raise SystemExit(f"error: out of memory ({common.first_line(e)[:80]}); use a smaller --batch-size") from None
     print_table(results)
+    if len(results) > 1:
+        save_sweep_figure(os.path.join(args.out or OUT, "sweep.png"), results)
     return results
 
 

@@ -101,9 +101,13 @@ class TrainConfig:
                                type=_or_auto(common.positive_int), must_match=True)
     conditioning: str = _setting(None, "norm: CondInstanceNorm++ per level; scale: s(x)/sigma (technique 3)",
                                  choices=["norm", "scale"], must_match=True)
-    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power", type=common.finite_float, must_match=True)
+    objective: str = _setting("dsm", "dsm: denoising score matching (eq. 5-6); ssm: annealed sliced score matching "
+                              "(SSM-VR per level, weighted by sigma^2)", choices=["dsm", "ssm"], must_match=True)
+    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power (dsm)", type=common.finite_float, must_match=True)
     dequantize: bool = _setting(None, "uniform dequantisation (x_uint8 + U(0, 1)) / 256, else x_uint8 / 255")
     ema: float = _setting(None, "EMA rate of the weights, 0 = off (technique 5)", type=_rate)
+    ema_warmup: bool = _setting(False, "EMA rate min(--ema, (1 + n) / (10 + n)) at update n (TensorFlow's num_updates, "
+                                "score_sde's EMA): short runs' averages forget the initial weights")
     seed: int = _setting(0, "fixes initialisation, data order and every noise draw", must_match=True)
     # checkpoints and figures
     snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=common.positive_int)
@@ -178,7 +182,7 @@ def resolve_auto(cfg, train_images, device, state, say):
             f"{train_images[0].numel()}, technique 2)")
     L = found.get("num_levels", cfg.num_levels)
     if "step_lr" in auto:
-        ratio = (sigma_begin / cfg.sigma_end) ** (1 / (L - 1))
+        ratio = common.level_ratio(sigma_begin, cfg.sigma_end, L)
         found["step_lr"] = common.step_lr_for(ratio, cfg.sigma_end, cfg.steps_each)
         say(f"--step-lr auto: {found['step_lr']:.4g} for T = {cfg.steps_each} (technique 4)")
     return dataclasses.replace(cfg, **found), auto
@@ -249,16 +253,23 @@ def batches(images, cfg, epoch, pos, rank, world, device):
         epoch, pos = epoch + 1, 0
 
 
-def step_draws(seed, step, shape, num_levels, device, stream=0):
-    """Noise-level labels, dequantisation noise u, DSM noise z and flips of a global batch of
-    `shape`, fixed by (seed, step, stream) through common.stable_seed: the same whatever the
-    number of processes, accumulation steps or restarts."""
+def step_draws(seed, step, shape, num_levels, device, stream=0, vectors=False):
+    """Noise-level labels, dequantisation noise u, noise z, flips (and, for ssm, the projections v)
+    of a global batch of `shape`, fixed by (seed, step, stream) through common.stable_seed: the
+    same whatever the number of processes, accumulation steps or restarts."""
     g = torch.Generator(device=device).manual_seed(common.stable_seed(seed, step, stream))
     labels = torch.randint(num_levels, (shape[0],), generator=g, device=device)   # one random level each
     u = torch.rand(shape, generator=g, device=device)
     z = torch.randn(shape, generator=g, device=device)
     flip = torch.rand(shape[0], generator=g, device=device) < 0.5
-    return labels, u, z, flip
+    return (labels, u, z, flip) + ((torch.randn(shape, generator=g, device=device),) if vectors else ())
+
+
+def objective_loss(net, x, labels, sigmas, z, v, objective, anneal_power):
+    """The mean training loss of a batch: annealed DSM (eq. 6) or annealed SSM-VR."""
+    if objective == "ssm":
+        return common.annealed_ssm_loss(net, x, labels, sigmas, noise=z, vectors=v)
+    return common.dsm_loss(net, x, labels, sigmas, anneal_power, noise=z)
 
 
 def to_unit(images, u=None):
@@ -270,14 +281,15 @@ def to_unit(images, u=None):
 # One optimizer step, the test loss, the EMA.
 
 def train_step(model, opt, images, sigmas, *, step, seed=0, batch_size=None, grad_accum=1, rank=0, world_size=1,
-               flip=False, amp="none", anneal_power=2.0, dequantize=True):
-    """One Adam step of annealed DSM (eq. 6) on a global batch of `batch_size` images (default:
+               flip=False, amp="none", anneal_power=2.0, dequantize=True, objective="dsm"):
+    """One Adam step of annealed DSM (eq. 6; or objective='ssm') on a global batch of `batch_size` images (default:
     len(images) x world_size), of which `images` (uint8, on the device) are this rank's share.
     Gradients build up over `grad_accum` micro-batches and are all-reduced once (EDM's
     ddp_sync). Returns this rank's mean loss as a device scalar (no host sync)."""
     device, per_rank = images.device, len(images)
     B, micro, lo = batch_size or per_rank * world_size, per_rank // grad_accum, rank * per_rank
-    labels, u, z, flips = step_draws(seed, step, (B, *images.shape[1:]), len(sigmas), device)
+    labels, u, z, flips, *v = step_draws(seed, step, (B, *images.shape[1:]), len(sigmas), device, vectors=objective == "ssm")
+    v = v[0] if v else None
     x = to_unit(images, u[lo:lo + per_rank] if dequantize else None)
     if flip:
         x = torch.where(flips[lo:lo + per_rank, None, None, None], x.flip(3), x)
@@ -289,7 +301,8 @@ def train_step(model, opt, images, sigmas, *, step, seed=0, batch_size=None, gra
         last = world_size == 1 or k == grad_accum - 1
         with contextlib.nullcontext() if last else ddp.no_sync():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                loss = common.dsm_loss(model, x[mine], labels[glob], sigmas, anneal_power, noise=z[glob]) / grad_accum
+                loss = objective_loss(model, x[mine], labels[glob], sigmas, z[glob], v if v is None else v[glob],
+                                      objective, anneal_power) / grad_accum
             loss.backward()
         total += loss.detach()
     opt.step()
@@ -298,14 +311,14 @@ def train_step(model, opt, images, sigmas, *, step, seed=0, batch_size=None, gra
 
 @torch.no_grad()
 def test_loss(net, test_images, sigmas, step, cfg, device):
-    """The DSM loss of one test batch (a different batch each time, draws of stream 1)."""
+    """The loss of one test batch (a different batch each time, draws of stream 1)."""
     B = min(cfg.batch_size, len(test_images))
     t = (step // TEST_EVERY) % max(1, len(test_images) // B)
     images = test_images[t * B:(t + 1) * B].to(device)
-    labels, u, z, _ = step_draws(cfg.seed, step, images.shape, len(sigmas), device, stream=1)
+    labels, u, z, _, *v = step_draws(cfg.seed, step, images.shape, len(sigmas), device, 1, cfg.objective == "ssm")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-        return common.dsm_loss(net, to_unit(images, u if cfg.dequantize else None), labels, sigmas, cfg.anneal_power,
-                               noise=z).item()
+        x = to_unit(images, u if cfg.dequantize else None)
+        return objective_loss(net, x, labels, sigmas, z, v[0] if v else None, cfg.objective, cfg.anneal_power).item()
 
 
 @torch.no_grad()
@@ -445,8 +458,8 @@ def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_arg
                          "written before are intact (checkpoint.pt is the last complete one): make room, then --resume")
 
 
-def save_loss_figure(path, rows):
-    """DSM loss against steps, train (per step and smoothed) and test (Fig. 3)."""
+def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
+    """The loss against steps, train (per step and smoothed) and test (Fig. 3)."""
     import numpy as np
     plt = common.pyplot()
     steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
@@ -458,7 +471,7 @@ def save_loss_figure(path, rows):
         ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), color="C0", label=f"train (mean of {w})")
     if test:
         ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("annealed DSM loss"), ax.legend()
+    ax.set_yscale("log" if loss.min() > 0 else "linear"), ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.legend()
     ax.grid(alpha=0.3)
     common.save_figure(fig, path)
 
@@ -480,7 +493,7 @@ def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
         return False
     common.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
     common.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), levels, sigmas.tolist())
-    save_loss_figure(os.path.join(cfg.out, "loss.png"), rows)
+    save_loss_figure(os.path.join(cfg.out, "loss.png"), rows, f"annealed {cfg.objective.upper()} loss")
     return True
 
 #----------------------------------------------------------------------------
@@ -622,9 +635,11 @@ def train(cfg):
                 epoch, pos, images = next(data)
                 loss = train_step(model, opt, images, sigmas, step=step, seed=cfg.seed, batch_size=B,
                                   grad_accum=cfg.grad_accum, rank=rank, world_size=world, flip=spec["flip"],
-                                  amp=cfg.amp, anneal_power=cfg.anneal_power, dequantize=cfg.dequantize)
+                                  amp=cfg.amp, anneal_power=cfg.anneal_power, dequantize=cfg.dequantize,
+                                  objective=cfg.objective)
                 if ema is not None:
-                    ema_update(ema, raw, cfg.ema)
+                    n = step + 1                                     # this update's number, 1, 2, ...
+                    ema_update(ema, raw, min(cfg.ema, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema)
                 step += 1
                 log.add(step, epoch, loss)
                 bar.update(1)

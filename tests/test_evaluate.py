@@ -148,6 +148,10 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
     [ra] = evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])
     assert made == [4, 4, 4, 1] and ra["samples_made_now"] == 5    # the interrupted batch of 4 is redone once
     images_a = evaluate.collect(ra["folder"], 9)
+    with np.load(os.path.join(ra["folder"], "shard_0000000_0000004.npz")) as f:   # process.png's states: the
+        last = torch.from_numpy(f["levels"][-1])                                   # shards' own first samples
+    assert last.shape == (4, *images_a.shape[1:]) and os.path.exists(os.path.join(ra["folder"], "process.png"))
+    assert torch.equal((last.clamp(0, 1) * 255 + 0.5).to(torch.uint8), images_a[:4])
     [rb] = evaluate.main([*common_args, "--batch-size", "9", "--out", str(tmp_path / "b")])
     images_b = evaluate.collect(rb["folder"], 9)
     # the same noise for every image; only float rounding of batched convolutions differs (measured:

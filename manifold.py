@@ -1,0 +1,189 @@
+"""The manifold experiment (the paper's Fig. 1, left): sliced score matching of a score network on
+images does not converge when the data lie on a low-dimensional manifold, and does once the data
+are perturbed by a tiny Gaussian noise N(0, 0.0001).
+
+    python manifold.py --data-root .mnist                  # real MNIST digits at 16x16, a small ResNet: minutes on a CPU
+    python manifold.py --dataset cifar10 --image-size 32 --nef 32 --iters 50000   # the paper's (the official scorenet config)
+    python manifold.py --resume                            # continue an interrupted run
+
+Two runs from the same initial network on the same batches, SSM-VR (common.sliced_score_matching_vr,
+one projection per image), Adam: one on the images as they are, one on images + sigma z
+(--noise-std 0.01, variance 0.0001, the official noise_std). Writes under --out: manifold.png
+(both loss curves), metrics.json (mean and variance of each loss over the last --tail of the
+iterations, and the iteration where a loss became non-finite, if one did), losses.npz, and
+manifold.pt (the state, every --save-every iterations, for --resume).
+"""
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+#----------------------------------------------------------------------------
+# Defaults: small enough for real MNIST digits on 2 CPU cores (the official config in comments).
+
+OUT = "runs/manifold"
+DATASET = "mnist"        # mnist or cifar10 (the paper's figure)
+IMAGE_SIZE = 16          # the official MNIST scorenet setting (CIFAR-10: 32)
+NEF = 16                 # network width (official: 32)
+ITERS = 1500             # per run (official: 50,000)
+BATCH_SIZE = 64          # (official: 128)
+LR = 1e-3                # Adam, as the official config
+NOISE_STD = 0.01         # the perturbed run's sigma: N(0, 0.0001)
+TAIL = 0.2               # the share of iterations the metrics summarise (the last ones)
+SAVE_EVERY = 500         # iterations between saved states
+SEED = 0
+
+
+class ResScore(nn.Module):
+    """A small residual score network s(x) without noise conditioning: a 3x3 convolution, residual
+    blocks (GroupNorm, ELU, 3x3 convolutions) at full and half resolution, and back (the official
+    ResScore is a larger encoder-decoder of the same kind)."""
+
+    def __init__(self, channels, nef):
+        super().__init__()
+        block = lambda c: nn.Sequential(nn.GroupNorm(min(8, c), c), nn.ELU(), nn.Conv2d(c, c, 3, padding=1),
+                                        nn.GroupNorm(min(8, c), c), nn.ELU(), nn.Conv2d(c, c, 3, padding=1))
+        self.inp = nn.Conv2d(channels, nef, 3, padding=1)
+        self.full1, self.full2 = block(nef), block(nef)
+        self.down, self.low = nn.Conv2d(nef, 2 * nef, 3, stride=2, padding=1), block(2 * nef)
+        self.up = nn.ConvTranspose2d(2 * nef, nef, 4, stride=2, padding=1)
+        self.out = nn.Sequential(nn.GroupNorm(min(8, nef), nef), nn.ELU(), nn.Conv2d(nef, channels, 3, padding=1))
+
+    def forward(self, x):
+        h = self.inp(2 * x - 1)
+        h = h + self.full1(h)
+        g = self.down(h)
+        g = g + self.low(g)
+        h = h + self.up(g)
+        return self.out(h + self.full2(h))
+
+
+def load_data(args):
+    """uint8 training images at --image-size."""
+    import torchvision.transforms.functional as TF
+    images = common.load_images(args.dataset, True, args.data_root, folder_flag=None)
+    if images.shape[-1] != args.image_size:
+        images = TF.resize(images, [args.image_size] * 2, antialias=True)
+    return images
+
+
+def summary(losses, tail):
+    """Mean and variance of the finite losses in the last `tail` share of the iterations, and the
+    first iteration (1-based) with a non-finite loss (None if none)."""
+    bad = np.flatnonzero(~np.isfinite(losses))
+    last = losses[int(len(losses) * (1 - tail)):]
+    last = last[np.isfinite(last)]
+    return dict(tail_mean=float(last.mean()) if len(last) else None, tail_variance=float(last.var()) if len(last) else None,
+                first_non_finite=int(bad[0]) + 1 if len(bad) else None)
+
+
+def save_plot(path, losses, args):
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    titles = {"no_noise": "data as they are", "noise": f"data + N(0, {args.noise_std ** 2:g})"}
+    w = max(1, min(100, len(losses["noise"]) // 20))
+    for ax, (name, l) in zip(axes, losses.items()):
+        it = np.arange(1, len(l) + 1)
+        ax.plot(it, l, color="0.75", lw=0.5, label="per iteration")
+        ok = np.isfinite(l)
+        if ok.sum() >= w:
+            smooth = np.convolve(np.where(ok, l, 0), np.ones(w) / w, mode="valid")
+            ax.plot(it[w - 1:], smooth, color="C0" if name == "noise" else "C3", lw=1.5, label=f"mean of {w}")
+        if ok.any():
+            lo, hi = np.percentile(l[ok], [1, 99])
+            ax.set_ylim(lo - 0.2 * abs(hi - lo), hi + 0.2 * abs(hi - lo))
+        ax.set_xlabel("iteration"), ax.set_ylabel("sliced score matching loss"), ax.set_title(titles[name])
+        ax.grid(alpha=0.3), ax.legend()
+    fig.suptitle(f"SSM-VR on {args.dataset} at {args.image_size}x{args.image_size}: loss on the data manifold "
+                 f"and off it (variance over the last {args.tail:.0%}: no noise "
+                 f"{summary(losses['no_noise'], args.tail)['tail_variance'] or float('nan'):.3g}, "
+                 f"noise {summary(losses['noise'], args.tail)['tail_variance'] or float('nan'):.3g})")
+    common.save_figure(fig, path)
+
+
+def main(argv=None):
+    p = common.arg_parser(__doc__)
+    p.add_argument("--dataset", choices=["mnist", "cifar10"], default=DATASET, help="training images")
+    p.add_argument("--data-root", default=common.DATA_ROOT, help="torchvision data folder")
+    p.add_argument("--image-size", type=common.positive_int, default=IMAGE_SIZE, help="images resized to this")
+    p.add_argument("--nef", type=common.positive_int, default=NEF, help="network width")
+    p.add_argument("--iters", type=common.positive_int, default=ITERS, help="iterations per run")
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="images per iteration")
+    p.add_argument("--lr", type=common.positive_float, default=LR, help="Adam learning rate")
+    p.add_argument("--noise-std", type=common.positive_float, default=NOISE_STD, help="sigma of the perturbed run")
+    p.add_argument("--tail", type=common.positive_float, default=TAIL, help="share of the last iterations summarised")
+    p.add_argument("--save-every", type=common.positive_int, default=SAVE_EVERY, help="iterations between saved states")
+    p.add_argument("--seed", type=int, default=SEED, help="initial network, batches and projections")
+    p.add_argument("--resume", action="store_true", help="continue <out>/manifold.pt")
+    p.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default=OUT, help="output folder")
+    args = p.parse_args(argv)
+    if args.tail >= 1 or args.image_size % 2:
+        p.error("--tail must be below 1 and --image-size even")
+    if problem := common.check_out(args.out):
+        p.error(problem)
+    device, state_path = common.get_device(args.device), os.path.join(args.out, "manifold.pt")
+    if os.path.exists(state_path) and not args.resume:
+        p.error(f"{state_path} exists; pass --resume to continue it, or choose another --out")
+    try:
+        images = load_data(args)
+        state = common.read_checkpoint(state_path) if args.resume and os.path.exists(state_path) else None
+    except (common.DataError, common.CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    torch.manual_seed(args.seed)
+    init = ResScore(images.shape[1], args.nef)
+    runs = {name: copy_of(init, device, args.lr) for name in ("no_noise", "noise")}
+    losses = {name: np.full(args.iters, np.nan) for name in runs}
+    start = 0
+    if state is not None:
+        start = state["iteration"]
+        for name, (net, opt) in runs.items():
+            net.load_state_dict(state[name]["model"]), opt.load_state_dict(state[name]["optimizer"])
+            losses[name][:start] = state[name]["losses"][:start].numpy()
+        print(f"resumed {state_path} at iteration {start}")
+    t0 = time.time()
+    for it in tqdm(range(start, args.iters), initial=start, total=args.iters, desc="SSM, two runs", unit="it"):
+        # One step of each run on the same batch and projections.
+        g = torch.Generator().manual_seed(common.stable_seed(args.seed, it))
+        x = images[torch.randint(len(images), (args.batch_size,), generator=g)].to(device).float() / 255
+        z, v = (torch.randn(x.shape, generator=g).to(device) for _ in range(2))
+        for name, (net, opt) in runs.items():
+            if it > 0 and not np.isfinite(losses[name][it - 1]):
+                continue                                       # a run that diverged stays stopped
+            loss = common.sliced_score_matching_vr(net, x + (args.noise_std * z if name == "noise" else 0), vectors=v)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[name][it] = loss.item()
+        if (it + 1) % args.save_every == 0 or it + 1 == args.iters:
+            common.atomic_save({"iteration": it + 1, **{name: dict(model=net.state_dict(), optimizer=opt.state_dict(),
+                               losses=torch.from_numpy(losses[name])) for name, (net, opt) in runs.items()}}, state_path)
+    metrics = {name: summary(l, args.tail) for name, l in losses.items()}
+    metrics.update(settings=vars(args), train_images=len(images), seconds=round(time.time() - t0, 1))
+    common.save_json(metrics, os.path.join(args.out, "metrics.json"))
+    with common.atomic_path(os.path.join(args.out, "losses.npz")) as tmp:
+        np.savez(tmp, **losses)
+    save_plot(os.path.join(args.out, "manifold.png"), losses, args)
+    for name in runs:
+        m = metrics[name]
+        print(f"{name:>8}: loss over the last {args.tail:.0%}: mean {m['tail_mean']}, variance {m['tail_variance']}"
+              + (f"; non-finite from iteration {m['first_non_finite']}" if m["first_non_finite"] else ""))
+    print(f"wrote {args.out}/manifold.png, metrics.json, losses.npz")
+    return metrics
+
+
+def copy_of(net, device, lr):
+    """An independent copy of the initial network and its Adam optimizer."""
+    import copy
+    net = copy.deepcopy(net).to(device)
+    return net, torch.optim.Adam(net.parameters(), lr=lr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The ncsnv2 recipe: NCSNv2's techniques against known values, the scale-conditioned network,
+both recipes through training, resume and evaluation, and the MNIST classifier's numbers."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import common
+import evaluate
+import mnist_classifier
+import train
+import train_mnist
+from conftest import write_mnist
+
+TINY = ["--ngf", "4", "--num-workers", "0", "--n-samples", "4", "--device", "cpu", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    return write_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=500, n_test=20)
+
+
+def test_technique_2_and_4_solvers_give_the_known_values():
+    assert common.ratio_for_dimension(784) == pytest.approx(1.0820, abs=5e-5)       # MNIST
+    assert common.ratio_for_dimension(3072) == pytest.approx(1.0398, abs=5e-5)      # CIFAR-10
+    assert common.num_levels_for(16.07, 0.01, common.ratio_for_dimension(784)) == 95
+    assert common.num_levels_for(4.0, 1.0, 2.0) == 3                                  # exact powers: no extra level
+    assert common.step_lr_for(1.0398, 0.01, 5) == pytest.approx(6.5e-6, rel=0.01)
+    assert common.step_lr_for(1.0376, 0.01, 5) == pytest.approx(6.2e-6, rel=0.01)    # NCSNv2's CIFAR-10 config
+    assert common.step_lr_for(1.0820, 0.01, 10) == pytest.approx(8.6e-6, rel=0.01)
+    # the chosen step brings the expression closest to 1: any other is farther
+    def expr(e, g=1.0820, s=0.01, T=10):
+        c = 2 * e / (s * s - s * s * (1 - e / s ** 2) ** 2)
+        return (1 - e / s ** 2) ** (2 * T) * (g * g - c) + c
+    e = common.step_lr_for(1.0820, 0.01, 10)
+    assert expr(e) > 1 and all(expr(e * f) > expr(e) for f in (0.8, 0.95, 1.05, 1.25))
+    with pytest.raises(ValueError, match="no solution"):
+        common.ratio_for_dimension(2)
+
+
+def test_technique_1_is_the_largest_pairwise_distance():
+    torch.manual_seed(0)
+    x = torch.rand(301, 3, 4, 4)
+    want = max((a - b).norm().item() for a in x.flatten(1).double() for b in x.flatten(1).double())
+    assert common.max_pairwise_distance(x, chunk=64) == pytest.approx(want, rel=1e-9)
+    x[17] += 3                                                        # an outlier sets sigma_1
+    assert common.max_pairwise_distance(x, chunk=50) > want + 5
+    sub = common.max_pairwise_distance(x, max_images=100)              # a seeded random subset: a lower bound
+    assert sub <= common.max_pairwise_distance(x) and sub == common.max_pairwise_distance(x, max_images=100)
+
+
+def test_scale_conditioned_network_is_s_over_sigma_at_any_sigma():
+    torch.manual_seed(0)
+    sigmas = common.geometric_sigmas(5.0, 0.01, 12)
+    net = common.RefineNet(1, 4, num_classes=12, image_size=28, conditioning="scale", sigmas=sigmas).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        at = lambda s: net(x, torch.full((3,), s))
+        base = at(1.0)
+        for s in (0.01, 0.37, 2.5, 40.0):                          # 0.37 and 40 are not training levels
+            assert torch.allclose(at(s) * s, base, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(net(x, torch.tensor([0, 5, 11])), base / sigmas[[0, 5, 11]].view(3, 1, 1, 1), rtol=1e-5)
+    # one set of InstanceNorm++ parameters whatever L; the norm-conditioned network has L of them
+    norm = common.RefineNet(1, 4, num_classes=12, image_size=28)
+    assert net.normalizer.embed.weight.shape[0] == 1 and norm.normalizer.embed.weight.shape[0] == 12
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in norm.parameters())
+
+
+def test_the_default_recipe_is_the_paper_s():
+    cfg = train.resolve(train.TrainConfig())
+    assert (cfg.lr, cfg.sigma_begin, cfg.sigma_end, cfg.num_levels, cfg.conditioning) == (1e-3, 1.0, 0.01, 10, "norm")
+    assert (cfg.ema, cfg.dequantize, cfg.steps_each, cfg.step_lr, cfg.denoise) == (0.0, True, 100, 2e-5, False)
+    v2 = train.resolve(train.TrainConfig(recipe="ncsnv2", lr=1e-3, steps_each=10))     # flags given win
+    assert (v2.lr, v2.steps_each, v2.sigma_begin, v2.conditioning, v2.ema) == (1e-3, 10, "auto", "scale", 0.999)
+
+
+def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_root, tmp_path, capsys):
+    out, full = tmp_path / "run", tmp_path / "full"
+    args = [*TINY, "--data-root", mnist_root, "--recipe", "ncsnv2", "--lr", "1e-3", "--snapshot-every", "100",
+            "--sample-every", "100"]
+    train_mnist.main([*args, "--out", str(full), "--iters", "4"])
+    train_mnist.main([*args, "--out", str(out), "--iters", "2"])
+    train_mnist.main([*args, "--out", str(out), "--iters", "4", "--resume"])
+    cfg = json.loads((out / "config.json").read_text())
+    images = common.load_images("mnist", True, mnist_root).float() / 255
+    assert cfg["sigma_begin"] == pytest.approx(common.max_pairwise_distance(images)) and cfg["sigma_begin"] > 5
+    L = common.num_levels_for(cfg["sigma_begin"], 0.01, common.ratio_for_dimension(784))
+    assert cfg["num_levels"] == L and cfg["auto"] == ["sigma_begin", "num_levels", "step_lr"]
+    assert cfg["step_lr"] == pytest.approx(common.step_lr_for(common.level_ratio(cfg["sigma_begin"], 0.01, L), 0.01, 5))
+    assert (cfg["conditioning"], cfg["dequantize"], cfg["ema"], cfg["denoise"]) == ("scale", False, 0.999, True)
+    a, b = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (out, full))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])           # resumed exactly
+    net, info = common.load_score_net(out / "checkpoint.pt")
+    assert info["model_args"]["conditioning"] == "scale" and info["num_levels"] == L and info["ema"]
+    assert torch.allclose(net.sigmas, common.geometric_sigmas(cfg["sigma_begin"], 0.01, L))
+    # evaluate.py needs no flags: the recipe's T = 5, its step size and its denoising step
+    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "3", "--batch-size", "3", "--metrics", "none",
+                         "--out", str(tmp_path / "e"), "--device", "cpu"])
+    s = r["sampler"]
+    assert (s["steps_each"], s["denoise"], r["nfe"]) == (5, True, 5 * L + 1) and s["step_lr"] == pytest.approx(cfg["step_lr"])
+    # an --nfe budget: T = (NFE - 1) // L, with technique 4's step for that T
+    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--batch-size", "2", "--metrics", "none",
+                         "--out", str(tmp_path / "e2"), "--device", "cpu", "--nfe", str(3 * L + 1)])
+    assert r["sampler"]["steps_each"] == 3 and r["sampler"]["step_lr"] == pytest.approx(
+        common.step_lr_for(common.level_ratio(cfg["sigma_begin"], 0.01, L), 0.01, 3))
+
+
+def test_classifier_scores_real_digits_above_noise_and_caches_itself(mnist_root, tmp_path, capsys):
+    cache = tmp_path / "clf"
+    res = mnist_classifier.main(["--data-root", mnist_root, "--cache", str(cache), "--n", "40", "--device", "cpu"])
+    real, noise = res["real held-out digits (ceiling)"], res["uniform noise (floor)"]
+    assert real["classifier_is"] > 3 * noise["classifier_is"] and real["classifier_is"] <= 10
+    assert real["frechet_distance"] < noise["frechet_distance"] / 3 and real["confident_share"] > noise["confident_share"]
+    assert sum(real["class_histogram"]) == 40 and len(real["class_histogram"]) == 10
+    [weights] = os.listdir(cache)
+    assert "training the MNIST classifier" in capsys.readouterr().out
+    mnist_classifier.main(["--data-root", mnist_root, "--cache", str(cache), "--n", "40", "--device", "cpu"])
+    assert "training the MNIST classifier" not in capsys.readouterr().out and os.listdir(cache) == [weights]
+
+
+def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root, tmp_path):
+    paths = []
+    for recipe in ("ncsn", "ncsnv2"):
+        out = tmp_path / recipe
+        train_mnist.main([*TINY, "--data-root", mnist_root, "--recipe", recipe, "--out", str(out), "--iters", "2",
+                          "--num-levels", "4", "--steps-each", "1", "--n-samples", "2"])
+        paths.append(str(out / "checkpoint.pt"))
+    results = evaluate.main(["--checkpoint", *paths, "--n", "4", "--batch-size", "4", "--metrics", "classifier",
+                             "--nfe", "4", "9", "--data-root", mnist_root, "--classifier-cache", str(tmp_path / "clf"),
+                             "--out", str(tmp_path / "e"), "--device", "cpu"])
+    assert [(r["sampler"]["steps_each"], r["nfe"]) for r in results] == [(1, 4), (2, 8), (1, 5), (2, 9)]
+    for r in results:
+        c = r["classifier"]
+        assert 1 <= c["classifier_is"] <= 10 and c["frechet_distance"] > 0 and sum(c["class_histogram"]) == 4
+    assert (tmp_path / "e" / "sweep.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="MNIST digits only"):
+        evaluate.main(["--checkpoint", os.path.join(os.path.dirname(__file__), "data", "official_cifar_ngf4.pth"),
+                       "--metrics", "classifier", "--device", "cpu", "--out", str(tmp_path / "c")])
