@@ -624,6 +624,33 @@ def annealed_langevin_dynamics(score_net, x, sigmas, n_steps_each=100, step_lr=2
         x = x + sigmas[-1] ** 2 * score_net(x, labels)
     return x, levels
 
+@torch.no_grad()
+def reverse_diffusion(score_net, x, sigmas, *, callback=None, randn_like=torch.randn_like):
+    """Ancestral sampling down the noise levels, one network evaluation per level: the reverse
+    diffusion predictor of Song et al. (2021, "Score-Based Generative Modeling through SDEs",
+    eq. 47) for NCSN's perturbations (their VE SDE):
+        x <- x + (sigma_i^2 - sigma_{i+1}^2) s(x, i) + sqrt(sigma_i^2 - sigma_{i+1}^2) z,
+    with sigma_{L+1} = 0 at the last level, where the step is the denoising step x + sigma_L^2 s
+    without noise. With an exact score each step takes data + N(0, sigma_i^2) close to data +
+    N(0, sigma_{i+1}^2); there is no step size to tune. Start from data + N(0, sigma_1^2), e.g.
+    torch.rand(...) + sigma_1 z. With a scale-conditioned RefineNet the levels can be any
+    (as many as network evaluations); a norm-conditioned one needs its training levels.
+
+    Args as annealed_langevin_dynamics (labels index sigmas); callback(level, 0, x, score) after
+    each step. Returns the final x; memory O(batch).
+    """
+    sigmas = [float(s) for s in sigmas]
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for i, sigma in enumerate(sigmas):
+        labels.fill_(i)
+        score = score_net(x, labels)
+        d = sigma ** 2 - (sigmas[i + 1] ** 2 if i + 1 < len(sigmas) else 0.0)
+        x = x + d * score + (math.sqrt(d) * randn_like(x) if i + 1 < len(sigmas) else 0.0)
+        if callback is not None:
+            callback(i, 0, x, score)
+    return x
+
+
 class SampleNoise:
     """One torch.Generator per sample, seeded by stable_seed(*key) (EDM's StackedRandomGenerator):
     every draw of sample i depends on its key only, not on the batch it is drawn in."""

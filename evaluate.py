@@ -8,9 +8,10 @@ pictures and digit scores for any checkpoint.
     python evaluate.py --checkpoint runs/mnist/checkpoint.pt --metrics none --n 64 --png      # samples only, no network needed
     python evaluate.py --checkpoint A.pt B.pt --metrics classifier --nfe 100 300 1000          # MNIST: quality against cost
     python evaluate.py --checkpoint runs/cifar10/checkpoint.pt --n 100 --nearest 5            # memorisation check
+    python evaluate.py --checkpoint runs/ncsnv2/checkpoint.pt --sampler als ancestral --nfe 100 1000   # two samplers
 
 Samples come from common.annealed_langevin_dynamics (the paper's 10 levels, 100 steps each,
-step_lr 2e-5, uniform start). Image i is drawn with its own generator seeded by (--seed, i), so
+step_lr 2e-5, uniform start), or with --sampler ancestral from common.reverse_diffusion. Image i is drawn with its own generator seeded by (--seed, i), so
 samples do not depend on the batch size. They are written in shards as they are made, in a
 folder named after a fingerprint of what makes them (the weights used, the sampler settings,
 the seed, the image shape): a rerun of the same evaluation makes only the missing ones, and
@@ -25,6 +26,7 @@ with --nearest; sweep.png (each metric against network evaluations) when several
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -195,9 +197,10 @@ def _shards(folder, fp=None):
     return found
 
 
-def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, seed, device, shape, fp=""):
+def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, seed, device, shape, fp="", ancestral=False):
     """Make the images of [0, n) that no shard holds yet; each batch becomes shard_<start>_<end>.npz,
-    stamped with the fingerprint fp."""
+    stamped with the fingerprint fp. Annealed Langevin dynamics from U(0, 1), or with ancestral
+    common.reverse_diffusion from U(0, 1) + sigma_1 z."""
     have = set()
     for (a, b) in _shards(folder, fp):
         have.update(range(a, b))
@@ -213,6 +216,8 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
     for start, end in runs:
         noise = common.SampleNoise([(seed, i) for i in range(start, end)], device)   # image i: seeded by (seed, i)
         x0, randn_like = noise.rand(*shape), noise.randn_like
+        if ancestral:
+            x0 = x0 + sigmas[0] * randn_like(x0)
         norm_sum, out_sum, far_sum = (torch.zeros(L, device=device) for _ in range(3))
         snaps = []                             # end-of-level states of the first images, for process.png
         def health(level, step, x, score):     # at the end of each level, no host sync
@@ -223,8 +228,12 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
                 norm_sum[level] += score.flatten(1).norm(dim=1).sum()
                 out_sum[level] += ((x < 0) | (x > 1)).float().mean(dim=(1, 2, 3)).sum()
                 far_sum[level] += ((x < -m) | (x > 1 + m)).float().mean(dim=(1, 2, 3)).sum()
-        x, _ = common.annealed_langevin_dynamics(net, x0, sigmas, steps_each, step_lr, denoise=denoise,
-                                                 keep_levels=False, callback=health, randn_like=randn_like)
+        if ancestral:                          # any levels: a scale-conditioned net takes sigma itself
+            score = net if len(sigmas) == net.model_args["num_classes"] else lambda x, i: net(x, sigmas[i])
+            x = common.reverse_diffusion(score, x0, sigmas, callback=health, randn_like=randn_like)
+        else:
+            x, _ = common.annealed_langevin_dynamics(net, x0, sigmas, steps_each, step_lr, denoise=denoise,
+                                                     keep_levels=False, callback=health, randn_like=randn_like)
         non_finite = (~torch.isfinite(x)).flatten(1).any(1).sum()
         images = (torch.nan_to_num(x, nan=0.0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
         path = os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")
@@ -282,7 +291,10 @@ def health_report(sigmas, score_norm, out_share, far_share, dim):
 def print_health(rows, bad, non_finite, n, title):
     print(f"sampler health ({title}), at the end of each level:")
     print(f"  {'level':>5} {'sigma':>8} {'mean |s|':>10} {'sigma|s|/sqrt(D)':>16} {'outside [0,1]':>14} {'> 3 sigma out':>14}")
+    every = math.ceil(len(rows) / 20)              # about 20 rows, the last one included
     for r in rows:
+        if (r["level"] - 1) % every and r["level"] != len(rows):
+            continue
         print(f"  {r['level']:>5} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} {r['sigma_times_norm_over_sqrt_d']:16.3f} "
               f"{r['share_outside_01']:14.2%} {r['share_beyond_3_sigma']:14.2%}")
     if bad:
@@ -353,20 +365,29 @@ def save_nearest(folder, args, job, inc, device):
 #----------------------------------------------------------------------------
 # Evaluation: plan every job first (checkpoints, sampler settings, folders), then sample and score.
 
-def sampler_settings(args, info, nfe=None, steps_each=None, step_lr=None):
+def sampler_settings(args, info, nfe=None, steps_each=None, step_lr=None, sampler="als"):
     """One sampler setting for a checkpoint: its recipe's unless the flags say otherwise; an
-    --nfe budget sets T = (budget - denoise step) // L; step_lr 'auto' is technique 4's for T."""
+    --nfe budget sets T = (budget - denoise step) // L; step_lr 'auto' is technique 4's for T.
+    The ancestral sampler takes one step per level: nfe levels from sigma_1 to sigma_L."""
     spec = common.DATASETS[info["dataset"]]
+    shape = [spec["channels"], spec["image_size"], spec["image_size"]]
+    if sampler == "ancestral":
+        L = nfe or info["num_levels"]
+        if L != info["num_levels"] and info["model_args"].get("conditioning", "norm") != "scale":
+            raise common.CheckpointError(f"{info['path']}: --sampler ancestral with {L} levels needs a scale-conditioned "
+                                         f"network (--recipe ncsnv2); this one knows its {info['num_levels']} levels only")
+        return dict(sampler="reverse_diffusion, start U(0, 1) + sigma_1 z", seed=args.seed, shape=shape, step_lr=None,
+                    steps_each=1, denoise=False, sigmas=common.geometric_sigmas(info["sigma_begin"], info["sigma_end"], L).tolist())
     sigmas = common.geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"]).tolist()
     denoise = info.get("denoise", False) if args.denoise is None else args.denoise
     T, step_lr = common.sampler_defaults(info, nfe, steps_each, step_lr, denoise)
     return dict(sampler="annealed_langevin_dynamics, uniform start", sigmas=sigmas, step_lr=step_lr, steps_each=T,
-                denoise=denoise, seed=args.seed, shape=[spec["channels"], spec["image_size"], spec["image_size"]])
+                denoise=denoise, seed=args.seed, shape=shape)
 
 
 def plan(args, ckpts):
     """Load every checkpoint (on the CPU) and name each evaluation's folder, before any work."""
-    jobs = []
+    jobs, skipped = [], []
     for ckpt in ckpts:
         net, info = common.load_score_net(ckpt, ema=args.ema)
         if "sigma_begin" not in info:
@@ -374,14 +395,24 @@ def plan(args, ckpts):
         info.setdefault("dataset", "mnist" if info["model_args"]["in_channels"] == 1 else "cifar10")
         name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}_{os.path.splitext(os.path.basename(ckpt))[0]}"
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
-        for nfe in args.nfe or [None]:
-            for steps_each in args.steps_each or [None]:
-                for step_lr in args.step_lr or [None]:
-                    settings = sampler_settings(args, info, nfe, steps_each, step_lr)
-                    fp = fingerprint(net, settings)
-                    tag = (f"steplr{settings['step_lr']:.4g}_T{settings['steps_each']}"
-                           f"{'_denoise' if settings['denoise'] else ''}_seed{args.seed}_{fp[:10]}")
-                    jobs.append(dict(net=net, info=info, folder=os.path.join(base, tag), fp=fp, settings=settings))
+        grid = itertools.product(args.sampler, args.nfe or [None], args.steps_each or [None], args.step_lr or [None])
+        for sampler, nfe, steps_each, step_lr in grid:
+            if sampler == "ancestral" and (steps_each or step_lr):
+                continue                                        # one step per level, no step size
+            try:
+                settings = sampler_settings(args, info, nfe, steps_each, step_lr, sampler)
+            except common.CheckpointError as e:                # ancestral on a norm-conditioned network:
+                skipped.append(e)                              # fine in a grid of several, an error alone
+                continue
+            fp = fingerprint(net, settings)
+            tag = (f"ancestral_L{len(settings['sigmas'])}" if sampler == "ancestral" else
+                   f"steplr{settings['step_lr']:.4g}_T{settings['steps_each']}{'_denoise' if settings['denoise'] else ''}")
+            jobs.append(dict(net=net, info=info, folder=os.path.join(base, f"{tag}_seed{args.seed}_{fp[:10]}"), fp=fp,
+                             settings=settings))
+    if skipped and not jobs:
+        raise skipped[0]
+    for e in skipped:
+        print(f"skipped: {e}")
     return jobs
 
 
@@ -392,7 +423,7 @@ def evaluate_one(args, job, scorers, device):
     sigmas, shape = torch.tensor(settings["sigmas"], device=device), tuple(settings["shape"])
     open_folder(folder, fp, settings, info)
     made = sample(net.to(device), sigmas, folder, args.n, args.batch_size, settings["step_lr"], settings["steps_each"],
-                  settings["denoise"], args.seed, device, shape, fp)
+                  settings["denoise"], args.seed, device, shape, fp, ancestral=settings["sampler"].startswith("reverse"))
     net.cpu()
     *means, non_finite = health_means(folder, args.n, fp)
     grid = collect(folder, min(100, args.n), fp)
@@ -403,7 +434,8 @@ def evaluate_one(args, job, scorers, device):
     if args.nearest:
         save_nearest(folder, args, job, scorers.get("inception", (None,))[0], device)
     rows, bad = health_report(sigmas.tolist(), *means, int(np.prod(shape)))
-    print_health(rows, bad, non_finite, args.n, f"{info['path']}, step_lr {settings['step_lr']:.4g}, T {settings['steps_each']}")
+    print_health(rows, bad, non_finite, args.n, f"{info['path']}, {settings['sampler'].split(',')[0]}, "
+                 f"step_lr {settings['step_lr'] or '-':.4}, T {settings['steps_each']}")
     nfe = len(settings["sigmas"]) * settings["steps_each"] + settings["denoise"]
     metrics = dict(checkpoint=info["path"], dataset=info["dataset"], n=args.n, nfe=nfe, sampler=dict(settings, ema=info["ema"]),
                    fingerprint=fp, folder=folder, health=rows, saturating_level=bad, non_finite_samples=non_finite,
@@ -454,7 +486,8 @@ def print_table(results):
     best = min(scored, key=lambda r: r["fid"]) if len(scored) > 1 else None
     for r in results:
         c = r.get("classifier")
-        print(f"{'*' if r is best else ' ':<2}{label(r):<46} {r['sampler']['step_lr']:>8.2g} {r['sampler']['steps_each']:>4} "
+        step_lr = format(r["sampler"]["step_lr"], ".2g") if r["sampler"]["step_lr"] else "ancestr."
+        print(f"{'*' if r is best else ' ':<2}{label(r):<46} {step_lr:>8} {r['sampler']['steps_each']:>4} "
               f"{r['nfe']:>5} {r['n']:>6} {fmt(r.get('inception_score_mean'), r.get('inception_score_std')):>16} "
               f"{format(r['fid'], '.2f') if 'fid' in r else '-':>8} " + (f"{c['classifier_is']:>8.2f} {c['confident_share']:>9.2f} "
               f"{c['frechet_distance']:>8.2f}" if c else f"{'-':>8} {'-':>9} {'-':>8}"))
@@ -477,12 +510,13 @@ def save_sweep_figure(path, results):
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
     groups = {}
     for r in results:
-        groups.setdefault((r["checkpoint"], r["sampler"]["ema"]), []).append(r)
+        groups.setdefault((r["checkpoint"], r["sampler"]["ema"], r["sampler"]["sampler"].split(",")[0]), []).append(r)
     for ax, k in zip(axes[0], keys):
-        for (ckpt, ema), rs in groups.items():
+        for (ckpt, ema, sampler), rs in groups.items():
             rs = sorted(rs, key=lambda r: r["nfe"])
-            ax.plot([r["nfe"] for r in rs], [value(r, k) for r in rs], "o-",
-                    label=f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}{' (EMA)' if ema else ''}")
+            ax.plot([r["nfe"] for r in rs], [value(r, k) for r in rs], "o-" if sampler.startswith("annealed") else "s--",
+                    label=f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}{' (EMA)' if ema else ''}"
+                          f"{', ancestral' if sampler.startswith('reverse') else ''}")
         ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample"), ax.set_title(names[k]), ax.grid(alpha=0.3)
     axes[0][0].legend()
     common.save_figure(fig, path)
@@ -510,6 +544,9 @@ def main(argv=None):
                    help="steps per noise level, T (default: the checkpoint's recipe's)")
     p.add_argument("--nfe", type=common.positive_int, nargs="+", default=None,
                    help="network evaluations per sample instead of --steps-each: T = (NFE - denoise) // L")
+    p.add_argument("--sampler", nargs="+", choices=["als", "ancestral"], default=["als"],
+                   help="annealed Langevin dynamics (the paper's), and/or ancestral sampling (common.reverse_diffusion: "
+                        "one network evaluation per level, --nfe levels for a scale-conditioned network)")
     p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
     p.add_argument("--nearest", type=common.positive_int, default=None,
                    help="nearest.png: the K nearest training images of 10 samples (pixels; Inception features too)")

@@ -120,7 +120,7 @@ def test_classifier_scores_real_digits_above_noise_and_caches_itself(mnist_root,
     assert "training the MNIST classifier" not in capsys.readouterr().out and os.listdir(cache) == [weights]
 
 
-def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root, tmp_path):
+def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root, tmp_path, capsys):
     paths = []
     for recipe in ("ncsn", "ncsnv2"):
         out = tmp_path / recipe
@@ -135,6 +135,24 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
         c = r["classifier"]
         assert 1 <= c["classifier_is"] <= 10 and c["frechet_distance"] > 0 and sum(c["class_histogram"]) == 4
     assert (tmp_path / "e" / "sweep.png").stat().st_size > 10_000
+    # ancestral sampling: --nfe levels for the scale-conditioned network, its own 4 for the paper's
+    anc = evaluate.main(["--checkpoint", *paths, "--n", "4", "--batch-size", "4", "--metrics", "none", "--sampler", "ancestral",
+                         "--out", str(tmp_path / "a"), "--device", "cpu"])
+    assert [(len(r["sampler"]["sigmas"]), r["nfe"], r["sampler"]["sampler"][:7]) for r in anc] == [(4, 4, "reverse")] * 2
+    [r] = evaluate.main(["--checkpoint", paths[1], "--n", "4", "--metrics", "none", "--sampler", "ancestral", "--nfe", "7",
+                         "--out", str(tmp_path / "a7"), "--device", "cpu"])
+    sig = r["sampler"]["sigmas"]
+    assert r["nfe"] == 7 and len(sig) == 7 and sig[0] == pytest.approx(results[2]["sampler"]["sigmas"][0])
+    assert evaluate.collect(r["folder"], 4).float().std() > 0
+    with pytest.raises(SystemExit, match="needs a scale-conditioned network"):
+        evaluate.main(["--checkpoint", paths[0], "--metrics", "none", "--sampler", "ancestral", "--nfe", "7",
+                       "--out", str(tmp_path / "a8"), "--device", "cpu"])
+    # in a grid of both, the combination that does not apply is skipped with a line, the rest is done
+    grid = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "als", "ancestral", "--nfe", "7",
+                          "--out", str(tmp_path / "a"), "--device", "cpu"])
+    assert [(r["checkpoint"] == paths[1], r["sampler"]["sampler"][:7]) for r in grid] == [
+        (False, "anneale"), (True, "anneale"), (True, "reverse")]
+    assert "skipped: " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="MNIST digits only"):
         evaluate.main(["--checkpoint", os.path.join(os.path.dirname(__file__), "data", "official_cifar_ngf4.pth"),
                        "--metrics", "classifier", "--device", "cpu", "--out", str(tmp_path / "c")])

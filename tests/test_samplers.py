@@ -41,6 +41,29 @@ def test_annealed_langevin_reaches_the_last_level_gaussian():
     assert abs(levels[0].var().item() - v0 / (1 - a0 / (2 * v0))) < 0.2
 
 
+
+def test_reverse_diffusion_follows_the_exact_variance_recursion():
+    """Data N(mu, s2): from x ~ N(mu, s2 + sigma_1^2) each step maps variance V to
+    (1 - d / (s2 + sigma_i^2))^2 V + d, d = sigma_i^2 - sigma_{i+1}^2, and the last (noise-free)
+    step multiplies it by (s2 / (s2 + sigma_L^2))^2: close to s2 itself for many levels."""
+    torch.manual_seed(0)
+    mu, s2 = 0.3, 0.04
+    sigmas = common.geometric_sigmas(5.0, 0.01, 200)
+    score = lambda x, labels: -(x - mu) / (s2 + sigmas[labels].view(-1, 1) ** 2)
+    x0 = mu + (s2 + sigmas[0] ** 2).sqrt() * torch.randn(40000, 2)
+    seen = []
+    x = common.reverse_diffusion(score, x0, sigmas, callback=lambda i, step, x, s: seen.append((i, step)))
+    v = s2 + sigmas[0].item() ** 2
+    for i in range(len(sigmas)):
+        nxt = sigmas[i + 1].item() ** 2 if i + 1 < len(sigmas) else 0.0
+        d = sigmas[i].item() ** 2 - nxt
+        v = (1 - d / (s2 + sigmas[i].item() ** 2)) ** 2 * v + (d if nxt else 0.0)
+    assert abs(x.mean().item() - mu) < 0.005 and abs(x.var(0).mean().item() - v) / v < 0.03
+    assert abs(v - s2) / s2 < 0.05 and seen == [(i, 0) for i in range(200)]      # 2.9% above s2
+    # without the noise of the steps the samples collapse: the noise is what makes it a sampler
+    x_ode = common.reverse_diffusion(score, x0, sigmas, randn_like=torch.zeros_like)
+    assert x_ode.var().item() < 0.5 * s2
+
 def test_annealed_langevin_steps_labels_and_denoising():
     sigmas = torch.tensor([1.0, 0.5, 0.1])
     seen = []
