@@ -452,8 +452,17 @@ def evaluate_one(args, job, scorers, device):
     if "classifier" in scorers:
         metrics["classifier"] = scorers["classifier"](torch.cat(list(read_shards(folder, args.n, fp))))
     metrics["seconds"] = round(time.time() - t0, 1)
-    common.save_json(metrics, os.path.join(folder, "metrics.json"))
+    path = os.path.join(folder, "metrics.json")
+    if os.path.exists(path):                   # the same samples: keep the scores an earlier run made of them
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("fingerprint") == fp:
+            metrics = {**{k: old[k] for k in SCORES if k in old and k not in metrics}, **metrics}
+    common.save_json(metrics, path)
     return metrics
+
+
+SCORES = ("inception_score_mean", "inception_score_std", "fid", "fid_reference", "note", "classifier")
 
 
 def make_scorers(args, jobs, device):

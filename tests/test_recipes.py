@@ -135,6 +135,12 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
         c = r["classifier"]
         assert 1 <= c["classifier_is"] <= 10 and c["frechet_distance"] > 0 and sum(c["class_histogram"]) == 4
     assert (tmp_path / "e" / "sweep.png").stat().st_size > 10_000
+    # the same samples again without metrics: the scores made before are kept, nothing is sampled
+    again = evaluate.main(["--checkpoint", paths[0], "--n", "4", "--metrics", "none", "--nfe", "4", "--device", "cpu",
+                           "--out", str(tmp_path / "e" / "ncsn_checkpoint")])
+    assert again[0]["samples_made_now"] == 0 and again[0]["classifier"] == results[0]["classifier"]
+    with open(os.path.join(results[0]["folder"], "metrics.json")) as f:
+        assert json.load(f)["classifier"] == results[0]["classifier"]
     # ancestral sampling: --nfe levels for the scale-conditioned network, its own 4 for the paper's
     anc = evaluate.main(["--checkpoint", *paths, "--n", "4", "--batch-size", "4", "--metrics", "none", "--sampler", "ancestral",
                          "--out", str(tmp_path / "a"), "--device", "cpu"])
