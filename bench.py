@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 
 import common
+import utils
 import train
 
 #----------------------------------------------------------------------------
@@ -34,7 +35,7 @@ REPEATS = 5           # timed steps; the median is reported
 def build(config, impl, args, device):
     """The network to time, and its noise levels: a checkpoint's (--checkpoint: its conditioning and
     levels), the paper's for the data set, or the official implementation's."""
-    spec = common.DATASETS[config]                  # the paper's network for the data set
+    spec = utils.DATASETS[config]                  # the paper's network for the data set
     channels, size, ngf = spec["channels"], spec["image_size"], spec["ngf"]
     sigmas = common.geometric_sigmas()
     if args.checkpoint:
@@ -92,7 +93,7 @@ def flops(fn):
 
 def bench_one(config, impl, args, device):
     torch.manual_seed(0)
-    spec = common.DATASETS[config]
+    spec = utils.DATASETS[config]
     channels, size = spec["channels"], spec["image_size"]
     B = args.batch_size
     net, sigmas = build(config, impl, args, device)
@@ -125,23 +126,23 @@ def bench_one(config, impl, args, device):
 
 
 def main(argv=None):
-    p = common.arg_parser(__doc__)
-    p.add_argument("--configs", nargs="+", choices=list(common.DATASETS), default=["mnist", "cifar10"], help="networks to measure (the paper's for each data set)")
-    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="images per step (default: 128 CUDA, 16 CPU)")
-    p.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p = utils.arg_parser(__doc__)
+    p.add_argument("--configs", nargs="+", choices=list(utils.DATASETS), default=["mnist", "cifar10"], help="networks to measure (the paper's for each data set)")
+    p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="images per step (default: 128 CUDA, 16 CPU)")
+    p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward pass")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--official", default=None, help="a checkout of ermongroup/ncsn: also measure its network")
     p.add_argument("--checkpoint", default=None, help="time this checkpoint's network instead (its conditioning and levels)")
     p.add_argument("--objective", choices=["dsm", "ssm"], default="dsm", help="training loss: annealed DSM or sliced SM")
-    p.add_argument("--warmup", type=common.positive_int, default=WARMUP, help="untimed steps")
-    p.add_argument("--repeats", type=common.positive_int, default=REPEATS, help="timed steps (median reported)")
-    p.add_argument("--threads", type=common.positive_int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--warmup", type=utils.positive_int, default=WARMUP, help="untimed steps")
+    p.add_argument("--repeats", type=utils.positive_int, default=REPEATS, help="timed steps (median reported)")
+    p.add_argument("--threads", type=utils.positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
-    device = common.get_device(args.device)
-    if args.json and (problem := common.check_out(os.path.dirname(os.path.abspath(args.json)), "--json's folder")):
+    device = utils.get_device(args.device)
+    if args.json and (problem := utils.check_out(os.path.dirname(os.path.abspath(args.json)), "--json's folder")):
         p.error(problem)
     if args.official and not os.path.isfile(os.path.join(args.official, "models", "cond_refinenet_dilated.py")):
         p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py there (a checkout of ermongroup/ncsn)")
@@ -167,7 +168,7 @@ def main(argv=None):
               f"{r['train_gflop_per_image'] or float('nan'):>9.1f} {r['train_gflops_per_s'] or float('nan'):>8.1f} "
               f"{r['peak_train_mib']:>14.0f} {r['peak_sample_mib']:>15.0f}")
     if args.json:
-        common.save_json(dict(torch=torch.__version__, rows=rows), args.json)
+        utils.save_json(dict(torch=torch.__version__, rows=rows), args.json)
     return rows
 
 

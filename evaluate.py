@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import utils
 
 #----------------------------------------------------------------------------
 # Defaults: the evaluation protocol; the sampler's are the paper's (common.STEP_LR, STEPS_EACH).
@@ -64,8 +65,8 @@ def inception(weights, device):
                                           feature_extractor_weights_path=weights)
     except Exception as e:
         if weights is not None:
-            raise common.CheckpointError(f"{weights}: not torch-fidelity Inception weights ({common.first_line(e)[:100]})")
-        raise common.DataError(f"could not download the Inception weights ({common.first_line(e)[:80]}); pass "
+            raise common.CheckpointError(f"{weights}: not torch-fidelity Inception weights ({utils.first_line(e)[:100]})")
+        raise utils.DataError(f"could not download the Inception weights ({utils.first_line(e)[:80]}); pass "
                                "--inception-weights weights-inception-2015-12-05-6726825d.pth (torch-fidelity v0.2.0 release)")
     return net.to(device)
 
@@ -104,7 +105,7 @@ def inception_score(logits, splits=10):
     return m["inception_score_mean"], m["inception_score_std"]
 
 
-fid = common.frechet_distance       # on Inception pool features: FID
+fid = utils.frechet_distance       # on Inception pool features: FID
 
 #----------------------------------------------------------------------------
 # Reference statistics, cached under a key of what they were computed from.
@@ -114,17 +115,17 @@ def read_stats(path):
     try:
         with np.load(path) as f:
             if "mu" not in f or "sigma" not in f:
-                raise common.DataError(f"--ref {path}: needs arrays 'mu' and 'sigma' (as written by an earlier run)")
+                raise utils.DataError(f"--ref {path}: needs arrays 'mu' and 'sigma' (as written by an earlier run)")
             mu, sigma = f["mu"], f["sigma"]
-    except common.DataError:
+    except utils.DataError:
         raise
     except Exception as e:      # zipfile, pickle and OS errors by cause
-        raise common.DataError(f"--ref {path}: not a readable .npz of statistics ({common.first_line(e)[:80]})") from None
+        raise utils.DataError(f"--ref {path}: not a readable .npz of statistics ({utils.first_line(e)[:80]})") from None
     if mu.shape != (FEATURES,) or sigma.shape != (FEATURES, FEATURES):
-        raise common.DataError(f"--ref {path}: mu has shape {mu.shape} and sigma {sigma.shape}; Inception statistics "
+        raise utils.DataError(f"--ref {path}: mu has shape {mu.shape} and sigma {sigma.shape}; Inception statistics "
                                f"are ({FEATURES},) and ({FEATURES}, {FEATURES})")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise common.DataError(f"--ref {path}: mu or sigma holds NaN or infinite values")
+        raise utils.DataError(f"--ref {path}: mu or sigma holds NaN or infinite values")
     return mu, sigma
 
 
@@ -133,17 +134,17 @@ def reference_stats(args, dataset, net, net_digest, device, cache_dir):
     set. Computed statistics are cached in cache_dir under a key of the images' bytes, the
     Inception weights and the feature path (resize and channel handling), so that other images
     or weights never reuse them."""
-    spec = common.DATASETS[dataset]
+    spec = utils.DATASETS[dataset]
     if args.ref and args.ref.endswith(".npz"):
         return (*read_stats(args.ref), f"statistics {args.ref}")
     if args.ref:
-        images, label = common.load_image_folder(args.ref, spec["channels"], spec["image_size"], flag="--ref"), f"folder {args.ref}"
+        images, label = utils.load_image_folder(args.ref, spec["channels"], spec["image_size"], flag="--ref"), f"folder {args.ref}"
     else:
-        images = common.load_images(dataset, True, args.data_root, folder_flag="--ref")
+        images = utils.load_images(dataset, True, args.data_root, folder_flag="--ref")
         label = f"{dataset} training set" + (", digits repeated to 3 channels" if spec["channels"] == 1 else "")
     import torch_fidelity
     path = f"inception-v3-compat 299 bilinear, torch-fidelity {torch_fidelity.__version__}, channels {spec['channels']}->3"
-    key = common.digest(images, net_digest, path)[:16]
+    key = utils.digest(images, net_digest, path)[:16]
     cache = os.path.join(cache_dir, f"{'folder' if args.ref else dataset}_{len(images)}_{key}.npz")
     if os.path.exists(cache):
         print(f"reference statistics of the {label}: {cache} (cached; key of images, weights and feature path)")
@@ -151,7 +152,7 @@ def reference_stats(args, dataset, net, net_digest, device, cache_dir):
         return mu, sigma, label
     print(f"reference statistics of the {label}: {len(images)} images, computed once")
     mu, sigma, _ = streamed_stats(net, [images[i:i + 1000] for i in range(0, len(images), 1000)], device)
-    with common.atomic_path(cache) as tmp:
+    with utils.atomic_path(cache) as tmp:
         np.savez(tmp, mu=mu, sigma=sigma)
     print(f"saved them as {cache} (reused while the images and weights are the same)")
     return mu, sigma, label
@@ -159,13 +160,13 @@ def reference_stats(args, dataset, net, net_digest, device, cache_dir):
 #----------------------------------------------------------------------------
 # Samples: in a folder keyed by a fingerprint, in shards, resumable, with a health report.
 
-class StaleSamples(common.DataError):
+class StaleSamples(utils.DataError):
     """A folder or shard holding samples of other weights or settings."""
 
 
 def fingerprint(net, settings):
     """The key of a set of samples: the weights actually used and every sampler setting."""
-    return common.digest(net.state_dict(), json.dumps(settings, sort_keys=True))
+    return utils.digest(net.state_dict(), json.dumps(settings, sort_keys=True))
 
 
 def open_folder(folder, fp, settings, info):
@@ -180,7 +181,7 @@ def open_folder(folder, fp, settings, info):
                                "use another --out, or delete that folder")
         return
     os.makedirs(folder, exist_ok=True)
-    common.save_json(dict(fingerprint=fp, settings=settings, checkpoint=info["path"], ema=info["ema"], step=info["step"]), meta)
+    utils.save_json(dict(fingerprint=fp, settings=settings, checkpoint=info["path"], ema=info["ema"], step=info["step"]), meta)
 
 
 def _shards(folder, fp=None):
@@ -214,7 +215,7 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
     L = len(sigmas)
     bar = tqdm(total=n, initial=n - len(missing), desc="sampling", unit="img", dynamic_ncols=True)
     for start, end in runs:
-        noise = common.SampleNoise([(seed, i) for i in range(start, end)], device)   # image i: seeded by (seed, i)
+        noise = utils.SampleNoise([(seed, i) for i in range(start, end)], device)   # image i: seeded by (seed, i)
         x0, randn_like = noise.rand(*shape), noise.randn_like
         if ancestral:
             x0 = x0 + sigmas[0] * randn_like(x0)
@@ -238,7 +239,7 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
         images = (torch.nan_to_num(x, nan=0.0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
         path = os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")
         extra = dict(levels=torch.stack(snaps).cpu().numpy()) if snaps else {}
-        with common.atomic_path(path) as tmp:
+        with utils.atomic_path(path) as tmp:
             np.savez(tmp, images=images, **extra, score_norm_sum=norm_sum.cpu().numpy(), out_of_range_sum=out_sum.cpu().numpy(),
                      far_out_sum=far_sum.cpu().numpy(), non_finite=non_finite.cpu().numpy(), fingerprint=np.array(fp))
         bar.update(end - start)
@@ -317,7 +318,7 @@ def save_process(folder, settings, fp):
         if "levels" not in f:                   # a shard of an older version: no states were kept
             return
         levels = list(torch.from_numpy(f["levels"]))
-    common.save_process_figure(os.path.join(folder, "process.png"), levels, settings["sigmas"])
+    utils.save_process_figure(os.path.join(folder, "process.png"), levels, settings["sigmas"])
 
 
 def save_pngs(folder, n, fp):
@@ -329,7 +330,7 @@ def save_pngs(folder, n, fp):
         for img in images:
             path = os.path.join(folder, "png", f"{i:06d}.png")
             if not os.path.exists(path):
-                with common.atomic_path(path) as tmp:
+                with utils.atomic_path(path) as tmp:
                     Image.fromarray(img.permute(1, 2, 0).squeeze(2).numpy()).save(tmp)
             i += 1
 
@@ -353,14 +354,14 @@ def save_nearest(folder, args, job, inc, device):
     """nearest.png: for up to 10 samples, the --nearest training images nearest in pixels (and, with
     the Inception metrics, in Inception pool features): a memorisation check, as NCSNv2's."""
     samples = collect(folder, min(10, args.n), job["fp"])
-    train_images = common.load_images(job["info"]["dataset"], True, args.data_root, folder_flag="--ref")
+    train_images = utils.load_images(job["info"]["dataset"], True, args.data_root, folder_flag="--ref")
     pixels = lambda x: x.flatten(1).double()
     rows = [samples[:, None], train_images[nearest_neighbours(samples, train_images, args.nearest, pixels)]]
     if inc is not None:
         rows.append(train_images[nearest_neighbours(samples, train_images, args.nearest,
                                                     lambda x: features(inc, x, device)[0])])
     grid = torch.cat(rows, 1)                                     # (G, 1 + k (+ k), C, H, W)
-    common.save_image_grid(os.path.join(folder, "nearest.png"), grid.flatten(0, 1).float() / 255, nrow=grid.shape[1])
+    utils.save_image_grid(os.path.join(folder, "nearest.png"), grid.flatten(0, 1).float() / 255, nrow=grid.shape[1])
 
 #----------------------------------------------------------------------------
 # Evaluation: plan every job first (checkpoints, sampler settings, folders), then sample and score.
@@ -369,7 +370,7 @@ def sampler_settings(args, info, nfe=None, steps_each=None, step_lr=None, sample
     """One sampler setting for a checkpoint: its recipe's unless the flags say otherwise; an
     --nfe budget sets T = (budget - denoise step) // L; step_lr 'auto' is technique 4's for T.
     The ancestral sampler takes one step per level: nfe levels from sigma_1 to sigma_L."""
-    spec = common.DATASETS[info["dataset"]]
+    spec = utils.DATASETS[info["dataset"]]
     shape = [spec["channels"], spec["image_size"], spec["image_size"]]
     if sampler == "ancestral":
         L = nfe or info["num_levels"]
@@ -427,7 +428,7 @@ def evaluate_one(args, job, scorers, device):
     net.cpu()
     *means, non_finite = health_means(folder, args.n, fp)
     grid = collect(folder, min(100, args.n), fp)
-    common.save_image_grid(os.path.join(folder, "grid.png"), grid.float() / 255, nrow=int(math.ceil(math.sqrt(len(grid)))))
+    utils.save_image_grid(os.path.join(folder, "grid.png"), grid.float() / 255, nrow=int(math.ceil(math.sqrt(len(grid)))))
     save_process(folder, settings, fp)
     if args.png:
         save_pngs(folder, args.n, fp)
@@ -458,7 +459,7 @@ def evaluate_one(args, job, scorers, device):
             old = json.load(f)
         if old.get("fingerprint") == fp:
             metrics = {**{k: old[k] for k in SCORES if k in old and k not in metrics}, **metrics}
-    common.save_json(metrics, path)
+    utils.save_json(metrics, path)
     return metrics
 
 
@@ -470,14 +471,14 @@ def make_scorers(args, jobs, device):
     scorers = {}
     if "inception" in args.metrics:
         inc = inception(args.inception_weights, device)
-        inc_digest = common.digest(inc.state_dict())
+        inc_digest = utils.digest(inc.state_dict())
         cache_dir = args.ref_cache or os.path.join(args.out or OUT, "ref_stats")
         refs = {d: reference_stats(args, d, inc, inc_digest, device, cache_dir)
                 for d in dict.fromkeys(j["info"]["dataset"] for j in jobs)}
         scorers["inception"] = (inc, refs)
     if "classifier" in args.metrics:
         if any(j["info"]["dataset"] != "mnist" for j in jobs):
-            raise common.DataError("--metrics classifier scores MNIST digits only; drop it for other data sets")
+            raise utils.DataError("--metrics classifier scores MNIST digits only; drop it for other data sets")
         import mnist_classifier
         scorers["classifier"] = mnist_classifier.DigitScorer(args.data_root, device, args.classifier_cache)
     return scorers
@@ -508,7 +509,7 @@ def print_table(results):
 
 def save_sweep_figure(path, results):
     """Each metric against network evaluations per sample, a line per checkpoint (and EMA choice)."""
-    plt = common.pyplot()
+    plt = utils.pyplot()
     keys = [k for k in ("fid", "inception_score_mean") if any(r.get(k) is not None for r in results)]
     keys += [k for k in ("classifier_is", "frechet_distance") if any("classifier" in r for r in results)]
     if not keys:
@@ -528,16 +529,16 @@ def save_sweep_figure(path, results):
                           f"{', ancestral' if sampler.startswith('reverse') else ''}")
         ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample"), ax.set_title(names[k]), ax.grid(alpha=0.3)
     axes[0][0].legend()
-    common.save_figure(fig, path)
+    utils.save_figure(fig, path)
 
 
 def main(argv=None):
-    p = common.arg_parser(__doc__)
+    p = utils.arg_parser(__doc__)
     p.add_argument("--checkpoint", action="extend", nargs="+", required=True, help="checkpoint file(s) or glob(s)")
-    p.add_argument("--n", type=common.positive_int, default=N, help="samples per evaluation")
-    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="images sampled at once")
+    p.add_argument("--n", type=utils.positive_int, default=N, help="samples per evaluation")
+    p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="images sampled at once")
     p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
-    p.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=SEED, help="image i uses a generator seeded by (seed, i)")
     p.add_argument("--metrics", nargs="+", choices=["inception", "classifier", "none"], default=["inception"],
                    help="inception: IS and FID (the paper's); classifier: mnist_classifier.py's digit scores; none")
@@ -545,34 +546,34 @@ def main(argv=None):
     p.add_argument("--ref-cache", default=None, help="folder of cached reference statistics (default: <--out or runs/eval>/ref_stats)")
     p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file (default: download)")
     p.add_argument("--classifier-cache", default="runs/mnist_classifier", help="folder of the MNIST classifier's weights")
-    p.add_argument("--data-root", default=common.DATA_ROOT, help="torchvision data folder")
+    p.add_argument("--data-root", default=utils.DATA_ROOT, help="torchvision data folder")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (default: if the checkpoint has them)")
-    p.add_argument("--step-lr", type=lambda t: t if t == "auto" else common.positive_float(t), nargs="+", default=None,
+    p.add_argument("--step-lr", type=lambda t: t if t == "auto" else utils.positive_float(t), nargs="+", default=None,
                    help="step_lr value(s); auto: technique 4's for T (default: the checkpoint's recipe's)")
-    p.add_argument("--steps-each", type=common.positive_int, nargs="+", default=None,
+    p.add_argument("--steps-each", type=utils.positive_int, nargs="+", default=None,
                    help="steps per noise level, T (default: the checkpoint's recipe's)")
-    p.add_argument("--nfe", type=common.positive_int, nargs="+", default=None,
+    p.add_argument("--nfe", type=utils.positive_int, nargs="+", default=None,
                    help="network evaluations per sample instead of --steps-each: T = (NFE - denoise) // L")
     p.add_argument("--sampler", nargs="+", choices=["als", "ancestral"], default=["als"],
                    help="annealed Langevin dynamics (the paper's), and/or ancestral sampling (common.reverse_diffusion: "
                         "one network evaluation per level, --nfe levels for a scale-conditioned network)")
     p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
-    p.add_argument("--nearest", type=common.positive_int, default=None,
+    p.add_argument("--nearest", type=utils.positive_int, default=None,
                    help="nearest.png: the K nearest training images of 10 samples (pixels; Inception features too)")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
                    help="end with x + sigma_L^2 s(x, L) (default: the checkpoint's recipe's)")
     args = p.parse_args(argv)
-    device = common.get_device(args.device)
+    device = utils.get_device(args.device)
     args.metrics = [] if "none" in args.metrics else args.metrics
     if args.nfe and args.steps_each:
         p.error("--nfe and --steps-each both set T; give one")
     if args.ref and args.ref.endswith(".npz"):
         try:
             read_stats(args.ref)                                  # a bad file stops us before any work
-        except common.DataError as err:
+        except utils.DataError as err:
             p.error(str(err))
     for flag, path in [("--out", args.out or OUT), ("--ref-cache", args.ref_cache)]:
-        if path and (problem := common.check_out(path, flag)):
+        if path and (problem := utils.check_out(path, flag)):
             p.error(problem)
     ckpts = []
     for pattern in args.checkpoint:
@@ -584,7 +585,7 @@ def main(argv=None):
         jobs = plan(args, ckpts)
         scorers = make_scorers(args, jobs, device)              # every reference ready before any sampling
         results = [evaluate_one(args, j, scorers, device) for j in jobs]
-    except (common.CheckpointError, common.DataError) as e:
+    except (common.CheckpointError, utils.DataError) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:
         raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}; samples written before are kept") from None
@@ -592,9 +593,9 @@ def main(argv=None):
         print("\ninterrupted: the shards written so far are kept; the same command continues from them", file=sys.stderr)
         raise SystemExit(130) from None
     except RuntimeError as e:
-        if not common.is_out_of_memory(e):
+        if not utils.is_out_of_memory(e):
             raise
-        raise SystemExit(f"error: out of memory ({common.first_line(e)[:80]}); use a smaller --batch-size") from None
+        raise SystemExit(f"error: out of memory ({utils.first_line(e)[:80]}); use a smaller --batch-size") from None
     print_table(results)
     if len(results) > 1:
         save_sweep_figure(os.path.join(args.out or OUT, "sweep.png"), results)

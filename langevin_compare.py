@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import common
+import utils
 
 #----------------------------------------------------------------------------
 # Defaults: the official toy runner (ermongroup/ncsn runners/toy_runner.py).
@@ -70,7 +71,7 @@ def mode_fractions(x):
 
 
 def plot(path, samples, metrics, settings):
-    plt = common.pyplot()
+    plt = utils.pyplot()
 
     t = torch.linspace(-BOUND, BOUND, 161)
     yy, xx = torch.meshgrid(t, t, indexing="ij")
@@ -93,22 +94,22 @@ def plot(path, samples, metrics, settings):
         ax.set_title(titles[name], fontsize=13)
     fig.suptitle(f"p = 0.2 N((-5,-5), I) + 0.8 N((5,5), I); eps = {settings['eps']:g}, sigmas "
                  f"{settings['sigma_begin']:g} to {settings['sigma_end']:g}", fontsize=12)
-    common.save_figure(fig, path)
+    utils.save_figure(fig, path)
 
 
 def main(argv=None):
-    p = common.arg_parser(__doc__)
+    p = utils.arg_parser(__doc__)
     p.add_argument("--out", default=OUT, help="output folder")
     p.add_argument("--seed", type=int, default=SEED, help="random seed")
-    p.add_argument("--n", type=common.positive_int, default=N, help="samples per method")
-    p.add_argument("--eps", type=common.positive_float, default=EPS, help="step size epsilon")
-    p.add_argument("--steps", type=common.positive_int, default=STEPS, help="Langevin dynamics steps")
-    p.add_argument("--steps-each", type=common.positive_int, default=STEPS_EACH, help="annealed steps per level")
-    p.add_argument("--sigma-begin", type=common.positive_float, default=SIGMA_BEGIN, help="largest noise level")
-    p.add_argument("--sigma-end", type=common.positive_float, default=SIGMA_END, help="smallest noise level")
-    p.add_argument("--num-levels", type=common.positive_int, default=NUM_LEVELS, help="number of noise levels")
+    p.add_argument("--n", type=utils.positive_int, default=N, help="samples per method")
+    p.add_argument("--eps", type=utils.positive_float, default=EPS, help="step size epsilon")
+    p.add_argument("--steps", type=utils.positive_int, default=STEPS, help="Langevin dynamics steps")
+    p.add_argument("--steps-each", type=utils.positive_int, default=STEPS_EACH, help="annealed steps per level")
+    p.add_argument("--sigma-begin", type=utils.positive_float, default=SIGMA_BEGIN, help="largest noise level")
+    p.add_argument("--sigma-end", type=utils.positive_float, default=SIGMA_END, help="smallest noise level")
+    p.add_argument("--num-levels", type=utils.positive_int, default=NUM_LEVELS, help="number of noise levels")
     args = p.parse_args(argv)
-    if problem := common.check_out(args.out):
+    if problem := utils.check_out(args.out):
         p.error(problem)
     try:
         sigmas = common.geometric_sigmas(args.sigma_begin, args.sigma_end, args.num_levels).double()
@@ -137,8 +138,8 @@ def main(argv=None):
         print(f"{name:>9}: near (5,5) {m['frac_near_(5,5)']:.3f}, near (-5,-5) {m['frac_near_(-5,-5)']:.3f}"
               + (f", DIVERGED: {m['n_diverged']} samples" if m["diverged"] else ""))
     metrics.update(stability=rows, settings=vars(args), sigmas=sigmas.tolist())
-    common.save_json(metrics, os.path.join(args.out, "metrics.json"))
-    with common.atomic_path(os.path.join(args.out, "langevin_compare.npz")) as tmp:
+    utils.save_json(metrics, os.path.join(args.out, "metrics.json"))
+    with utils.atomic_path(os.path.join(args.out, "langevin_compare.npz")) as tmp:
         np.savez(tmp, x0=x0.numpy(), sigmas=sigmas.numpy(), **{k: v.numpy() for k, v in samples.items()})
     plot(os.path.join(args.out, "langevin_compare.png"), samples, metrics, vars(args))
     print(f"wrote {args.out}/langevin_compare.png, metrics.json, langevin_compare.npz")

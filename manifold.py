@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import utils
 
 #----------------------------------------------------------------------------
 # Defaults: small enough for real MNIST digits on 2 CPU cores (the official config in comments).
@@ -67,7 +68,7 @@ class ResScore(nn.Module):
 def load_data(args):
     """uint8 training images at --image-size."""
     import torchvision.transforms.functional as TF
-    images = common.load_images(args.dataset, True, args.data_root, folder_flag=None)
+    images = utils.load_images(args.dataset, True, args.data_root, folder_flag=None)
     if images.shape[-1] != args.image_size:
         images = TF.resize(images, [args.image_size] * 2, antialias=True)
     return images
@@ -84,7 +85,7 @@ def summary(losses, tail):
 
 
 def save_plot(path, losses, args):
-    plt = common.pyplot()
+    plt = utils.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     titles = {"no_noise": "data as they are", "noise": f"data + N(0, {args.noise_std ** 2:g})"}
     w = max(1, min(100, len(losses["noise"]) // 20))
@@ -104,37 +105,37 @@ def save_plot(path, losses, args):
                  f"and off it (variance over the last {args.tail:.0%}: no noise "
                  f"{summary(losses['no_noise'], args.tail)['tail_variance'] or float('nan'):.3g}, "
                  f"noise {summary(losses['noise'], args.tail)['tail_variance'] or float('nan'):.3g})")
-    common.save_figure(fig, path)
+    utils.save_figure(fig, path)
 
 
 def main(argv=None):
-    p = common.arg_parser(__doc__)
+    p = utils.arg_parser(__doc__)
     p.add_argument("--dataset", choices=["mnist", "cifar10"], default=DATASET, help="training images")
-    p.add_argument("--data-root", default=common.DATA_ROOT, help="torchvision data folder")
-    p.add_argument("--image-size", type=common.positive_int, default=IMAGE_SIZE, help="images resized to this")
-    p.add_argument("--nef", type=common.positive_int, default=NEF, help="network width")
-    p.add_argument("--iters", type=common.positive_int, default=ITERS, help="iterations per run")
-    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="images per iteration")
-    p.add_argument("--lr", type=common.positive_float, default=LR, help="Adam learning rate")
-    p.add_argument("--noise-std", type=common.positive_float, default=NOISE_STD, help="sigma of the perturbed run")
-    p.add_argument("--tail", type=common.positive_float, default=TAIL, help="share of the last iterations summarised")
-    p.add_argument("--save-every", type=common.positive_int, default=SAVE_EVERY, help="iterations between saved states")
+    p.add_argument("--data-root", default=utils.DATA_ROOT, help="torchvision data folder")
+    p.add_argument("--image-size", type=utils.positive_int, default=IMAGE_SIZE, help="images resized to this")
+    p.add_argument("--nef", type=utils.positive_int, default=NEF, help="network width")
+    p.add_argument("--iters", type=utils.positive_int, default=ITERS, help="iterations per run")
+    p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="images per iteration")
+    p.add_argument("--lr", type=utils.positive_float, default=LR, help="Adam learning rate")
+    p.add_argument("--noise-std", type=utils.positive_float, default=NOISE_STD, help="sigma of the perturbed run")
+    p.add_argument("--tail", type=utils.positive_float, default=TAIL, help="share of the last iterations summarised")
+    p.add_argument("--save-every", type=utils.positive_int, default=SAVE_EVERY, help="iterations between saved states")
     p.add_argument("--seed", type=int, default=SEED, help="initial network, batches and projections")
     p.add_argument("--resume", action="store_true", help="continue <out>/manifold.pt")
-    p.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=OUT, help="output folder")
     args = p.parse_args(argv)
     if args.tail >= 1 or args.image_size % 2:
         p.error("--tail must be below 1 and --image-size even")
-    if problem := common.check_out(args.out):
+    if problem := utils.check_out(args.out):
         p.error(problem)
-    device, state_path = common.get_device(args.device), os.path.join(args.out, "manifold.pt")
+    device, state_path = utils.get_device(args.device), os.path.join(args.out, "manifold.pt")
     if os.path.exists(state_path) and not args.resume:
         p.error(f"{state_path} exists; pass --resume to continue it, or choose another --out")
     try:
         images = load_data(args)
         state = common.read_checkpoint(state_path) if args.resume and os.path.exists(state_path) else None
-    except (common.DataError, common.CheckpointError) as e:
+    except (utils.DataError, common.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     torch.manual_seed(args.seed)
     init = ResScore(images.shape[1], args.nef)
@@ -150,7 +151,7 @@ def main(argv=None):
     t0 = time.time()
     for it in tqdm(range(start, args.iters), initial=start, total=args.iters, desc="SSM, two runs", unit="it"):
         # One step of each run on the same batch and projections.
-        g = torch.Generator().manual_seed(common.stable_seed(args.seed, it))
+        g = torch.Generator().manual_seed(utils.stable_seed(args.seed, it))
         x = images[torch.randint(len(images), (args.batch_size,), generator=g)].to(device).float() / 255
         z, v = (torch.randn(x.shape, generator=g).to(device) for _ in range(2))
         for name, (net, opt) in runs.items():
@@ -162,12 +163,12 @@ def main(argv=None):
             opt.step()
             losses[name][it] = loss.item()
         if (it + 1) % args.save_every == 0 or it + 1 == args.iters:
-            common.atomic_save({"iteration": it + 1, **{name: dict(model=net.state_dict(), optimizer=opt.state_dict(),
+            utils.atomic_save({"iteration": it + 1, **{name: dict(model=net.state_dict(), optimizer=opt.state_dict(),
                                losses=torch.from_numpy(losses[name])) for name, (net, opt) in runs.items()}}, state_path)
     metrics = {name: summary(l, args.tail) for name, l in losses.items()}
     metrics.update(settings=vars(args), train_images=len(images), seconds=round(time.time() - t0, 1))
-    common.save_json(metrics, os.path.join(args.out, "metrics.json"))
-    with common.atomic_path(os.path.join(args.out, "losses.npz")) as tmp:
+    utils.save_json(metrics, os.path.join(args.out, "metrics.json"))
+    with utils.atomic_path(os.path.join(args.out, "losses.npz")) as tmp:
         np.savez(tmp, **losses)
     save_plot(os.path.join(args.out, "manifold.png"), losses, args)
     for name in runs:

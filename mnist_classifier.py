@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import utils
 
 #----------------------------------------------------------------------------
 # Defaults.
@@ -57,7 +58,7 @@ def split(images, labels):
 def mnist_with_labels(data_root):
     """uint8 digits (N, 1, 28, 28) and labels of torchvision's MNIST training split under data_root."""
     import torchvision
-    common.load_images("mnist", True, data_root, folder_flag=None)     # downloads, or says what is missing
+    utils.load_images("mnist", True, data_root, folder_flag=None)     # downloads, or says what is missing
     data = torchvision.datasets.MNIST(data_root, train=True, download=False)
     return data.data[:, None].contiguous(), data.targets.clone()
 
@@ -91,7 +92,7 @@ def load_or_train(data_root, device, cache=CACHE):
     """(classifier, held-out digits, held-out labels, its held-out accuracy), trained once per set of training digits."""
     images, labels = mnist_with_labels(data_root)
     tr_x, tr_y, ho_x, ho_y = split(images, labels)
-    key = common.digest(tr_x, tr_y, HOLD_OUT, EPOCHS, SEED)[:16]
+    key = utils.digest(tr_x, tr_y, HOLD_OUT, EPOCHS, SEED)[:16]
     path = os.path.join(cache, f"classifier_{len(tr_x)}_{key}.pt")
     net = DigitNet()
     if os.path.exists(path):
@@ -100,7 +101,7 @@ def load_or_train(data_root, device, cache=CACHE):
     else:
         print(f"training the MNIST classifier on {len(tr_x):,} digits ({EPOCHS} epochs), once: cached as {path}")
         net = train_classifier(tr_x, tr_y, device)
-        common.atomic_save(dict(model=net.state_dict(), train_digits=len(tr_x)), path)
+        utils.atomic_save(dict(model=net.state_dict(), train_digits=len(tr_x)), path)
     accuracy = (predict(net, ho_x, device)[0].argmax(1) == ho_y).double().mean().item()
     return net, ho_x, ho_y, accuracy
 
@@ -126,20 +127,20 @@ class DigitScorer:
         f = feats.numpy()
         return dict(classifier_is=kl.exp().item(), confident_share=(probs.max(1).values > CONFIDENT).double().mean().item(),
                     class_histogram=torch.bincount(probs.argmax(1), minlength=10).tolist(),
-                    frechet_distance=float(common.frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma)), n=len(images))
+                    frechet_distance=float(utils.frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma)), n=len(images))
 
 
 def main(argv=None):
-    p = common.arg_parser(__doc__)
-    p.add_argument("--data-root", default=common.DATA_ROOT, help="torchvision data folder holding MNIST")
+    p = utils.arg_parser(__doc__)
+    p.add_argument("--data-root", default=utils.DATA_ROOT, help="torchvision data folder holding MNIST")
     p.add_argument("--cache", default=CACHE, help="folder of the cached weights")
-    p.add_argument("--n", type=common.positive_int, default=100, help="samples in the ceiling and floor rows")
-    p.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--n", type=utils.positive_int, default=100, help="samples in the ceiling and floor rows")
+    p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     args = p.parse_args(argv)
-    device = common.get_device(args.device)
+    device = utils.get_device(args.device)
     try:
         scorer = DigitScorer(args.data_root, device, args.cache)
-    except common.DataError as e:
+    except utils.DataError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"held-out accuracy {scorer.accuracy:.4f}; {len(scorer.held_out)} held-out digits kept for the ceiling")
     if args.n > len(scorer.held_out):

@@ -18,6 +18,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import common
+import utils
 
 #----------------------------------------------------------------------------
 # Defaults: the paper's toy experiment (Sec. 3.2.1) and the official toy runner.
@@ -79,7 +80,7 @@ def score_errors(net, generator, n_data=10_000, n_grid=101):
 
 
 def plot(path, net, losses, metrics):
-    plt = common.pyplot()
+    plt = utils.pyplot()
 
     fine = grid(201)
     dens = common.toy_log_prob(fine).exp().reshape(201, 201).numpy()
@@ -120,18 +121,18 @@ def plot(path, net, losses, metrics):
     fig.suptitle(f"Score error under p: {metrics['fisher_divergence']:.3g};  far from the data "
                  f"(red circles: {FAR:g} sd around the modes): {metrics['mse_low_density']:.3g} "
                  f"({metrics['low_to_data_ratio']:.0f}x)", fontsize=13)
-    common.save_figure(fig, path)
+    utils.save_figure(fig, path)
 
 
 def main(argv=None):
-    p = common.arg_parser(__doc__)
+    p = utils.arg_parser(__doc__)
     p.add_argument("--out", default=OUT, help="output folder")
     p.add_argument("--seed", type=int, default=SEED, help="random seed")
-    p.add_argument("--iters", type=common.positive_int, default=ITERS, help="SSM optimizer steps")
-    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="samples per step")
-    p.add_argument("--lr", type=common.positive_float, default=LR, help="Adam learning rate")
+    p.add_argument("--iters", type=utils.positive_int, default=ITERS, help="SSM optimizer steps")
+    p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="samples per step")
+    p.add_argument("--lr", type=utils.positive_float, default=LR, help="Adam learning rate")
     args = p.parse_args(argv)
-    if problem := common.check_out(args.out):
+    if problem := utils.check_out(args.out):
         p.error(problem)
 
     torch.manual_seed(args.seed)
@@ -145,9 +146,9 @@ def main(argv=None):
     metrics, xg, err = score_errors(net, torch.Generator().manual_seed(args.seed + 1))
     metrics.update(final_loss=float(losses[-min(100, len(losses)):].mean()), seconds=round(time.time() - t0, 1),
                    settings=vars(args))
-    common.save_json(metrics, os.path.join(args.out, "metrics.json"))
+    utils.save_json(metrics, os.path.join(args.out, "metrics.json"))
     pts = grid(21)
-    with torch.no_grad(), common.atomic_path(os.path.join(args.out, "toy_gmm.npz")) as tmp:
+    with torch.no_grad(), utils.atomic_path(os.path.join(args.out, "toy_gmm.npz")) as tmp:
         np.savez(tmp, losses=losses, grid=xg.numpy(), grid_sq_error=err.numpy(),
                  arrow_points=pts.numpy(), true_scores=common.toy_score(pts).numpy(), est_scores=net(pts).numpy(),
                  density=common.toy_log_prob(xg).exp().numpy())

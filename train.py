@@ -17,11 +17,9 @@ import contextlib
 import copy
 import csv
 import dataclasses
-import datetime
 import math
 import os
 import re
-import signal
 import sys
 import time
 
@@ -29,31 +27,16 @@ import torch
 from tqdm import tqdm
 
 import common
+import utils
 
 #----------------------------------------------------------------------------
 # Settings. Each TrainConfig field is a flag (--batch-size for batch_size) with its default and
-# help; the per-data-set defaults (channels, image size, flips, ngf) are common.DATASETS.
+# help; the per-data-set defaults (channels, image size, flips, ngf) are utils.DATASETS.
 
 ITERS = 200_000      # the paper's optimizer steps, when neither --iters nor --epochs is given
 TEST_EVERY = 100     # steps between test losses (the official code's)
 LOG_EVERY = 10       # steps between host syncs: metrics rows, finiteness and stop checks
 EXIT_STOPPED = 3     # exit status of a run stopped by a signal: continue it with --resume
-
-
-def _rate(text):
-    """argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text}")
-    return value
-
-
-def _count(text):
-    """argparse type: an integer >= 0."""
-    return 0 if text.strip() == "0" else common.positive_int(text)
 
 
 def _or_auto(parse):
@@ -76,50 +59,53 @@ RECIPES = {   # what a recipe gives each of these flags when it is not given
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every training setting. None: the recipe's (RECIPES) or the data set's (common.DATASETS).
+    """Every training setting. None: the recipe's (RECIPES) or the data set's (utils.DATASETS).
     must_match: a resumed run must use the checkpoint's value."""
     # data and outputs
-    dataset: str = _setting("mnist", "data set", choices=list(common.DATASETS), must_match=True)
-    data_root: str = _setting(common.DATA_ROOT, "torchvision data folder (downloaded into when missing)")
+    dataset: str = _setting("mnist", "data set", choices=list(utils.DATASETS), must_match=True)
+    data_root: str = _setting(utils.DATA_ROOT, "torchvision data folder (downloaded into when missing)")
     dataset_path: str = _setting(None, "a folder of images to train on instead (every 20th held out)", must_match=True)
     out: str = _setting(None, "output folder (default: runs/<dataset>)")
     resume: bool = _setting(False, "continue from <out>/checkpoint.pt")
     recipe: str = _setting("ncsn", "ncsn: the paper's; ncsnv2: the improved techniques", choices=list(RECIPES))
     # training
-    batch_size: int = _setting(128, "global batch per optimizer step", type=common.positive_int, must_match=True)
+    batch_size: int = _setting(128, "global batch per optimizer step", type=utils.positive_int, must_match=True)
     iters: int = _setting(None, f"stop after this many optimizer steps (default {ITERS:,} if --epochs is not given)",
-                          type=common.positive_int)
+                          type=utils.positive_int)
     epochs: int = _setting(None, "stop after this many epochs (with --iters too: whichever comes first)",
-                           type=common.positive_int)
-    lr: float = _setting(None, "Adam learning rate", type=common.positive_float)
-    beta1: float = _setting(0.9, "Adam beta1 (beta2 is 0.999)", type=_rate)
-    ngf: int = _setting(None, "RefineNet width (default: the data set's, 64 MNIST, 128 CIFAR-10)", type=common.positive_int)
+                           type=utils.positive_int)
+    lr: float = _setting(None, "Adam learning rate", type=utils.positive_float)
+    beta1: float = _setting(0.9, "Adam beta1 (beta2 is 0.999)", type=utils.rate)
+    ngf: int = _setting(None, "RefineNet width (default: the data set's, 64 MNIST, 128 CIFAR-10)", type=utils.positive_int)
     sigma_begin: float = _setting(None, "sigma_1, the largest noise level; auto: the largest distance between two "
-                                  "training images (technique 1)", type=_or_auto(common.positive_float), must_match=True)
-    sigma_end: float = _setting(None, "sigma_L, the smallest", type=common.positive_float, must_match=True)
+                                  "training images (technique 1)", type=_or_auto(utils.positive_float), must_match=True)
+    sigma_end: float = _setting(None, "sigma_L, the smallest", type=utils.positive_float, must_match=True)
     num_levels: int = _setting(None, "L, the number of noise levels; auto: technique 2's for the image size",
-                               type=_or_auto(common.positive_int), must_match=True)
+                               type=_or_auto(utils.positive_int), must_match=True)
     conditioning: str = _setting(None, "norm: CondInstanceNorm++ per level; scale: s(x)/sigma (technique 3)",
                                  choices=["norm", "scale"], must_match=True)
     objective: str = _setting("dsm", "dsm: denoising score matching (eq. 5-6); ssm: annealed sliced score matching "
                               "(SSM-VR per level, weighted by sigma^2)", choices=["dsm", "ssm"], must_match=True)
-    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power (dsm)", type=common.finite_float, must_match=True)
+    sigma_dist: str = _setting("uniform", "the noise level of each training image: uniform over the levels (eq. 6), or "
+                               "lognormal: EDM's ln sigma ~ N(-1.2, 1.2^2) on the levels (Karras et al. 2022)",
+                               choices=["uniform", "lognormal"], must_match=True)
+    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power (dsm)", type=utils.finite_float, must_match=True)
     dequantize: bool = _setting(None, "uniform dequantisation (x_uint8 + U(0, 1)) / 256, else x_uint8 / 255")
-    ema: float = _setting(None, "EMA rate of the weights, 0 = off (technique 5)", type=_rate)
+    ema: float = _setting(None, "EMA rate of the weights, 0 = off (technique 5)", type=utils.rate)
     ema_warmup: bool = _setting(False, "EMA rate min(--ema, (1 + n) / (10 + n)) at update n (TensorFlow's num_updates, "
                                 "score_sde's EMA): short runs' averages forget the initial weights")
     seed: int = _setting(0, "fixes initialisation, data order and every noise draw", must_match=True)
     # checkpoints and figures
-    snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=common.positive_int)
-    sample_every: int = _setting(5_000, "steps between sample figures", type=common.positive_int)
-    n_samples: int = _setting(64, "images in each sample grid", type=common.positive_int)
-    steps_each: int = _setting(None, "sampler steps per noise level (T)", type=common.positive_int)
-    step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T", type=_or_auto(common.positive_float))
+    snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=utils.positive_int)
+    sample_every: int = _setting(5_000, "steps between sample figures", type=utils.positive_int)
+    n_samples: int = _setting(64, "images in each sample grid", type=utils.positive_int)
+    steps_each: int = _setting(None, "sampler steps per noise level (T)", type=utils.positive_int)
+    step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T", type=_or_auto(utils.positive_float))
     denoise: bool = _setting(None, "end the sampler with x + sigma_L^2 s(x, L)")
     # machinery
-    device: str = _setting("auto", "auto, cpu, cuda or cuda:N", type=common.device_name)
-    num_workers: int = _setting(2, "data loader processes", type=_count)
-    grad_accum: int = _setting(1, "micro-batches per optimizer step", type=common.positive_int)
+    device: str = _setting("auto", "auto, cpu, cuda or cuda:N", type=utils.device_name)
+    num_workers: int = _setting(2, "data loader processes", type=utils.count)
+    grad_accum: int = _setting(1, "micro-batches per optimizer step", type=utils.positive_int)
     amp: str = _setting("none", "bf16 autocast for the forward pass", choices=["none", "bf16"])
     channels_last: bool = _setting(False, "channels_last memory format (slower on CPUs: see bench.py)")
     compile: bool = _setting(False, "torch.compile the training forward and backward")
@@ -127,7 +113,7 @@ class TrainConfig:
 
 def parser(fixed=()):
     """argparse flags generated from TrainConfig, less the `fixed` fields."""
-    p = common.arg_parser(__doc__)
+    p = utils.arg_parser(__doc__)
     for f in dataclasses.fields(TrainConfig):
         if f.name in fixed:
             continue
@@ -146,7 +132,7 @@ def parser(fixed=()):
 def resolve(cfg):
     """Fill the settings left unset from the recipe and the data set."""
     recipe = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
-    return dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or common.DATASETS[cfg.dataset]["ngf"],
+    return dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or utils.DATASETS[cfg.dataset]["ngf"],
                                out=cfg.out or os.path.join("runs", cfg.dataset))
 
 
@@ -196,43 +182,12 @@ def run_length(cfg, steps_per_epoch):
     return min(limits) if limits else (ITERS, f"the paper's {ITERS:,} steps")
 
 #----------------------------------------------------------------------------
-# Processes: one code path, a single process is world size 1.
-
-def dist_init(device_name="auto"):
-    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs); else a single process.
-    Returns (rank, world_size, device)."""
-    device = common.get_device(device_name)
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    # generous timeout: the other ranks wait while rank 0 samples figures
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                         timeout=datetime.timedelta(hours=2))
-    return rank, world, device
-
-
-def dist_exit(code=0, barrier=True):
-    """Leave the process group and exit. Barrier, destroy, flush, os._exit: gloo's worker threads
-    can otherwise abort the interpreter at exit ("terminate called without an active exception")."""
-    if torch.distributed.is_initialized():
-        try:
-            if barrier:
-                torch.distributed.barrier()
-        finally:
-            torch.distributed.destroy_process_group()
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)
-
-#----------------------------------------------------------------------------
 # Data: the training set is one uint8 tensor; every random draw is fixed by (seed, step).
 
 def epoch_batches(n, batch_size, seed, epoch, start, rank=0, world_size=1):
     """Index lists of one epoch from batch `start` on: a permutation fixed by (seed, epoch),
     cut into global batches (the last partial one dropped), each rank taking its slice."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(common.stable_seed(seed, epoch, -1)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(utils.stable_seed(seed, epoch, -1)))
     per_rank = batch_size // world_size
     for b in range(start, n // batch_size):
         lo = b * batch_size + rank * per_rank
@@ -253,12 +208,24 @@ def batches(images, cfg, epoch, pos, rank, world, device):
         epoch, pos = epoch + 1, 0
 
 
-def step_draws(seed, step, shape, num_levels, device, stream=0, vectors=False):
-    """Noise-level labels, dequantisation noise u, noise z, flips (and, for ssm, the projections v)
-    of a global batch of `shape`, fixed by (seed, step, stream) through common.stable_seed: the
+def level_probs(sigmas, dist):
+    """Each level's probability in a training draw: None for uniform (the paper's); for lognormal,
+    the N(-1.2, 1.2^2) density of ln sigma (EDM's P_mean, P_std), which needs no Jacobian because
+    the levels are evenly spaced in ln sigma. It puts the training where samples take shape
+    (sigma 0.1 to 1 on [0, 1] images) rather than on technique 1's sigma 1 to 16."""
+    if dist == "uniform":
+        return None
+    p = torch.exp(-0.5 * ((torch.log(sigmas.double()) + 1.2) / 1.2) ** 2)
+    return (p / p.sum()).float()
+
+
+def step_draws(seed, step, shape, levels, device, stream=0, vectors=False):
+    """Noise-level labels (uniform over `levels` if an int, else drawn with the probabilities `levels`), dequantisation noise u, noise z, flips (and, for ssm, the projections v)
+    of a global batch of `shape`, fixed by (seed, step, stream) through utils.stable_seed: the
     same whatever the number of processes, accumulation steps or restarts."""
-    g = torch.Generator(device=device).manual_seed(common.stable_seed(seed, step, stream))
-    labels = torch.randint(num_levels, (shape[0],), generator=g, device=device)   # one random level each
+    g = torch.Generator(device=device).manual_seed(utils.stable_seed(seed, step, stream))
+    labels = (torch.randint(levels, (shape[0],), generator=g, device=device) if isinstance(levels, int)  # one level each
+              else torch.multinomial(levels.to(device), shape[0], replacement=True, generator=g))
     u = torch.rand(shape, generator=g, device=device)
     z = torch.randn(shape, generator=g, device=device)
     flip = torch.rand(shape[0], generator=g, device=device) < 0.5
@@ -281,14 +248,16 @@ def to_unit(images, u=None):
 # One optimizer step, the test loss, the EMA.
 
 def train_step(model, opt, images, sigmas, *, step, seed=0, batch_size=None, grad_accum=1, rank=0, world_size=1,
-               flip=False, amp="none", anneal_power=2.0, dequantize=True, objective="dsm"):
+               flip=False, amp="none", anneal_power=2.0, dequantize=True, objective="dsm", sigma_dist="uniform"):
     """One Adam step of annealed DSM (eq. 6; or objective='ssm') on a global batch of `batch_size` images (default:
     len(images) x world_size), of which `images` (uint8, on the device) are this rank's share.
     Gradients build up over `grad_accum` micro-batches and are all-reduced once (EDM's
     ddp_sync). Returns this rank's mean loss as a device scalar (no host sync)."""
     device, per_rank = images.device, len(images)
     B, micro, lo = batch_size or per_rank * world_size, per_rank // grad_accum, rank * per_rank
-    labels, u, z, flips, *v = step_draws(seed, step, (B, *images.shape[1:]), len(sigmas), device, vectors=objective == "ssm")
+    levels = level_probs(sigmas, sigma_dist)
+    labels, u, z, flips, *v = step_draws(seed, step, (B, *images.shape[1:]), len(sigmas) if levels is None else levels,
+                                         device, vectors=objective == "ssm")
     v = v[0] if v else None
     x = to_unit(images, u[lo:lo + per_rank] if dequantize else None)
     if flip:
@@ -315,7 +284,9 @@ def test_loss(net, test_images, sigmas, step, cfg, device):
     B = min(cfg.batch_size, len(test_images))
     t = (step // TEST_EVERY) % max(1, len(test_images) // B)
     images = test_images[t * B:(t + 1) * B].to(device)
-    labels, u, z, _, *v = step_draws(cfg.seed, step, images.shape, len(sigmas), device, 1, cfg.objective == "ssm")
+    levels = level_probs(sigmas, cfg.sigma_dist)
+    levels = len(sigmas) if levels is None else levels
+    labels, u, z, _, *v = step_draws(cfg.seed, step, images.shape, levels, device, 1, cfg.objective == "ssm")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
         x = to_unit(images, u if cfg.dequantize else None)
         return objective_loss(net, x, labels, sigmas, z, v[0] if v else None, cfg.objective, cfg.anneal_power).item()
@@ -326,6 +297,11 @@ def ema_update(ema, net, rate):
     """Exponential moving average of the weights (NCSNv2): ema <- rate * ema + (1 - rate) * net.
     Under no_grad, so the average never carries autograd history from one step to the next."""
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - rate)
+
+
+def ema_rate(cfg, n):
+    """The EMA rate of update n = 1, 2, ...: --ema, or with --ema-warmup min(--ema, (1 + n) / (10 + n))."""
+    return min(cfg.ema, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema
 
 #----------------------------------------------------------------------------
 # Metrics, stop signals, checkpoints, figures.
@@ -347,7 +323,7 @@ class MetricsLog:
         self.path, self.write, self.rows, self.pending, self.tests = path, write, [], [], {}
         if write:
             self.rows = read_metrics(path, upto)
-            with common.atomic_path(path) as tmp, open(tmp, "w") as f:
+            with utils.atomic_path(path) as tmp, open(tmp, "w") as f:
                 f.write(",".join(self.COLUMNS) + "\n")
                 f.writelines(self._line(r) for r in self.rows)
         self.t, self.step = time.time(), upto
@@ -399,54 +375,16 @@ def read_metrics(path, upto):
     return rows
 
 
-class Stopped(Exception):
-    """Raised inside the figure sampler when a stop signal arrives."""
-
-
-class StopSignal:
-    """SIGINT / SIGTERM set `name`; the loop then finishes its step, saves and exits (a second
-    signal takes the default action). A context manager that restores the old handlers."""
-
-    def __init__(self):
-        self.name, self.old = None, {}
-
-    def __enter__(self):
-        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
-    def _handle(self, signum, frame):
-        self.name = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
-
-    def check(self, *args):
-        """A sampler callback: stop sampling at once when a signal came."""
-        if self.name is not None:
-            raise Stopped
-
-    def agreed(self, world, device):
-        """Whether to stop now; with several processes, whether any rank got a signal."""
-        if world == 1:
-            return self.name is not None
-        flag = torch.tensor([self.name is not None], dtype=torch.float32, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.name = self.name or ("a signal on another rank" if flag.item() else None)
-        return self.name is not None
-
-
 def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_args, cfg):
     """checkpoint.pt, the latest: everything resume needs; and when numbered checkpoint_<step>.pt,
     the same bytes (a hard link; a copy where links are not supported)."""
     path = os.path.join(out, "checkpoint.pt")
     try:
-        common.atomic_save(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(),
+        utils.atomic_save(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(),
                                 step=step, epoch=epoch, pos=pos, model_args=model_args, config=dataclasses.asdict(cfg),
                                 rng=dict(torch=torch.get_rng_state())), path)
         if numbered:
-            with common.atomic_path(os.path.join(out, f"checkpoint_{step}.pt")) as tmp:
+            with utils.atomic_path(os.path.join(out, f"checkpoint_{step}.pt")) as tmp:
                 os.remove(tmp)
                 try:
                     os.link(path, tmp)
@@ -461,7 +399,7 @@ def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_arg
 def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
     """The loss against steps, train (per step and smoothed) and test (Fig. 3)."""
     import numpy as np
-    plt = common.pyplot()
+    plt = utils.pyplot()
     steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
     test = [(r["step"], r["test_loss"]) for r in rows if r["test_loss"] != ""]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -473,13 +411,13 @@ def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
         ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
     ax.set_yscale("log" if loss.min() > 0 else "linear"), ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.legend()
     ax.grid(alpha=0.3)
-    common.save_figure(fig, path)
+    utils.save_figure(fig, path)
 
 
 def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
     """samples_<step>.png and process_<step>.png (Figs. 4, 5) from the same start every time,
     and loss.png (Fig. 3). Returns False, writing nothing, when a stop signal cut sampling short."""
-    spec = common.DATASETS[cfg.dataset]
+    spec = utils.DATASETS[cfg.dataset]
     tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({len(sigmas)} x {cfg.steps_each} "
                f"network evaluations)")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -489,10 +427,10 @@ def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
             x, levels = common.annealed_langevin_dynamics(
                 net, x0, sigmas, cfg.steps_each, cfg.step_lr, denoise=cfg.denoise, callback=stop.check,
                 randn_like=lambda t: torch.randn(t.shape, generator=g, device=device))
-    except Stopped:
+    except utils.Stopped:
         return False
-    common.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
-    common.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), levels, sigmas.tolist())
+    utils.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
+    utils.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), levels, sigmas.tolist())
     save_loss_figure(os.path.join(cfg.out, "loss.png"), rows, f"annealed {cfg.objective.upper()} loss")
     return True
 
@@ -501,13 +439,13 @@ def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
 
 def prepare_out(out):
     """Make --out a writable folder and remove the temporary files of writes that a killed run
-    left (common.atomic_path's naming only). Returns how many bytes that freed."""
-    problem = common.check_out(out)
+    left (utils.atomic_path's naming only). Returns how many bytes that freed."""
+    problem = utils.check_out(out)
     if problem:
         raise TrainError(problem)
     freed = 0
     for name in os.listdir(out):
-        if re.fullmatch(re.escape(common.TMP_PREFIX) + r"[A-Za-z0-9_]{8}-.+", name):
+        if re.fullmatch(re.escape(utils.TMP_PREFIX) + r"[A-Za-z0-9_]{8}-.+", name):
             freed += os.path.getsize(os.path.join(out, name))
             os.remove(os.path.join(out, name))
     return freed
@@ -539,16 +477,19 @@ def check_resume(state, cfg, model_args):
         raise TrainError(f"{path} holds a different model: {diff}; resume with the same settings or another --out")
     diff = [f"--{f.name.replace('_', '-')} {state['config'].get(f.name)} (flags: {getattr(cfg, f.name)})"
             for f in dataclasses.fields(cfg) if f.metadata.get("must_match")
-            and state["config"].get(f.name, RECIPES["ncsn"].get(f.name)) != getattr(cfg, f.name)]
+            and state["config"].get(f.name, RECIPES["ncsn"].get(f.name, f.default)) != getattr(cfg, f.name)]
     if diff:
         raise TrainError(f"{path} was trained with {', '.join(diff)}; resume with the same values")
 
 
 def load_data(cfg, rank, world):
     """(train, test) uint8 images; rank 0 first, as it alone downloads a missing data set."""
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by processes ({world}) x --grad-accum "
+                         f"({cfg.grad_accum})")
     if rank != 0:
         torch.distributed.barrier()
-    images = [common.load_images(cfg.dataset, split, cfg.data_root, cfg.dataset_path) for split in (True, False)]
+    images = [utils.load_images(cfg.dataset, split, cfg.data_root, cfg.dataset_path) for split in (True, False)]
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     if len(images[0]) < cfg.batch_size:
@@ -556,8 +497,9 @@ def load_data(cfg, rank, world):
     return images
 
 
-def build(cfg, model_args, sigmas, state):
-    """The network, its EMA copy (None when off) and Adam, restored from `state` when resuming."""
+def build(cfg, model_args, sigmas, state, world):
+    """The network, the module that trains it (DDP and torch.compile as asked), its EMA copy (None
+    when off) and Adam, restored from `state` when resuming."""
     torch.manual_seed(cfg.seed)
     net = common.RefineNet(**model_args, sigmas=sigmas if cfg.conditioning == "scale" else None)
     net = net.to(sigmas.device, memory_format=torch.channels_last if cfg.channels_last else None)
@@ -571,7 +513,11 @@ def build(cfg, model_args, sigmas, state):
         if ema is not None:
             ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         torch.set_rng_state(state["rng"]["torch"])
-    return net, ema, opt
+    device = sigmas.device
+    model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(model) if cfg.compile else model    # checkpoints save net's state dict all the same
+    return net, model, ema, opt
 
 
 def save_config(cfg, path, **found):
@@ -581,37 +527,39 @@ def save_config(cfg, path, **found):
     import torchvision
     versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                     numpy=numpy.__version__)
-    common.save_json(dict(dataclasses.asdict(cfg), **found, versions=versions), path)
+    utils.save_json(dict(dataclasses.asdict(cfg), **found, versions=versions), path)
+
+
+def describe(cfg, net):
+    """The recipe and the network, for the start-of-run line."""
+    return (f"recipe {cfg.recipe}: RefineNet({net.model_args['in_channels']}, {cfg.ngf}, {cfg.conditioning}-conditioned, "
+            f"{cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}"
+            + (", log-normal training levels" if cfg.sigma_dist == "lognormal" else "")
+            + f"): {sum(p.numel() for p in net.parameters()):,} parameters")
 
 
 def train(cfg):
     """Train a RefineNet with annealed DSM as `cfg` (a resolved TrainConfig) says.
     Returns (final step, the name of the signal that stopped the run, or None)."""
     # Set-up: processes, the run to continue, data, network.
-    rank, world, device = dist_init(cfg.device)
+    rank, world, device = utils.dist_init(cfg.device)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    B, spec = cfg.batch_size, common.DATASETS[cfg.dataset]
-    if B % (world * cfg.grad_accum):
-        raise TrainError(f"--batch-size {B} must be divisible by processes ({world}) x --grad-accum ({cfg.grad_accum})")
-    freed = prepare_out(cfg.out) if rank == 0 else 0
-    if freed:
+    B, spec = cfg.batch_size, utils.DATASETS[cfg.dataset]
+    if rank == 0 and (freed := prepare_out(cfg.out)):
         say(f"removed the temporary files of an interrupted write in {cfg.out} ({freed / 2**20:.1f} MiB)")
     state = resume_state(cfg)
     train_images, test_images = load_data(cfg, rank, world)
     cfg, auto = resolve_auto(cfg, train_images, device, state, say)
-    model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels, image_size=spec["image_size"],
-                      conditioning=cfg.conditioning)
+    model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels,
+                      image_size=spec["image_size"], conditioning=cfg.conditioning)
     if state is not None:
         check_resume(state, cfg, model_args)
     steps_per_epoch = len(train_images) // B
     total_steps, limit = run_length(cfg, steps_per_epoch)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
-    raw, ema, opt = build(cfg, model_args, sigmas, state)
+    raw, model, ema, opt = build(cfg, model_args, sigmas, state, world)
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
-    model = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        raw, device_ids=[device.index] if device.type == "cuda" else None)
-    model = torch.compile(model) if cfg.compile else model    # checkpoints save raw's state dict all the same
     log = MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, write=rank == 0)
     if rank == 0:
         save_config(cfg, os.path.join(cfg.out, "config.json"), world_size=world, device_used=str(device),
@@ -619,16 +567,14 @@ def train(cfg):
                     train_images=len(train_images), test_images=len(test_images), dataset_spec=spec, auto=auto)
     say((f"resumed at step {step} (epoch {epoch}, batch {pos}); " if state else "") +
         f"{cfg.dataset}: {len(train_images)} training images, {steps_per_epoch} steps/epoch; training to step "
-        f"{total_steps:,} ({limit}); {world} process(es) on {device}; recipe {cfg.recipe}: RefineNet({spec['channels']}, "
-        f"{cfg.ngf}, {cfg.conditioning}-conditioned, {cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}): "
-        f"{sum(p.numel() for p in raw.parameters()):,} parameters")
+        f"{total_steps:,} ({limit}); {world} process(es) on {device}; " + describe(cfg, raw))
     parts = dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg)    # of every checkpoint
 
     # The loop, one optimizer step an iteration; rank 0 alone writes files.
     data = batches(train_images, cfg, epoch, pos, rank, world, device)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
     last_saved, stopped = (step if state else None), False
-    with StopSignal() as stop:
+    with utils.StopSignal() as stop:
         try:
             while step < total_steps and not stopped:
                 # Optimizer step, EMA, test loss.
@@ -636,10 +582,9 @@ def train(cfg):
                 loss = train_step(model, opt, images, sigmas, step=step, seed=cfg.seed, batch_size=B,
                                   grad_accum=cfg.grad_accum, rank=rank, world_size=world, flip=spec["flip"],
                                   amp=cfg.amp, anneal_power=cfg.anneal_power, dequantize=cfg.dequantize,
-                                  objective=cfg.objective)
+                                  objective=cfg.objective, sigma_dist=cfg.sigma_dist)
                 if ema is not None:
-                    n = step + 1                                     # this update's number, 1, 2, ...
-                    ema_update(ema, raw, min(cfg.ema, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema)
+                    ema_update(ema, raw, ema_rate(cfg, step + 1))
                 step += 1
                 log.add(step, epoch, loss)
                 bar.update(1)
@@ -677,13 +622,13 @@ def train(cfg):
 
 def one_line_error(e, cfg):
     """The command line's message for an error, or None for an unexpected one (a traceback)."""
-    if isinstance(e, (TrainError, common.DataError, common.CheckpointError)):
+    if isinstance(e, (TrainError, utils.DataError, common.CheckpointError)):
         return f"error: {e}"
     if isinstance(e, OSError):
         return f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
-    if common.is_out_of_memory(e):
+    if utils.is_out_of_memory(e):
         return (f"error: out of memory with --ngf {cfg.ngf} and --batch-size {cfg.batch_size} on {cfg.device} "
-                f"({common.first_line(e)[:80]}); use a smaller --ngf or --batch-size, or --grad-accum")
+                f"({utils.first_line(e)[:80]}); use a smaller --ngf or --batch-size, or --grad-accum")
     return None
 
 
@@ -697,16 +642,16 @@ def main(argv=None, **fixed):
         p.error(problem)
     try:
         step, stopped = train(cfg)
-    except (TrainError, common.DataError, common.CheckpointError, OSError, RuntimeError) as e:
+    except (TrainError, utils.DataError, common.CheckpointError, OSError, RuntimeError) as e:
         message = one_line_error(e, cfg)
         if message is None:
             raise
         if torch.distributed.is_initialized():      # the other ranks meet the same error, or time out
             print(message, file=sys.stderr)
-            dist_exit(1, barrier=False)
+            utils.dist_exit(1, barrier=False)
         raise SystemExit(message) from None
     if torch.distributed.is_initialized():
-        dist_exit(EXIT_STOPPED if stopped else 0)
+        utils.dist_exit(EXIT_STOPPED if stopped else 0)
     if stopped:
         raise SystemExit(EXIT_STOPPED)
     return step

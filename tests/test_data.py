@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import utils
 from conftest import write_cifar10, write_mnist
 
 
 def _load(folder, channels):
-    return common.load_image_folder(str(folder), channels, 8).double()
+    return utils.load_image_folder(str(folder), channels, 8).double()
 
 
 def test_sixteen_bit_grey_png_keeps_its_brightness(tmp_path):
@@ -57,19 +57,19 @@ def test_palette_rgba_and_cmyk_images_have_their_true_colours(tmp_path):
 def test_unreadable_images_are_named_in_one_line(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(common.DataError) as e:
-        common.load_image_folder(str(tmp_path), 1, 8)
+    with pytest.raises(utils.DataError) as e:
+        utils.load_image_folder(str(tmp_path), 1, 8)
     assert "broken.png is not a readable image" in str(e.value) and "\n" not in str(e.value)
     os.remove(tmp_path / "broken.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full.png")
     data = (tmp_path / "full.png").read_bytes()
     (tmp_path / "full.png").write_bytes(data[:len(data) // 2])          # a truncated download
-    with pytest.raises(common.DataError, match="full.png is not a readable image"):
-        common.load_image_folder(str(tmp_path), 3, 8)
+    with pytest.raises(utils.DataError, match="full.png is not a readable image"):
+        utils.load_image_folder(str(tmp_path), 3, 8)
     os.remove(tmp_path / "full.png")
     Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "float.tif")
-    with pytest.raises(common.DataError, match="float.tif is not a readable image .*floating-point"):
-        common.load_image_folder(str(tmp_path), 1, 8)
+    with pytest.raises(utils.DataError, match="float.tif is not a readable image .*floating-point"):
+        utils.load_image_folder(str(tmp_path), 1, 8)
 
 
 @pytest.fixture
@@ -87,8 +87,8 @@ def test_truncated_mnist_file_is_named(tmp_path, offline):
     path = os.path.join(root, "MNIST", "raw", "train-images-idx3-ubyte")
     data = open(path, "rb").read()
     open(path, "wb").write(data[:len(data) - 100])
-    with pytest.raises(common.DataError) as e:
-        common.load_images("mnist", True, root)
+    with pytest.raises(utils.DataError) as e:
+        utils.load_images("mnist", True, root)
     assert f"{path} is present but truncated" in str(e.value) and "not under --data-root" not in str(e.value)
 
 
@@ -98,20 +98,20 @@ def test_mnist_archive_with_the_wrong_checksum_is_named(tmp_path, offline):
     for name, _ in __import__("torchvision").datasets.MNIST.resources:
         with gzip.open(raw / name, "wb") as f:
             f.write(b"\0" * 100)
-    with pytest.raises(common.DataError) as e:
-        common.load_images("mnist", False, str(tmp_path))
+    with pytest.raises(utils.DataError) as e:
+        utils.load_images("mnist", False, str(tmp_path))
     msg = str(e.value)
     assert "train-images-idx3-ubyte.gz is present but damaged (MD5" in msg and "3 more damaged" in msg and "\n" not in msg
 
 
 def test_cifar_batches_with_the_wrong_checksum_are_named(tmp_path, offline):
     root = write_cifar10(str(tmp_path))               # real layout, but not the real files' MD5 sums
-    with pytest.raises(common.DataError) as e:
-        common.load_images("cifar10", True, root)
+    with pytest.raises(utils.DataError) as e:
+        utils.load_images("cifar10", True, root)
     assert os.path.join("cifar-10-batches-py", "data_batch_1") + " is present but damaged" in str(e.value)
 
 
 def test_missing_data_set_says_where_to_put_the_files(tmp_path, offline):
-    with pytest.raises(common.DataError) as e:
-        common.load_images("cifar10", True, str(tmp_path))
+    with pytest.raises(utils.DataError) as e:
+        utils.load_images("cifar10", True, str(tmp_path))
     assert "cifar-10-python.tar.gz" in str(e.value) and "could not be downloaded" in str(e.value)

@@ -10,6 +10,7 @@ import scipy.linalg
 import torch
 
 import common
+import utils
 import evaluate
 from conftest import DATA, write_mnist
 
@@ -56,7 +57,7 @@ def ref_folder(tmp_path_factory):
 def ref_stats(inception_weights, ref_folder, tmp_path_factory):
     """The reference folder's statistics as an .npz (the --ref form that skips feature extraction)."""
     net = evaluate.inception(inception_weights, torch.device("cpu"))
-    mu, sigma, _ = evaluate.streamed_stats(net, [common.load_image_folder(ref_folder, 3, 32)], torch.device("cpu"))
+    mu, sigma, _ = evaluate.streamed_stats(net, [utils.load_image_folder(ref_folder, 3, 32)], torch.device("cpu"))
     path = tmp_path_factory.mktemp("stats") / "ref.npz"
     np.savez(path, mu=mu, sigma=sigma)
     return str(path)
@@ -67,7 +68,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     net = common.RefineNet(3, 4)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    common.atomic_save(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
+    utils.atomic_save(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
                             config=dict(dataset="cifar10", sigma_begin=1.0, sigma_end=0.01, num_levels=10)), path)
     return str(path)
 
@@ -117,7 +118,7 @@ def test_pipeline_writes_everything_and_its_numbers_check_out(tiny_checkpoint, i
     net = evaluate.inception(inception_weights, torch.device("cpu"))
     images = evaluate.collect(str(folder), 12)
     pool, _ = evaluate.features(net, images, torch.device("cpu"))
-    ref = common.load_image_folder(ref_folder, 3, 32)
+    ref = utils.load_image_folder(ref_folder, 3, 32)
     ref_pool, _ = evaluate.features(net, ref, torch.device("cpu"))
     a, b = pool.numpy(), ref_pool.numpy()
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -207,7 +208,7 @@ def test_other_weights_or_settings_never_reuse_samples(tiny_checkpoint, inceptio
     path.parent.mkdir()
     state = torch.load(tiny_checkpoint, weights_only=True)
     ema = {k: v + 0.01 for k, v in state["model"].items()}
-    common.atomic_save(dict(state, ema=ema), path)                    # the same run, later, with an EMA
+    utils.atomic_save(dict(state, ema=ema), path)                    # the same run, later, with an EMA
     [b] = evaluate.main(["--checkpoint", str(path), *out, *base])
     [c] = evaluate.main(["--checkpoint", str(path), *out, *base, "--no-ema"])
     assert a["samples_made_now"] == b["samples_made_now"] == 3 and b["folder"] != a["folder"]
@@ -230,7 +231,7 @@ def test_two_checkpoints_with_the_same_name_keep_their_own_results(tiny_checkpoi
         path = tmp_path / run / "logs" / "checkpoint.pt"                   # same parent folder and file name
         path.parent.mkdir(parents=True)
         state = torch.load(tiny_checkpoint, weights_only=True)
-        common.atomic_save(dict(state, model={k: v + shift for k, v in state["model"].items()}), path)
+        utils.atomic_save(dict(state, model={k: v + shift for k, v in state["model"].items()}), path)
         paths.append(str(path))
     results = evaluate.main(["--checkpoint", *paths, "--n", "2", "--batch-size", "2", "--out", str(tmp_path / "e"),
                              "--ref", ref_stats, "--inception-weights", inception_weights, *FAST])

@@ -9,6 +9,7 @@ import torch
 
 import bench
 import common
+import utils
 import evaluate
 import inpaint
 import manifold
@@ -123,13 +124,13 @@ def test_celeba_loads_with_the_official_preprocessing_and_trains(tmp_path, monke
     import torchvision.datasets.celeba as celeba
     monkeypatch.setattr(celeba, "check_integrity", lambda *a, **k: True)   # only the MD5 check: these are not the real files
     root = write_celeba(str(tmp_path / "data"))
-    images = common.load_images("celeba", True, root)
+    images = utils.load_images("celeba", True, root)
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
     # the centre crop of 140 keeps only the red square
     assert (images[:, 0].float().mean() > 240) and (images[:, 2].float().mean() < 15)
     [cache] = [f for f in os.listdir(os.path.join(root, "celeba")) if f.startswith("ncsn_train")]
-    assert torch.equal(common.load_images("celeba", True, root), images)       # from the cache
-    assert common.load_images("celeba", False, root).shape[0] == 2
+    assert torch.equal(utils.load_images("celeba", True, root), images)       # from the cache
+    assert utils.load_images("celeba", False, root).shape[0] == 2
     out = tmp_path / "run"
     train_celeba.main(["--data-root", root, "--out", str(out), "--ngf", "4", "--num-workers", "0", "--batch-size", "2",
                        "--iters", "2", "--n-samples", "1", "--steps-each", "1", *FAST])
@@ -146,8 +147,8 @@ def test_missing_celeba_says_where_to_put_the_files(tmp_path, monkeypatch):
     def quota(*a, **k):
         raise RuntimeError("The daily quota of the file img_align_celeba.zip is exceeded")
     monkeypatch.setattr(celeba, "download_file_from_google_drive", quota)
-    with pytest.raises(common.DataError) as e:
-        common.load_images("celeba", True, str(tmp_path))
+    with pytest.raises(utils.DataError) as e:
+        utils.load_images("celeba", True, str(tmp_path))
     msg = str(e.value)
     assert os.path.join(str(tmp_path), "celeba") in msg and "img_align_celeba" in msg and "list_eval_partition.txt" in msg
     assert "quota" in msg and "\n" not in msg

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import utils
 
 
 @pytest.mark.parametrize("args, count", [((1, 64), 7_638_657), ((3, 128), 30_117_635)])
@@ -89,10 +90,10 @@ def test_geometric_sigmas():
 
 
 def test_get_device():
-    assert common.get_device("cpu") == torch.device("cpu")
-    assert common.get_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert utils.get_device("cpu") == torch.device("cpu")
+    assert utils.get_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="unknown device"):
-        common.get_device("tpu")
+        utils.get_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            common.get_device("cuda")
+            utils.get_device("cuda")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import utils
 import evaluate
 import mnist_classifier
 import train
@@ -84,7 +85,7 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
     train_mnist.main([*args, "--out", str(out), "--iters", "2"])
     train_mnist.main([*args, "--out", str(out), "--iters", "4", "--resume"])
     cfg = json.loads((out / "config.json").read_text())
-    images = common.load_images("mnist", True, mnist_root).float() / 255
+    images = utils.load_images("mnist", True, mnist_root).float() / 255
     assert cfg["sigma_begin"] == pytest.approx(common.max_pairwise_distance(images)) and cfg["sigma_begin"] > 5
     L = common.num_levels_for(cfg["sigma_begin"], 0.01, common.ratio_for_dimension(784))
     assert cfg["num_levels"] == L and cfg["auto"] == ["sigma_begin", "num_levels", "step_lr"]
@@ -105,6 +106,34 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
                          "--out", str(tmp_path / "e2"), "--device", "cpu", "--nfe", str(3 * L + 1)])
     assert r["sampler"]["steps_each"] == 3 and r["sampler"]["step_lr"] == pytest.approx(
         common.step_lr_for(common.level_ratio(cfg["sigma_begin"], 0.01, L), 0.01, 3))
+
+
+def test_lognormal_levels_follow_edm_s_density_and_uniform_stays_the_paper_s():
+    sigmas = common.geometric_sigmas(16.07, 0.01, 95)
+    assert train.level_probs(sigmas, "uniform") is None                 # randint: the paper's draws, unchanged
+    p = train.level_probs(sigmas, "lognormal")
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert sigmas[p.argmax()].item() == pytest.approx(math.exp(-1.2), rel=0.05)    # the mode of ln sigma ~ N(-1.2, 1.2^2)
+    assert p[sigmas > 1].sum().item() == pytest.approx(0.16, abs=0.01)  # P(ln sigma > 0) = 1 - Phi(1)
+    labels = torch.cat([train.step_draws(0, s, (512, 1, 2, 2), p, torch.device("cpu"))[0] for s in range(40)])
+    freq = torch.bincount(labels, minlength=95).float() / len(labels)
+    assert (freq - p).abs().max().item() < 0.01 and freq[sigmas > 1].sum().item() == pytest.approx(0.16, abs=0.01)
+    a, b = (train.step_draws(3, 7, (64, 1, 2, 2), p, torch.device("cpu"))[0] for _ in range(2))
+    assert torch.equal(a, b)                                             # fixed by (seed, step)
+
+
+def test_sigma_dist_is_stored_must_match_on_resume_and_old_checkpoints_resume(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--data-root", mnist_root, "--out", str(out), "--snapshot-every", "100", "--sample-every", "100",
+            "--steps-each", "2"]
+    train_mnist.main([*args, "--iters", "2", "--sigma-dist", "lognormal"])
+    assert json.loads((out / "config.json").read_text())["sigma_dist"] == "lognormal"
+    with pytest.raises(SystemExit, match="sigma-dist lognormal"):
+        train_mnist.main([*args, "--iters", "3", "--resume"])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)         # a checkpoint written before the flag existed
+    ckpt["config"].pop("sigma_dist")
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert train_mnist.main([*args, "--iters", "3", "--resume"]) == 3
 
 
 def test_classifier_scores_real_digits_above_noise_and_caches_itself(mnist_root, tmp_path, capsys):

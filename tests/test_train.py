@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import utils
 import train
 import train_cifar
 import train_mnist
@@ -84,7 +85,7 @@ def test_cifar_end_to_end_through_torchvision(cifar_root, tmp_path):
 
 
 def test_train_step_is_annealed_dsm_on_dequantised_flipped_images():
-    """train.train_step against dsm_loss by hand, with the step's own draws (common.stable_seed)."""
+    """train.train_step against dsm_loss by hand, with the step's own draws (utils.stable_seed)."""
     torch.manual_seed(0)
     net, sigmas = common.RefineNet(3, 4), common.geometric_sigmas()
     opt = torch.optim.SGD(net.parameters(), lr=0.0)              # the network stays as it is
@@ -101,7 +102,7 @@ def test_train_step_is_annealed_dsm_on_dequantised_flipped_images():
     # the derivation is BLAKE2b of the integers, not Python's hash(): the same on every interpreter
     import hashlib
     data = b"".join(i.to_bytes(8, "little", signed=True) for i in (3, 5, 0))
-    assert common.stable_seed(3, 5, 0) == int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+    assert utils.stable_seed(3, 5, 0) == int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def test_epochs_or_iters_the_flag_given_wins(mnist_root, tmp_path, capsys):
@@ -287,9 +288,9 @@ def test_folder_dataset(tmp_path):
     train_cifar.main(["--dataset-path", str(tmp_path / "imgs"), "--out", str(out), *TINY, "--batch-size", "4", "--iters", "2"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train_images"] == 28 and cfg["test_images"] == 2
-    assert common.load_images("cifar10", True, dataset_path=str(tmp_path / "imgs")).shape == (28, 3, 32, 32)
-    with pytest.raises(common.DataError, match="no such folder"):
-        common.load_images("cifar10", True, dataset_path=str(tmp_path / "nope"))
+    assert utils.load_images("cifar10", True, dataset_path=str(tmp_path / "imgs")).shape == (28, 3, 32, 32)
+    with pytest.raises(utils.DataError, match="no such folder"):
+        utils.load_images("cifar10", True, dataset_path=str(tmp_path / "nope"))
 
 
 @pytest.mark.parametrize("bad, message", [
