@@ -11,7 +11,6 @@ update), each the median of --repeats runs after --warmup untimed ones (CUDA is 
 around each; the CPU needs no sync). Peak memory: the CUDA allocator's peak, or on the CPU the
 process's peak resident memory (reset before each measurement). FLOPs: torch's flop counter.
 """
-import json
 import os
 import statistics
 import sys

@@ -25,7 +25,6 @@ with --nearest; sweep.png (each metric against network evaluations) when several
 """
 import argparse
 import glob
-import hashlib
 import itertools
 import json
 import math
@@ -289,13 +288,16 @@ def health_report(sigmas, score_norm, out_share, far_share, dim):
     return rows, bad
 
 
+def shown_levels(L, rows=20):
+    """About `rows` of L levels, evenly spaced, the first and the last included (0-based)."""
+    every = math.ceil(L / rows)
+    return [i for i in range(L) if i % every == 0 or i == L - 1]
+
+
 def print_health(rows, bad, non_finite, n, title):
     print(f"sampler health ({title}), at the end of each level:")
     print(f"  {'level':>5} {'sigma':>8} {'mean |s|':>10} {'sigma|s|/sqrt(D)':>16} {'outside [0,1]':>14} {'> 3 sigma out':>14}")
-    every = math.ceil(len(rows) / 20)              # about 20 rows, the last one included
-    for r in rows:
-        if (r["level"] - 1) % every and r["level"] != len(rows):
-            continue
+    for r in (rows[i] for i in shown_levels(len(rows))):
         print(f"  {r['level']:>5} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} {r['sigma_times_norm_over_sqrt_d']:16.3f} "
               f"{r['share_outside_01']:14.2%} {r['share_beyond_3_sigma']:14.2%}")
     if bad:
@@ -304,6 +306,29 @@ def print_health(rows, bad, non_finite, n, title):
               f"lie more than 3 sigma outside [0, 1] at its end; try a smaller --step-lr")
     if non_finite:
         print(f"WARNING: {non_finite} of {n} samples became NaN or infinite (stored as black where NaN); try a smaller --step-lr")
+
+@torch.no_grad()
+def level_losses(net, info, images, batch_size, device):
+    """{level: test DSM loss} at shown_levels of the checkpoint's training levels: eq. (5) with
+    lambda = sigma^2 on `images` (uint8, / 255), the same noise z at every level (seeded). How
+    well the network fits each level, apart from any sampler; the loss of a perfect score is
+    not 0 but the level's irreducible part, so compare checkpoints level by level."""
+    sigmas = common.geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"]).to(device)
+    x_all = images.float() / 255
+    z_all = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(utils.stable_seed(SEED, -2)))
+    net, losses = net.to(device), {}
+    for i in shown_levels(len(sigmas)):
+        total = 0.0
+        for lo in range(0, len(x_all), batch_size):
+            x, z = x_all[lo:lo + batch_size].to(device), z_all[lo:lo + batch_size].to(device)
+            labels = torch.full((len(x),), i, dtype=torch.long, device=device)
+            total += common.dsm_loss(net, x, labels, sigmas, noise=z, reduction="none").sum().item()
+        losses[i + 1] = total / len(x_all)
+    net.cpu()
+    print(f"test DSM loss per training level ({info['path']}, {'EMA' if info['ema'] else 'raw'} weights, "
+          f"{len(x_all)} held-out images, the same noise at every level):")
+    print("  " + "  ".join(f"{i:>2} {float(sigmas[i - 1]):.3g}: {v:.4g}" for i, v in losses.items()))
+    return losses
 
 #----------------------------------------------------------------------------
 # Pictures of a set of samples: the generation process, PNG files, nearest training images.
@@ -441,6 +466,8 @@ def evaluate_one(args, job, scorers, device):
     metrics = dict(checkpoint=info["path"], dataset=info["dataset"], n=args.n, nfe=nfe, sampler=dict(settings, ema=info["ema"]),
                    fingerprint=fp, folder=folder, health=rows, saturating_level=bad, non_finite_samples=non_finite,
                    samples_made_now=made)
+    if job.get("level_loss"):
+        metrics["test_dsm_loss_per_level"] = job["level_loss"]
     if "inception" in scorers:
         inc, refs = scorers["inception"]
         mu_ref, sigma_ref, ref_label = refs[info["dataset"]]
@@ -558,6 +585,9 @@ def main(argv=None):
                    help="annealed Langevin dynamics (the paper's), and/or ancestral sampling (common.reverse_diffusion: "
                         "one network evaluation per level, --nfe levels for a scale-conditioned network)")
     p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
+    p.add_argument("--level-loss", type=utils.positive_int, default=None, metavar="N",
+                   help="also the test DSM loss of about 20 training levels on N held-out images (the network's "
+                        "fit per level, apart from the sampler)")
     p.add_argument("--nearest", type=utils.positive_int, default=None,
                    help="nearest.png: the K nearest training images of 10 samples (pixels; Inception features too)")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
@@ -584,6 +614,14 @@ def main(argv=None):
     try:
         jobs = plan(args, ckpts)
         scorers = make_scorers(args, jobs, device)              # every reference ready before any sampling
+        if args.level_loss:
+            test = {}
+            for j in jobs:                                        # once per checkpoint
+                key = j["info"]["path"]
+                if key not in test:
+                    held_out = utils.load_images(j["info"]["dataset"], False, args.data_root)[:args.level_loss]
+                    test[key] = level_losses(j["net"], j["info"], held_out, args.batch_size, device)
+                j["level_loss"] = test[key]
         results = [evaluate_one(args, j, scorers, device) for j in jobs]
     except (common.CheckpointError, utils.DataError) as e:
         raise SystemExit(f"error: {e}") from None

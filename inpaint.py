@@ -18,7 +18,6 @@ completions.npz, png/ (with --png), metrics.json (with --classifier, MNIST: how 
 classifier gives the completion the original's label, against filling with noise or the mean image).
 """
 import argparse
-import glob
 import os
 
 import numpy as np

@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import math
 import os
-import re
 import sys
 import time
 
@@ -443,12 +442,7 @@ def prepare_out(out):
     problem = utils.check_out(out)
     if problem:
         raise TrainError(problem)
-    freed = 0
-    for name in os.listdir(out):
-        if re.fullmatch(re.escape(utils.TMP_PREFIX) + r"[A-Za-z0-9_]{8}-.+", name):
-            freed += os.path.getsize(os.path.join(out, name))
-            os.remove(os.path.join(out, name))
-    return freed
+    return utils.remove_temporaries(out)
 
 
 RESUME_KEYS = ("model", "optimizer", "model_args", "config", "step", "epoch", "pos", "rng")

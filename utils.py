@@ -58,6 +58,17 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def remove_temporaries(folder):
+    """Remove the temporary files that atomic_path left in `folder` when its process was killed
+    (its naming, and the older mkstemp one; call it where this process is the folder's one writer). Returns the bytes freed."""
+    freed = 0
+    for name in os.listdir(folder):
+        if re.fullmatch(re.escape(TMP_PREFIX) + r"[A-Za-z0-9_]{8}-.+", name):
+            freed += os.path.getsize(os.path.join(folder, name))
+            os.remove(os.path.join(folder, name))
+    return freed
+
+
 def check_out(path, flag="--out"):
     """None when `path` is, or can be made, a writable folder; else why not, in one line."""
     if os.path.exists(path) and not os.path.isdir(path):

@@ -1,6 +1,5 @@
 """load_score_net: our files, official files, and every kind of bad file gets one clear line."""
 import os
-import shutil
 
 import pytest
 import torch

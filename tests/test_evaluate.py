@@ -345,3 +345,30 @@ def test_out_of_memory_is_one_line(tiny_checkpoint, inception_weights, ref_stats
         evaluate.main(["--checkpoint", tiny_checkpoint, "--n", "2", "--ref", ref_stats, "--inception-weights",
                        inception_weights, "--out", str(tmp_path / "e"), *FAST])
     assert "out of memory" in str(e.value) and "smaller --batch-size" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_level_loss_reports_the_test_dsm_loss_per_training_level(tmp_path, capsys):
+    root = write_mnist(str(tmp_path / "data"), n_train=12, n_test=6)
+    ck = os.path.join(DATA, "official_mnist_ngf4.pth")
+    zero = tmp_path / "zero_output.pth"                    # the same network with its last conv zeroed: s = 0
+    state, opt = torch.load(ck, weights_only=True)
+    state["module.end_conv.weight"].zero_(), state["module.end_conv.bias"].zero_()
+    torch.save([state, opt], zero)
+    args = ["--n", "2", "--batch-size", "4", "--metrics", "none", "--data-root", root, "--level-loss", "6", *FAST]
+    [r] = evaluate.main(["--checkpoint", str(zero), "--out", str(tmp_path / "z"), *args])
+    losses = r["test_dsm_loss_per_level"]
+    # s = 0 leaves 1/2 ||z / sigma||^2 sigma^2 = 1/2 ||z||^2: the same z at every level, about D / 2
+    assert list(losses) == list(range(1, 11)) and max(losses.values()) == pytest.approx(min(losses.values()), rel=1e-6)
+    assert losses[1] == pytest.approx(784 / 2, rel=0.1)
+    assert "test DSM loss per training level" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "z" / os.listdir(tmp_path / "z")[0] / "metrics.json").read_text())
+    assert saved["test_dsm_loss_per_level"] == pytest.approx({str(k): v for k, v in losses.items()})
+    # the exact score of each perturbed test image given its clean one, -(x~ - x) / sigma^2: loss 0
+    images = utils.load_images("mnist", False, root)
+    sigmas = common.geometric_sigmas(1.0, 0.01, 95)
+    oracle = lambda x, labels: -(x - images.float() / 255) / sigmas[labels].view(-1, 1, 1, 1) ** 2
+    info = dict(sigma_begin=1.0, sigma_end=0.01, num_levels=95, path="oracle", ema=False)
+    oracle.to, oracle.cpu = (lambda device: oracle), (lambda: oracle)
+    exact = evaluate.level_losses(oracle, info, images, 6, torch.device("cpu"))
+    assert list(exact) == [i + 1 for i in range(0, 95, 5)] + [95] and max(exact.values()) < 1e-6
+    assert evaluate.shown_levels(10) == list(range(10))

@@ -1,5 +1,4 @@
 """Denoising score matching and sliced score matching against values computed by hand."""
-import pytest
 import torch
 
 import common

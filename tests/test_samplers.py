@@ -3,7 +3,6 @@ import subprocess
 import sys
 import weakref
 
-import pytest
 import torch
 
 import common
@@ -64,9 +63,9 @@ def test_reverse_diffusion_follows_the_exact_variance_recursion():
     x_ode = common.reverse_diffusion(score, x0, sigmas, randn_like=torch.zeros_like)
     assert x_ode.var().item() < 0.5 * s2
 
+
 def test_annealed_langevin_steps_labels_and_denoising():
     sigmas = torch.tensor([1.0, 0.5, 0.1])
-    seen = []
     score = lambda x, labels: torch.full_like(x, float(labels[0]) + 1)
     calls = []
     x0 = torch.zeros(3, 1)
