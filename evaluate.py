@@ -421,7 +421,9 @@ def plan(args, ckpts):
         info.setdefault("dataset", "mnist" if info["model_args"]["in_channels"] == 1 else "cifar10")
         name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}_{os.path.splitext(os.path.basename(ckpt))[0]}"
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
-        grid = itertools.product(args.sampler, args.nfe or [None], args.steps_each or [None], args.step_lr or [None])
+        scale = info["model_args"].get("conditioning", "norm") == "scale"
+        samplers = dict.fromkeys(("ancestral" if scale else "als") if s == "auto" else s for s in args.sampler)
+        grid = itertools.product(samplers, args.nfe or [None], args.steps_each or [None], args.step_lr or [None])
         for sampler, nfe, steps_each, step_lr in grid:
             if sampler == "ancestral" and (steps_each or step_lr):
                 continue                                        # one step per level, no step size
@@ -581,9 +583,10 @@ def main(argv=None):
                    help="steps per noise level, T (default: the checkpoint's recipe's)")
     p.add_argument("--nfe", type=utils.positive_int, nargs="+", default=None,
                    help="network evaluations per sample instead of --steps-each: T = (NFE - denoise) // L")
-    p.add_argument("--sampler", nargs="+", choices=["als", "ancestral"], default=["als"],
+    p.add_argument("--sampler", nargs="+", choices=["als", "ancestral", "auto"], default=["als"],
                    help="annealed Langevin dynamics (the paper's), and/or ancestral sampling (common.reverse_diffusion: "
-                        "one network evaluation per level, --nfe levels for a scale-conditioned network)")
+                        "one network evaluation per level, --nfe levels for a scale-conditioned network); auto: "
+                        "ancestral for a scale-conditioned network, Langevin for the paper's")
     p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
     p.add_argument("--level-loss", type=utils.positive_int, default=None, metavar="N",
                    help="also the test DSM loss of about 20 training levels on N held-out images (the network's "

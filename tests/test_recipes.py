@@ -188,6 +188,10 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
     assert [(r["checkpoint"] == paths[1], r["sampler"]["sampler"][:7]) for r in grid] == [
         (False, "anneale"), (True, "anneale"), (True, "reverse")]
     assert "skipped: " in capsys.readouterr().out
+    auto = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "auto", "--nfe", "7",
+                          "--out", str(tmp_path / "a"), "--device", "cpu"])        # each network's better sampler
+    assert [r["sampler"]["sampler"][:7] for r in auto] == ["anneale", "reverse"] and "skipped" not in capsys.readouterr().out
+    assert all(r["samples_made_now"] == 0 for r in auto)                             # the grid's samples, reused
     with pytest.raises(SystemExit, match="MNIST digits only"):
         evaluate.main(["--checkpoint", os.path.join(os.path.dirname(__file__), "data", "official_cifar_ngf4.pth"),
                        "--metrics", "classifier", "--device", "cpu", "--out", str(tmp_path / "c")])
