@@ -246,6 +246,20 @@ def sample(net, sigmas, folder, n, batch_size, step_lr, steps_each, denoise, see
     return len(missing)
 
 
+def existing_only(jobs, n):
+    """The jobs whose first n samples are all in shards of their fingerprint; a line for each other."""
+    kept = []
+    for j in jobs:
+        have = sum(min(b, n) - a for a, b in _shards(j["folder"], j["fp"]) if a < n)
+        if have >= n:
+            kept.append(j)
+        else:
+            print(f"skipped: {j['folder']}: {have} of {n} samples made (--existing samples nothing)")
+    if not kept:
+        raise utils.DataError(f"--existing: none of the {len(jobs)} settings has its {n} samples yet; run without it")
+    return kept
+
+
 def read_shards(folder, n, fp=None):
     """Yield the first n images shard by shard, as uint8 (B, C, H, W) tensors."""
     for (a, b), path in sorted(_shards(folder, fp).items()):
@@ -587,6 +601,9 @@ def main(argv=None):
                    help="annealed Langevin dynamics (the paper's), and/or ancestral sampling (common.reverse_diffusion: "
                         "one network evaluation per level, --nfe levels for a scale-conditioned network); auto: "
                         "ancestral for a scale-conditioned network, Langevin for the paper's")
+    p.add_argument("--existing", action="store_true",
+                   help="score only the settings whose samples are all made; skip the others with a line (a sweep "
+                        "figure of what exists, without sampling)")
     p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
     p.add_argument("--level-loss", type=utils.positive_int, default=None, metavar="N",
                    help="also the test DSM loss of about 20 training levels on N held-out images (the network's "
@@ -616,6 +633,8 @@ def main(argv=None):
         ckpts += [c for c in found if c not in ckpts]
     try:
         jobs = plan(args, ckpts)
+        if args.existing:
+            jobs = existing_only(jobs, args.n)
         scorers = make_scorers(args, jobs, device)              # every reference ready before any sampling
         if args.level_loss:
             test = {}

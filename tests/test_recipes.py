@@ -192,6 +192,13 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
                           "--out", str(tmp_path / "a"), "--device", "cpu"])        # each network's better sampler
     assert [r["sampler"]["sampler"][:7] for r in auto] == ["anneale", "reverse"] and "skipped" not in capsys.readouterr().out
     assert all(r["samples_made_now"] == 0 for r in auto)                             # the grid's samples, reused
+    made = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "auto", "--nfe", "7", "9",
+                          "--existing", "--out", str(tmp_path / "a"), "--device", "cpu"])
+    assert [(r["nfe"], r["samples_made_now"]) for r in made] == [(4, 0), (7, 0)]
+    assert capsys.readouterr().out.count("0 of 4 samples made (--existing samples nothing)") == 2
+    with pytest.raises(SystemExit, match="none of the 1 settings has its 4 samples"):
+        evaluate.main(["--checkpoint", paths[0], "--n", "4", "--metrics", "none", "--nfe", "9", "--existing",
+                       "--out", str(tmp_path / "a" / "ncsn_checkpoint"), "--device", "cpu"])
     with pytest.raises(SystemExit, match="MNIST digits only"):
         evaluate.main(["--checkpoint", os.path.join(os.path.dirname(__file__), "data", "official_cifar_ngf4.pth"),
                        "--metrics", "classifier", "--device", "cpu", "--out", str(tmp_path / "c")])
