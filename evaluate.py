@@ -344,6 +344,16 @@ def level_losses(net, info, images, batch_size, device):
     print("  " + "  ".join(f"{i:>2} {float(sigmas[i - 1]):.3g}: {v:.4g}" for i, v in losses.items()))
     return losses
 
+def add_level_losses(jobs, args, device):
+    """job['level_loss'] = level_losses of its checkpoint on --level-loss test images, once per checkpoint."""
+    done = {}
+    for j in jobs:
+        key = j["info"]["path"]
+        if key not in done:
+            held_out = utils.load_images(j["info"]["dataset"], False, args.data_root)[:args.level_loss]
+            done[key] = level_losses(j["net"], j["info"], held_out, args.batch_size, device)
+        j["level_loss"] = done[key]
+
 #----------------------------------------------------------------------------
 # Pictures of a set of samples: the generation process, PNG files, nearest training images.
 
@@ -637,13 +647,7 @@ def main(argv=None):
             jobs = existing_only(jobs, args.n)
         scorers = make_scorers(args, jobs, device)              # every reference ready before any sampling
         if args.level_loss:
-            test = {}
-            for j in jobs:                                        # once per checkpoint
-                key = j["info"]["path"]
-                if key not in test:
-                    held_out = utils.load_images(j["info"]["dataset"], False, args.data_root)[:args.level_loss]
-                    test[key] = level_losses(j["net"], j["info"], held_out, args.batch_size, device)
-                j["level_loss"] = test[key]
+            add_level_losses(jobs, args, device)
         results = [evaluate_one(args, j, scorers, device) for j in jobs]
     except (common.CheckpointError, utils.DataError) as e:
         raise SystemExit(f"error: {e}") from None
