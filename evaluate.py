@@ -345,13 +345,15 @@ def level_losses(net, info, images, batch_size, device):
     return losses
 
 def add_level_losses(jobs, args, device):
-    """job['level_loss'] = level_losses of its checkpoint on --level-loss test images, once per checkpoint."""
-    done = {}
+    """job['level_loss'] = level_losses of its checkpoint on --level-loss test images: once per
+    checkpoint, the images read once per data set."""
+    done, held_out = {}, {}
     for j in jobs:
-        key = j["info"]["path"]
+        key, dataset = j["info"]["path"], j["info"]["dataset"]
         if key not in done:
-            held_out = utils.load_images(j["info"]["dataset"], False, args.data_root)[:args.level_loss]
-            done[key] = level_losses(j["net"], j["info"], held_out, args.batch_size, device)
+            if dataset not in held_out:
+                held_out[dataset] = utils.load_images(dataset, False, args.data_root)[:args.level_loss]
+            done[key] = level_losses(j["net"], j["info"], held_out[dataset], args.batch_size, device)
         j["level_loss"] = done[key]
 
 #----------------------------------------------------------------------------
@@ -415,6 +417,11 @@ def save_nearest(folder, args, job, inc, device):
 #----------------------------------------------------------------------------
 # Evaluation: plan every job first (checkpoints, sampler settings, folders), then sample and score.
 
+def scale_conditioned(info):
+    """Whether load_score_net's network is s(x)/sigma (technique 3): it takes any noise levels."""
+    return info["model_args"].get("conditioning", "norm") == "scale"
+
+
 def sampler_settings(args, info, nfe=None, steps_each=None, step_lr=None, sampler="als"):
     """One sampler setting for a checkpoint: its recipe's unless the flags say otherwise; an
     --nfe budget sets T = (budget - denoise step) // L; step_lr 'auto' is technique 4's for T.
@@ -423,7 +430,7 @@ def sampler_settings(args, info, nfe=None, steps_each=None, step_lr=None, sample
     shape = [spec["channels"], spec["image_size"], spec["image_size"]]
     if sampler == "ancestral":
         L = nfe or info["num_levels"]
-        if L != info["num_levels"] and info["model_args"].get("conditioning", "norm") != "scale":
+        if L != info["num_levels"] and not scale_conditioned(info):
             raise common.CheckpointError(f"{info['path']}: --sampler ancestral with {L} levels needs a scale-conditioned "
                                          f"network (--recipe ncsnv2); this one knows its {info['num_levels']} levels only")
         return dict(sampler="reverse_diffusion, start U(0, 1) + sigma_1 z", seed=args.seed, shape=shape, step_lr=None,
@@ -445,8 +452,8 @@ def plan(args, ckpts):
         info.setdefault("dataset", "mnist" if info["model_args"]["in_channels"] == 1 else "cifar10")
         name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}_{os.path.splitext(os.path.basename(ckpt))[0]}"
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
-        scale = info["model_args"].get("conditioning", "norm") == "scale"
-        samplers = dict.fromkeys(("ancestral" if scale else "als") if s == "auto" else s for s in args.sampler)
+        samplers = dict.fromkeys(("ancestral" if scale_conditioned(info) else "als") if s == "auto" else s
+                                 for s in args.sampler)
         grid = itertools.product(samplers, args.nfe or [None], args.steps_each or [None], args.step_lr or [None])
         for sampler, nfe, steps_each, step_lr in grid:
             if sampler == "ancestral" and (steps_each or step_lr):

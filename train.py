@@ -218,13 +218,14 @@ def level_probs(sigmas, dist):
     return (p / p.sum()).float()
 
 
-def step_draws(seed, step, shape, levels, device, stream=0, vectors=False):
-    """Noise-level labels (uniform over `levels` if an int, else drawn with the probabilities `levels`), dequantisation noise u, noise z, flips (and, for ssm, the projections v)
-    of a global batch of `shape`, fixed by (seed, step, stream) through utils.stable_seed: the
-    same whatever the number of processes, accumulation steps or restarts."""
+def step_draws(seed, step, shape, num_levels, device, stream=0, vectors=False, probs=None):
+    """Noise-level labels (uniform over num_levels, or with level_probs' `probs`), dequantisation
+    noise u, noise z, flips (and, for ssm, the projections v) of a global batch of `shape`, fixed
+    by (seed, step, stream) through utils.stable_seed: the same whatever the number of processes,
+    accumulation steps or restarts."""
     g = torch.Generator(device=device).manual_seed(utils.stable_seed(seed, step, stream))
-    labels = (torch.randint(levels, (shape[0],), generator=g, device=device) if isinstance(levels, int)  # one level each
-              else torch.multinomial(levels.to(device), shape[0], replacement=True, generator=g))
+    labels = (torch.randint(num_levels, (shape[0],), generator=g, device=device) if probs is None  # one level each
+              else torch.multinomial(probs.to(device), shape[0], replacement=True, generator=g))
     u = torch.rand(shape, generator=g, device=device)
     z = torch.randn(shape, generator=g, device=device)
     flip = torch.rand(shape[0], generator=g, device=device) < 0.5
@@ -254,9 +255,8 @@ def train_step(model, opt, images, sigmas, *, step, seed=0, batch_size=None, gra
     ddp_sync). Returns this rank's mean loss as a device scalar (no host sync)."""
     device, per_rank = images.device, len(images)
     B, micro, lo = batch_size or per_rank * world_size, per_rank // grad_accum, rank * per_rank
-    levels = level_probs(sigmas, sigma_dist)
-    labels, u, z, flips, *v = step_draws(seed, step, (B, *images.shape[1:]), len(sigmas) if levels is None else levels,
-                                         device, vectors=objective == "ssm")
+    labels, u, z, flips, *v = step_draws(seed, step, (B, *images.shape[1:]), len(sigmas), device,
+                                         vectors=objective == "ssm", probs=level_probs(sigmas, sigma_dist))
     v = v[0] if v else None
     x = to_unit(images, u[lo:lo + per_rank] if dequantize else None)
     if flip:
@@ -283,9 +283,8 @@ def test_loss(net, test_images, sigmas, step, cfg, device):
     B = min(cfg.batch_size, len(test_images))
     t = (step // TEST_EVERY) % max(1, len(test_images) // B)
     images = test_images[t * B:(t + 1) * B].to(device)
-    levels = level_probs(sigmas, cfg.sigma_dist)
-    levels = len(sigmas) if levels is None else levels
-    labels, u, z, _, *v = step_draws(cfg.seed, step, images.shape, levels, device, 1, cfg.objective == "ssm")
+    labels, u, z, _, *v = step_draws(cfg.seed, step, images.shape, len(sigmas), device, 1, cfg.objective == "ssm",
+                                     probs=level_probs(sigmas, cfg.sigma_dist))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
         x = to_unit(images, u if cfg.dequantize else None)
         return objective_loss(net, x, labels, sigmas, z, v[0] if v else None, cfg.objective, cfg.anneal_power).item()

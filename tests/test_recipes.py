@@ -115,10 +115,10 @@ def test_lognormal_levels_follow_edm_s_density_and_uniform_stays_the_paper_s():
     assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert sigmas[p.argmax()].item() == pytest.approx(math.exp(-1.2), rel=0.05)    # the mode of ln sigma ~ N(-1.2, 1.2^2)
     assert p[sigmas > 1].sum().item() == pytest.approx(0.16, abs=0.01)  # P(ln sigma > 0) = 1 - Phi(1)
-    labels = torch.cat([train.step_draws(0, s, (512, 1, 2, 2), p, torch.device("cpu"))[0] for s in range(40)])
+    labels = torch.cat([train.step_draws(0, s, (512, 1, 2, 2), 95, torch.device("cpu"), probs=p)[0] for s in range(40)])
     freq = torch.bincount(labels, minlength=95).float() / len(labels)
     assert (freq - p).abs().max().item() < 0.01 and freq[sigmas > 1].sum().item() == pytest.approx(0.16, abs=0.01)
-    a, b = (train.step_draws(3, 7, (64, 1, 2, 2), p, torch.device("cpu"))[0] for _ in range(2))
+    a, b = (train.step_draws(3, 7, (64, 1, 2, 2), 95, torch.device("cpu"), probs=p)[0] for _ in range(2))
     assert torch.equal(a, b)                                             # fixed by (seed, step)
 
 
