@@ -20,8 +20,10 @@ from types import SimpleNamespace
 import torch
 
 import common
-import utils
+import data
+import sample
 import train
+import utils
 
 #----------------------------------------------------------------------------
 # Defaults.
@@ -34,12 +36,12 @@ REPEATS = 5           # timed steps; the median is reported
 def build(config, impl, args, device):
     """The network to time, and its noise levels: a checkpoint's (--checkpoint: its conditioning and
     levels), the paper's for the data set, or the official implementation's."""
-    spec = utils.DATASETS[config]                  # the paper's network for the data set
+    spec = data.DATASETS[config]                  # the paper's network for the data set
     channels, size, ngf = spec["channels"], spec["image_size"], spec["ngf"]
     sigmas = common.geometric_sigmas()
     if args.checkpoint:
         net, info = common.load_score_net(args.checkpoint)
-        sigmas = common.geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"])
+        sigmas = common.levels_of(info)
     elif impl == "ours":
         net = common.RefineNet(channels, ngf, common.NUM_LEVELS, size)
     else:   # the official network, imported from a checkout of ermongroup/ncsn
@@ -90,9 +92,33 @@ def flops(fn):
     return counter.get_total_flops()
 
 
+def sampler_rows(net, sigmas, info, B, device, amp):
+    """Per sampler of common.SAMPLERS: its default setting's NFE for this network, and seconds per
+    image: a run of the setting's first 2 levels (T = 1) timed per network evaluation, times its NFE."""
+    rows = {}
+    x = torch.rand(B, *net_shape(info), device=device)
+    for name, spec in common.SAMPLERS.items():
+        try:
+            default = sample.sampler_settings(name, info, 0)
+        except sample.Inapplicable:
+            continue
+        levels = torch.tensor(default.sigmas[:2], device=device)
+        kwargs = {k: (1 if k == "n_steps_each" else v) for k, v in default.kwargs.items()}
+        score = common.level_score(net, levels, sigmas)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            t = median_seconds(lambda: spec.run(score, x, levels, **kwargs), device, 1, 3) / spec.nfe(2, **kwargs)
+        rows[name] = dict(nfe=default.nfe, seconds_per_image=t * default.nfe / B)
+    return rows
+
+
+def net_shape(info):
+    spec = data.DATASETS[info["dataset"]]
+    return spec["channels"], spec["image_size"], spec["image_size"]
+
+
 def bench_one(config, impl, args, device):
     torch.manual_seed(0)
-    spec = utils.DATASETS[config]
+    spec = data.DATASETS[config]
     channels, size = spec["channels"], spec["image_size"]
     B = args.batch_size
     net, sigmas = build(config, impl, args, device)
@@ -100,33 +126,39 @@ def bench_one(config, impl, args, device):
     model = torch.compile(net) if args.compile else net
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     images = torch.randint(0, 256, (B, channels, size, size), dtype=torch.uint8, device=device)
-    step = lambda net: train.train_step(net, opt, images, sigmas, step=0, flip=spec["flip"], amp=args.amp,
-                                        objective=args.objective)
-    train_step = lambda: step(model)
+    cfg = train.TrainConfig(dataset=config, batch_size=B, amp=args.amp, objective=args.objective,
+                            dequantize=True, sigma_dist="uniform")
+    step = lambda net: train.train_step(net, opt, images, sigmas, 0, cfg)
     x = torch.rand(B, channels, size, size, device=device)
-    def sample():   # one network evaluation and one Langevin update
+    labels = torch.zeros(B, dtype=torch.long, device=device)
+    forward = lambda: net(x, labels)
+    def sample_step():   # one network evaluation and one Langevin update
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            common.annealed_langevin_dynamics(model, x, sigmas[:1], n_steps_each=1, keep_levels=False)
+            common.annealed_langevin_dynamics(model, x, sigmas[:1], n_steps_each=1)
 
     reset_peak(device)
-    t_train = median_seconds(train_step, device, args.warmup, args.repeats)
+    t_train = median_seconds(lambda: step(model), device, args.warmup, args.repeats)
     peak_train = read_peak_mib(device)
     reset_peak(device)
-    t_sample = median_seconds(sample, device, args.warmup, args.repeats)
+    t_sample = median_seconds(sample_step, device, args.warmup, args.repeats)
     peak_sample = read_peak_mib(device)
     # counted on the plain network: the flop counter does not see inside compiled code
-    train_flops = flops(lambda: step(net))
-    return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp, objective=args.objective,
-                channels_last=args.channels_last, compile=args.compile, train_images_per_s=B / t_train,
-                sample_images_per_s_per_nfe=B / t_sample, train_step_s=t_train, sample_step_s=t_sample,
-                train_gflop_per_image=train_flops and train_flops / B / 1e9,
+    train_flops, forward_flops = flops(lambda: step(net)), flops(lambda: torch.no_grad()(forward)())
+    info = dict(dataset=config, sigma_begin=float(sigmas[0]), sigma_end=float(sigmas[-1]), num_levels=len(sigmas),
+                model_args=dict(conditioning=getattr(net, "conditioning", "norm")), path="bench")
+    samplers = sampler_rows(net.eval(), sigmas, info, B, device, args.amp) if impl == "ours" else {}
+    return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
+                objective=args.objective, channels_last=args.channels_last, compile=args.compile,
+                train_images_per_s=B / t_train, sample_images_per_s_per_nfe=B / t_sample, train_step_s=t_train,
+                sample_step_s=t_sample, train_gflop_per_image=train_flops and train_flops / B / 1e9,
+                forward_gflop_per_image=forward_flops / B / 1e9,
                 train_gflops_per_s=train_flops and train_flops / t_train / 1e9,
-                peak_train_mib=peak_train, peak_sample_mib=peak_sample)
+                peak_train_mib=peak_train, peak_sample_mib=peak_sample, samplers=samplers)
 
 
 def main(argv=None):
     p = utils.arg_parser(__doc__)
-    p.add_argument("--configs", nargs="+", choices=list(utils.DATASETS), default=["mnist", "cifar10"], help="networks to measure (the paper's for each data set)")
+    p.add_argument("--configs", nargs="+", choices=list(data.DATASETS), default=["mnist", "cifar10"], help="networks to measure (the paper's for each data set)")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="images per step (default: 128 CUDA, 16 CPU)")
     p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward pass")
@@ -149,7 +181,7 @@ def main(argv=None):
         if args.official:
             p.error("--checkpoint and --official: time one or the other")
         try:
-            args.configs = [common.load_score_net(args.checkpoint)[1].get("dataset", "cifar10")]
+            args.configs = [common.load_score_net(args.checkpoint)[1]["dataset"]]
         except common.CheckpointError as e:
             p.error(str(e))
     if args.threads:
@@ -166,6 +198,11 @@ def main(argv=None):
         print(f"{r['config']:<9} {r['impl']:<9} {r['train_images_per_s']:>11.2f} {r['sample_images_per_s_per_nfe']:>16.2f} "
               f"{r['train_gflop_per_image'] or float('nan'):>9.1f} {r['train_gflops_per_s'] or float('nan'):>8.1f} "
               f"{r['peak_train_mib']:>14.0f} {r['peak_sample_mib']:>15.0f}")
+    for r in rows:
+        if r["samplers"]:
+            print(f"{r['config']}: each sampler's default setting, seconds per image (measured per NFE, batch "
+                  f"{r['batch_size']}): " + ", ".join(f"{k} {v['nfe']} NFE {v['seconds_per_image']:.3g} s"
+                                                       for k, v in r["samplers"].items()))
     if args.json:
         utils.save_json(dict(torch=torch.__version__, rows=rows), args.json)
     return rows

@@ -25,6 +25,8 @@ import torch
 from tqdm import tqdm
 
 import common
+import data
+import metrics
 import utils
 
 #----------------------------------------------------------------------------
@@ -55,9 +57,9 @@ def make_mask(kind, size, fraction=FRACTION, seed=SEED):
     from PIL import Image
     try:
         with Image.open(kind) as img:
-            grey = utils.to_8bit(img, 1).resize((size, size), Image.NEAREST)
+            grey = data.to_8bit(img, 1).resize((size, size), Image.NEAREST)
     except Exception as e:
-        raise utils.DataError(f"--mask {kind}: not right, centre, random or a readable mask image ({utils.first_line(e)})") from None
+        raise data.DataError(f"--mask {kind}: not right, centre, random or a readable mask image ({utils.first_line(e)})") from None
     return torch.from_numpy(np.asarray(grey) < 128)
 
 
@@ -75,8 +77,8 @@ def inpaint(net, images, known, settings, seed, batch_size, device, folder, firs
         x_known = (images[idx].to(device).float() / 255).repeat_interleave(K, 0)       # (len(idx) K, C, H, W)
         noise = utils.SampleNoise([(seed, first_index + i, j) for i in idx for j in range(K)], device)
         x0 = noise.rand(*x_known.shape[1:])
-        x = common.annealed_langevin_inpainting(net, x0, x_known, known.to(device), sigmas, settings["steps_each"],
-                                                settings["step_lr"], randn_like=noise.randn_like)
+        x = common.annealed_langevin_inpainting(net, x0, x_known, known.to(device), sigmas, randn_like=noise.randn_like,
+                                                n_steps_each=settings["steps_each"], step_lr=settings["step_lr"])
         out = (torch.nan_to_num(x).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().view(len(idx), K, *x.shape[1:])
         for i, completions in zip(idx, out):
             with utils.atomic_path(os.path.join(folder, f"image_{first_index + i:05d}.npz")) as tmp:
@@ -97,9 +99,8 @@ def save_figure(path, images, known, completions):
 def label_agreement(images, known, completions, mean_image, data_root, device, cache, seed=SEED):
     """How often the MNIST classifier gives the completions (and two baselines: the unknown pixels
     as uniform noise, as the mean training image) the label it gives the original."""
-    import mnist_classifier
-    net = mnist_classifier.load_or_train(data_root, device, cache)[0]
-    label = lambda x: mnist_classifier.predict(net, x, device)[0].argmax(1)
+    net = metrics.load_or_train(data_root, device, cache)[0]
+    label = lambda x: metrics.predict(net, x, device)[0].argmax(1)
     want = label(images)
     noise = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     filled = {"completions": completions.flatten(0, 1), "noise": torch.where(known, images, noise),
@@ -113,19 +114,19 @@ def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="a checkpoint of either recipe, or an official one")
     p.add_argument("--images", default=None, help="a folder of images (default: the test split of the checkpoint's data set)")
-    p.add_argument("--data-root", default=utils.DATA_ROOT, help="torchvision data folder")
+    p.add_argument("--data-root", default=data.DATA_ROOT, help="torchvision data folder")
     p.add_argument("--mask", default=MASK, help="right, centre, random, or a mask image (white = fill)")
     p.add_argument("--fraction", type=utils.positive_float, default=FRACTION, help="--mask random: share of pixels to fill")
     p.add_argument("--n-images", type=utils.positive_int, default=N_IMAGES, help="images to complete")
     p.add_argument("--completions", type=utils.positive_int, default=COMPLETIONS, help="completions per image")
     p.add_argument("--steps-each", type=utils.positive_int, default=None, help="steps per level (default: the checkpoint's)")
-    p.add_argument("--step-lr", type=lambda t: t if t == "auto" else utils.positive_float(t), default=None,
+    p.add_argument("--step-lr", type=utils.number_or_auto(utils.positive_float), default=None,
                    help="step_lr, or auto (technique 4) (default: the checkpoint's)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (default: if present)")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="completions sampled at once")
     p.add_argument("--seed", type=int, default=SEED, help="completion j of image i is seeded by (seed, i, j)")
     p.add_argument("--classifier", action="store_true", help="MNIST: label agreement of completions and baselines")
-    p.add_argument("--classifier-cache", default="runs/mnist_classifier", help="folder of the MNIST classifier's weights")
+    p.add_argument("--classifier-cache", default=metrics.CLASSIFIER_CACHE, help="folder of the MNIST classifier's weights")
     p.add_argument("--png", action="store_true", help="also write every completion as a PNG file")
     p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
     p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -135,15 +136,15 @@ def main(argv=None):
     device = utils.get_device(args.device)
     try:
         net, info = common.load_score_net(args.checkpoint, map_location=device, ema=args.ema)
-        dataset = info.get("dataset", "mnist" if info["model_args"]["in_channels"] == 1 else "cifar10")
-        spec = utils.DATASETS[dataset]
+        dataset = info["dataset"]
+        spec = data.DATASETS[dataset]
         if args.classifier and dataset != "mnist":
-            raise utils.DataError("--classifier scores MNIST digits only; drop it for other data sets")
-        images = (utils.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images") if args.images
-                  else utils.load_images(dataset, False, args.data_root, folder_flag="--images"))[:args.n_images]
+            raise data.DataError("--classifier scores MNIST digits only; drop it for other data sets")
+        images = (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images") if args.images
+                  else data.load_images(dataset, False, args.data_root, folder_flag="--images"))[:args.n_images]
         known = make_mask(args.mask, spec["image_size"], args.fraction, args.seed)
         T, step_lr = common.sampler_defaults(info, steps_each=args.steps_each, step_lr=args.step_lr)
-        settings = dict(sigmas=common.geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"]).tolist(),
+        settings = dict(sigmas=common.levels_of(info).tolist(),
                         steps_each=T, step_lr=step_lr, completions=args.completions, seed=args.seed)
         settings["fingerprint"] = utils.digest(net.state_dict(), known, images, sorted(settings.items()))
         name = f"{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}_{os.path.splitext(os.path.basename(args.checkpoint))[0]}"
@@ -161,19 +162,19 @@ def main(argv=None):
         if args.png:
             for (i, j) in np.ndindex(*completions.shape[:2]):
                 utils.save_image_grid(os.path.join(folder, "png", f"{i:05d}_{j:02d}.png"), completions[i, j:j + 1] / 255, 1)
-        metrics = dict(checkpoint=args.checkpoint, dataset=dataset, mask=args.mask, share_to_fill=(~known).float().mean().item(),
+        result = dict(checkpoint=args.checkpoint, dataset=dataset, mask=args.mask, share_to_fill=(~known).float().mean().item(),
                        n_images=len(images), settings=settings, folder=folder)
         if args.classifier:
-            mean_image = (utils.load_images("mnist", True, args.data_root).float().mean(0) + 0.5).to(torch.uint8)
-            metrics["label_agreement"] = label_agreement(images, known, completions, mean_image, args.data_root, device,
+            mean_image = (data.load_images("mnist", True, args.data_root).float().mean(0) + 0.5).to(torch.uint8)
+            result["label_agreement"] = label_agreement(images, known, completions, mean_image, args.data_root, device,
                                                          args.classifier_cache, args.seed)
             print("the classifier gives the original's label to: " +
-                  ", ".join(f"{k} {v:.1%}" for k, v in metrics["label_agreement"].items()))
-        utils.save_json(metrics, os.path.join(folder, "metrics.json"))
-    except (common.CheckpointError, utils.DataError) as e:
+                  ", ".join(f"{k} {v:.1%}" for k, v in result["label_agreement"].items()))
+        utils.save_json(result, os.path.join(folder, "metrics.json"))
+    except (common.CheckpointError, data.DataError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {folder}/inpainting.png, completions.npz, metrics.json")
-    return metrics
+    return result
 
 
 if __name__ == "__main__":

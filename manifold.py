@@ -22,6 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import common
+import data
 import utils
 
 #----------------------------------------------------------------------------
@@ -67,7 +68,7 @@ class ResScore(nn.Module):
 def load_data(args):
     """uint8 training images at --image-size."""
     import torchvision.transforms.functional as TF
-    images = utils.load_images(args.dataset, True, args.data_root, folder_flag=None)
+    images = data.load_images(args.dataset, True, args.data_root, folder_flag=None)
     if images.shape[-1] != args.image_size:
         images = TF.resize(images, [args.image_size] * 2, antialias=True)
     return images
@@ -110,7 +111,7 @@ def save_plot(path, losses, args):
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--dataset", choices=["mnist", "cifar10"], default=DATASET, help="training images")
-    p.add_argument("--data-root", default=utils.DATA_ROOT, help="torchvision data folder")
+    p.add_argument("--data-root", default=data.DATA_ROOT, help="torchvision data folder")
     p.add_argument("--image-size", type=utils.positive_int, default=IMAGE_SIZE, help="images resized to this")
     p.add_argument("--nef", type=utils.positive_int, default=NEF, help="network width")
     p.add_argument("--iters", type=utils.positive_int, default=ITERS, help="iterations per run")
@@ -134,7 +135,7 @@ def main(argv=None):
     try:
         images = load_data(args)
         state = common.read_checkpoint(state_path) if args.resume and os.path.exists(state_path) else None
-    except (utils.DataError, common.CheckpointError) as e:
+    except (data.DataError, common.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     torch.manual_seed(args.seed)
     init = ResScore(images.shape[1], args.nef)
@@ -162,7 +163,7 @@ def main(argv=None):
             opt.step()
             losses[name][it] = loss.item()
         if (it + 1) % args.save_every == 0 or it + 1 == args.iters:
-            utils.atomic_save({"iteration": it + 1, **{name: dict(model=net.state_dict(), optimizer=opt.state_dict(),
+            common.write_checkpoint({"iteration": it + 1, **{name: dict(model=net.state_dict(), optimizer=opt.state_dict(),
                                losses=torch.from_numpy(losses[name])) for name, (net, opt) in runs.items()}}, state_path)
     metrics = {name: summary(l, args.tail) for name, l in losses.items()}
     metrics.update(settings=vars(args), train_images=len(images), seconds=round(time.time() - t0, 1))

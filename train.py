@@ -26,21 +26,18 @@ import torch
 from tqdm import tqdm
 
 import common
+import data
+import sample
 import utils
 
 #----------------------------------------------------------------------------
 # Settings. Each TrainConfig field is a flag (--batch-size for batch_size) with its default and
-# help; the per-data-set defaults (channels, image size, flips, ngf) are utils.DATASETS.
+# help; the per-data-set defaults (channels, image size, flips, ngf) are data.DATASETS.
 
 ITERS = 200_000      # the paper's optimizer steps, when neither --iters nor --epochs is given
 TEST_EVERY = 100     # steps between test losses (the official code's)
 LOG_EVERY = 10       # steps between host syncs: metrics rows, finiteness and stop checks
 EXIT_STOPPED = 3     # exit status of a run stopped by a signal: continue it with --resume
-
-
-def _or_auto(parse):
-    """argparse type: `parse`'s, or 'auto' (an NCSNv2 technique chooses the value)."""
-    return lambda text: "auto" if text == "auto" else parse(text)
 
 
 def _setting(default, help, **kw):
@@ -50,19 +47,20 @@ def _setting(default, help, **kw):
 RECIPES = {   # what a recipe gives each of these flags when it is not given
     "ncsn": dict(lr=1e-3, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END, num_levels=common.NUM_LEVELS,
                  conditioning="norm", ema=0.0, dequantize=True, steps_each=common.STEPS_EACH, step_lr=common.STEP_LR,
-                 denoise=False),                                # the paper's (Sec. 5, appendix B.1; the official configs)
+                 denoise=False, sampler="als"),                 # the paper's (Sec. 5, appendix B.1; the official configs)
     "ncsnv2": dict(lr=1e-4, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels="auto", conditioning="scale",
-                   ema=0.999, dequantize=False, steps_each=5, step_lr="auto", denoise=True),   # NCSNv2's techniques 1-5
+                   ema=0.999, dequantize=False, steps_each=5, step_lr="auto", denoise=True,
+                   sampler="als"),                              # NCSNv2's techniques 1-5
 }
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every training setting. None: the recipe's (RECIPES) or the data set's (utils.DATASETS).
+    """Every training setting. None: the recipe's (RECIPES) or the data set's (data.DATASETS).
     must_match: a resumed run must use the checkpoint's value."""
     # data and outputs
-    dataset: str = _setting("mnist", "data set", choices=list(utils.DATASETS), must_match=True)
-    data_root: str = _setting(utils.DATA_ROOT, "torchvision data folder (downloaded into when missing)")
+    dataset: str = _setting("mnist", "data set", choices=list(data.DATASETS), must_match=True)
+    data_root: str = _setting(data.DATA_ROOT, "torchvision data folder (downloaded into when missing)")
     dataset_path: str = _setting(None, "a folder of images to train on instead (every 20th held out)", must_match=True)
     out: str = _setting(None, "output folder (default: runs/<dataset>)")
     resume: bool = _setting(False, "continue from <out>/checkpoint.pt")
@@ -77,10 +75,10 @@ class TrainConfig:
     beta1: float = _setting(0.9, "Adam beta1 (beta2 is 0.999)", type=utils.rate)
     ngf: int = _setting(None, "RefineNet width (default: the data set's, 64 MNIST, 128 CIFAR-10)", type=utils.positive_int)
     sigma_begin: float = _setting(None, "sigma_1, the largest noise level; auto: the largest distance between two "
-                                  "training images (technique 1)", type=_or_auto(utils.positive_float), must_match=True)
+                                  "training images (technique 1)", type=utils.number_or_auto(utils.positive_float), must_match=True)
     sigma_end: float = _setting(None, "sigma_L, the smallest", type=utils.positive_float, must_match=True)
     num_levels: int = _setting(None, "L, the number of noise levels; auto: technique 2's for the image size",
-                               type=_or_auto(utils.positive_int), must_match=True)
+                               type=utils.number_or_auto(utils.positive_int), must_match=True)
     conditioning: str = _setting(None, "norm: CondInstanceNorm++ per level; scale: s(x)/sigma (technique 3)",
                                  choices=["norm", "scale"], must_match=True)
     objective: str = _setting("dsm", "dsm: denoising score matching (eq. 5-6); ssm: annealed sliced score matching "
@@ -98,8 +96,9 @@ class TrainConfig:
     snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=utils.positive_int)
     sample_every: int = _setting(5_000, "steps between sample figures", type=utils.positive_int)
     n_samples: int = _setting(64, "images in each sample grid", type=utils.positive_int)
+    sampler: str = _setting(None, "the figures' sampler (common.SAMPLERS)", choices=list(common.SAMPLERS))
     steps_each: int = _setting(None, "sampler steps per noise level (T)", type=utils.positive_int)
-    step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T", type=_or_auto(utils.positive_float))
+    step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T", type=utils.number_or_auto(utils.positive_float))
     denoise: bool = _setting(None, "end the sampler with x + sigma_L^2 s(x, L)")
     # machinery
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N", type=utils.device_name)
@@ -131,7 +130,7 @@ def parser(fixed=()):
 def resolve(cfg):
     """Fill the settings left unset from the recipe and the data set."""
     recipe = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
-    return dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or utils.DATASETS[cfg.dataset]["ngf"],
+    return dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or data.DATASETS[cfg.dataset]["ngf"],
                                out=cfg.out or os.path.join("runs", cfg.dataset))
 
 
@@ -167,8 +166,7 @@ def resolve_auto(cfg, train_images, device, state, say):
             f"{train_images[0].numel()}, technique 2)")
     L = found.get("num_levels", cfg.num_levels)
     if "step_lr" in auto:
-        ratio = common.level_ratio(sigma_begin, cfg.sigma_end, L)
-        found["step_lr"] = common.step_lr_for(ratio, cfg.sigma_end, cfg.steps_each)
+        found["step_lr"] = common.auto_step_lr(sigma_begin, cfg.sigma_end, L, cfg.steps_each)
         say(f"--step-lr auto: {found['step_lr']:.4g} for T = {cfg.steps_each} (technique 4)")
     return dataclasses.replace(cfg, **found), auto
 
@@ -247,33 +245,34 @@ def to_unit(images, u=None):
 #----------------------------------------------------------------------------
 # One optimizer step, the test loss, the EMA.
 
-def train_step(model, opt, images, sigmas, *, step, seed=0, batch_size=None, grad_accum=1, rank=0, world_size=1,
-               flip=False, amp="none", anneal_power=2.0, dequantize=True, objective="dsm", sigma_dist="uniform"):
-    """One Adam step of annealed DSM (eq. 6; or objective='ssm') on a global batch of `batch_size` images (default:
-    len(images) x world_size), of which `images` (uint8, on the device) are this rank's share.
-    Gradients build up over `grad_accum` micro-batches and are all-reduced once (EDM's
-    ddp_sync). Returns this rank's mean loss as a device scalar (no host sync)."""
+def train_step(model, optimizer, images, sigmas, step, cfg):
+    """One Adam step of annealed DSM (eq. 6; or --objective ssm) as `cfg` (a resolved TrainConfig)
+    says, on a global batch of cfg.batch_size images of which `images` (uint8, on the device) are
+    this process's share. Gradients build up over cfg.grad_accum micro-batches and are all-reduced
+    once (EDM's ddp_sync). Returns this process's mean loss as a device scalar (no host sync)."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
     device, per_rank = images.device, len(images)
-    B, micro, lo = batch_size or per_rank * world_size, per_rank // grad_accum, rank * per_rank
-    labels, u, z, flips, *v = step_draws(seed, step, (B, *images.shape[1:]), len(sigmas), device,
-                                         vectors=objective == "ssm", probs=level_probs(sigmas, sigma_dist))
+    micro, lo = per_rank // cfg.grad_accum, rank * per_rank
+    labels, u, z, flips, *v = step_draws(cfg.seed, step, (cfg.batch_size, *images.shape[1:]), len(sigmas), device,
+                                         vectors=cfg.objective == "ssm", probs=level_probs(sigmas, cfg.sigma_dist))
     v = v[0] if v else None
-    x = to_unit(images, u[lo:lo + per_rank] if dequantize else None)
-    if flip:
+    x = to_unit(images, u[lo:lo + per_rank] if cfg.dequantize else None)
+    if data.DATASETS[cfg.dataset]["flip"]:
         x = torch.where(flips[lo:lo + per_rank, None, None, None], x.flip(3), x)
-    opt.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     ddp = getattr(model, "_orig_mod", model)             # the DDP module under torch.compile
-    for k in range(grad_accum):
+    for k in range(cfg.grad_accum):
         mine, glob = slice(k * micro, (k + 1) * micro), slice(lo + k * micro, lo + (k + 1) * micro)
-        last = world_size == 1 or k == grad_accum - 1
+        last = world == 1 or k == cfg.grad_accum - 1
         with contextlib.nullcontext() if last else ddp.no_sync():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 loss = objective_loss(model, x[mine], labels[glob], sigmas, z[glob], v if v is None else v[glob],
-                                      objective, anneal_power) / grad_accum
+                                      cfg.objective, cfg.anneal_power) / cfg.grad_accum
             loss.backward()
         total += loss.detach()
-    opt.step()
+    optimizer.step()
     return total
 
 
@@ -378,7 +377,7 @@ def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_arg
     the same bytes (a hard link; a copy where links are not supported)."""
     path = os.path.join(out, "checkpoint.pt")
     try:
-        utils.atomic_save(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(),
+        common.write_checkpoint(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(),
                                 step=step, epoch=epoch, pos=pos, model_args=model_args, config=dataclasses.asdict(cfg),
                                 rng=dict(torch=torch.get_rng_state())), path)
         if numbered:
@@ -413,22 +412,32 @@ def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
 
 
 def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
-    """samples_<step>.png and process_<step>.png (Figs. 4, 5) from the same start every time,
-    and loss.png (Fig. 3). Returns False, writing nothing, when a stop signal cut sampling short."""
-    spec = utils.DATASETS[cfg.dataset]
-    tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({len(sigmas)} x {cfg.steps_each} "
-               f"network evaluations)")
+    """samples_<step>.png and process_<step>.png (Figs. 4, 5) with the recipe's sampler (--sampler)
+    from the same start every time, and loss.png (Fig. 3). Returns False, writing nothing, when a
+    stop signal cut sampling short."""
+    spec = data.DATASETS[cfg.dataset]
+    info = dict(path=cfg.out, dataset=cfg.dataset, model_args=dict(conditioning=cfg.conditioning),
+                sigma_begin=cfg.sigma_begin, sigma_end=cfg.sigma_end, num_levels=cfg.num_levels,
+                steps_each=cfg.steps_each, step_lr=cfg.step_lr, denoise=cfg.denoise)
+    settings = sample.sampler_settings(cfg.sampler, info, cfg.seed)
+    tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({cfg.sampler}, {settings.nfe} "
+               "network evaluations each)")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x0 = torch.rand(cfg.n_samples, spec["channels"], spec["image_size"], spec["image_size"], generator=g, device=device)
+    levels = {}
+    def keep(i, _, x, score):          # the state at each level's end: its last call
+        stop.check()
+        levels[i] = x
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-            x, levels = common.annealed_langevin_dynamics(
-                net, x0, sigmas, cfg.steps_each, cfg.step_lr, denoise=cfg.denoise, callback=stop.check,
-                randn_like=lambda t: torch.randn(t.shape, generator=g, device=device))
+            x = common.SAMPLERS[cfg.sampler].run(
+                common.level_score(net, settings.sigmas, sigmas), x0, torch.tensor(settings.sigmas, device=device),
+                randn_like=lambda t: torch.randn(t.shape, generator=g, device=device), callback=keep, **settings.kwargs)
     except utils.Stopped:
         return False
     utils.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
-    utils.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), levels, sigmas.tolist())
+    utils.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), [levels[i] for i in sorted(levels)],
+                              list(settings.sigmas), title=f"{cfg.sampler}: state at the end of each level")
     save_loss_figure(os.path.join(cfg.out, "loss.png"), rows, f"annealed {cfg.objective.upper()} loss")
     return True
 
@@ -482,7 +491,7 @@ def load_data(cfg, rank, world):
                          f"({cfg.grad_accum})")
     if rank != 0:
         torch.distributed.barrier()
-    images = [utils.load_images(cfg.dataset, split, cfg.data_root, cfg.dataset_path) for split in (True, False)]
+    images = [data.load_images(cfg.dataset, split, cfg.data_root, cfg.dataset_path) for split in (True, False)]
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     if len(images[0]) < cfg.batch_size:
@@ -537,7 +546,7 @@ def train(cfg):
     # Set-up: processes, the run to continue, data, network.
     rank, world, device = utils.dist_init(cfg.device)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    B, spec = cfg.batch_size, utils.DATASETS[cfg.dataset]
+    B, spec = cfg.batch_size, data.DATASETS[cfg.dataset]
     if rank == 0 and (freed := prepare_out(cfg.out)):
         say(f"removed the temporary files of an interrupted write in {cfg.out} ({freed / 2**20:.1f} MiB)")
     state = resume_state(cfg)
@@ -564,18 +573,15 @@ def train(cfg):
     parts = dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg)    # of every checkpoint
 
     # The loop, one optimizer step an iteration; rank 0 alone writes files.
-    data = batches(train_images, cfg, epoch, pos, rank, world, device)
+    stream = batches(train_images, cfg, epoch, pos, rank, world, device)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
     last_saved, stopped = (step if state else None), False
     with utils.StopSignal() as stop:
         try:
             while step < total_steps and not stopped:
                 # Optimizer step, EMA, test loss.
-                epoch, pos, images = next(data)
-                loss = train_step(model, opt, images, sigmas, step=step, seed=cfg.seed, batch_size=B,
-                                  grad_accum=cfg.grad_accum, rank=rank, world_size=world, flip=spec["flip"],
-                                  amp=cfg.amp, anneal_power=cfg.anneal_power, dequantize=cfg.dequantize,
-                                  objective=cfg.objective, sigma_dist=cfg.sigma_dist)
+                epoch, pos, images = next(stream)
+                loss = train_step(model, opt, images, sigmas, step, cfg)
                 if ema is not None:
                     ema_update(ema, raw, ema_rate(cfg, step + 1))
                 step += 1
@@ -601,7 +607,7 @@ def train(cfg):
             kept = f"{cfg.out}/checkpoint.pt of step {last_saved} is kept" if last_saved is not None else "no checkpoint was written"
             raise TrainError(f"non-finite loss at step {e.args[0]}; stopped; {kept}") from None
         finally:
-            bar.close(), data.close()
+            bar.close(), stream.close()
         if rank == 0 and last_saved != step:
             save_checkpoint(cfg.out, step, epoch, pos, not stopped, **parts)
         if stopped:
@@ -615,7 +621,7 @@ def train(cfg):
 
 def one_line_error(e, cfg):
     """The command line's message for an error, or None for an unexpected one (a traceback)."""
-    if isinstance(e, (TrainError, utils.DataError, common.CheckpointError)):
+    if isinstance(e, (TrainError, data.DataError, common.CheckpointError)):
         return f"error: {e}"
     if isinstance(e, OSError):
         return f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
@@ -635,7 +641,7 @@ def main(argv=None, **fixed):
         p.error(problem)
     try:
         step, stopped = train(cfg)
-    except (TrainError, utils.DataError, common.CheckpointError, OSError, RuntimeError) as e:
+    except (TrainError, data.DataError, common.CheckpointError, OSError, RuntimeError) as e:
         message = one_line_error(e, cfg)
         if message is None:
             raise

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 train_cifar.py             # 2 GPUs at the paper's global batch 128
 
 torchvision's CIFAR10 under --data-root, with random horizontal flips; the settings are
-train.TrainConfig's (`--help` lists them) with the data set's from utils.DATASETS; the loop
+train.TrainConfig's (`--help` lists them) with the data set's from data.DATASETS; the loop
 is train.train.
 """
 import train

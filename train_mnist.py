@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 train_mnist.py             # 2 GPUs; --batch-size stays the global batch
 
 torchvision's MNIST under --data-root; the settings are train.TrainConfig's (`--help` lists
-them) with the data set's from utils.DATASETS; the loop is train.train.
+them) with the data set's from data.DATASETS; the loop is train.train.
 """
 import train
 

@@ -1,8 +1,7 @@
-"""What every script needs around the paper: devices, files written atomically, flag types,
-stable seeds, processes (torchrun) and stop signals, per-sample noise, checkpoint writing, image data sets (MNIST, CIFAR-10, CelebA,
-image folders), the Frechet distance and figure helpers. Module level imports: torch and the
-standard library only (torchvision, PIL, numpy and matplotlib are imported on use).
-The paper itself is common.py; the training machinery train.py.
+"""What every script needs around the paper: devices, files written atomically (common's
+atomic_path, JSON), flag types, stable seeds and per-sample noise, processes (torchrun) and stop
+signals, figures. Module level imports: torch, common and the standard library (PIL and
+matplotlib are imported on use). The paper is common.py; data sets data.py; training train.py.
 """
 import os
 import re
@@ -11,14 +10,14 @@ import math
 import hashlib
 import argparse
 import datetime
-import secrets
 import signal
 import sys
 import tempfile
-import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from common import TMP_PREFIX, atomic_path  # noqa: F401  (the scripts' atomic writes)
 
 #----------------------------------------------------------------------------
 # Small helpers.
@@ -35,27 +34,6 @@ def get_device(name="auto"):
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
-
-
-TMP_PREFIX = ".tmp-"     # atomic_path's temporary files: TMP_PREFIX + 8 hex digits + "-" + final name
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path` (same extension); when the block succeeds it
-    replaces `path`, when it fails it is removed: a crash never leaves half a file. The file is
-    created with the user's umask, as open() would."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{secrets.token_hex(4)}-{name}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def remove_temporaries(folder):
@@ -113,6 +91,11 @@ def _positive(cast, what):
 
 positive_int = _positive(int, "integer")        # argparse types: refused with a message naming the value
 positive_float = _positive(float, "number")     # finite and > 0
+
+
+def number_or_auto(parse):
+    """argparse type: `parse`'s value, or the word 'auto' (an NCSNv2 technique chooses the value)."""
+    return lambda text: "auto" if text == "auto" else parse(text)
 
 
 def finite_float(text):
@@ -255,7 +238,7 @@ class StopSignal:
 
 
 #----------------------------------------------------------------------------
-# Seeded noise per sample, and checkpoint writing.
+# Seeded noise per sample.
 
 class SampleNoise:
     """One torch.Generator per sample, seeded by stable_seed(*key) (EDM's StackedRandomGenerator):
@@ -271,166 +254,6 @@ class SampleNoise:
     def randn_like(self, t):
         return torch.stack([torch.randn(t.shape[1:], generator=g, device=self.device) for g in self.gens])
 
-
-def atomic_save(obj, path):
-    """torch.save atomically, synced to disk before the rename."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-#----------------------------------------------------------------------------
-# Image data: whole data sets as uint8 tensors (N, C, H, W); MNIST and CIFAR-10 fit in memory.
-
-DATASETS = {  # the official configs: channels, image size, random horizontal flips, RefineNet width
-    "mnist": dict(channels=1, image_size=28, flip=False, ngf=64),
-    "cifar10": dict(channels=3, image_size=32, flip=True, ngf=128),
-    "celeba": dict(channels=3, image_size=32, flip=True, ngf=128),         # centre crop 140, then resized
-}
-CELEBA_CROP = 140        # the official CelebA preprocessing: centre crop 140 x 140, resize to 32
-DATA_ROOT = "./data"     # where torchvision's data sets are looked for, and downloaded into
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class DataError(RuntimeError):
-    """A data set that cannot be found or read; the message says what to put where."""
-
-
-def to_8bit(img, channels):
-    """A PIL image of any mode as 8-bit 'L' (channels 1) or 'RGB' (3). 16- and 32-bit integer
-    greys (PNG's I;16, I) are scaled from 0-65535, palettes expanded, alpha dropped, CMYK and
-    other colour spaces converted; floating-point images are refused (their range is unknown)."""
-    import numpy as np
-    from PIL import Image
-    if img.mode.startswith("I;16") or img.mode == "I":
-        a = np.asarray(img, dtype=np.int64)
-        if a.min() < 0 or a.max() > 65535:
-            raise ValueError(f"{img.mode} values {a.min()} to {a.max()} are not 16-bit")
-        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
-    elif img.mode == "F":
-        raise ValueError("a floating-point image (mode F); save it as 8- or 16-bit")
-    elif img.mode in ("P", "PA"):
-        img = img.convert("RGBA")
-    return img.convert("L" if channels == 1 else "RGB")
-
-
-def load_image_folder(path, channels, image_size, split=None, flag="--dataset-path"):
-    """uint8 (N, C, H, W) of every image under `path` (recursively, sorted), made 8-bit L or RGB
-    (to_8bit) and, if their size differs, resized and centre-cropped. split='train' / 'test'
-    keeps all but every 20th image / every 20th image. An unreadable file stops it, named."""
-    from PIL import Image
-    import torchvision.transforms.functional as TF
-    if not os.path.isdir(path):
-        raise DataError(f"{flag} {path}: no such folder")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
-    if len(files) < 2:
-        raise DataError(f"{flag} {path}: found {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}); need at least 2")
-    if split is not None:
-        files = [f for i, f in enumerate(files) if (i % 20 == 0) == (split == "test")]
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                img = to_8bit(im, channels)
-        except Exception as e:          # PIL raises OSError, SyntaxError, ValueError, ... by format
-            raise DataError(f"{flag} {path}: {f} is not a readable image ({first_line(e)}); "
-                            "remove or replace it") from None
-        if img.size != (image_size, image_size):
-            img = TF.center_crop(TF.resize(img, image_size), image_size)
-        images.append(TF.pil_to_tensor(img))
-    return torch.stack(images)
-
-
-def damaged_files(dataset, data_root):
-    """Files of torchvision's layout under data_root that are present but damaged (an MD5 other
-    than torchvision's, or an IDX file shorter than its header says), as messages."""
-    import torchvision
-    from torchvision.datasets.utils import calculate_md5
-    found = []
-    def check_md5(path, md5):
-        if os.path.isfile(path) and calculate_md5(path) != md5:
-            found.append(f"{path} is present but damaged (MD5 {calculate_md5(path)}, expected {md5}: truncated or "
-                         "another file); delete it to download it again, or copy a good one")
-    if dataset == "mnist":
-        raw = os.path.join(data_root, "MNIST", "raw")
-        for name, md5 in torchvision.datasets.MNIST.resources:
-            check_md5(os.path.join(raw, name), md5)
-            idx = os.path.join(raw, name[:-3])
-            if os.path.isfile(idx):
-                with open(idx, "rb") as f:
-                    head = f.read(16)
-                dims = [int.from_bytes(head[4 + 4 * k:8 + 4 * k], "big") for k in range(head[3] if len(head) > 3 else 0)]
-                want = 4 * (1 + len(dims)) + math.prod(dims)
-                if len(head) < 8 or os.path.getsize(idx) != want:
-                    found.append(f"{idx} is present but truncated ({os.path.getsize(idx)} bytes, its header says {want}); "
-                                 "delete it (and its .gz) to download it again, or copy a good one")
-    elif dataset == "cifar10":
-        cls = torchvision.datasets.CIFAR10
-        check_md5(os.path.join(data_root, cls.filename), cls.tgz_md5)
-        for name, md5 in cls.train_list + cls.test_list:
-            check_md5(os.path.join(data_root, cls.base_folder, name), md5)
-    else:
-        for _, md5, name in torchvision.datasets.CelebA.file_list:
-            check_md5(os.path.join(data_root, "celeba", name), md5)
-    return found
-
-
-def load_celeba(data_root, train):
-    """torchvision's CelebA split with the official preprocessing (centre crop 140, resize to 32),
-    uint8 (N, 3, 32, 32). Decoding 162,770 JPEGs takes minutes, so the result is cached beside
-    them under a key of the file names (celeba/ncsn_<split>_<N>_<key>.pt)."""
-    import torchvision
-    import torchvision.transforms.functional as TF
-    from tqdm import tqdm
-    split = "train" if train else "test"
-    ds = torchvision.datasets.CelebA(data_root, split=split, target_type=[], download=True)
-    size = DATASETS["celeba"]["image_size"]
-    cache = os.path.join(data_root, "celeba", f"ncsn_{split}_{len(ds)}_{digest(list(ds.filename), CELEBA_CROP, size)[:12]}.pt")
-    if os.path.exists(cache):
-        from common import read_checkpoint
-        return read_checkpoint(cache)["images"]
-    images = torch.empty(len(ds), 3, size, size, dtype=torch.uint8)
-    for i in tqdm(range(len(ds)), desc=f"CelebA {split}: crop {CELEBA_CROP}, resize {size}", unit="img", mininterval=2):
-        with ds[i][0] as img:
-            images[i] = TF.pil_to_tensor(TF.resize(TF.center_crop(to_8bit(img, 3), CELEBA_CROP), size))
-    atomic_save(dict(images=images), cache)
-    return images
-
-
-def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_flag="--dataset-path"):
-    """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 / CelebA
-    under data_root (downloaded when missing), or a folder of images (dataset_path)."""
-    spec = DATASETS[dataset]
-    if dataset_path:
-        return load_image_folder(dataset_path, spec["channels"], spec["image_size"], "train" if train else "test")
-    import torchvision
-    try:
-        if dataset == "celeba":
-            return load_celeba(data_root, train)
-        if dataset == "mnist":
-            return torchvision.datasets.MNIST(data_root, train=train, download=True).data[:, None].contiguous()
-        data = torchvision.datasets.CIFAR10(data_root, train=train, download=True).data      # (N, 32, 32, 3)
-        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
-    except Exception as e:
-        damaged = damaged_files(dataset, data_root)
-        if damaged:
-            raise DataError(damaged[0] + (f" ({len(damaged) - 1} more damaged)" if len(damaged) > 1 else "")) from None
-        where = {"mnist": f"{os.path.join(data_root, 'MNIST', 'raw')}: train-images-idx3-ubyte.gz, "
-                          "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
-                 "cifar10": f"{data_root}: cifar-10-python.tar.gz (or its folder cifar-10-batches-py)",
-                 "celeba": f"{os.path.join(data_root, 'celeba')} (torchvision's layout; its download often fails on "
-                           "Google Drive's quota): the folder img_align_celeba (unzipped img_align_celeba.zip), "
-                           "list_eval_partition.txt, identity_CelebA.txt, list_attr_celeba.txt, list_bbox_celeba.txt, "
-                           "list_landmarks_align_celeba.txt"}[dataset]
-        raise DataError(f"{dataset} is not under --data-root {data_root} and could not be downloaded ({first_line(e)}); "
-                        f"copy these files into {where}" + (f", or pass {folder_flag} FOLDER of images" if folder_flag else "")) from None
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians of features (TTUR's
-    FID formula), via torch-fidelity."""
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-    return fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)["frechet_inception_distance"]
 
 #----------------------------------------------------------------------------
 # Figure helpers shared by the scripts (matplotlib, PIL and torchvision are imported on use).
@@ -465,7 +288,8 @@ def save_image_grid(path, images, nrow):
         Image.fromarray((grid.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()).save(tmp)
 
 
-def save_process_figure(path, levels, sigmas, rows=8, columns=10):
+def save_process_figure(path, levels, sigmas, rows=8, columns=10,
+                        title="Annealed Langevin dynamics: state at the end of each level"):
     """The generation process (Figs. 4b, 5b): one row per sample, one column per noise level (at
     most `columns`, evenly spaced, the last level always shown)."""
     import torchvision
@@ -480,5 +304,5 @@ def save_process_figure(path, levels, sigmas, rows=8, columns=10):
     ax.imshow(grid, cmap="gray" if grid.shape[2] == 1 else None)
     ax.set_xticks([w * (i + 0.5) for i in range(L)], [f"{float(s):.3g}" for s in sigmas], fontsize=8)
     ax.set_yticks([]), ax.set_xlabel(r"end of noise level $\sigma_i$")
-    ax.set_title("Annealed Langevin dynamics: state at the end of each level")
+    ax.set_title(title)
     save_figure(fig, path, dpi=100)

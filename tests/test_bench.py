@@ -9,6 +9,8 @@ import bench
 import common
 from conftest import DATA
 
+FAST = ["--device", "cpu"]
+
 
 def test_bench_reports_the_networks_flops_and_positive_speeds(tmp_path):
     out = tmp_path / "bench.json"
@@ -55,3 +57,10 @@ def test_bench_refuses_a_json_path_it_cannot_write_before_measuring(tmp_path, ca
     with pytest.raises(SystemExit):
         bench.main(["--json", str(tmp_path / "file" / "out.json"), "--device", "cpu"])
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_bench_times_the_ssm_objective(tmp_path):
+    [dsm] = bench.main(["--configs", "mnist", "--batch-size", "2", "--warmup", "1", "--repeats", "1", *FAST])
+    [ssm] = bench.main(["--configs", "mnist", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--objective", "ssm", *FAST])
+    assert ssm["objective"] == "ssm" and ssm["train_images_per_s"] > 0 and ssm["train_gflop_per_image"] is None
+    assert dsm["train_gflop_per_image"] > 3 * 3.7

@@ -67,13 +67,13 @@ def test_wrong_shape_official_state_dict(tmp_path):
 def test_our_checkpoint_of_another_size_is_refused(tmp_path):
     net = common.RefineNet(1, 8)
     bad = tmp_path / "ours.pt"
-    utils.atomic_save({"model": net.state_dict(), "model_args": dict(net.model_args, ngf=16)}, bad)
+    common.write_checkpoint({"model": net.state_dict(), "model_args": dict(net.model_args, ngf=16)}, bad)
     with pytest.raises(common.CheckpointError, match="ngf=16") as e:
         common.load_score_net(bad)
     _one_line(e)
     del_one = dict(net.state_dict())
     del_one.pop("end_conv.bias")
-    utils.atomic_save({"model": del_one, "model_args": net.model_args}, bad)
+    common.write_checkpoint({"model": del_one, "model_args": net.model_args}, bad)
     with pytest.raises(common.CheckpointError, match="1 missing") as e:
         common.load_score_net(bad)
 
@@ -83,7 +83,7 @@ def test_our_checkpoint_round_trip_and_ema_choice(tmp_path):
     net = common.RefineNet(3, 8).eval()
     ema = common.RefineNet(3, 8).eval()
     path = tmp_path / "ckpt.pt"
-    utils.atomic_save({"model": net.state_dict(), "ema": ema.state_dict(), "model_args": net.model_args,
+    common.write_checkpoint({"model": net.state_dict(), "ema": ema.state_dict(), "model_args": net.model_args,
                         "step": 7, "config": {"sigma_begin": 1.0, "sigma_end": 0.01, "num_levels": 10}}, path)
     x, labels = torch.rand(2, 3, 32, 32), torch.tensor([1, 8])
     with torch.no_grad():
@@ -93,14 +93,14 @@ def test_our_checkpoint_round_trip_and_ema_choice(tmp_path):
         assert torch.equal(raw(x, labels), net(x, labels))
     assert info["ema"] and not info_raw["ema"] and info["step"] == 7 and info["sigma_end"] == 0.01
     assert info["model_args"] == net.model_args and info["format"] == "ncsn-repro"
-    utils.atomic_save({"model": net.state_dict(), "ema": None, "model_args": net.model_args}, path)
+    common.write_checkpoint({"model": net.state_dict(), "ema": None, "model_args": net.model_args}, path)
     with pytest.raises(common.CheckpointError, match="EMA weights asked for"):
         common.load_score_net(path, ema=True)
 
 
 def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    utils.atomic_save({"step": 1}, path)
+    common.write_checkpoint({"step": 1}, path)
     before = path.read_bytes()
 
     def broken_save(obj, f):
@@ -108,7 +108,7 @@ def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch)
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        utils.atomic_save({"step": 2}, path)
+        common.write_checkpoint({"step": 2}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.pt"]                         # no temporary file left behind
 

@@ -1,5 +1,6 @@
 """Image data: every PIL mode to correct 8-bit, unreadable files and damaged data sets named in one line."""
 import gzip
+import json
 import os
 import urllib.error
 
@@ -8,12 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
+import data
+import evaluate
+import train
+import train_celeba
 import utils
 from conftest import write_cifar10, write_mnist
 
+FAST = ["--device", "cpu"]
+
 
 def _load(folder, channels):
-    return utils.load_image_folder(str(folder), channels, 8).double()
+    return data.load_image_folder(str(folder), channels, 8).double()
 
 
 def test_sixteen_bit_grey_png_keeps_its_brightness(tmp_path):
@@ -57,19 +64,19 @@ def test_palette_rgba_and_cmyk_images_have_their_true_colours(tmp_path):
 def test_unreadable_images_are_named_in_one_line(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(utils.DataError) as e:
-        utils.load_image_folder(str(tmp_path), 1, 8)
+    with pytest.raises(data.DataError) as e:
+        data.load_image_folder(str(tmp_path), 1, 8)
     assert "broken.png is not a readable image" in str(e.value) and "\n" not in str(e.value)
     os.remove(tmp_path / "broken.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full.png")
-    data = (tmp_path / "full.png").read_bytes()
-    (tmp_path / "full.png").write_bytes(data[:len(data) // 2])          # a truncated download
-    with pytest.raises(utils.DataError, match="full.png is not a readable image"):
-        utils.load_image_folder(str(tmp_path), 3, 8)
+    raw = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "full.png").write_bytes(raw[:len(raw) // 2])          # a truncated download
+    with pytest.raises(data.DataError, match="full.png is not a readable image"):
+        data.load_image_folder(str(tmp_path), 3, 8)
     os.remove(tmp_path / "full.png")
     Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "float.tif")
-    with pytest.raises(utils.DataError, match="float.tif is not a readable image .*floating-point"):
-        utils.load_image_folder(str(tmp_path), 1, 8)
+    with pytest.raises(data.DataError, match="float.tif is not a readable image .*floating-point"):
+        data.load_image_folder(str(tmp_path), 1, 8)
 
 
 @pytest.fixture
@@ -85,10 +92,10 @@ def offline(monkeypatch):
 def test_truncated_mnist_file_is_named(tmp_path, offline):
     root = write_mnist(str(tmp_path))
     path = os.path.join(root, "MNIST", "raw", "train-images-idx3-ubyte")
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[:len(data) - 100])
-    with pytest.raises(utils.DataError) as e:
-        utils.load_images("mnist", True, root)
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:len(raw) - 100])
+    with pytest.raises(data.DataError) as e:
+        data.load_images("mnist", True, root)
     assert f"{path} is present but truncated" in str(e.value) and "not under --data-root" not in str(e.value)
 
 
@@ -98,20 +105,78 @@ def test_mnist_archive_with_the_wrong_checksum_is_named(tmp_path, offline):
     for name, _ in __import__("torchvision").datasets.MNIST.resources:
         with gzip.open(raw / name, "wb") as f:
             f.write(b"\0" * 100)
-    with pytest.raises(utils.DataError) as e:
-        utils.load_images("mnist", False, str(tmp_path))
+    with pytest.raises(data.DataError) as e:
+        data.load_images("mnist", False, str(tmp_path))
     msg = str(e.value)
     assert "train-images-idx3-ubyte.gz is present but damaged (MD5" in msg and "3 more damaged" in msg and "\n" not in msg
 
 
 def test_cifar_batches_with_the_wrong_checksum_are_named(tmp_path, offline):
     root = write_cifar10(str(tmp_path))               # real layout, but not the real files' MD5 sums
-    with pytest.raises(utils.DataError) as e:
-        utils.load_images("cifar10", True, root)
+    with pytest.raises(data.DataError) as e:
+        data.load_images("cifar10", True, root)
     assert os.path.join("cifar-10-batches-py", "data_batch_1") + " is present but damaged" in str(e.value)
 
 
 def test_missing_data_set_says_where_to_put_the_files(tmp_path, offline):
-    with pytest.raises(utils.DataError) as e:
-        utils.load_images("cifar10", True, str(tmp_path))
+    with pytest.raises(data.DataError) as e:
+        data.load_images("cifar10", True, str(tmp_path))
     assert "cifar-10-python.tar.gz" in str(e.value) and "could not be downloaded" in str(e.value)
+
+
+#----------------------------------------------------------------------------
+# CelebA in torchvision's layout.
+
+def write_celeba(root, n=6):
+    """torchvision's CelebA layout with n JPEGs of 178 x 218: red inside the centre 140 x 140, blue outside."""
+    from PIL import Image
+    folder = os.path.join(root, "celeba")
+    os.makedirs(os.path.join(folder, "img_align_celeba"))
+    names = [f"{i + 1:06d}.jpg" for i in range(n)]
+    img = np.zeros((218, 178, 3), np.uint8)
+    img[..., 2] = 255
+    img[39:179, 19:159] = (255, 0, 0)
+    for name in names:
+        Image.fromarray(img).save(os.path.join(folder, "img_align_celeba", name), quality=95)
+    split = [0] * (n - 2) + [2, 2]                                # the last two are the test split
+    write = lambda f, lines: open(os.path.join(folder, f), "w").write("\n".join(lines) + "\n")
+    write("list_eval_partition.txt", [f"{a} {s}" for a, s in zip(names, split)])
+    write("identity_CelebA.txt", [f"{a} {i}" for i, a in enumerate(names)])
+    write("list_attr_celeba.txt", [str(n), "Smiling Young"] + [f"{a} 1 -1" for a in names])
+    write("list_bbox_celeba.txt", [str(n), "image_id x_1 y_1 width height"] + [f"{a} 1 2 3 4" for a in names])
+    write("list_landmarks_align_celeba.txt", [str(n), "lefteye_x lefteye_y"] + [f"{a} 1 2" for a in names])
+    return root
+
+
+def test_celeba_loads_with_the_official_preprocessing_and_trains(tmp_path, monkeypatch):
+    import torchvision.datasets.celeba as celeba
+    monkeypatch.setattr(celeba, "check_integrity", lambda *a, **k: True)   # only the MD5 check: these are not the real files
+    root = write_celeba(str(tmp_path / "data"))
+    images = data.load_images("celeba", True, root)
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
+    # the centre crop of 140 keeps only the red square
+    assert (images[:, 0].float().mean() > 240) and (images[:, 2].float().mean() < 15)
+    [cache] = [f for f in os.listdir(os.path.join(root, "celeba")) if f.startswith("ncsn_train")]
+    assert torch.equal(data.load_images("celeba", True, root), images)       # from the cache
+    assert data.load_images("celeba", False, root).shape[0] == 2
+    out = tmp_path / "run"
+    train_celeba.main(["--data-root", root, "--out", str(out), "--ngf", "4", "--num-workers", "0", "--batch-size", "2",
+                       "--iters", "2", "--n-samples", "1", "--steps-each", "1", *FAST])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dataset"] == "celeba" and cfg["ngf"] == 4 and cfg["dataset_spec"]["flip"] is True
+    assert train.resolve(train.TrainConfig(dataset="celeba")).ngf == 128
+    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--metrics", "none", "--steps-each", "1",
+                         "--out", str(tmp_path / "e"), *FAST])
+    assert r["dataset"] == "celeba" and r["sampler"]["shape"] == [3, 32, 32]
+
+
+def test_missing_celeba_says_where_to_put_the_files(tmp_path, monkeypatch):
+    import torchvision.datasets.celeba as celeba
+    def quota(*a, **k):
+        raise RuntimeError("The daily quota of the file img_align_celeba.zip is exceeded")
+    monkeypatch.setattr(celeba, "download_file_from_google_drive", quota)
+    with pytest.raises(data.DataError) as e:
+        data.load_images("celeba", True, str(tmp_path))
+    msg = str(e.value)
+    assert os.path.join(str(tmp_path), "celeba") in msg and "img_align_celeba" in msg and "list_eval_partition.txt" in msg
+    assert "quota" in msg and "\n" not in msg

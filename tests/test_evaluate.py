@@ -1,4 +1,5 @@
 """evaluate.py offline: a random-weights Inception with the real architecture, tiny checkpoints."""
+import functools
 import glob
 import json
 import os
@@ -10,8 +11,11 @@ import scipy.linalg
 import torch
 
 import common
+import data
 import utils
 import evaluate
+import metrics
+import sample
 from conftest import DATA, write_mnist
 
 FAST = ["--steps-each", "2", "--device", "cpu"]
@@ -56,8 +60,8 @@ def ref_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref_stats(inception_weights, ref_folder, tmp_path_factory):
     """The reference folder's statistics as an .npz (the --ref form that skips feature extraction)."""
-    net = evaluate.inception(inception_weights, torch.device("cpu"))
-    mu, sigma, _ = evaluate.streamed_stats(net, [utils.load_image_folder(ref_folder, 3, 32)], torch.device("cpu"))
+    net = metrics.inception(inception_weights, torch.device("cpu"))
+    mu, sigma, _ = metrics.streamed_stats(net, [data.load_image_folder(ref_folder, 3, 32)], torch.device("cpu"))
     path = tmp_path_factory.mktemp("stats") / "ref.npz"
     np.savez(path, mu=mu, sigma=sigma)
     return str(path)
@@ -68,14 +72,14 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     net = common.RefineNet(3, 4)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    utils.atomic_save(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
+    common.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
                             config=dict(dataset="cifar10", sigma_begin=1.0, sigma_end=0.01, num_levels=10)), path)
     return str(path)
 
 
 def test_features_vary_with_the_input(inception_weights):
-    net = evaluate.inception(inception_weights, torch.device("cpu"))
-    pool, logits = evaluate.features(net, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.device("cpu"))
+    net = metrics.inception(inception_weights, torch.device("cpu"))
+    pool, logits = metrics.features(net, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.device("cpu"))
     assert pool.shape == (4, 2048) and logits.shape == (4, 1008)
     assert (pool[0] - pool[1]).abs().max() > 1e-3 and (logits[0] - logits[1]).abs().max() > 1e-3
 
@@ -83,7 +87,7 @@ def test_features_vary_with_the_input(inception_weights):
 def test_is_and_fid_equal_an_independent_computation():
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(size=(200, 30)) * 3)
-    mean, std = evaluate.inception_score(logits, splits=10)
+    mean, std = metrics.inception_score(logits, splits=10)
     perm = np.random.RandomState(2020).permutation(200)          # torch-fidelity shuffles with seed 2020
     p = scipy.special.softmax(logits.numpy()[perm], axis=1)
     scores = []
@@ -96,8 +100,8 @@ def test_is_and_fid_equal_an_independent_computation():
     b = torch.from_numpy(rng.normal(size=(300, 8)) * 1.5 + 0.7)
     (m1, s1), (m2, s2) = [(f.numpy().mean(0), np.cov(f.numpy(), rowvar=False)) for f in (a, b)]
     want = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
-    assert evaluate.fid(m1, s1, m2, s2) == pytest.approx(want, rel=1e-6)
-    assert evaluate.fid(m1, s1, m1, s1) == pytest.approx(0, abs=1e-6)
+    assert metrics.fid(m1, s1, m2, s2) == pytest.approx(want, rel=1e-6)
+    assert metrics.fid(m1, s1, m1, s1) == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 16 images span < 2048 dims
@@ -115,11 +119,11 @@ def test_pipeline_writes_everything_and_its_numbers_check_out(tiny_checkpoint, i
     assert saved["n"] == 12 and len(saved["health"]) == 10 and saved["fid"] == pytest.approx(r["fid"])
     assert saved["inception_score_mean"] > 1.0 and math_finite(saved["fid"]) and saved["fid"] > 0
     # recompute FID from the saved samples and the reference folder, independently
-    net = evaluate.inception(inception_weights, torch.device("cpu"))
-    images = evaluate.collect(str(folder), 12)
-    pool, _ = evaluate.features(net, images, torch.device("cpu"))
-    ref = utils.load_image_folder(ref_folder, 3, 32)
-    ref_pool, _ = evaluate.features(net, ref, torch.device("cpu"))
+    net = metrics.inception(inception_weights, torch.device("cpu"))
+    images = sample.collect(str(folder), 12)
+    pool, _ = metrics.features(net, images, torch.device("cpu"))
+    ref = data.load_image_folder(ref_folder, 3, 32)
+    ref_pool, _ = metrics.features(net, ref, torch.device("cpu"))
     a, b = pool.numpy(), ref_pool.numpy()
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
@@ -135,26 +139,27 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
     common_args = ["--checkpoint", tiny_checkpoint, "--n", "9", "--ref", ref_stats, "--inception-weights", inception_weights, *FAST]
     made = []
     real = common.annealed_langevin_dynamics
+    @functools.wraps(real)                                          # the same settings as the real sampler
     def counting(net, x, *a, **k):
         made.append(len(x))
         if len(made) == 2 and counting.interrupt:
             raise KeyboardInterrupt
         return real(net, x, *a, **k)
     counting.interrupt = True
-    monkeypatch.setattr(common, "annealed_langevin_dynamics", counting)
+    monkeypatch.setitem(common.SAMPLERS, "als", common.SAMPLERS["als"]._replace(run=counting))
     with pytest.raises(SystemExit) as e:                            # Ctrl-C: a message, status 130
         evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])
     assert e.value.code == 130
     counting.interrupt = False
     [ra] = evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])
     assert made == [4, 4, 4, 1] and ra["samples_made_now"] == 5    # the interrupted batch of 4 is redone once
-    images_a = evaluate.collect(ra["folder"], 9)
+    images_a = sample.collect(ra["folder"], 9)
     with np.load(os.path.join(ra["folder"], "shard_0000000_0000004.npz")) as f:   # process.png's states: the
         last = torch.from_numpy(f["levels"][-1])                                   # shards' own first samples
     assert last.shape == (4, *images_a.shape[1:]) and os.path.exists(os.path.join(ra["folder"], "process.png"))
     assert torch.equal((last.clamp(0, 1) * 255 + 0.5).to(torch.uint8), images_a[:4])
     [rb] = evaluate.main([*common_args, "--batch-size", "9", "--out", str(tmp_path / "b")])
-    images_b = evaluate.collect(rb["folder"], 9)
+    images_b = sample.collect(rb["folder"], 9)
     # the same noise for every image; only float rounding of batched convolutions differs (measured:
     # 2 of 27,648 pixels by one grey level), where different draws would change almost every pixel
     diff = (images_a.int() - images_b.int()).abs()
@@ -208,13 +213,13 @@ def test_other_weights_or_settings_never_reuse_samples(tiny_checkpoint, inceptio
     path.parent.mkdir()
     state = torch.load(tiny_checkpoint, weights_only=True)
     ema = {k: v + 0.01 for k, v in state["model"].items()}
-    utils.atomic_save(dict(state, ema=ema), path)                    # the same run, later, with an EMA
+    common.write_checkpoint(dict(state, ema=ema), path)                    # the same run, later, with an EMA
     [b] = evaluate.main(["--checkpoint", str(path), *out, *base])
     [c] = evaluate.main(["--checkpoint", str(path), *out, *base, "--no-ema"])
     assert a["samples_made_now"] == b["samples_made_now"] == 3 and b["folder"] != a["folder"]
     # --no-ema takes the raw weights, which are the first file's: its samples are the right ones to reuse
     assert c["fingerprint"] == a["fingerprint"] and c["folder"] == a["folder"] and c["samples_made_now"] == 0
-    assert not torch.equal(evaluate.collect(a["folder"], 3), evaluate.collect(b["folder"], 3))
+    assert not torch.equal(sample.collect(a["folder"], 3), sample.collect(b["folder"], 3))
     [d] = evaluate.main(["--checkpoint", str(path), *out, *base, "--seed", "1"])
     assert d["samples_made_now"] == 3 and d["folder"] != b["folder"]
     # a shard that another setting made, copied in by hand, is refused rather than counted
@@ -231,7 +236,7 @@ def test_two_checkpoints_with_the_same_name_keep_their_own_results(tiny_checkpoi
         path = tmp_path / run / "logs" / "checkpoint.pt"                   # same parent folder and file name
         path.parent.mkdir(parents=True)
         state = torch.load(tiny_checkpoint, weights_only=True)
-        utils.atomic_save(dict(state, model={k: v + shift for k, v in state["model"].items()}), path)
+        common.write_checkpoint(dict(state, model={k: v + shift for k, v in state["model"].items()}), path)
         paths.append(str(path))
     results = evaluate.main(["--checkpoint", *paths, "--n", "2", "--batch-size", "2", "--out", str(tmp_path / "e"),
                              "--ref", ref_stats, "--inception-weights", inception_weights, *FAST])
@@ -278,8 +283,9 @@ def test_bad_ref_file_is_refused_before_any_sampling(kind, message, tmp_path, mo
     else:
         np.savez(ref, mu=np.array([object()], dtype=object), sigma=np.eye(2048))
     calls = []
-    monkeypatch.setattr(common, "annealed_langevin_dynamics", lambda *a, **k: calls.append(1))
-    monkeypatch.setattr(evaluate, "inception", lambda *a: calls.append("inception"))
+    fake = functools.wraps(common.annealed_langevin_dynamics)(lambda *a, **k: calls.append(1))
+    monkeypatch.setitem(common.SAMPLERS, "als", common.SAMPLERS["als"]._replace(run=fake))
+    monkeypatch.setattr(metrics, "inception", lambda *a: calls.append("inception"))
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", os.path.join(DATA, "official_cifar_ngf4.pth"), "--n", "2", "--ref", str(ref),
                        "--out", str(tmp_path / "e"), *FAST])
@@ -304,7 +310,7 @@ def test_streamed_stats_equal_numpy_mean_and_covariance():
     torch.manual_seed(0)
     fake = lambda x: (x.flatten(1)[:, :6].double() * torch.arange(1, 7) + 3.0, x.flatten(1)[:, :4].double())
     images = torch.randint(0, 256, (23, 3, 4, 4), dtype=torch.uint8)
-    mu, sigma, logits = evaluate.streamed_stats(fake, [images[:10], images[10:17], images[17:]], torch.device("cpu"))
+    mu, sigma, logits = metrics.streamed_stats(fake, [images[:10], images[10:17], images[17:]], torch.device("cpu"))
     pool = fake(images)[0].numpy()
     want_mu, want_sigma = pool.mean(0), np.cov(pool, rowvar=False)
     assert np.allclose(mu, want_mu, rtol=1e-12) and np.allclose(sigma, want_sigma, rtol=1e-9)
@@ -314,10 +320,10 @@ def test_streamed_stats_equal_numpy_mean_and_covariance():
 def test_health_report_names_the_level_where_samples_saturate():
     sigmas = common.geometric_sigmas(1, 0.01, 6).tolist()
     # MNIST-like: most pixels sit just below 0 (background plus noise): normal, no warning
-    rows, bad = evaluate.health_report(sigmas, [10.0] * 6, [0.7, 0.6, 0.6, 0.7, 0.8, 0.85], [0.0, 0.001, 0, 0, 0, 0], dim=784)
+    rows, bad = sample.health_report(sigmas, [10.0] * 6, [0.7, 0.6, 0.6, 0.7, 0.8, 0.85], [0.0, 0.001, 0, 0, 0, 0], dim=784)
     assert bad is None and rows[0]["sigma_times_norm_over_sqrt_d"] == pytest.approx(10 / 28)
     assert rows[5]["share_outside_01"] == 0.85
-    _, bad = evaluate.health_report(sigmas, [10.0] * 6, [0.7] * 6, [0.0, 0.0, 0.002, 0.02, 0.05, 0.1], dim=784)
+    _, bad = sample.health_report(sigmas, [10.0] * 6, [0.7] * 6, [0.0, 0.0, 0.002, 0.02, 0.05, 0.1], dim=784)
     assert bad == 4
 
 
@@ -325,22 +331,26 @@ def test_health_callback_counts_only_far_pixels_as_saturated(tmp_path):
     """The exact score of a point mass at t perturbed by sigma_i: samples sit at N(t, ~sigma_i^2).
     t = 1.5 saturates from the first level on; t = -0.001 (a dark pixel) never does, although
     about half its pixels end below 0."""
-    sigmas = torch.tensor([0.1, 0.03, 0.01])
+    info = dict(sigma_begin=0.1, sigma_end=0.01, num_levels=3)
+    sigmas = common.levels_of(info)
+    settings = sample.SamplerSettings("als", tuple(sigmas.tolist()), 0, (1, 8, 8),
+                                      (("n_steps_each", 60), ("step_lr", 0.1 * 0.01 ** 2), ("denoise", False)))
     for target, want in [(1.5, 1), (-0.001, None)]:
         net = lambda x, labels: (target - x) / sigmas[labels].view(-1, 1, 1, 1) ** 2
         folder = tmp_path / str(target)
         folder.mkdir()
-        evaluate.sample(net, sigmas, str(folder), 4, 4, 0.1 * 0.01 ** 2, 60, False, 0, torch.device("cpu"), (1, 8, 8))
-        norm, out, far, non_finite = evaluate.health_means(str(folder), 4)
+        sample.sample(net, info, settings, str(folder), 4, 4, torch.device("cpu"), "fp")
+        norm, out, far, non_finite = sample.health_means(str(folder), 4)
         assert non_finite == 0
-        _, bad = evaluate.health_report(sigmas.tolist(), norm, out, far, 64)
+        _, bad = sample.health_report(sigmas.tolist(), norm, out, far, 64)
         assert bad == want and (out[-1] > 0.2 if target < 0 else out[-1] == 1.0)
 
 
 def test_out_of_memory_is_one_line(tiny_checkpoint, inception_weights, ref_stats, tmp_path, monkeypatch):
+    @functools.wraps(common.annealed_langevin_dynamics)
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(common, "annealed_langevin_dynamics", oom)
+    monkeypatch.setitem(common.SAMPLERS, "als", common.SAMPLERS["als"]._replace(run=oom))
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", tiny_checkpoint, "--n", "2", "--ref", ref_stats, "--inception-weights",
                        inception_weights, "--out", str(tmp_path / "e"), *FAST])
@@ -364,11 +374,11 @@ def test_level_loss_reports_the_test_dsm_loss_per_training_level(tmp_path, capsy
     saved = json.loads((tmp_path / "z" / os.listdir(tmp_path / "z")[0] / "metrics.json").read_text())
     assert saved["test_dsm_loss_per_level"] == pytest.approx({str(k): v for k, v in losses.items()})
     # the exact score of each perturbed test image given its clean one, -(x~ - x) / sigma^2: loss 0
-    images = utils.load_images("mnist", False, root)
+    images = data.load_images("mnist", False, root)
     sigmas = common.geometric_sigmas(1.0, 0.01, 95)
     oracle = lambda x, labels: -(x - images.float() / 255) / sigmas[labels].view(-1, 1, 1, 1) ** 2
     info = dict(sigma_begin=1.0, sigma_end=0.01, num_levels=95, path="oracle", ema=False)
     oracle.to, oracle.cpu = (lambda device: oracle), (lambda: oracle)
-    exact = evaluate.level_losses(oracle, info, images, 6, torch.device("cpu"))
+    exact = metrics.level_losses(oracle, info, images, 6, torch.device("cpu"))
     assert list(exact) == [i + 1 for i in range(0, 95, 5)] + [95] and max(exact.values()) < 1e-6
-    assert evaluate.shown_levels(10) == list(range(10))
+    assert sample.shown_levels(10) == list(range(10))

@@ -1,7 +1,11 @@
 """Denoising score matching and sliced score matching against values computed by hand."""
+import os
+
+import pytest
 import torch
 
 import common
+from conftest import DATA
 
 
 class LevelScaledScore(torch.nn.Module):
@@ -88,3 +92,33 @@ def test_ssm_vr_estimates_the_score_matching_objective():
     x = torch.zeros(1, 3)                                       # s(x) = 0 there: only the trace remains
     got = common.sliced_score_matching_vr(lambda x: x @ A.T, x, n_particles=100000)
     assert abs(got.item() - torch.trace(A).item()) < 0.1
+
+
+#----------------------------------------------------------------------------
+# Sliced score matching as the image objective.
+
+def official_anneal_ssm_vr(scorenet, samples, labels, sigmas, noise, vectors):
+    """ermongroup/ncsn's losses/sliced_sm.py anneal_sliced_score_estimation_vr, n_particles 1, its two
+    random draws passed in: the formula our annealed_ssm_loss must reproduce."""
+    used_sigmas = sigmas[labels].view(samples.shape[0], *([1] * len(samples.shape[1:])))
+    dup_samples = (samples + noise * used_sigmas).contiguous().requires_grad_(True)
+    grad1 = scorenet(dup_samples, labels)
+    grad2 = torch.autograd.grad(torch.sum(grad1 * vectors), dup_samples, create_graph=True)[0]
+    grad1 = grad1.view(dup_samples.shape[0], -1)
+    loss1 = torch.sum(grad1 * grad1, dim=-1) / 2.
+    loss2 = torch.sum((vectors * grad2).view(dup_samples.shape[0], -1), dim=-1)
+    return ((loss1 + loss2) * (used_sigmas.squeeze() ** 2)).mean(dim=0)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar"])
+def test_annealed_ssm_equals_the_official_formula(name, official_reference):
+    ref = official_reference[name]
+    net, _ = common.load_score_net(os.path.join(DATA, f"official_{name}_ngf4.pth"))
+    sigmas = official_reference["sigmas"]
+    g = torch.Generator().manual_seed(0)
+    noise, vectors = torch.randn(ref["x"].shape, generator=g), torch.randn(ref["x"].shape, generator=g)
+    want = official_anneal_ssm_vr(net, ref["x"], ref["labels"], sigmas, noise, vectors)
+    got = common.annealed_ssm_loss(net, ref["x"], ref["labels"], sigmas, noise=noise, vectors=vectors)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()) and abs(want.item()) > 1e-3
+    per = common.annealed_ssm_loss(net, ref["x"], ref["labels"], sigmas, noise=noise, vectors=vectors, reduction="none")
+    assert per.shape == (len(ref["x"]),) and per.mean().item() == pytest.approx(got.item(), rel=1e-6)

@@ -1,5 +1,6 @@
 """train.py (and train_mnist.py / train_cifar.py): outputs, resume, DDP, accumulation, signals, NaN."""
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -12,11 +13,14 @@ import pytest
 import torch
 
 import common
+import data
 import utils
 import train
 import train_cifar
 import train_mnist
 from conftest import ROOT, write_cifar10, write_mnist
+
+FAST = ["--device", "cpu"]
 
 TINY = ["--ngf", "4", "--num-workers", "0", "--n-samples", "4", "--steps-each", "2", "--device", "cpu"]
 
@@ -90,19 +94,20 @@ def test_train_step_is_annealed_dsm_on_dequantised_flipped_images():
     net, sigmas = common.RefineNet(3, 4), common.geometric_sigmas()
     opt = torch.optim.SGD(net.parameters(), lr=0.0)              # the network stays as it is
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    loss = train.train_step(net, opt, images, sigmas, step=5, seed=3, flip=True)
+    cfg = train.TrainConfig(dataset="cifar10", batch_size=6, seed=3, dequantize=True)      # CIFAR-10 flips
+    loss = train.train_step(net, opt, images, sigmas, 5, cfg)
     labels, u, z, flips = train.step_draws(3, 5, images.shape, 10, torch.device("cpu"))
     x = (images.float() + u) / 256
     x[flips] = x[flips].flip(3)
     assert 0 < flips.sum() < 6 and (u < 1).all() and (u >= 0).all()
     with torch.no_grad():
         assert loss.item() == pytest.approx(common.dsm_loss(net, x, labels, sigmas, noise=z).item(), rel=1e-6)
-    unflipped = train.train_step(net, opt, images, sigmas, step=5, seed=3, flip=False)
+    unflipped = train.train_step(net, opt, images, sigmas, 5, dataclasses.replace(cfg, dataset="mnist"))    # MNIST: no flips
     assert abs(unflipped.item() - loss.item()) > 1e-4 * loss.item()
     # the derivation is BLAKE2b of the integers, not Python's hash(): the same on every interpreter
     import hashlib
-    data = b"".join(i.to_bytes(8, "little", signed=True) for i in (3, 5, 0))
-    assert utils.stable_seed(3, 5, 0) == int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+    raw = b"".join(i.to_bytes(8, "little", signed=True) for i in (3, 5, 0))
+    assert utils.stable_seed(3, 5, 0) == int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1
 
 
 def test_epochs_or_iters_the_flag_given_wins(mnist_root, tmp_path, capsys):
@@ -288,9 +293,9 @@ def test_folder_dataset(tmp_path):
     train_cifar.main(["--dataset-path", str(tmp_path / "imgs"), "--out", str(out), *TINY, "--batch-size", "4", "--iters", "2"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train_images"] == 28 and cfg["test_images"] == 2
-    assert utils.load_images("cifar10", True, dataset_path=str(tmp_path / "imgs")).shape == (28, 3, 32, 32)
-    with pytest.raises(utils.DataError, match="no such folder"):
-        utils.load_images("cifar10", True, dataset_path=str(tmp_path / "nope"))
+    assert data.load_images("cifar10", True, dataset_path=str(tmp_path / "imgs")).shape == (28, 3, 32, 32)
+    with pytest.raises(data.DataError, match="no such folder"):
+        data.load_images("cifar10", True, dataset_path=str(tmp_path / "nope"))
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -450,3 +455,15 @@ def test_non_finite_loss_message_reads_well(mnist_root, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run(train_mnist, mnist_root, tmp_path / "run", "--batch-size", "16", "--iters", "5")
     assert str(e.value) == "error: non-finite loss at step 1; stopped; no checkpoint was written"
+
+
+def test_ssm_objective_trains_and_accumulates_like_one_batch(mnist_root, tmp_path):
+    base = ["--data-root", mnist_root, "--ngf", "4", "--num-workers", "0", "--batch-size", "16", "--n-samples", "1",
+            "--steps-each", "1", *FAST]
+    train_mnist.main([*base, "--iters", "2", "--objective", "ssm", "--out", str(tmp_path / "a")])
+    train_mnist.main([*base, "--iters", "2", "--objective", "ssm", "--out", str(tmp_path / "b"), "--grad-accum", "4"])
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in "ab")
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-5
+    assert a["config"]["objective"] == "ssm"
+    with pytest.raises(SystemExit, match=r"--objective ssm \(flags: dsm\)"):       # resume must keep the objective
+        train_mnist.main([*base, "--out", str(tmp_path / "a"), "--resume", "--iters", "3"])

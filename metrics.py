@@ -1,0 +1,418 @@
+"""Numbers for a set of images: Inception score and FID (the paper's Fig. 6), the MNIST digit
+classifier's scores, nearest training images, and a checkpoint's test loss per level. One table of
+scorers (SCORERS); each makes a callable from batches of uint8 images to a flat dict of named numbers.
+
+    python metrics.py --images my_samples/ --dataset cifar10                     # IS and FID of a folder of images
+    python metrics.py --images samples.npz --metrics classifier --data-root .mnist   # digit scores of an .npz
+    python metrics.py --images runs/eval/mnist_checkpoint/steplr2e-05_T100_seed0_0123456789 --metrics classifier
+
+--images takes a folder of images, an .npz of uint8 images (N, H, W, C) or (N, C, H, W) under
+'images' or 'arr_0' (EDM's layout), or a folder of sample.py's shards. Inception metrics use
+torch-fidelity's port of the TensorFlow Inception network the paper used (OpenAI's Inception
+score, 10 splits; TTUR's FID) against statistics of the training set, cached under a key of the
+images' content and the weights. The digit classifier (trained once here, cached) gives MNIST,
+where Inception knows nothing of digits, a classifier Inception score, a confident share and a
+Frechet distance in its features to held-out real digits.
+"""
+import functools
+import math
+import os
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+import sample
+import utils
+
+#----------------------------------------------------------------------------
+# Defaults.
+
+FEATURES = 2048                   # Inception pool features: the size of a reference mu and sigma
+CLASSIFIER_CACHE = "runs/mnist_classifier"   # where the digit classifier's weights are kept
+HOLD_OUT = 5                      # every 5th training digit is held out from the classifier (20%)
+PROBE = 500                       # held-out digits kept apart as the ceiling's samples
+EPOCHS = 4                        # the classifier's training: Adam, batch 128, lr 1e-3
+CONFIDENT = 0.9                   # a digit counts as confidently classified above this max p(y|x)
+SEED = 0                          # the classifier's training, and the per-level loss's noise
+
+#----------------------------------------------------------------------------
+# Inception features, the Inception score and FID.
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians of features (TTUR's
+    FID formula), via torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    return fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)["frechet_inception_distance"]
+
+
+fid = frechet_distance       # on Inception pool features: FID
+
+
+@functools.lru_cache(maxsize=2)
+def inception(weights, device):
+    """torch-fidelity's TF-Inception port; `weights` None downloads the released file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    if weights is not None:
+        common.read_checkpoint(weights)          # weights_only=True first: refuse a file that carries code
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=weights)
+    except Exception as e:
+        if weights is not None:
+            raise common.CheckpointError(f"{weights}: not torch-fidelity Inception weights ({utils.first_line(e)[:100]})")
+        raise data.DataError(f"could not download the Inception weights ({utils.first_line(e)[:80]}); pass "
+                             "--inception-weights weights-inception-2015-12-05-6726825d.pth (torch-fidelity v0.2.0)")
+    return net.to(device)
+
+
+@torch.no_grad()
+def features(net, images, device, batch_size=100):
+    """Pool features (N, 2048) and unbiased logits (N, 1008), float64, of uint8 images (N, C, H, W)."""
+    pool, logits = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x        # MNIST: digits repeated to 3 channels
+        p, l = net(x)
+        pool.append(p.double().cpu()), logits.append(l.double().cpu())
+    return torch.cat(pool), torch.cat(logits)
+
+
+@torch.no_grad()
+def streamed_stats(net, batches, device):
+    """mu, sigma of the pool features and all logits, over an iterable of uint8 batches. Sums of
+    features and of their outer products build up in float64 (as EDM's fid.py): memory is one
+    batch plus 2048^2, whatever the number of images."""
+    n, s1, s2, logits = 0, 0, 0, []
+    for images in batches:
+        pool, l = features(net, images, device)
+        n, s1, s2 = n + len(pool), s1 + pool.sum(0), s2 + pool.T @ pool
+        logits.append(l.float())
+    mu = s1 / n
+    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)
+    return mu.numpy(), sigma.numpy(), torch.cat(logits).double()
+
+
+def inception_score(logits, splits=10):
+    """exp E_x KL(p(y|x) || p(y)) per split (OpenAI's), via torch-fidelity; returns (mean, std)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    m = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=2020)
+    return m["inception_score_mean"], m["inception_score_std"]
+
+#----------------------------------------------------------------------------
+# Reference statistics, cached under a key of what they were computed from.
+
+def read_stats(path):
+    """(mu, sigma) of a statistics .npz, refused in one line unless both are finite 2048-feature arrays."""
+    try:
+        with np.load(path) as f:
+            if "mu" not in f or "sigma" not in f:
+                raise data.DataError(f"--ref {path}: needs arrays 'mu' and 'sigma' (as written by an earlier run)")
+            mu, sigma = f["mu"], f["sigma"]
+    except data.DataError:
+        raise
+    except Exception as e:      # zipfile, pickle and OS errors by cause
+        raise data.DataError(f"--ref {path}: not a readable .npz of statistics ({utils.first_line(e)[:80]})") from None
+    if mu.shape != (FEATURES,) or sigma.shape != (FEATURES, FEATURES):
+        raise data.DataError(f"--ref {path}: mu has shape {mu.shape} and sigma {sigma.shape}; Inception statistics "
+                             f"are ({FEATURES},) and ({FEATURES}, {FEATURES})")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise data.DataError(f"--ref {path}: mu or sigma holds NaN or infinite values")
+    return mu, sigma
+
+
+def reference_stats(opts, dataset, net, device):
+    """(mu, sigma, label) of --ref: a stats .npz, a folder of images, or the data set's training
+    set. Computed statistics are cached in --ref-cache under a key of the images' bytes, the
+    Inception weights and the feature path (resize and channel handling), so that other images
+    or weights never reuse them."""
+    spec = data.DATASETS[dataset]
+    if opts.ref and opts.ref.endswith(".npz"):
+        return (*read_stats(opts.ref), f"statistics {opts.ref}")
+    if opts.ref:
+        images = data.load_image_folder(opts.ref, spec["channels"], spec["image_size"], flag="--ref")
+        label = f"folder {opts.ref}"
+    else:
+        images = data.load_images(dataset, True, opts.data_root, folder_flag="--ref")
+        label = f"{dataset} training set" + (", digits repeated to 3 channels" if spec["channels"] == 1 else "")
+    import torch_fidelity
+    path = f"inception-v3-compat 299 bilinear, torch-fidelity {torch_fidelity.__version__}, channels {spec['channels']}->3"
+    key = utils.digest(images, utils.digest(net.state_dict()), path)[:16]
+    cache = os.path.join(opts.ref_cache, f"{'folder' if opts.ref else dataset}_{len(images)}_{key}.npz")
+    if os.path.exists(cache):
+        print(f"reference statistics of the {label}: {cache} (cached; key of images, weights and feature path)")
+        return (*read_stats(cache), label)
+    print(f"reference statistics of the {label}: {len(images)} images, computed once")
+    mu, sigma, _ = streamed_stats(net, [images[i:i + 1000] for i in range(0, len(images), 1000)], device)
+    with utils.atomic_path(cache) as tmp:
+        np.savez(tmp, mu=mu, sigma=sigma)
+    print(f"saved them as {cache} (reused while the images and weights are the same)")
+    return mu, sigma, label
+
+
+def inception_scorer(opts, dataset, device):
+    """IS (3-channel images only) and FID against reference_stats, over batches of uint8 images."""
+    net = inception(opts.inception_weights, device)
+    mu_ref, sigma_ref, label = reference_stats(opts, dataset, net, device)
+    def score(batches):
+        mu, sigma, logits = streamed_stats(net, batches, device)
+        is_mean, is_std = inception_score(logits) if data.DATASETS[dataset]["channels"] == 3 else (None, None)
+        out = dict(inception_score_mean=is_mean, inception_score_std=is_std, fid=fid(mu, sigma, mu_ref, sigma_ref),
+                   fid_reference=label)
+        return out if is_mean is not None else dict(out, note="the paper reports no Inception score or FID for "
+                                                              f"MNIST; FID against {label}")
+    return score
+
+#----------------------------------------------------------------------------
+# The MNIST digit classifier (PyTorch's MNIST example network), trained once and cached.
+
+class DigitNet(nn.Module):
+    """Two 3x3 convolutions, max pooling, two linear layers; returns (logits, the 128 penultimate features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3)
+        self.fc1, self.fc2 = nn.Linear(64 * 12 * 12, 128), nn.Linear(128, 10)
+
+    def forward(self, x):                                            # x: (N, 1, 28, 28) in [0, 1]
+        h = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x - 0.1307)))), 2)
+        feats = F.relu(self.fc1(F.dropout(h.flatten(1), 0.25, self.training)))
+        return self.fc2(F.dropout(feats, 0.5, self.training)), feats
+
+
+def mnist_with_labels(data_root):
+    """uint8 digits (N, 1, 28, 28) and labels of torchvision's MNIST training split under data_root."""
+    import torchvision
+    data.load_images("mnist", True, data_root, folder_flag=None)     # downloads, or says what is missing
+    digits = torchvision.datasets.MNIST(data_root, train=True, download=False)
+    return digits.data[:, None].contiguous(), digits.targets.clone()
+
+
+def train_classifier(images, labels, device, epochs=EPOCHS, seed=SEED):
+    """Adam on cross-entropy, batches of 128, dropout on; returns the network in eval mode."""
+    torch.manual_seed(seed)
+    net, g = DigitNet().to(device), torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images), generator=g).split(128):
+            loss = F.cross_entropy(net(images[idx].to(device).float() / 255)[0], labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(net, images, device, batch_size=500):
+    """(p(y|x) (N, 10), features (N, 128)), float64 on the CPU, of uint8 digits."""
+    probs, feats = [], []
+    for i in range(0, len(images), batch_size):
+        logits, f = net(images[i:i + batch_size].to(device).float() / 255)
+        probs.append(logits.double().softmax(1).cpu()), feats.append(f.double().cpu())
+    return torch.cat(probs), torch.cat(feats)
+
+
+def load_or_train(data_root, device, cache=CLASSIFIER_CACHE):
+    """(classifier, held-out digits, held-out labels, its held-out accuracy), trained once per set of
+    training digits (every HOLD_OUT-th held out) and cached under a digest of them."""
+    images, labels = mnist_with_labels(data_root)
+    held = torch.arange(len(images)) % HOLD_OUT == 0
+    tr_x, tr_y, ho_x, ho_y = images[~held], labels[~held], images[held], labels[held]
+    path = os.path.join(cache, f"classifier_{len(tr_x)}_{utils.digest(tr_x, tr_y, HOLD_OUT, EPOCHS, SEED)[:16]}.pt")
+    net = DigitNet()
+    if os.path.exists(path):
+        net.load_state_dict(common.read_checkpoint(path)["model"])
+        net = net.to(device).eval()
+    else:
+        print(f"training the MNIST classifier on {len(tr_x):,} digits ({EPOCHS} epochs), once: cached as {path}")
+        net = train_classifier(tr_x, tr_y, device)
+        common.write_checkpoint(dict(model=net.state_dict(), train_digits=len(tr_x)), path)
+    accuracy = (predict(net, ho_x, device)[0].argmax(1) == ho_y).double().mean().item()
+    return net, ho_x, ho_y, accuracy
+
+
+class DigitScorer:
+    """The classifier Inception score exp E KL(p(y|x) || p(y)) (one split, at most 10), the share
+    classified with p > CONFIDENT, the class histogram, and the Frechet distance in the classifier's
+    128 features to held-out real digits (those it never trained on, less the first PROBE, kept as
+    `held_out` for the ceiling)."""
+
+    def __init__(self, opts, dataset, device):
+        if dataset != "mnist":
+            raise data.DataError("--metrics classifier scores MNIST digits only; drop it for other data sets")
+        self.device = device
+        self.net, held, _, self.accuracy = load_or_train(opts.data_root, device, opts.classifier_cache)
+        k = min(PROBE, len(held) // 2)
+        self.held_out = held[:k]
+        feats = predict(self.net, held[k:], device)[1].numpy()
+        self.mu, self.sigma = feats.mean(0), np.cov(feats, rowvar=False)
+
+    def __call__(self, batches):
+        images = torch.cat(list(batches))
+        if len(images) < 2:
+            raise data.DataError(f"the classifier's Frechet distance needs at least 2 images; got {len(images)}")
+        probs, feats = predict(self.net, images, self.device)
+        py = probs.mean(0, keepdim=True)
+        kl = (probs * (probs.clamp_min(1e-30).log() - py.clamp_min(1e-30).log())).sum(1).mean()
+        f = feats.numpy()
+        return dict(classifier_is=kl.exp().item(), confident_share=(probs.max(1).values > CONFIDENT).double().mean().item(),
+                    class_histogram=torch.bincount(probs.argmax(1), minlength=10).tolist(),
+                    frechet_distance=float(frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma)))
+
+#----------------------------------------------------------------------------
+# The table of scorers: adding a metric is one maker here and one entry.
+
+class Scorer(NamedTuple):
+    """make(opts, dataset, device) -> score(batches of uint8 images) -> {name: number}; columns: the
+    table's (header, format of a result) pairs it adds; `sweep`: the keys sweep.png plots."""
+    make: Callable
+    columns: tuple
+    sweep: tuple
+
+
+def _number(key, spec=".2f", spread=None):
+    """A table cell: result[key] formatted (+- result[spread]), '-' when absent."""
+    def cell(r):
+        if r.get(key) is None:
+            return "-"
+        return f"{r[key]:{spec}}" + (f" +- {r[spread]:{spec}}" if spread and r.get(spread) is not None else "")
+    return cell
+
+
+SCORERS = {
+    "inception": Scorer(inception_scorer, (("Inception score", _number("inception_score_mean", spread="inception_score_std")),
+                                           ("FID", _number("fid"))), ("fid", "inception_score_mean")),
+    "classifier": Scorer(DigitScorer, (("digit IS", _number("classifier_is")), ("confident", _number("confident_share")),
+                                       ("digit FD", _number("frechet_distance"))), ("classifier_is", "frechet_distance")),
+}
+NAMES = {"fid": "FID", "inception_score_mean": "Inception score", "classifier_is": "classifier Inception score (max 10)",
+         "frechet_distance": "Frechet distance, classifier features"}   # sweep.png's titles
+
+#----------------------------------------------------------------------------
+# Pictures and losses that are no scores: nearest training images, the test loss per level.
+
+@torch.no_grad()
+def nearest_neighbours(samples, train_images, k, embed, chunk=1000):
+    """Indices (G, k) of the k training images nearest to each sample, by L2 distance between
+    embed(images) (pixels, or Inception features), streamed over the training set in chunks."""
+    q = embed(samples)
+    best_d = torch.full((len(q), 0), math.inf, dtype=q.dtype)
+    best_i = torch.zeros((len(q), 0), dtype=torch.long)
+    for lo in range(0, len(train_images), chunk):
+        d = torch.cdist(q, embed(train_images[lo:lo + chunk]))
+        d, i = torch.cat([best_d, d], 1), torch.cat([best_i, torch.arange(lo, lo + d.shape[1]).expand(len(q), -1)], 1)
+        best_d, order = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+        best_i = i.gather(1, order)
+    return best_i
+
+
+def save_nearest(path, samples, train_images, k, inception_net=None, device="cpu"):
+    """A row per sample: it, then its k nearest training images in pixels (and, with an Inception
+    network, in its pool features): a memorisation check, as NCSNv2's."""
+    rows = [samples[:, None], train_images[nearest_neighbours(samples, train_images, k, lambda x: x.flatten(1).double())]]
+    if inception_net is not None:
+        embed = lambda x: features(inception_net, x, device)[0]
+        rows.append(train_images[nearest_neighbours(samples, train_images, k, embed)])
+    grid = torch.cat(rows, 1)                                     # (G, 1 + k (+ k), C, H, W)
+    utils.save_image_grid(path, grid.flatten(0, 1).float() / 255, nrow=grid.shape[1])
+
+
+@torch.no_grad()
+def level_losses(net, info, images, batch_size, device):
+    """{level: test DSM loss} at about 20 of the checkpoint's training levels: eq. (5) with lambda =
+    sigma^2 on `images` (uint8, / 255), the same noise z at every level (seeded). How well the
+    network fits each level, apart from any sampler; the loss of a perfect score is not 0 but the
+    level's irreducible part, so compare checkpoints level by level."""
+    sigmas = common.levels_of(info).to(device)
+    x_all = images.float() / 255
+    z_all = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(utils.stable_seed(SEED, -2)))
+    net, losses = net.to(device), {}
+    for i in sample.shown_levels(len(sigmas)):
+        total = 0.0
+        for lo in range(0, len(x_all), batch_size):
+            x, z = x_all[lo:lo + batch_size].to(device), z_all[lo:lo + batch_size].to(device)
+            labels = torch.full((len(x),), i, dtype=torch.long, device=device)
+            total += common.dsm_loss(net, x, labels, sigmas, noise=z, reduction="none").sum().item()
+        losses[i + 1] = total / len(x_all)
+    net.cpu()
+    print(f"test DSM loss per training level ({info['path']}, {'EMA' if info['ema'] else 'raw'} weights, "
+          f"{len(x_all)} held-out images, the same noise at every level):")
+    print("  " + "  ".join(f"{i:>2} {float(sigmas[i - 1]):.3g}: {v:.4g}" for i, v in losses.items()))
+    return losses
+
+#----------------------------------------------------------------------------
+# The command line: score any set of images.
+
+def add_flags(p, images=False):
+    """The scoring flags, shared with evaluate.py (which takes its images from the samples)."""
+    if images:
+        p.add_argument("--images", required=True, help="a folder of images, an .npz of uint8 images, or sample.py's folder")
+        p.add_argument("--dataset", choices=list(data.DATASETS), default="mnist",
+                       help="whose reference and image size (channels, size) to use")
+    p.add_argument("--metrics", nargs="+", choices=[*SCORERS, "none"], default=["inception"],
+                   help="inception: IS and FID (the paper's); classifier: the digit classifier's scores; none")
+    p.add_argument("--ref", default=None, help="FID reference: a folder of images or a stats .npz (default: the training set)")
+    p.add_argument("--ref-cache", default=None, help="folder of cached reference statistics (default: <out>/ref_stats)")
+    p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file (default: download)")
+    p.add_argument("--classifier-cache", default=CLASSIFIER_CACHE, help="folder of the digit classifier's weights")
+    p.add_argument("--data-root", default=data.DATA_ROOT, help="torchvision data folder")
+
+
+def check_flags(p, args, out):
+    """Refuse a bad --ref or unwritable cache before any work; fill the cache folder's default."""
+    args.metrics = [] if "none" in args.metrics else args.metrics
+    if args.ref and args.ref.endswith(".npz"):
+        try:
+            read_stats(args.ref)
+        except data.DataError as err:
+            p.error(str(err))
+    if args.ref_cache and (problem := utils.check_out(args.ref_cache, "--ref-cache")):
+        p.error(problem)
+    args.ref_cache = args.ref_cache or os.path.join(out, "ref_stats")
+
+
+def read_images(path, dataset):
+    """uint8 (N, C, H, W) of --images: an .npz, a folder of sample.py's shards, or a folder of images."""
+    spec = data.DATASETS[dataset]
+    if path.endswith(".npz"):
+        try:
+            with np.load(path) as f:
+                a = f["images"] if "images" in f else f["arr_0"]
+        except Exception as e:
+            raise data.DataError(f"--images {path}: not an .npz of images under 'images' or 'arr_0' "
+                                 f"({utils.first_line(e)[:80]})") from None
+        t = torch.from_numpy(np.asarray(a, dtype=np.uint8))
+        return t.permute(0, 3, 1, 2).contiguous() if t.dim() == 4 and t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3) else t
+    if os.path.isfile(os.path.join(path, "samples.json")):
+        return torch.cat(list(sample.read_shards(path, sample.N * 1000)))
+    return data.load_image_folder(path, spec["channels"], spec["image_size"], flag="--images")
+
+
+def main(argv=None):
+    p = utils.arg_parser(__doc__)
+    add_flags(p, images=True)
+    p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = p.parse_args(argv)
+    check_flags(p, args, "runs/metrics")
+    device = utils.get_device(args.device)
+    try:
+        images = read_images(args.images, args.dataset)
+        results = dict(images=args.images, n=len(images))
+        for name in args.metrics:
+            results.update(SCORERS[name].make(args, args.dataset, device)([images]))
+    except (common.CheckpointError, data.DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+    for k, v in results.items():
+        print(f"{k:<22} {v}")
+    if args.json:
+        utils.save_json(results, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Samples of a checkpoint with any sampler of the family (common.SAMPLERS): resumable shards in a
+folder keyed by a fingerprint, a per-level health report and pictures. Needs no Inception weights.
+
+    python sample.py --checkpoint runs/mnist/checkpoint.pt --n 64 --png        # the paper's sampler
+    python sample.py --checkpoint runs/ncsnv2/checkpoint.pt --sampler heun dpmpp2m --nfe 20 35
+    python sample.py --checkpoint C --sampler heun --s-churn 0 10 --nfe 35    # EDM's stochastic Heun
+
+Image i is drawn with its own generator seeded by (--seed, i), so samples do not depend on the
+batch size. They are written in shards as they are made, in a folder named after a fingerprint
+of what makes them (the weights used, the sampler settings, the seed, the image shape): a rerun
+makes only the missing ones, and samples of other weights or settings are never counted. Writes
+per checkpoint and sampler setting: samples.json (the fingerprint), shard_<start>_<end>.npz,
+grid.png (the first 100), process.png (the first 8 at the end of each level), health.json (the
+per-level health report), png/<i>.png with --png. Scoring is metrics.py's; both, evaluate.py.
+"""
+import argparse
+import dataclasses
+import glob
+import itertools
+import inspect
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import data
+import utils
+
+#----------------------------------------------------------------------------
+# Defaults.
+
+OUT = "runs/eval"        # root of the outputs: <OUT>/<checkpoint name>/<sampler setting>_<fingerprint>/
+N = 50_000               # samples per setting (the usual protocol; model selection can use fewer)
+BATCH_SIZE = 100         # images sampled at once
+SEED = 0                 # image i uses a generator seeded by (SEED, i)
+PROCESS_ROWS = 8         # samples shown in process.png
+SATURATED = 0.01         # warn when over 1% of pixels lie beyond 3 sigma_i of [0, 1] (0.13% for a right sample)
+AUTO = {"norm": "als", "scale": "ancestral"}    # --sampler auto: each conditioning's best measured sampler
+
+#----------------------------------------------------------------------------
+# Sampler settings: one record per setting; its `record()` is what the fingerprint hashes.
+
+class Inapplicable(ValueError):
+    """A sampler setting that this checkpoint cannot run; skipped with a line within a grid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    name: str                        # a key of common.SAMPLERS
+    sigmas: tuple                    # the levels the sampler steps through, descending
+    seed: int                        # image i's generator is seeded by (seed, i)
+    shape: tuple                     # (C, H, W)
+    params: tuple = ()               # the sampler's own settings, (keyword, value) pairs
+
+    @property
+    def kwargs(self):
+        return dict(self.params)
+
+    @property
+    def nfe(self):
+        """Network evaluations per sample, as the sampler states them."""
+        return common.SAMPLERS[self.name].nfe(len(self.sigmas), **self.kwargs)
+
+    def record(self):
+        """The plain dict of this setting (samples.json, metrics.json, the fingerprint); the paper's
+        sampler and the ancestral one keep the keys they had, so existing shards stay valid."""
+        spec, kw = common.SAMPLERS[self.name], self.kwargs
+        start = "uniform start" if spec.budget == "steps" else "start U(0, 1) + sigma_1 z"
+        legacy = dict(steps_each=kw.pop("n_steps_each", 1), step_lr=kw.pop("step_lr", None),
+                      denoise=kw.pop("denoise", False))
+        return dict(sampler=f"{spec.run.__name__}, {start}", sigmas=list(self.sigmas), seed=self.seed,
+                    shape=list(self.shape), **legacy, **kw)
+
+    def tag(self):
+        """The folder name's start: steplr<e>_T<T>[_denoise] (the paper's), else <name>_L<levels>[_<setting><v>]."""
+        kw = self.kwargs
+        parts = [] if self.name == "als" else [self.name]
+        parts += [f"steplr{kw.pop('step_lr'):.4g}"] if "step_lr" in kw else []
+        parts += [f"T{kw.pop('n_steps_each')}"] if "n_steps_each" in kw else [f"L{len(self.sigmas)}"]
+        parts += ["denoise"] if kw.pop("denoise", False) else []
+        return "_".join(parts + [f"{k}{v:g}" for k, v in kw.items()])
+
+
+def settings_of(run):
+    """The keyword settings a sampler function takes beyond the family's call."""
+    return [k for k, p in inspect.signature(run).parameters.items()
+            if p.kind == p.KEYWORD_ONLY and k not in ("randn_like", "callback")]
+
+
+def sampler_settings(name, info, seed, nfe=None, **given):
+    """The SamplerSettings of sampler `name` for a checkpoint (load_score_net's info) at an --nfe
+    budget: its recipe's unless `given` (flags; None = not given) says otherwise. Raises
+    Inapplicable for a setting the sampler lacks, a budget it cannot meet, or levels the network
+    does not know."""
+    spec, trained = common.SAMPLERS[name], common.levels_of(info)
+    shape = (data.DATASETS[info["dataset"]]["channels"],) + (data.DATASETS[info["dataset"]]["image_size"],) * 2
+    scale = info["model_args"].get("conditioning", "norm") == "scale"
+    own = settings_of(spec.run)
+    if extra := [k for k, v in given.items() if v is not None and k not in own]:
+        raise Inapplicable(f"--sampler {name} has no setting {', '.join(extra)}")
+    params = {k: v for k, v in given.items() if v is not None}
+    if spec.budget == "steps":                      # the paper's sampler: T steps on each trained level
+        denoise = info.get("denoise", False) if params.get("denoise") is None else params["denoise"]
+        T, step_lr = common.sampler_defaults(info, nfe, params.get("n_steps_each"), params.get("step_lr"), denoise)
+        params, sigmas = dict(params, n_steps_each=T, step_lr=step_lr, denoise=denoise), trained
+    else:                                           # one or two evaluations a level: the budget buys levels
+        n = max([k for k in range(1, (nfe or 0) + 1) if spec.nfe(k, **params) <= nfe] or [1]) if nfe else len(trained)
+        if not scale and (n > len(trained) or params.get("s_churn")):
+            raise Inapplicable(f"{info['path']}: --sampler {name} {'with churn' if params.get('s_churn') else f'on {n} levels'} "
+                               f"needs a scale-conditioned network (--recipe ncsnv2); this one knows its "
+                               f"{len(trained)} levels only")
+        sigmas = spec.schedule(n, info["sigma_end"], info["sigma_begin"]) if scale else common.trained_subset(trained, n)
+    settings = SamplerSettings(name, tuple(torch.as_tensor(sigmas).tolist()), seed, shape, tuple(params.items()))
+    if nfe and settings.nfe > nfe:
+        raise Inapplicable(f"--nfe {nfe} is too few for --sampler {name} on {info['path']}: it spends at least "
+                           f"{settings.nfe}")
+    return settings
+
+
+def fingerprint(net, settings):
+    """The key of a set of samples: the weights actually used and every sampler setting."""
+    return utils.digest(net.state_dict(), json.dumps(settings.record(), sort_keys=True))
+
+#----------------------------------------------------------------------------
+# A folder of samples: shards keyed by the fingerprint, made where missing.
+
+class StaleSamples(data.DataError):
+    """A folder or shard holding samples of other weights or settings."""
+
+
+def open_folder(folder, fp, settings, info):
+    """Create the samples folder or check that it holds samples of this fingerprint."""
+    meta = os.path.join(folder, "samples.json")
+    record = settings.record()
+    if os.path.exists(meta):
+        with open(meta) as f:
+            old = json.load(f)
+        if old.get("fingerprint") != fp:
+            what = [k for k in record if old.get("settings", {}).get(k) != record[k]] or ["the weights"]
+            raise StaleSamples(f"{folder} holds samples made with other {', '.join(what)}; "
+                               "use another --out, or delete that folder")
+        return
+    os.makedirs(folder, exist_ok=True)
+    utils.save_json(dict(fingerprint=fp, settings=record, checkpoint=info["path"], ema=info["ema"], step=info["step"]),
+                    meta)
+
+
+def shards(folder, fp=None):
+    """{(start, end): path} of the shards in `folder`; with fp, refuse any made under another."""
+    found = {}
+    for path in glob.glob(os.path.join(folder, "shard_*.npz")):
+        m = re.fullmatch(r"shard_(\d+)_(\d+)\.npz", os.path.basename(path))
+        if m:
+            if fp is not None:
+                with np.load(path) as f:
+                    if "fingerprint" not in f or str(f["fingerprint"]) != fp:
+                        raise StaleSamples(f"{path} was made by other weights or sampler settings; "
+                                           "delete it or use another --out")
+            found[int(m.group(1)), int(m.group(2))] = path
+    return found
+
+
+def missing_runs(folder, n, batch_size, fp):
+    """The contiguous ranges of [0, n) that no shard holds, cut to the batch size."""
+    have = set()
+    for (a, b) in shards(folder, fp):
+        have.update(range(a, b))
+    runs = []
+    for i in (i for i in range(n) if i not in have):
+        if runs and runs[-1][1] == i and runs[-1][1] - runs[-1][0] < batch_size:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+class Health:
+    """A sampler callback: per level, the sums over a batch of the score norm, the share of pixels
+    outside [0, 1] and the share beyond 3 sigma_i of it, at the level's end (its last call), and the
+    first PROCESS_ROWS states at each level's end (for process.png), with no host sync."""
+
+    def __init__(self, sigmas, device, keep_states):
+        self.sigmas, self.keep = [float(s) for s in sigmas], keep_states
+        self.sums = torch.zeros(3, len(sigmas), device=device)
+        self.states = {}
+
+    def __call__(self, level, step, x, score):
+        m = 3 * self.sigmas[level]       # a sample of level i is data + N(0, sigma_i^2): beyond 3 sigma_i is off
+        self.sums[0, level] = score.flatten(1).norm(dim=1).sum()
+        self.sums[1, level] = ((x < 0) | (x > 1)).float().mean(dim=(1, 2, 3)).sum()
+        self.sums[2, level] = ((x < -m) | (x > 1 + m)).float().mean(dim=(1, 2, 3)).sum()
+        if self.keep:
+            self.states[level] = x[:PROCESS_ROWS].clone()
+
+
+@torch.no_grad()
+def sample(net, info, settings, folder, n, batch_size, device, fp, stop=None):
+    """Make the images of [0, n) that no shard holds yet with settings' sampler from U(0, 1); each
+    batch becomes shard_<start>_<end>.npz, stamped with the fingerprint. Returns how many were made."""
+    sigmas = torch.tensor(settings.sigmas, device=device)
+    score_net = common.level_score(net, sigmas, common.levels_of(info).to(device))
+    run = common.SAMPLERS[settings.name].run
+    runs = missing_runs(folder, n, batch_size, fp)
+    made = sum(b - a for a, b in runs)
+    bar = tqdm(total=n, initial=n - made, desc="sampling", unit="img", dynamic_ncols=True)
+    for start, end in runs:
+        noise = utils.SampleNoise([(settings.seed, i) for i in range(start, end)], device)   # image i: (seed, i)
+        health = Health(sigmas, device, keep_states=start == 0)
+        callback = health if stop is None else (lambda *a: (stop.check(), health(*a)))
+        x = run(score_net, noise.rand(*settings.shape), sigmas, randn_like=noise.randn_like, callback=callback,
+                **settings.kwargs)
+        non_finite = (~torch.isfinite(x)).flatten(1).any(1).sum()
+        images = (torch.nan_to_num(x, nan=0.0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+        extra = dict(levels=torch.stack([health.states[i] for i in sorted(health.states)]).cpu().numpy()) \
+            if health.states else {}
+        with utils.atomic_path(os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")) as tmp:
+            np.savez(tmp, images=images, **extra, score_norm_sum=health.sums[0].cpu().numpy(),
+                     out_of_range_sum=health.sums[1].cpu().numpy(), far_out_sum=health.sums[2].cpu().numpy(),
+                     non_finite=non_finite.cpu().numpy(), fingerprint=np.array(fp))
+        bar.update(end - start)
+    bar.close()
+    return made
+
+
+def read_shards(folder, n, fp=None):
+    """Yield the first n images shard by shard, as uint8 (B, C, H, W) tensors."""
+    for (a, b), path in sorted(shards(folder, fp).items()):
+        if a < n:
+            with np.load(path) as f:
+                yield torch.from_numpy(f["images"][:n - a])
+
+
+def collect(folder, n, fp=None):
+    """The first n images in one tensor (the grid, tests)."""
+    images = torch.cat(list(read_shards(folder, n, fp)))
+    assert len(images) == n, f"{folder}: {len(images)} images for n={n}"
+    return images
+
+#----------------------------------------------------------------------------
+# The health report: per level, how the samples stand at its end.
+
+def health_means(folder, n, fp=None):
+    """Per level, over the shards of [0, n): mean score norm, share of pixels outside [0, 1],
+    share more than 3 sigma_i outside it; and the number of samples that were not finite."""
+    sums, count, non_finite = [0, 0, 0], 0, 0
+    for (a, b), path in shards(folder, fp).items():
+        if a < n:
+            with np.load(path) as f:
+                sums = [t + f[k] for t, k in zip(sums, ["score_norm_sum", "out_of_range_sum", "far_out_sum"])]
+                non_finite += int(f["non_finite"]) if "non_finite" in f else 0
+                count += b - a
+    return [t / count for t in sums] + [non_finite]
+
+
+def health_report(sigmas, score_norm, out_share, far_share, dim):
+    """Rows per level, and the first level where samples saturate (None when none does).
+    Pixels just outside [0, 1] are normal (dark MNIST background plus the level's noise);
+    pixels more than 3 sigma_i outside it are not."""
+    rows = [dict(level=i + 1, sigma=float(s), mean_score_norm=float(g),
+                 sigma_times_norm_over_sqrt_d=float(s * g / math.sqrt(dim)), share_outside_01=float(o),
+                 share_beyond_3_sigma=float(f))
+            for i, (s, g, o, f) in enumerate(zip(sigmas, score_norm, out_share, far_share))]
+    bad = next((r["level"] for r in rows if r["share_beyond_3_sigma"] > SATURATED), None)
+    return rows, bad
+
+
+def shown_levels(L, rows=20):
+    """About `rows` of L levels, evenly spaced, the first and the last included (0-based)."""
+    every = math.ceil(L / rows)
+    return [i for i in range(L) if i % every == 0 or i == L - 1]
+
+
+def print_health(rows, bad, non_finite, n, title):
+    print(f"sampler health ({title}), at the end of each level:")
+    print(f"  {'level':>5} {'sigma':>8} {'mean |s|':>10} {'sigma|s|/sqrt(D)':>16} {'outside [0,1]':>14} "
+          f"{'> 3 sigma out':>14}")
+    for r in (rows[i] for i in shown_levels(len(rows))):
+        print(f"  {r['level']:>5} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} {r['sigma_times_norm_over_sqrt_d']:16.3f} "
+              f"{r['share_outside_01']:14.2%} {r['share_beyond_3_sigma']:14.2%}")
+    if bad:
+        r = rows[bad - 1]
+        print(f"WARNING: samples saturate from level {bad} (sigma {r['sigma']:.4g}) on: {r['share_beyond_3_sigma']:.1%} "
+              "of pixels lie more than 3 sigma outside [0, 1] at its end; try a smaller --step-lr or another sampler")
+    if non_finite:
+        print(f"WARNING: {non_finite} of {n} samples became NaN or infinite (stored as black where NaN); "
+              "try a smaller --step-lr or another sampler")
+
+#----------------------------------------------------------------------------
+# Pictures of a set of samples.
+
+def save_process(folder, settings, fp):
+    """process.png: the first PROCESS_ROWS samples at the end of each level, as the first shard kept them."""
+    first = [path for (a, b), path in shards(folder, fp).items() if a == 0]
+    with np.load(first[0]) as f:
+        if "levels" not in f:                   # a shard of an older version: no states were kept
+            return
+        levels = list(torch.from_numpy(f["levels"]))
+    utils.save_process_figure(os.path.join(folder, "process.png"), levels, list(settings.sigmas),
+                              title=f"{common.SAMPLERS[settings.name].run.__name__}: state at the end of each level")
+
+
+def save_pngs(folder, n, fp):
+    """png/<i>.png for each of the first n samples (EDM's layout), skipping those already written."""
+    from PIL import Image
+    os.makedirs(os.path.join(folder, "png"), exist_ok=True)
+    i = 0
+    for images in read_shards(folder, n, fp):
+        for img in images:
+            path = os.path.join(folder, "png", f"{i:06d}.png")
+            if not os.path.exists(path):
+                with utils.atomic_path(path) as tmp:
+                    Image.fromarray(img.permute(1, 2, 0).squeeze(2).numpy()).save(tmp)
+            i += 1
+
+#----------------------------------------------------------------------------
+# Plan (every checkpoint x setting, before any work), then make each job's samples.
+
+@dataclasses.dataclass
+class Job:
+    net: torch.nn.Module
+    info: dict
+    settings: SamplerSettings
+    folder: str
+    fp: str
+
+
+def add_flags(p):
+    """The sampling flags, shared with evaluate.py."""
+    p.add_argument("--checkpoint", action="extend", nargs="+", required=True, help="checkpoint file(s) or glob(s)")
+    p.add_argument("--n", type=utils.positive_int, default=N, help="samples per setting")
+    p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="images sampled at once")
+    p.add_argument("--seed", type=int, default=SEED, help="image i uses a generator seeded by (seed, i)")
+    p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA weights (default: if the checkpoint has them)")
+    p.add_argument("--sampler", nargs="+", choices=[*common.SAMPLERS, "auto"], default=["als"],
+                   help="samplers of common.SAMPLERS: als (the paper's annealed Langevin dynamics), ancestral "
+                        "(reverse diffusion), heun (EDM), dpmpp2m (DPM-Solver++(2M)); auto: "
+                        + ", ".join(f"{v} for a {k}-conditioned network" for k, v in AUTO.items()))
+    p.add_argument("--nfe", type=utils.positive_int, nargs="+", default=None,
+                   help="network evaluations per sample: als: T = (NFE - denoise) // L; the others: as many levels "
+                        "as the budget buys (a norm-conditioned network: a subset of its own)")
+    p.add_argument("--steps-each", type=utils.positive_int, nargs="+", default=None,
+                   help="als: steps per noise level, T (default: the checkpoint's recipe's)")
+    p.add_argument("--step-lr", type=utils.number_or_auto(utils.positive_float), nargs="+", default=None,
+                   help="als: step_lr value(s); auto: technique 4's for T (default: the checkpoint's recipe's)")
+    p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
+                   help="als: end with x + sigma_L^2 s(x, L) (default: the checkpoint's recipe's)")
+    p.add_argument("--s-churn", type=utils.finite_float, nargs="+", default=None,
+                   help="heun: EDM's S_churn (0: the deterministic ODE; needs a scale-conditioned network otherwise)")
+    p.add_argument("--s-noise", type=utils.positive_float, default=None, help="heun: EDM's S_noise (default 1)")
+    p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
+
+
+def checkpoints(p, patterns):
+    """The checkpoint files of --checkpoint's names and globs, in order, each once."""
+    found = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            p.error(f"--checkpoint {pattern}: no file matches")
+        found += [c for c in matches if c not in found]
+    return found
+
+
+def plan(args, ckpts):
+    """Load every checkpoint (on the CPU) and name each setting's folder, before any work."""
+    jobs, skipped = [], []
+    for ckpt in ckpts:
+        net, info = common.load_score_net(ckpt, ema=args.ema)
+        name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}_{os.path.splitext(os.path.basename(ckpt))[0]}"
+        base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
+        conditioning = info["model_args"].get("conditioning", "norm")
+        names = dict.fromkeys(AUTO[conditioning] if s == "auto" else s for s in args.sampler)
+        grid = itertools.product(names, args.nfe or [None], args.steps_each or [None], args.step_lr or [None],
+                                 args.s_churn or [None])
+        for sampler, nfe, steps_each, step_lr, s_churn in grid:
+            try:
+                settings = sampler_settings(sampler, info, args.seed, nfe, n_steps_each=steps_each, step_lr=step_lr,
+                                            denoise=args.denoise, s_churn=s_churn, s_noise=args.s_noise)
+            except Inapplicable as e:               # fine in a grid of several, an error alone
+                skipped.append(e)
+                continue
+            fp = fingerprint(net, settings)
+            folder = os.path.join(base, f"{settings.tag()}_seed{args.seed}_{fp[:10]}")
+            if all(j.folder != folder for j in jobs):
+                jobs.append(Job(net, info, settings, folder, fp))
+    if skipped and not jobs:
+        raise common.CheckpointError(str(skipped[0]))
+    for e in dict.fromkeys(str(e) for e in skipped):
+        print(f"skipped: {e}")
+    return jobs
+
+
+def make(job, args, device, stop=None):
+    """A job's samples (what is missing), grid.png, process.png, png/ and the health report;
+    returns what describes them (the start of metrics.json)."""
+    open_folder(job.folder, job.fp, job.settings, job.info)
+    made = sample(job.net.to(device), job.info, job.settings, job.folder, args.n, args.batch_size, device, job.fp, stop)
+    job.net.cpu()
+    *means, non_finite = health_means(job.folder, args.n, job.fp)
+    grid = collect(job.folder, min(100, args.n), job.fp)
+    utils.save_image_grid(os.path.join(job.folder, "grid.png"), grid.float() / 255,
+                          nrow=int(math.ceil(math.sqrt(len(grid)))))
+    save_process(job.folder, job.settings, job.fp)
+    if args.png:
+        save_pngs(job.folder, args.n, job.fp)
+    rows, bad = health_report(job.settings.sigmas, *means, int(np.prod(job.settings.shape)))
+    record = job.settings.record()
+    print_health(rows, bad, non_finite, args.n, f"{job.info['path']}, {job.settings.name}, {job.settings.tag()}")
+    described = dict(checkpoint=job.info["path"], dataset=job.info["dataset"], n=args.n, nfe=job.settings.nfe,
+                     sampler=dict(record, name=job.settings.name, ema=job.info["ema"]), fingerprint=job.fp,
+                     folder=job.folder, health=rows, saturating_level=bad, non_finite_samples=non_finite,
+                     samples_made_now=made)
+    utils.save_json(described, os.path.join(job.folder, "health.json"))
+    return described
+
+
+def run_cli(main_body):
+    """Run a sampling command's body with its one-line errors and exit statuses."""
+    try:
+        return main_body()
+    except (common.CheckpointError, data.DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}; samples written before are kept") from None
+    except KeyboardInterrupt:
+        print("\ninterrupted: the shards written so far are kept; the same command continues from them", file=sys.stderr)
+        raise SystemExit(130) from None
+    except RuntimeError as e:
+        if not utils.is_out_of_memory(e):
+            raise
+        raise SystemExit(f"error: out of memory ({utils.first_line(e)[:80]}); use a smaller --batch-size") from None
+
+
+def check_flags(p, args):
+    """Refuse what no single sampling flag can check; make --out (sample.py and evaluate.py)."""
+    if args.nfe and args.steps_each:
+        p.error("--nfe and --steps-each both set T; give one")
+    if problem := utils.check_out(args.out or OUT):
+        p.error(problem)
+
+
+def main(argv=None):
+    p = utils.arg_parser(__doc__)
+    add_flags(p)
+    args = p.parse_args(argv)
+    check_flags(p, args)
+    device = utils.get_device(args.device)
+    ckpts = checkpoints(p, args.checkpoint)
+    return run_cli(lambda: [make(j, args, device) for j in plan(args, ckpts)])
+
+
+if __name__ == "__main__":
+    main()

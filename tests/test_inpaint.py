@@ -1,0 +1,65 @@
+"""inpaint.py: the paper's inpainting figure (Algorithm 2) on real-format digits, resumable, scored.
+The sampler itself is tested in test_samplers.py."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import inpaint
+import train_mnist
+from conftest import DATA, write_mnist
+
+FAST = ["--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    return write_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=200, n_test=20)
+
+
+def test_masks():
+    right, centre = inpaint.make_mask("right", 28), inpaint.make_mask("centre", 28)
+    assert right[:, :14].all() and not right[:, 14:].any()
+    assert (~centre).sum() == 14 * 14 and not centre[7:21, 7:21].any() and centre[0].all()
+    rnd = inpaint.make_mask("random", 28, 0.75)
+    assert abs((~rnd).float().mean().item() - 0.75) < 0.05 and torch.equal(rnd, inpaint.make_mask("random", 28, 0.75))
+
+
+def test_inpaint_script_completes_resumes_and_scores(mnist_root, tmp_path, monkeypatch):
+    from PIL import Image
+    ck = os.path.join(DATA, "official_mnist_ngf4.pth")
+    holes = np.zeros((56, 56), np.uint8)
+    holes[:, 28:] = 255                                          # white = fill: the right half, at twice the size
+    Image.fromarray(holes).save(tmp_path / "holes.png")
+    base = ["--checkpoint", ck, "--data-root", mnist_root, "--n-images", "3", "--completions", "2", "--steps-each", "2",
+            "--mask", str(tmp_path / "holes.png"), *FAST]
+    args = [*base, "--out", str(tmp_path / "a"), "--classifier", "--classifier-cache", str(tmp_path / "clf")]
+    m = inpaint.main([*args, "--batch-size", "2"])
+    assert m["share_to_fill"] == 0.5
+    saved = np.load(os.path.join(m["folder"], "completions.npz"))
+    comp, orig, known = saved["completions"], saved["originals"], saved["known"]
+    assert comp.shape == (3, 2, 1, 28, 28) and known[:, :14].all() and not known[:, 14:].any()
+    diff = np.abs(comp.astype(int) - orig[:, None].astype(int))
+    assert diff[..., known].max() <= 15 and diff[..., ~known].mean() > 20      # known: the image + sigma_L noise
+    assert set(m["label_agreement"]) == {"completions", "noise", "mean image"}
+    assert all(0 <= v <= 1 for v in m["label_agreement"].values())
+    # the same completions whatever the batch size; a rerun makes nothing again
+    m2 = inpaint.main([*base, "--out", str(tmp_path / "b"), "--batch-size", "6"])
+    comp2 = np.load(os.path.join(m2["folder"], "completions.npz"))["completions"]
+    assert np.abs(comp.astype(int) - comp2.astype(int)).max() <= 1
+    calls = []
+    monkeypatch.setattr(common, "annealed_langevin_inpainting", lambda *a, **k: calls.append(1))
+    inpaint.main([*args, "--batch-size", "2"])
+    assert calls == [] and os.path.exists(os.path.join(m["folder"], "inpainting.png"))
+
+
+def test_inpaint_works_for_the_ncsnv2_recipe(mnist_root, tmp_path):
+    out = tmp_path / "v2"
+    train_mnist.main(["--data-root", mnist_root, "--out", str(out), "--recipe", "ncsnv2", "--ngf", "4", "--num-workers", "0",
+                      "--batch-size", "16", "--iters", "1", "--num-levels", "5", "--n-samples", "2", *FAST])
+    m = inpaint.main(["--checkpoint", str(out / "checkpoint.pt"), "--data-root", mnist_root, "--n-images", "2",
+                      "--completions", "1", "--mask", "centre", "--out", str(tmp_path / "i"), *FAST])
+    assert m["settings"]["steps_each"] == 5 and len(m["settings"]["sigmas"]) == 5         # the recipe's sampler
+    assert np.load(os.path.join(m["folder"], "completions.npz"))["completions"].shape == (2, 1, 1, 28, 28)
