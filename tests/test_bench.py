@@ -12,15 +12,34 @@ from conftest import DATA
 FAST = ["--device", "cpu"]
 
 
-def test_bench_reports_the_networks_flops_and_positive_speeds(tmp_path):
+def conv_flops(net, x, labels):
+    """The analytic forward FLOPs of net's convolutions per image: 2 C_in K^2 C_out H_out W_out each."""
+    total = []
+    hooks = [m.register_forward_hook(lambda m, i, o: total.append(2 * m.in_channels // m.groups * m.kernel_size[0]
+                                                                  * m.kernel_size[1] * o[0].numel()))
+             for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        net(x, labels)
+    for h in hooks:
+        h.remove()
+    return sum(total)
+
+
+def test_bench_reports_flops_that_match_the_analytic_count(tmp_path):
     out = tmp_path / "bench.json"
     [row] = bench.main(["--configs", "mnist", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu",
                         "--json", str(out)])
-    # a training step is forward + backward: about 3 x 3.8 GFLOP per MNIST image
-    assert 3 * 3.7 < row["train_gflop_per_image"] < 3 * 3.9
-    assert row["params"] == 7_638_657
-    assert row["train_images_per_s"] > 0 and row["sample_images_per_s_per_nfe"] > row["train_images_per_s"]
-    assert row["peak_train_mib"] > 0 and row["peak_sample_mib"] > 0
+    net = common.RefineNet(1, 64, 10, 28)
+    analytic = conv_flops(net, torch.rand(1, 1, 28, 28), torch.zeros(1, dtype=torch.long)) / 1e9
+    assert row["params"] == sum(p.numel() for p in net.parameters()) == 7_638_657
+    # the forward pass is its convolutions (3.8 GFLOP an image); training adds the backward pass, twice the
+    # forward except for the first convolution, whose input needs no gradient
+    assert row["forward_gflop_per_image"] == pytest.approx(analytic, rel=1e-6) and 3.7 < analytic < 3.9
+    assert 2.95 * analytic < row["train_gflop_per_image"] <= 3 * analytic
+    # each sampler's default setting: its NFE, and seconds per image that grow with it
+    s = row["samplers"]
+    assert {k: v["nfe"] for k, v in s.items()} == {"als": 1000, "ancestral": 10, "heun": 19, "dpmpp2m": 10}
+    assert s["als"]["seconds_per_image"] > 20 * s["heun"]["seconds_per_image"] > 20 * s["dpmpp2m"]["seconds_per_image"]
     assert json.loads(out.read_text())["rows"][0]["train_step_s"] == pytest.approx(row["train_step_s"])
 
 
