@@ -47,7 +47,8 @@ def build(config, impl, args, device):
     else:   # the official network, imported from a checkout of ermongroup/ncsn
         sys.path.insert(0, args.official)
         from models.cond_refinenet_dilated import CondRefineNetDilated
-        net = CondRefineNetDilated(SimpleNamespace(data=SimpleNamespace(logit_transform=False, channels=channels, image_size=size),
+        net = CondRefineNetDilated(SimpleNamespace(data=SimpleNamespace(logit_transform=False, channels=channels,
+                                                                        image_size=size),
                                                    model=SimpleNamespace(ngf=ngf, num_classes=common.NUM_LEVELS)))
     net = net.train().to(device)
     return (net.to(memory_format=torch.channels_last) if args.channels_last else net), sigmas.to(device)
@@ -158,15 +159,19 @@ def bench_one(config, impl, args, device):
 
 def main(argv=None):
     p = utils.arg_parser(__doc__)
-    p.add_argument("--configs", nargs="+", choices=list(data.DATASETS), default=["mnist", "cifar10"], help="networks to measure (the paper's for each data set)")
-    p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="images per step (default: 128 CUDA, 16 CPU)")
+    p.add_argument("--configs", nargs="+", choices=list(data.DATASETS), default=["mnist", "cifar10"],
+                   help="networks to measure (the paper's for each data set)")
+    p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE,
+                   help="images per step (default: 128 CUDA, 16 CPU)")
     p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for the forward pass")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--official", default=None, help="a checkout of ermongroup/ncsn: also measure its network")
-    p.add_argument("--checkpoint", default=None, help="time this checkpoint's network instead (its conditioning and levels)")
-    p.add_argument("--objective", choices=["dsm", "ssm"], default="dsm", help="training loss: annealed DSM or sliced SM")
+    p.add_argument("--checkpoint", default=None,
+                   help="time this checkpoint's network instead (its conditioning and levels)")
+    p.add_argument("--objective", choices=["dsm", "ssm"], default="dsm",
+                   help="training loss: annealed DSM or sliced SM")
     p.add_argument("--warmup", type=utils.positive_int, default=WARMUP, help="untimed steps")
     p.add_argument("--repeats", type=utils.positive_int, default=REPEATS, help="timed steps (median reported)")
     p.add_argument("--threads", type=utils.positive_int, default=None, help="CPU threads (default: torch's)")
@@ -176,7 +181,8 @@ def main(argv=None):
     if args.json and (problem := utils.check_out(os.path.dirname(os.path.abspath(args.json)), "--json's folder")):
         p.error(problem)
     if args.official and not os.path.isfile(os.path.join(args.official, "models", "cond_refinenet_dilated.py")):
-        p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py there (a checkout of ermongroup/ncsn)")
+        p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py there "
+                "(a checkout of ermongroup/ncsn)")
     if args.checkpoint:
         if args.official:
             p.error("--checkpoint and --official: time one or the other")
@@ -189,13 +195,16 @@ def main(argv=None):
     args.batch_size = args.batch_size or (128 if device.type == "cuda" else 16)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    rows = [bench_one(c, impl, args, device) for c in args.configs for impl in (["ours", "official"] if args.official else ["ours"])]
-    print(f"torch {torch.__version__}, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+    impls = ["ours", "official"] if args.official else ["ours"]
+    rows = [bench_one(c, impl, args, device) for c in args.configs for impl in impls]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {device} ({where}), "
           f"batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}")
     print(f"{'network':<9} {'impl':<9} {'train img/s':>11} {'sample img/s/NFE':>16} {'GFLOP/img':>9} {'GFLOP/s':>8} "
           f"{'peak train MiB':>14} {'peak sample MiB':>15}")
     for r in rows:
-        print(f"{r['config']:<9} {r['impl']:<9} {r['train_images_per_s']:>11.2f} {r['sample_images_per_s_per_nfe']:>16.2f} "
+        print(f"{r['config']:<9} {r['impl']:<9} {r['train_images_per_s']:>11.2f} "
+              f"{r['sample_images_per_s_per_nfe']:>16.2f} "
               f"{r['train_gflop_per_image'] or float('nan'):>9.1f} {r['train_gflops_per_s'] or float('nan'):>8.1f} "
               f"{r['peak_train_mib']:>14.0f} {r['peak_sample_mib']:>15.0f}")
     for r in rows:

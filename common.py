@@ -76,7 +76,8 @@ def _normal_cdf(t):
 def ratio_for_dimension(D):
     """Technique 2: the ratio gamma = sigma_{i-1} / sigma_i solving
     Phi(sqrt(2D)(gamma - 1) + 3 gamma) - Phi(sqrt(2D)(gamma - 1) - 3 gamma) = 0.5 (bisection)."""
-    f = lambda g: _normal_cdf(math.sqrt(2 * D) * (g - 1) + 3 * g) - _normal_cdf(math.sqrt(2 * D) * (g - 1) - 3 * g) - 0.5
+    a = math.sqrt(2 * D)
+    f = lambda g: _normal_cdf(a * (g - 1) + 3 * g) - _normal_cdf(a * (g - 1) - 3 * g) - 0.5
     lo, hi = 1.0, 10.0
     if f(hi) > 0:
         raise ValueError(f"technique 2 has no solution for D = {D} (too few dimensions)")
@@ -336,7 +337,8 @@ class RefineNet(nn.Module):
     def __init__(self, in_channels, ngf, num_classes=NUM_LEVELS, image_size=32, conditioning="norm", sigmas=None):
         super().__init__()
         if in_channels < 1 or ngf < 2 or num_classes < 1:
-            raise ValueError(f"RefineNet needs in_channels >= 1, ngf >= 2, num_classes >= 1; got {in_channels}, {ngf}, {num_classes}")
+            raise ValueError(f"RefineNet needs in_channels >= 1, ngf >= 2, num_classes >= 1; "
+                             f"got {in_channels}, {ngf}, {num_classes}")
         if image_size % 2:
             raise ValueError(f"RefineNet needs an even image_size, got {image_size}")
         if conditioning not in ("norm", "scale"):
@@ -447,7 +449,8 @@ def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
         sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i = 0, ..., n-1.
     rho = 7 spends the steps where the ODE curves most, at small sigma. Returns n + 1 values."""
     if n < 1 or not sigma_max >= sigma_min > 0:
-        raise ValueError(f"karras_sigmas needs n >= 1 and sigma_max >= sigma_min > 0, got {n}, {sigma_min}, {sigma_max}")
+        raise ValueError(f"karras_sigmas needs n >= 1 and sigma_max >= sigma_min > 0, "
+                         f"got {n}, {sigma_min}, {sigma_max}")
     i = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
     s = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([s, s.new_zeros(1)]).float()
@@ -762,7 +765,8 @@ def load_score_net(path, map_location="cpu", ema=None):
     if isinstance(ckpt, (list, tuple)) and len(ckpt) >= 1 and isinstance(ckpt[0], dict):
         state = official_to_ours(ckpt[0])
         if "begin_conv.weight" not in state or "normalizer.embed.weight" not in state:
-            raise CheckpointError(f"{path}: a list, but not an official NCSN checkpoint (no begin_conv / normalizer tensors)")
+            raise CheckpointError(f"{path}: a list, but not an official NCSN checkpoint "
+                                  "(no begin_conv / normalizer tensors)")
         c_in, ngf = state["begin_conv.weight"].shape[1], state["begin_conv.weight"].shape[0]
         model_args = dict(in_channels=c_in, ngf=ngf, num_classes=state["normalizer.embed.weight"].shape[0],
                           image_size=28 if c_in == 1 else 32)

@@ -87,10 +87,12 @@ def damaged_files(dataset, data_root):
             if os.path.isfile(idx):
                 with open(idx, "rb") as f:
                     head = f.read(16)
-                dims = [int.from_bytes(head[4 + 4 * k:8 + 4 * k], "big") for k in range(head[3] if len(head) > 3 else 0)]
+                ndim = head[3] if len(head) > 3 else 0
+                dims = [int.from_bytes(head[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
                 want = 4 * (1 + len(dims)) + math.prod(dims)
                 if len(head) < 8 or os.path.getsize(idx) != want:
-                    found.append(f"{idx} is present but truncated ({os.path.getsize(idx)} bytes, its header says {want}); "
+                    found.append(f"{idx} is present but truncated ({os.path.getsize(idx)} bytes, its header says "
+                                 f"{want}); "
                                  "delete it (and its .gz) to download it again, or copy a good one")
     elif dataset == "cifar10":
         cls = torchvision.datasets.CIFAR10
@@ -113,7 +115,8 @@ def load_celeba(data_root, train):
     split = "train" if train else "test"
     ds = torchvision.datasets.CelebA(data_root, split=split, target_type=[], download=True)
     size = DATASETS["celeba"]["image_size"]
-    cache = os.path.join(data_root, "celeba", f"ncsn_{split}_{len(ds)}_{utils.digest(list(ds.filename), CELEBA_CROP, size)[:12]}.pt")
+    key = utils.digest(list(ds.filename), CELEBA_CROP, size)[:12]
+    cache = os.path.join(data_root, "celeba", f"ncsn_{split}_{len(ds)}_{key}.pt")
     if os.path.exists(cache):
         return common.read_checkpoint(cache)["images"]
     images = torch.empty(len(ds), 3, size, size, dtype=torch.uint8)
@@ -149,5 +152,6 @@ def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_f
                            "Google Drive's quota): the folder img_align_celeba (unzipped img_align_celeba.zip), "
                            "list_eval_partition.txt, identity_CelebA.txt, list_attr_celeba.txt, list_bbox_celeba.txt, "
                            "list_landmarks_align_celeba.txt"}[dataset]
-        raise DataError(f"{dataset} is not under --data-root {data_root} and could not be downloaded ({utils.first_line(e)}); "
-                        f"copy these files into {where}" + (f", or pass {folder_flag} FOLDER of images" if folder_flag else "")) from None
+        folder = f", or pass {folder_flag} FOLDER of images" if folder_flag else ""
+        raise DataError(f"{dataset} is not under --data-root {data_root} and could not be downloaded "
+                        f"({utils.first_line(e)}); copy these files into {where}{folder}") from None

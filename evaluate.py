@@ -6,7 +6,7 @@ checkpoints, samplers and metrics: sample.py makes the samples, metrics.py score
     python evaluate.py --checkpoint 'runs/cifar10/checkpoint_*.pt' --step-lr 2e-5 1e-5 --n 1000   # appendix B.2
     python evaluate.py ... --inception-weights weights-inception-2015-12-05-6726825d.pth --ref ref.npz   # offline
     python evaluate.py --checkpoint runs/mnist/checkpoint.pt --metrics none --n 64 --png      # samples only
-    python evaluate.py --checkpoint A.pt B.pt --metrics classifier --nfe 100 300 1000          # MNIST: quality against cost
+    python evaluate.py --checkpoint A.pt B.pt --metrics classifier --nfe 100 300 1000   # MNIST: quality against cost
     python evaluate.py --checkpoint runs/cifar10/checkpoint.pt --n 100 --nearest 5            # memorisation check
     python evaluate.py --checkpoint runs/ncsnv2/checkpoint.pt --sampler als heun --nfe 35 100   # two samplers
 
@@ -20,7 +20,6 @@ import json
 import os
 import time
 
-import torch
 
 import common
 import data
@@ -73,9 +72,9 @@ def evaluate_one(args, job, scorers, device, losses):
     result = sample.make(job, args, device)
     if args.nearest:
         inc = metrics.inception(args.inception_weights, device) if "inception" in args.metrics else None
-        metrics.save_nearest(os.path.join(job.folder, "nearest.png"), sample.collect(job.folder, min(10, args.n), job.fp),
-                             data.load_images(job.info["dataset"], True, args.data_root, folder_flag="--ref"),
-                             args.nearest, inc, device)
+        samples = sample.collect(job.folder, min(10, args.n), job.fp)
+        train_images = data.load_images(job.info["dataset"], True, args.data_root, folder_flag="--ref")
+        metrics.save_nearest(os.path.join(job.folder, "nearest.png"), samples, train_images, args.nearest, inc, device)
     if job.info["path"] in losses:
         result["test_dsm_loss_per_level"] = losses[job.info["path"]]
     for name in args.metrics:
@@ -106,7 +105,8 @@ def print_table(results):
     for r in results:
         s = r["sampler"]
         step_lr = format(s["step_lr"], ".2g") if s["step_lr"] else "-"
-        print(f"{'*' if r is best else ' ':<2}{label(r):<46} {s.get('name', 'als'):>9} {step_lr:>8} {s['steps_each']:>4} "
+        print(f"{'*' if r is best else ' ':<2}{label(r):<46} {s.get('name', 'als'):>9} {step_lr:>8} "
+              f"{s['steps_each']:>4} "
               f"{r['nfe']:>5} {r['n']:>6} " + " ".join(f"{cell(r):>16}" for _, cell in columns))
     if best:
         print("* lowest FID")
@@ -128,8 +128,9 @@ def save_sweep_figure(path, results):
     for ax, k in zip(axes[0], keys):
         for (ckpt, ema, name), rs in groups.items():
             rs = sorted(rs, key=lambda r: r["nfe"])
+            run = os.path.basename(os.path.dirname(os.path.abspath(ckpt)))
             ax.plot([r["nfe"] for r in rs], [r.get(k) for r in rs], markers.get(name, "o") + "-",
-                    label=f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}{' (EMA)' if ema else ''}, {name}")
+                    label=f"{run}{' (EMA)' if ema else ''}, {name}")
         ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample"), ax.set_title(metrics.NAMES[k])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

@@ -1,7 +1,7 @@
 """The paper's inpainting figure: annealed Langevin dynamics fills the occluded part of real
 images (the paper's Algorithm 2; the official anneal_Langevin_dynamics_inpainting).
 
-    python inpaint.py --checkpoint runs/mnist/checkpoint.pt              # right half of 8 test digits, 8 completions each
+    python inpaint.py --checkpoint runs/mnist/checkpoint.pt      # right half of 8 test digits, 8 completions each
     python inpaint.py --checkpoint C --mask centre --n-images 4 --completions 10
     python inpaint.py --checkpoint C --mask random --fraction 0.8        # 80% of the pixels to fill
     python inpaint.py --checkpoint C --mask holes.png --images my_folder # white pixels of holes.png are filled
@@ -59,7 +59,8 @@ def make_mask(kind, size, fraction=FRACTION, seed=SEED):
         with Image.open(kind) as img:
             grey = data.to_8bit(img, 1).resize((size, size), Image.NEAREST)
     except Exception as e:
-        raise data.DataError(f"--mask {kind}: not right, centre, random or a readable mask image ({utils.first_line(e)})") from None
+        raise data.DataError(f"--mask {kind}: not right, centre, random or a readable mask image "
+                             f"({utils.first_line(e)})") from None
     return torch.from_numpy(np.asarray(grey) < 128)
 
 
@@ -70,7 +71,8 @@ def inpaint(net, images, known, settings, seed, batch_size, device, folder, firs
     sigmas = torch.tensor(settings["sigmas"], device=device)
     K = settings["completions"]
     per_batch = max(1, batch_size // K)
-    todo = [i for i in range(len(images)) if not os.path.exists(os.path.join(folder, f"image_{first_index + i:05d}.npz"))]
+    path = lambda i: os.path.join(folder, f"image_{first_index + i:05d}.npz")
+    todo = [i for i in range(len(images)) if not os.path.exists(path(i))]
     bar = tqdm(total=len(images), initial=len(images) - len(todo), desc="inpainting", unit="img", dynamic_ncols=True)
     for b in range(0, len(todo), per_batch):
         idx = todo[b:b + per_batch]
@@ -81,18 +83,19 @@ def inpaint(net, images, known, settings, seed, batch_size, device, folder, firs
                                                 n_steps_each=settings["steps_each"], step_lr=settings["step_lr"])
         out = (torch.nan_to_num(x).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().view(len(idx), K, *x.shape[1:])
         for i, completions in zip(idx, out):
-            with utils.atomic_path(os.path.join(folder, f"image_{first_index + i:05d}.npz")) as tmp:
+            with utils.atomic_path(path(i)) as tmp:
                 np.savez(tmp, completions=completions.numpy(), fingerprint=np.array(settings["fingerprint"]))
         bar.update(len(idx))
     bar.close()
-    return torch.stack([torch.from_numpy(np.load(os.path.join(folder, f"image_{first_index + i:05d}.npz"))["completions"])
+    return torch.stack([torch.from_numpy(np.load(path(i))["completions"])
                         for i in range(len(images))])
 
 
 def save_figure(path, images, known, completions):
     """A row per image: the occluded input (unknown pixels grey), its completions, the original."""
     occluded = torch.where(known, images.float() / 255, torch.full_like(images.float(), 0.5))
-    rows = torch.cat([occluded[:, None], completions.float() / 255, images[:, None].float() / 255], 1)   # (N, K + 2, C, H, W)
+    # (N, K + 2, C, H, W): the occluded input, the completions, the original
+    rows = torch.cat([occluded[:, None], completions.float() / 255, images[:, None].float() / 255], 1)
     utils.save_image_grid(path, rows.flatten(0, 1), nrow=rows.shape[1])
 
 
@@ -110,23 +113,48 @@ def label_agreement(images, known, completions, mean_image, data_root, device, c
             for name, x in filled.items()}
 
 
+def write_outputs(args, folder, images, known, completions, device):
+    """inpainting.png, completions.npz, png/ (--png); returns what metrics.json says of them
+    (with --classifier, the label agreement of the completions and of the two baselines)."""
+    save_figure(os.path.join(folder, "inpainting.png"), images, known, completions)
+    with utils.atomic_path(os.path.join(folder, "completions.npz")) as tmp:
+        np.savez(tmp, completions=completions.numpy(), originals=images.numpy(), known=known.numpy())
+    if args.png:
+        for (i, j) in np.ndindex(*completions.shape[:2]):
+            png = os.path.join(folder, "png", f"{i:05d}_{j:02d}.png")
+            utils.save_image_grid(png, completions[i, j:j + 1] / 255, 1)
+    result = dict(mask=args.mask, share_to_fill=(~known).float().mean().item(), n_images=len(images), folder=folder)
+    if args.classifier:
+        mean_image = (data.load_images("mnist", True, args.data_root).float().mean(0) + 0.5).to(torch.uint8)
+        result["label_agreement"] = label_agreement(images, known, completions, mean_image, args.data_root, device,
+                                                    args.classifier_cache, args.seed)
+        print("the classifier gives the original's label to: " +
+              ", ".join(f"{k} {v:.1%}" for k, v in result["label_agreement"].items()))
+    return result
+
+
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="a checkpoint of either recipe, or an official one")
-    p.add_argument("--images", default=None, help="a folder of images (default: the test split of the checkpoint's data set)")
+    p.add_argument("--images", default=None,
+                   help="a folder of images (default: the test split of the checkpoint's data set)")
     p.add_argument("--data-root", default=data.DATA_ROOT, help="torchvision data folder")
     p.add_argument("--mask", default=MASK, help="right, centre, random, or a mask image (white = fill)")
-    p.add_argument("--fraction", type=utils.positive_float, default=FRACTION, help="--mask random: share of pixels to fill")
+    p.add_argument("--fraction", type=utils.positive_float, default=FRACTION,
+                   help="--mask random: share of pixels to fill")
     p.add_argument("--n-images", type=utils.positive_int, default=N_IMAGES, help="images to complete")
     p.add_argument("--completions", type=utils.positive_int, default=COMPLETIONS, help="completions per image")
-    p.add_argument("--steps-each", type=utils.positive_int, default=None, help="steps per level (default: the checkpoint's)")
+    p.add_argument("--steps-each", type=utils.positive_int, default=None,
+                   help="steps per level (default: the checkpoint's)")
     p.add_argument("--step-lr", type=utils.number_or_auto(utils.positive_float), default=None,
                    help="step_lr, or auto (technique 4) (default: the checkpoint's)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (default: if present)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA weights (default: if present)")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="completions sampled at once")
     p.add_argument("--seed", type=int, default=SEED, help="completion j of image i is seeded by (seed, i, j)")
     p.add_argument("--classifier", action="store_true", help="MNIST: label agreement of completions and baselines")
-    p.add_argument("--classifier-cache", default=metrics.CLASSIFIER_CACHE, help="folder of the MNIST classifier's weights")
+    p.add_argument("--classifier-cache", default=metrics.CLASSIFIER_CACHE,
+                   help="folder of the MNIST classifier's weights")
     p.add_argument("--png", action="store_true", help="also write every completion as a PNG file")
     p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
     p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -140,14 +168,15 @@ def main(argv=None):
         spec = data.DATASETS[dataset]
         if args.classifier and dataset != "mnist":
             raise data.DataError("--classifier scores MNIST digits only; drop it for other data sets")
-        images = (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images") if args.images
-                  else data.load_images(dataset, False, args.data_root, folder_flag="--images"))[:args.n_images]
+        images = (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images")
+                  if args.images else data.load_images(dataset, False, args.data_root, folder_flag="--images"))
+        images = images[:args.n_images]
         known = make_mask(args.mask, spec["image_size"], args.fraction, args.seed)
         T, step_lr = common.sampler_defaults(info, steps_each=args.steps_each, step_lr=args.step_lr)
         settings = dict(sigmas=common.levels_of(info).tolist(),
                         steps_each=T, step_lr=step_lr, completions=args.completions, seed=args.seed)
         settings["fingerprint"] = utils.digest(net.state_dict(), known, images, sorted(settings.items()))
-        name = f"{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}_{os.path.splitext(os.path.basename(args.checkpoint))[0]}"
+        name = utils.checkpoint_name(args.checkpoint)
         mask_name = os.path.splitext(os.path.basename(args.mask))[0]
         out = args.out or os.path.join(OUT, name)
         folder = os.path.join(out, f"{mask_name}_T{T}_seed{args.seed}_{settings['fingerprint'][:10]}")
@@ -156,20 +185,8 @@ def main(argv=None):
         print(f"{len(images)} images x {args.completions} completions, mask {args.mask} ({(~known).float().mean():.0%} "
               f"of the pixels to fill), {len(settings['sigmas'])} levels x T = {T}, step_lr {step_lr:.3g}")
         completions = inpaint(net, images, known, settings, args.seed, args.batch_size, device, folder)
-        save_figure(os.path.join(folder, "inpainting.png"), images, known, completions)
-        with utils.atomic_path(os.path.join(folder, "completions.npz")) as tmp:
-            np.savez(tmp, completions=completions.numpy(), originals=images.numpy(), known=known.numpy())
-        if args.png:
-            for (i, j) in np.ndindex(*completions.shape[:2]):
-                utils.save_image_grid(os.path.join(folder, "png", f"{i:05d}_{j:02d}.png"), completions[i, j:j + 1] / 255, 1)
-        result = dict(checkpoint=args.checkpoint, dataset=dataset, mask=args.mask, share_to_fill=(~known).float().mean().item(),
-                       n_images=len(images), settings=settings, folder=folder)
-        if args.classifier:
-            mean_image = (data.load_images("mnist", True, args.data_root).float().mean(0) + 0.5).to(torch.uint8)
-            result["label_agreement"] = label_agreement(images, known, completions, mean_image, args.data_root, device,
-                                                         args.classifier_cache, args.seed)
-            print("the classifier gives the original's label to: " +
-                  ", ".join(f"{k} {v:.1%}" for k, v in result["label_agreement"].items()))
+        result = write_outputs(args, folder, images, known, completions, device)
+        result.update(checkpoint=args.checkpoint, dataset=dataset, settings=settings)
         utils.save_json(result, os.path.join(folder, "metrics.json"))
     except (common.CheckpointError, data.DataError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -2,8 +2,8 @@
 images does not converge when the data lie on a low-dimensional manifold, and does once the data
 are perturbed by a tiny Gaussian noise N(0, 0.0001).
 
-    python manifold.py --data-root .mnist                  # real MNIST digits at 16x16, a small ResNet: minutes on a CPU
-    python manifold.py --dataset cifar10 --image-size 32 --nef 32 --iters 50000   # the paper's (the official scorenet config)
+    python manifold.py --data-root .mnist              # real MNIST digits at 16x16, a small ResNet: minutes on a CPU
+    python manifold.py --dataset cifar10 --image-size 32 --nef 32 --iters 50000   # the paper's (official config)
     python manifold.py --resume                            # continue an interrupted run
 
 Two runs from the same initial network on the same batches, SSM-VR (common.sliced_score_matching_vr,
@@ -80,7 +80,8 @@ def summary(losses, tail):
     bad = np.flatnonzero(~np.isfinite(losses))
     last = losses[int(len(losses) * (1 - tail)):]
     last = last[np.isfinite(last)]
-    return dict(tail_mean=float(last.mean()) if len(last) else None, tail_variance=float(last.var()) if len(last) else None,
+    return dict(tail_mean=float(last.mean()) if len(last) else None,
+                tail_variance=float(last.var()) if len(last) else None,
                 first_non_finite=int(bad[0]) + 1 if len(bad) else None)
 
 
@@ -106,6 +107,27 @@ def save_plot(path, losses, args):
                  f"{summary(losses['no_noise'], args.tail)['tail_variance'] or float('nan'):.3g}, "
                  f"noise {summary(losses['noise'], args.tail)['tail_variance'] or float('nan'):.3g})")
     utils.save_figure(fig, path)
+
+
+def train_runs(runs, losses, images, start, args, device, state_path):
+    """Iterations start, ..., --iters - 1 of both runs, one SSM-VR step each on the same batch and
+    projections (the perturbed run adds --noise-std z); the state is saved every --save-every."""
+    for it in tqdm(range(start, args.iters), initial=start, total=args.iters, desc="SSM, two runs", unit="it"):
+        g = torch.Generator().manual_seed(utils.stable_seed(args.seed, it))
+        x = images[torch.randint(len(images), (args.batch_size,), generator=g)].to(device).float() / 255
+        z, v = (torch.randn(x.shape, generator=g).to(device) for _ in range(2))
+        for name, (net, opt) in runs.items():
+            if it > 0 and not np.isfinite(losses[name][it - 1]):
+                continue                                       # a run that diverged stays stopped
+            loss = common.sliced_score_matching_vr(net, x + (args.noise_std * z if name == "noise" else 0), vectors=v)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[name][it] = loss.item()
+        if (it + 1) % args.save_every == 0 or it + 1 == args.iters:
+            state = {name: dict(model=net.state_dict(), optimizer=opt.state_dict(),
+                                losses=torch.from_numpy(losses[name])) for name, (net, opt) in runs.items()}
+            common.write_checkpoint({"iteration": it + 1, **state}, state_path)
 
 
 def main(argv=None):
@@ -149,22 +171,7 @@ def main(argv=None):
             losses[name][:start] = state[name]["losses"][:start].numpy()
         print(f"resumed {state_path} at iteration {start}")
     t0 = time.time()
-    for it in tqdm(range(start, args.iters), initial=start, total=args.iters, desc="SSM, two runs", unit="it"):
-        # One step of each run on the same batch and projections.
-        g = torch.Generator().manual_seed(utils.stable_seed(args.seed, it))
-        x = images[torch.randint(len(images), (args.batch_size,), generator=g)].to(device).float() / 255
-        z, v = (torch.randn(x.shape, generator=g).to(device) for _ in range(2))
-        for name, (net, opt) in runs.items():
-            if it > 0 and not np.isfinite(losses[name][it - 1]):
-                continue                                       # a run that diverged stays stopped
-            loss = common.sliced_score_matching_vr(net, x + (args.noise_std * z if name == "noise" else 0), vectors=v)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses[name][it] = loss.item()
-        if (it + 1) % args.save_every == 0 or it + 1 == args.iters:
-            common.write_checkpoint({"iteration": it + 1, **{name: dict(model=net.state_dict(), optimizer=opt.state_dict(),
-                               losses=torch.from_numpy(losses[name])) for name, (net, opt) in runs.items()}}, state_path)
+    train_runs(runs, losses, images, start, args, device, state_path)
     metrics = {name: summary(l, args.tail) for name, l in losses.items()}
     metrics.update(settings=vars(args), train_images=len(images), seconds=round(time.time() - t0, 1))
     utils.save_json(metrics, os.path.join(args.out, "metrics.json"))

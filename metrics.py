@@ -47,7 +47,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians of features (TTUR's
     FID formula), via torch-fidelity."""
     from torch_fidelity.metric_fid import fid_statistics_to_metric
-    return fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)["frechet_inception_distance"]
+    m = fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)
+    return m["frechet_inception_distance"]
 
 
 fid = frechet_distance       # on Inception pool features: FID
@@ -64,7 +65,8 @@ def inception(weights, device):
                                           feature_extractor_weights_path=weights)
     except Exception as e:
         if weights is not None:
-            raise common.CheckpointError(f"{weights}: not torch-fidelity Inception weights ({utils.first_line(e)[:100]})")
+            raise common.CheckpointError(f"{weights}: not torch-fidelity Inception weights "
+                                         f"({utils.first_line(e)[:100]})")
         raise data.DataError(f"could not download the Inception weights ({utils.first_line(e)[:80]}); pass "
                              "--inception-weights weights-inception-2015-12-05-6726825d.pth (torch-fidelity v0.2.0)")
     return net.to(device)
@@ -140,7 +142,8 @@ def reference_stats(opts, dataset, net, device):
         images = data.load_images(dataset, True, opts.data_root, folder_flag="--ref")
         label = f"{dataset} training set" + (", digits repeated to 3 channels" if spec["channels"] == 1 else "")
     import torch_fidelity
-    path = f"inception-v3-compat 299 bilinear, torch-fidelity {torch_fidelity.__version__}, channels {spec['channels']}->3"
+    path = (f"inception-v3-compat 299 bilinear, torch-fidelity {torch_fidelity.__version__}, "
+            f"channels {spec['channels']}->3")
     key = utils.digest(images, utils.digest(net.state_dict()), path)[:16]
     cache = os.path.join(opts.ref_cache, f"{'folder' if opts.ref else dataset}_{len(images)}_{key}.npz")
     if os.path.exists(cache):
@@ -259,9 +262,10 @@ class DigitScorer:
         py = probs.mean(0, keepdim=True)
         kl = (probs * (probs.clamp_min(1e-30).log() - py.clamp_min(1e-30).log())).sum(1).mean()
         f = feats.numpy()
-        return dict(classifier_is=kl.exp().item(), confident_share=(probs.max(1).values > CONFIDENT).double().mean().item(),
-                    class_histogram=torch.bincount(probs.argmax(1), minlength=10).tolist(),
-                    frechet_distance=float(frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma)))
+        fd = frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma)
+        return dict(classifier_is=kl.exp().item(),
+                    confident_share=(probs.max(1).values > CONFIDENT).double().mean().item(),
+                    class_histogram=torch.bincount(probs.argmax(1), minlength=10).tolist(), frechet_distance=float(fd))
 
 #----------------------------------------------------------------------------
 # The table of scorers: adding a metric is one maker here and one entry.
@@ -284,13 +288,18 @@ def _number(key, spec=".2f", spread=None):
 
 
 SCORERS = {
-    "inception": Scorer(inception_scorer, (("Inception score", _number("inception_score_mean", spread="inception_score_std")),
-                                           ("FID", _number("fid"))), ("fid", "inception_score_mean")),
-    "classifier": Scorer(DigitScorer, (("digit IS", _number("classifier_is")), ("confident", _number("confident_share")),
-                                       ("digit FD", _number("frechet_distance"))), ("classifier_is", "frechet_distance")),
+    "inception": Scorer(inception_scorer,
+                        (("Inception score", _number("inception_score_mean", spread="inception_score_std")),
+                         ("FID", _number("fid"))),
+                        ("fid", "inception_score_mean")),
+    "classifier": Scorer(DigitScorer,
+                         (("digit IS", _number("classifier_is")), ("confident", _number("confident_share")),
+                          ("digit FD", _number("frechet_distance"))),
+                         ("classifier_is", "frechet_distance")),
 }
-NAMES = {"fid": "FID", "inception_score_mean": "Inception score", "classifier_is": "classifier Inception score (max 10)",
-         "frechet_distance": "Frechet distance, classifier features"}   # sweep.png's titles
+NAMES = {"fid": "FID", "inception_score_mean": "Inception score",         # sweep.png's titles
+         "classifier_is": "classifier Inception score (max 10)",
+         "frechet_distance": "Frechet distance, classifier features"}
 
 #----------------------------------------------------------------------------
 # Pictures and losses that are no scores: nearest training images, the test loss per level.
@@ -313,7 +322,8 @@ def nearest_neighbours(samples, train_images, k, embed, chunk=1000):
 def save_nearest(path, samples, train_images, k, inception_net=None, device="cpu"):
     """A row per sample: it, then its k nearest training images in pixels (and, with an Inception
     network, in its pool features): a memorisation check, as NCSNv2's."""
-    rows = [samples[:, None], train_images[nearest_neighbours(samples, train_images, k, lambda x: x.flatten(1).double())]]
+    pixels = lambda x: x.flatten(1).double()
+    rows = [samples[:, None], train_images[nearest_neighbours(samples, train_images, k, pixels)]]
     if inception_net is not None:
         embed = lambda x: features(inception_net, x, device)[0]
         rows.append(train_images[nearest_neighbours(samples, train_images, k, embed)])
@@ -350,14 +360,17 @@ def level_losses(net, info, images, batch_size, device):
 def add_flags(p, images=False):
     """The scoring flags, shared with evaluate.py (which takes its images from the samples)."""
     if images:
-        p.add_argument("--images", required=True, help="a folder of images, an .npz of uint8 images, or sample.py's folder")
+        p.add_argument("--images", required=True,
+                       help="a folder of images, an .npz of uint8 images, or sample.py's folder")
         p.add_argument("--dataset", choices=list(data.DATASETS), default="mnist",
                        help="whose reference and image size (channels, size) to use")
     p.add_argument("--metrics", nargs="+", choices=[*SCORERS, "none"], default=["inception"],
                    help="inception: IS and FID (the paper's); classifier: the digit classifier's scores; none")
-    p.add_argument("--ref", default=None, help="FID reference: a folder of images or a stats .npz (default: the training set)")
+    p.add_argument("--ref", default=None,
+                   help="FID reference: a folder of images or a stats .npz (default: the training set)")
     p.add_argument("--ref-cache", default=None, help="folder of cached reference statistics (default: <out>/ref_stats)")
-    p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file (default: download)")
+    p.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity Inception weights file (default: download)")
     p.add_argument("--classifier-cache", default=CLASSIFIER_CACHE, help="folder of the digit classifier's weights")
     p.add_argument("--data-root", default=data.DATA_ROOT, help="torchvision data folder")
 
@@ -386,7 +399,8 @@ def read_images(path, dataset):
             raise data.DataError(f"--images {path}: not an .npz of images under 'images' or 'arr_0' "
                                  f"({utils.first_line(e)[:80]})") from None
         t = torch.from_numpy(np.asarray(a, dtype=np.uint8))
-        return t.permute(0, 3, 1, 2).contiguous() if t.dim() == 4 and t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3) else t
+        nhwc = t.dim() == 4 and t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3)
+        return t.permute(0, 3, 1, 2).contiguous() if nhwc else t
     if os.path.isfile(os.path.join(path, "samples.json")):
         return torch.cat(list(sample.read_shards(path, sample.N * 1000)))
     return data.load_image_folder(path, spec["channels"], spec["image_size"], flag="--images")

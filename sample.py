@@ -112,10 +112,11 @@ def sampler_settings(name, info, seed, nfe=None, **given):
     else:                                           # one or two evaluations a level: the budget buys levels
         n = max([k for k in range(1, (nfe or 0) + 1) if spec.nfe(k, **params) <= nfe] or [1]) if nfe else len(trained)
         if not scale and (n > len(trained) or params.get("s_churn")):
-            raise Inapplicable(f"{info['path']}: --sampler {name} {'with churn' if params.get('s_churn') else f'on {n} levels'} "
-                               f"needs a scale-conditioned network (--recipe ncsnv2); this one knows its "
-                               f"{len(trained)} levels only")
-        sigmas = spec.schedule(n, info["sigma_end"], info["sigma_begin"]) if scale else common.trained_subset(trained, n)
+            what = "with churn" if params.get("s_churn") else f"on {n} levels"
+            raise Inapplicable(f"{info['path']}: --sampler {name} {what} needs a scale-conditioned network "
+                               f"(--recipe ncsnv2); this one knows its {len(trained)} levels only")
+        sigmas = (spec.schedule(n, info["sigma_end"], info["sigma_begin"]) if scale
+                  else common.trained_subset(trained, n))
     settings = SamplerSettings(name, tuple(torch.as_tensor(sigmas).tolist()), seed, shape, tuple(params.items()))
     if nfe and settings.nfe > nfe:
         raise Inapplicable(f"--nfe {nfe} is too few for --sampler {name} on {info['path']}: it spends at least "
@@ -281,11 +282,13 @@ def print_health(rows, bad, non_finite, n, title):
     print(f"  {'level':>5} {'sigma':>8} {'mean |s|':>10} {'sigma|s|/sqrt(D)':>16} {'outside [0,1]':>14} "
           f"{'> 3 sigma out':>14}")
     for r in (rows[i] for i in shown_levels(len(rows))):
-        print(f"  {r['level']:>5} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} {r['sigma_times_norm_over_sqrt_d']:16.3f} "
+        print(f"  {r['level']:>5} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} "
+              f"{r['sigma_times_norm_over_sqrt_d']:16.3f} "
               f"{r['share_outside_01']:14.2%} {r['share_beyond_3_sigma']:14.2%}")
     if bad:
         r = rows[bad - 1]
-        print(f"WARNING: samples saturate from level {bad} (sigma {r['sigma']:.4g}) on: {r['share_beyond_3_sigma']:.1%} "
+        print(f"WARNING: samples saturate from level {bad} (sigma {r['sigma']:.4g}) on: "
+              f"{r['share_beyond_3_sigma']:.1%} "
               "of pixels lie more than 3 sigma outside [0, 1] at its end; try a smaller --step-lr or another sampler")
     if non_finite:
         print(f"WARNING: {non_finite} of {n} samples became NaN or infinite (stored as black where NaN); "
@@ -375,7 +378,7 @@ def plan(args, ckpts):
     jobs, skipped = [], []
     for ckpt in ckpts:
         net, info = common.load_score_net(ckpt, ema=args.ema)
-        name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}_{os.path.splitext(os.path.basename(ckpt))[0]}"
+        name = utils.checkpoint_name(ckpt)
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
         conditioning = info["model_args"].get("conditioning", "norm")
         names = dict.fromkeys(AUTO[conditioning] if s == "auto" else s for s in args.sampler)
@@ -432,7 +435,8 @@ def run_cli(main_body):
     except OSError as e:
         raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}; samples written before are kept") from None
     except KeyboardInterrupt:
-        print("\ninterrupted: the shards written so far are kept; the same command continues from them", file=sys.stderr)
+        print("\ninterrupted: the shards written so far are kept; the same command continues from them",
+              file=sys.stderr)
         raise SystemExit(130) from None
     except RuntimeError as e:
         if not utils.is_out_of_memory(e):

@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 2 train.py --dataset cifar10
 
 Every setting is a field of TrainConfig and a flag of the same name; train() is the set-up and
-one loop. Writes under --out: config.json, metrics.csv, checkpoint.pt (the latest, resumable),
+one loop; train_io.py writes its files. Under --out: config.json, metrics.csv, checkpoint.pt (the latest, resumable),
 checkpoint_<step>.pt (snapshots), loss.png, samples_<step>.png and process_<step>.png.
 Exit status: 0 finished, 3 stopped by SIGINT/SIGTERM (continue with --resume), 1 an error,
 2 a bad flag.
@@ -15,20 +15,19 @@ Exit status: 0 finished, 3 stopped by SIGINT/SIGTERM (continue with --resume), 1
 import argparse
 import contextlib
 import copy
-import csv
 import dataclasses
-import math
 import os
 import sys
-import time
+import types
 
 import torch
 from tqdm import tqdm
 
 import common
 import data
-import sample
+import train_io
 import utils
+from train_io import LOG_EVERY, TrainError  # noqa: F401  (train.TrainError, train.LOG_EVERY)
 
 #----------------------------------------------------------------------------
 # Settings. Each TrainConfig field is a flag (--batch-size for batch_size) with its default and
@@ -36,7 +35,6 @@ import utils
 
 ITERS = 200_000      # the paper's optimizer steps, when neither --iters nor --epochs is given
 TEST_EVERY = 100     # steps between test losses (the official code's)
-LOG_EVERY = 10       # steps between host syncs: metrics rows, finiteness and stop checks
 EXIT_STOPPED = 3     # exit status of a run stopped by a signal: continue it with --resume
 
 
@@ -47,7 +45,7 @@ def _setting(default, help, **kw):
 RECIPES = {   # what a recipe gives each of these flags when it is not given
     "ncsn": dict(lr=1e-3, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END, num_levels=common.NUM_LEVELS,
                  conditioning="norm", ema=0.0, dequantize=True, steps_each=common.STEPS_EACH, step_lr=common.STEP_LR,
-                 denoise=False, sampler="als"),                 # the paper's (Sec. 5, appendix B.1; the official configs)
+                 denoise=False, sampler="als"),             # the paper's (Sec. 5, appendix B.1; the official configs)
     "ncsnv2": dict(lr=1e-4, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels="auto", conditioning="scale",
                    ema=0.999, dequantize=False, steps_each=5, step_lr="auto", denoise=True,
                    sampler="als"),                              # NCSNv2's techniques 1-5
@@ -73,9 +71,11 @@ class TrainConfig:
                            type=utils.positive_int)
     lr: float = _setting(None, "Adam learning rate", type=utils.positive_float)
     beta1: float = _setting(0.9, "Adam beta1 (beta2 is 0.999)", type=utils.rate)
-    ngf: int = _setting(None, "RefineNet width (default: the data set's, 64 MNIST, 128 CIFAR-10)", type=utils.positive_int)
+    ngf: int = _setting(None, "RefineNet width (default: the data set's, 64 MNIST, 128 CIFAR-10)",
+                        type=utils.positive_int)
     sigma_begin: float = _setting(None, "sigma_1, the largest noise level; auto: the largest distance between two "
-                                  "training images (technique 1)", type=utils.number_or_auto(utils.positive_float), must_match=True)
+                                  "training images (technique 1)", type=utils.number_or_auto(utils.positive_float),
+                                  must_match=True)
     sigma_end: float = _setting(None, "sigma_L, the smallest", type=utils.positive_float, must_match=True)
     num_levels: int = _setting(None, "L, the number of noise levels; auto: technique 2's for the image size",
                                type=utils.number_or_auto(utils.positive_int), must_match=True)
@@ -86,7 +86,8 @@ class TrainConfig:
     sigma_dist: str = _setting("uniform", "the noise level of each training image: uniform over the levels (eq. 6), or "
                                "lognormal: EDM's ln sigma ~ N(-1.2, 1.2^2) on the levels (Karras et al. 2022)",
                                choices=["uniform", "lognormal"], must_match=True)
-    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power (dsm)", type=utils.finite_float, must_match=True)
+    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power (dsm)", type=utils.finite_float,
+                                   must_match=True)
     dequantize: bool = _setting(None, "uniform dequantisation (x_uint8 + U(0, 1)) / 256, else x_uint8 / 255")
     ema: float = _setting(None, "EMA rate of the weights, 0 = off (technique 5)", type=utils.rate)
     ema_warmup: bool = _setting(False, "EMA rate min(--ema, (1 + n) / (10 + n)) at update n (TensorFlow's num_updates, "
@@ -98,7 +99,8 @@ class TrainConfig:
     n_samples: int = _setting(64, "images in each sample grid", type=utils.positive_int)
     sampler: str = _setting(None, "the figures' sampler (common.SAMPLERS)", choices=list(common.SAMPLERS))
     steps_each: int = _setting(None, "sampler steps per noise level (T)", type=utils.positive_int)
-    step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T", type=utils.number_or_auto(utils.positive_float))
+    step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T",
+                              type=utils.number_or_auto(utils.positive_float))
     denoise: bool = _setting(None, "end the sampler with x + sigma_L^2 s(x, L)")
     # machinery
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N", type=utils.device_name)
@@ -123,7 +125,8 @@ def parser(fixed=()):
             action = argparse.BooleanOptionalAction if f.default is None else "store_true"
             p.add_argument(flag, action=action, default=f.default, help=help)
         else:
-            p.add_argument(flag, type=meta.get("type", f.type), choices=meta.get("choices"), default=f.default, help=help)
+            p.add_argument(flag, type=meta.get("type", f.type), choices=meta.get("choices"), default=f.default,
+                           help=help)
     return p
 
 
@@ -301,175 +304,7 @@ def ema_rate(cfg, n):
     return min(cfg.ema, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema
 
 #----------------------------------------------------------------------------
-# Metrics, stop signals, checkpoints, figures.
-
-class TrainError(RuntimeError):
-    """A run that cannot start or go on; the message says why and what to do."""
-
-
-class NonFiniteLoss(TrainError):
-    """The loss of step args[0] is NaN or infinite."""
-
-
-class MetricsLog:
-    """metrics.csv, one row per step. Losses stay on the device and are written every LOG_EVERY
-    steps (one host sync; averaged over processes); a non-finite one raises NonFiniteLoss."""
-    COLUMNS = ["step", "epoch", "loss", "test_loss", "images_per_s"]
-
-    def __init__(self, path, upto, write):
-        self.path, self.write, self.rows, self.pending, self.tests = path, write, [], [], {}
-        if write:
-            self.rows = read_metrics(path, upto)
-            with utils.atomic_path(path) as tmp, open(tmp, "w") as f:
-                f.write(",".join(self.COLUMNS) + "\n")
-                f.writelines(self._line(r) for r in self.rows)
-        self.t, self.step = time.time(), upto
-
-    @staticmethod
-    def _line(r):
-        test = "" if r["test_loss"] == "" else f"{r['test_loss']:.6g}"
-        return f"{r['step']},{r['epoch']},{r['loss']:.6g},{test},{r['images_per_s']}\n"
-
-    def add(self, step, epoch, loss):
-        self.pending.append((step, epoch, loss))
-
-    def flush(self, step, images_per_step, world):
-        if not self.pending:
-            return None
-        losses = torch.stack([loss for _, _, loss in self.pending])
-        if world > 1:
-            torch.distributed.all_reduce(losses)
-            losses /= world
-        rate = (step - self.step) * images_per_step / max(time.time() - self.t, 1e-9)
-        new = [dict(step=s, epoch=e, loss=v, test_loss=self.tests.pop(s, ""), images_per_s=f"{rate:.1f}")
-               for (s, e, _), v in zip(self.pending, losses.tolist())]
-        self.pending, self.t, self.step = [], time.time(), step
-        bad = next((r["step"] for r in new if not math.isfinite(r["loss"])), None)
-        if bad is not None:
-            raise NonFiniteLoss(bad)
-        if self.write:
-            self.rows.extend(new)
-            with open(self.path, "a") as f:
-                f.writelines(self._line(r) for r in new)
-        return f"loss {new[-1]['loss']:.4g}, {rate:.0f} img/s"
-
-
-def read_metrics(path, upto):
-    """The rows of an earlier metrics.csv up to step `upto`; a torn row (the process died while
-    writing it) and anything after it are dropped."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                try:
-                    row = dict(step=int(r["step"]), epoch=int(r["epoch"]), loss=float(r["loss"]),
-                               test_loss=float(r["test_loss"]) if r["test_loss"] else "",
-                               images_per_s=str(float(r["images_per_s"])))
-                except (TypeError, ValueError, KeyError):
-                    break
-                if row["step"] <= upto:
-                    rows.append(row)
-    return rows
-
-
-def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_args, cfg):
-    """checkpoint.pt, the latest: everything resume needs; and when numbered checkpoint_<step>.pt,
-    the same bytes (a hard link; a copy where links are not supported)."""
-    path = os.path.join(out, "checkpoint.pt")
-    try:
-        common.write_checkpoint(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(),
-                                step=step, epoch=epoch, pos=pos, model_args=model_args, config=dataclasses.asdict(cfg),
-                                rng=dict(torch=torch.get_rng_state())), path)
-        if numbered:
-            with utils.atomic_path(os.path.join(out, f"checkpoint_{step}.pt")) as tmp:
-                os.remove(tmp)
-                try:
-                    os.link(path, tmp)
-                except OSError:
-                    import shutil
-                    shutil.copyfile(path, tmp)
-    except OSError as e:
-        raise TrainError(f"could not write the checkpoint of step {step} in {out} ({e.strerror or e}); the files "
-                         "written before are intact (checkpoint.pt is the last complete one): make room, then --resume")
-
-
-def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
-    """The loss against steps, train (per step and smoothed) and test (Fig. 3)."""
-    import numpy as np
-    plt = utils.pyplot()
-    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
-    test = [(r["step"], r["test_loss"]) for r in rows if r["test_loss"] != ""]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(steps, loss, color="0.8", lw=0.5, label="train (per step)")
-    w = max(1, min(len(loss) // 20, 500))
-    if len(loss) >= w > 1:
-        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), color="C0", label=f"train (mean of {w})")
-    if test:
-        ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
-    ax.set_yscale("log" if loss.min() > 0 else "linear"), ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.legend()
-    ax.grid(alpha=0.3)
-    utils.save_figure(fig, path)
-
-
-def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
-    """samples_<step>.png and process_<step>.png (Figs. 4, 5) with the recipe's sampler (--sampler)
-    from the same start every time, and loss.png (Fig. 3). Returns False, writing nothing, when a
-    stop signal cut sampling short."""
-    spec = data.DATASETS[cfg.dataset]
-    info = dict(path=cfg.out, dataset=cfg.dataset, model_args=dict(conditioning=cfg.conditioning),
-                sigma_begin=cfg.sigma_begin, sigma_end=cfg.sigma_end, num_levels=cfg.num_levels,
-                steps_each=cfg.steps_each, step_lr=cfg.step_lr, denoise=cfg.denoise)
-    settings = sample.sampler_settings(cfg.sampler, info, cfg.seed)
-    tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({cfg.sampler}, {settings.nfe} "
-               "network evaluations each)")
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    x0 = torch.rand(cfg.n_samples, spec["channels"], spec["image_size"], spec["image_size"], generator=g, device=device)
-    levels = {}
-    def keep(i, _, x, score):          # the state at each level's end: its last call
-        stop.check()
-        levels[i] = x
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-            x = common.SAMPLERS[cfg.sampler].run(
-                common.level_score(net, settings.sigmas, sigmas), x0, torch.tensor(settings.sigmas, device=device),
-                randn_like=lambda t: torch.randn(t.shape, generator=g, device=device), callback=keep, **settings.kwargs)
-    except utils.Stopped:
-        return False
-    utils.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
-    utils.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), [levels[i] for i in sorted(levels)],
-                              list(settings.sigmas), title=f"{cfg.sampler}: state at the end of each level")
-    save_loss_figure(os.path.join(cfg.out, "loss.png"), rows, f"annealed {cfg.objective.upper()} loss")
-    return True
-
-#----------------------------------------------------------------------------
 # The training loop.
-
-def prepare_out(out):
-    """Make --out a writable folder and remove the temporary files of writes that a killed run
-    left (utils.atomic_path's naming only). Returns how many bytes that freed."""
-    problem = utils.check_out(out)
-    if problem:
-        raise TrainError(problem)
-    return utils.remove_temporaries(out)
-
-
-RESUME_KEYS = ("model", "optimizer", "model_args", "config", "step", "epoch", "pos", "rng")
-
-
-def resume_state(cfg):
-    """The checkpoint to continue (None for a fresh run); refused unless it is a whole training checkpoint."""
-    path = os.path.join(cfg.out, "checkpoint.pt")
-    if not os.path.exists(path):
-        return None
-    if not cfg.resume:
-        raise TrainError(f"{cfg.out} already holds checkpoint.pt; pass --resume to continue it, or choose another --out")
-    state = common.read_checkpoint(path, map_location="cpu")
-    lacking = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
-    if lacking:
-        raise TrainError(f"{path} lacks {', '.join(lacking)}: not a training checkpoint of this project; "
-                         "continue it with the version that wrote it, or train into another --out")
-    return state
-
 
 def check_resume(state, cfg, model_args):
     """Refuse to continue a checkpoint of another model or of other must_match settings."""
@@ -522,100 +357,104 @@ def build(cfg, model_args, sigmas, state, world):
     return net, model, ema, opt
 
 
-def save_config(cfg, path, **found):
-    """config.json: every setting, what the run found (processes, data sizes) and the versions."""
-    import platform
-    import numpy
-    import torchvision
-    versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-                    numpy=numpy.__version__)
-    utils.save_json(dict(dataclasses.asdict(cfg), **found, versions=versions), path)
-
-
 def describe(cfg, net):
     """The recipe and the network, for the start-of-run line."""
-    return (f"recipe {cfg.recipe}: RefineNet({net.model_args['in_channels']}, {cfg.ngf}, {cfg.conditioning}-conditioned, "
+    return (f"recipe {cfg.recipe}: RefineNet({net.model_args['in_channels']}, {cfg.ngf}, "
+            f"{cfg.conditioning}-conditioned, "
             f"{cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}"
             + (", log-normal training levels" if cfg.sigma_dist == "lognormal" else "")
             + f"): {sum(p.numel() for p in net.parameters()):,} parameters")
 
 
-def train(cfg):
-    """Train a RefineNet with annealed DSM as `cfg` (a resolved TrainConfig) says.
-    Returns (final step, the name of the signal that stopped the run, or None)."""
-    # Set-up: processes, the run to continue, data, network.
+def start(cfg):
+    """The set-up of a run: processes, the run to continue, data, network, the metrics log, config.json.
+    Returns everything the loop needs, as a namespace."""
     rank, world, device = utils.dist_init(cfg.device)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    B, spec = cfg.batch_size, data.DATASETS[cfg.dataset]
-    if rank == 0 and (freed := prepare_out(cfg.out)):
+    spec = data.DATASETS[cfg.dataset]
+    if rank == 0 and (freed := train_io.prepare_out(cfg.out)):
         say(f"removed the temporary files of an interrupted write in {cfg.out} ({freed / 2**20:.1f} MiB)")
-    state = resume_state(cfg)
+    state = train_io.resume_state(cfg)
     train_images, test_images = load_data(cfg, rank, world)
     cfg, auto = resolve_auto(cfg, train_images, device, state, say)
     model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels,
                       image_size=spec["image_size"], conditioning=cfg.conditioning)
     if state is not None:
         check_resume(state, cfg, model_args)
-    steps_per_epoch = len(train_images) // B
+    steps_per_epoch = len(train_images) // cfg.batch_size
     total_steps, limit = run_length(cfg, steps_per_epoch)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
     raw, model, ema, opt = build(cfg, model_args, sigmas, state, world)
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
-    log = MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, write=rank == 0)
+    log = train_io.MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, write=rank == 0)
     if rank == 0:
-        save_config(cfg, os.path.join(cfg.out, "config.json"), world_size=world, device_used=str(device),
-                    micro_batch=B // (world * cfg.grad_accum), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                    train_images=len(train_images), test_images=len(test_images), dataset_spec=spec, auto=auto)
+        train_io.save_config(cfg, os.path.join(cfg.out, "config.json"), world_size=world, device_used=str(device),
+                             micro_batch=cfg.batch_size // (world * cfg.grad_accum), steps_per_epoch=steps_per_epoch,
+                             total_steps=total_steps, train_images=len(train_images), test_images=len(test_images),
+                             dataset_spec=spec, auto=auto)
     say((f"resumed at step {step} (epoch {epoch}, batch {pos}); " if state else "") +
         f"{cfg.dataset}: {len(train_images)} training images, {steps_per_epoch} steps/epoch; training to step "
         f"{total_steps:,} ({limit}); {world} process(es) on {device}; " + describe(cfg, raw))
-    parts = dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg)    # of every checkpoint
+    return types.SimpleNamespace(
+        cfg=cfg, rank=rank, world=world, device=device, say=say, resumed=state is not None, sigmas=sigmas,
+        train_images=train_images, test_images=test_images, raw=raw, model=model, ema=ema, opt=opt, log=log,
+        step=step, epoch=epoch, pos=pos, total_steps=total_steps,
+        parts=dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg))    # of every checkpoint
 
+
+def train(cfg):
+    """Train a RefineNet with annealed DSM as `cfg` (a resolved TrainConfig) says.
+    Returns (final step, the name of the signal that stopped the run, or None)."""
+    r = start(cfg)
+    cfg, rank, world, device, sigmas, log, B = r.cfg, r.rank, r.world, r.device, r.sigmas, r.log, cfg.batch_size
+    step, epoch, pos = r.step, r.epoch, r.pos
     # The loop, one optimizer step an iteration; rank 0 alone writes files.
-    stream = batches(train_images, cfg, epoch, pos, rank, world, device)
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
-    last_saved, stopped = (step if state else None), False
+    stream = batches(r.train_images, cfg, epoch, pos, rank, world, device)
+    bar = tqdm(total=r.total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
+    last_saved, stopped = (step if r.resumed else None), False
     with utils.StopSignal() as stop:
         try:
-            while step < total_steps and not stopped:
+            while step < r.total_steps and not stopped:
                 # Optimizer step, EMA, test loss.
                 epoch, pos, images = next(stream)
-                loss = train_step(model, opt, images, sigmas, step, cfg)
-                if ema is not None:
-                    ema_update(ema, raw, ema_rate(cfg, step + 1))
+                loss = train_step(r.model, r.opt, images, sigmas, step, cfg)
+                if r.ema is not None:
+                    ema_update(r.ema, r.raw, ema_rate(cfg, step + 1))
                 step += 1
                 log.add(step, epoch, loss)
                 bar.update(1)
                 if rank == 0 and step % TEST_EVERY == 0:
-                    log.tests[step] = test_loss(raw, test_images, sigmas, step, cfg, device)
+                    log.tests[step] = test_loss(r.raw, r.test_images, sigmas, step, cfg, device)
                 # Snapshot and figures (a stop signal cuts the figures short).
                 if step % cfg.snapshot_every == 0:
                     log.flush(step, B, world)
                     if rank == 0:
-                        save_checkpoint(cfg.out, step, epoch, pos, True, **parts)
+                        train_io.save_checkpoint(cfg.out, step, epoch, pos, True, **r.parts)
                     last_saved = step
                 if rank == 0 and step % cfg.sample_every == 0:
                     log.flush(step, B, world)
-                    save_sample_figures(ema or raw, sigmas, cfg, step, log.rows, device, stop)
+                    train_io.save_sample_figures(r.ema or r.raw, sigmas, cfg, step, log.rows, device, stop)
                 # Stop? Alone, at once; with several processes, every LOG_EVERY steps, all at one step.
                 if world == 1 or step % LOG_EVERY == 0:
                     stopped = stop.agreed(world, device)
-                if step % LOG_EVERY == 0 or step == total_steps or stopped:
+                if step % LOG_EVERY == 0 or step == r.total_steps or stopped:
                     bar.set_postfix_str(log.flush(step, B, world) or "", refresh=False)
-        except NonFiniteLoss as e:
-            kept = f"{cfg.out}/checkpoint.pt of step {last_saved} is kept" if last_saved is not None else "no checkpoint was written"
+        except train_io.NonFiniteLoss as e:
+            kept = (f"{cfg.out}/checkpoint.pt of step {last_saved} is kept" if last_saved is not None
+                    else "no checkpoint was written")
             raise TrainError(f"non-finite loss at step {e.args[0]}; stopped; {kept}") from None
         finally:
             bar.close(), stream.close()
         if rank == 0 and last_saved != step:
-            save_checkpoint(cfg.out, step, epoch, pos, not stopped, **parts)
+            train_io.save_checkpoint(cfg.out, step, epoch, pos, not stopped, **r.parts)
         if stopped:
-            say(f"stopped by {stop.name} at step {step}: wrote {cfg.out}/checkpoint.pt; continue with --resume")
+            r.say(f"stopped by {stop.name} at step {step}: wrote {cfg.out}/checkpoint.pt; continue with --resume")
             return step, stop.name
         if rank == 0 and step % cfg.sample_every != 0:
-            save_sample_figures(ema or raw, sigmas, cfg, step, log.rows, device, stop)
-    say(f"done: step {step}; wrote {cfg.out}/checkpoint.pt, metrics.csv, loss.png, samples_{step}.png, process_{step}.png")
+            train_io.save_sample_figures(r.ema or r.raw, sigmas, cfg, step, log.rows, device, stop)
+    r.say(f"done: step {step}; wrote {cfg.out}/checkpoint.pt, metrics.csv, loss.png, samples_{step}.png, "
+        f"process_{step}.png")
     return step, None
 
 

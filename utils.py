@@ -37,8 +37,8 @@ def get_device(name="auto"):
 
 
 def remove_temporaries(folder):
-    """Remove the temporary files that atomic_path left in `folder` when its process was killed
-    (its naming, and the older mkstemp one; call it where this process is the folder's one writer). Returns the bytes freed."""
+    """Remove the temporary files that atomic_path left in `folder` when its process was killed (its
+    naming; call it where this process is the folder's one writer). Returns the bytes freed."""
     freed = 0
     for name in os.listdir(folder):
         if re.fullmatch(re.escape(TMP_PREFIX) + r"[A-Za-z0-9_]{8}-.+", name):
@@ -160,6 +160,11 @@ def digest(*parts):
         else:
             h.update(repr(part).encode())
     return h.hexdigest()
+
+
+def checkpoint_name(path):
+    """<folder>_<file> of a checkpoint path (runs/mnist/checkpoint.pt -> mnist_checkpoint): its outputs' folder name."""
+    return f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}_{os.path.splitext(os.path.basename(path))[0]}"
 
 
 def stable_seed(*ints):

@@ -13,7 +13,6 @@ import data
 import evaluate
 import train
 import train_celeba
-import utils
 from conftest import write_cifar10, write_mnist
 
 FAST = ["--device", "cpu"]

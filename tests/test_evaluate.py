@@ -12,7 +12,6 @@ import torch
 
 import common
 import data
-import utils
 import evaluate
 import metrics
 import sample

@@ -9,7 +9,6 @@ import torch
 
 import common
 import data
-import utils
 import evaluate
 import sample
 import mnist_classifier

@@ -1,0 +1,200 @@
+"""A training run's files: metrics.csv, checkpoints (written, read back for --resume), config.json
+and the figures (Figs. 3-5). train.py's loop calls these; nothing here trains. Rank 0 alone writes.
+"""
+import csv
+import dataclasses
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import common
+import data
+import sample
+import utils
+
+LOG_EVERY = 10       # steps between host syncs: metrics rows, finiteness and stop checks
+
+#----------------------------------------------------------------------------
+# Errors, the metrics log.
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+class NonFiniteLoss(TrainError):
+    """The loss of step args[0] is NaN or infinite."""
+
+
+class MetricsLog:
+    """metrics.csv, one row per step. Losses stay on the device and are written every LOG_EVERY
+    steps (one host sync; averaged over processes); a non-finite one raises NonFiniteLoss."""
+    COLUMNS = ["step", "epoch", "loss", "test_loss", "images_per_s"]
+
+    def __init__(self, path, upto, write):
+        self.path, self.write, self.rows, self.pending, self.tests = path, write, [], [], {}
+        if write:
+            self.rows = read_metrics(path, upto)
+            with utils.atomic_path(path) as tmp, open(tmp, "w") as f:
+                f.write(",".join(self.COLUMNS) + "\n")
+                f.writelines(self._line(r) for r in self.rows)
+        self.t, self.step = time.time(), upto
+
+    @staticmethod
+    def _line(r):
+        test = "" if r["test_loss"] == "" else f"{r['test_loss']:.6g}"
+        return f"{r['step']},{r['epoch']},{r['loss']:.6g},{test},{r['images_per_s']}\n"
+
+    def add(self, step, epoch, loss):
+        self.pending.append((step, epoch, loss))
+
+    def flush(self, step, images_per_step, world):
+        if not self.pending:
+            return None
+        losses = torch.stack([loss for _, _, loss in self.pending])
+        if world > 1:
+            torch.distributed.all_reduce(losses)
+            losses /= world
+        rate = (step - self.step) * images_per_step / max(time.time() - self.t, 1e-9)
+        new = [dict(step=s, epoch=e, loss=v, test_loss=self.tests.pop(s, ""), images_per_s=f"{rate:.1f}")
+               for (s, e, _), v in zip(self.pending, losses.tolist())]
+        self.pending, self.t, self.step = [], time.time(), step
+        bad = next((r["step"] for r in new if not math.isfinite(r["loss"])), None)
+        if bad is not None:
+            raise NonFiniteLoss(bad)
+        if self.write:
+            self.rows.extend(new)
+            with open(self.path, "a") as f:
+                f.writelines(self._line(r) for r in new)
+        return f"loss {new[-1]['loss']:.4g}, {rate:.0f} img/s"
+
+
+def read_metrics(path, upto):
+    """The rows of an earlier metrics.csv up to step `upto`; a torn row (the process died while
+    writing it) and anything after it are dropped."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                try:
+                    row = dict(step=int(r["step"]), epoch=int(r["epoch"]), loss=float(r["loss"]),
+                               test_loss=float(r["test_loss"]) if r["test_loss"] else "",
+                               images_per_s=str(float(r["images_per_s"])))
+                except (TypeError, ValueError, KeyError):
+                    break
+                if row["step"] <= upto:
+                    rows.append(row)
+    return rows
+
+
+def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_args, cfg):
+    """checkpoint.pt, the latest: everything resume needs; and when numbered checkpoint_<step>.pt,
+    the same bytes (a hard link; a copy where links are not supported)."""
+    path = os.path.join(out, "checkpoint.pt")
+    try:
+        common.write_checkpoint(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(),
+                                step=step, epoch=epoch, pos=pos, model_args=model_args, config=dataclasses.asdict(cfg),
+                                rng=dict(torch=torch.get_rng_state())), path)
+        if numbered:
+            with utils.atomic_path(os.path.join(out, f"checkpoint_{step}.pt")) as tmp:
+                os.remove(tmp)
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    import shutil
+                    shutil.copyfile(path, tmp)
+    except OSError as e:
+        raise TrainError(f"could not write the checkpoint of step {step} in {out} ({e.strerror or e}); the files "
+                         "written before are intact (checkpoint.pt is the last complete one): make room, then --resume")
+
+
+def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
+    """The loss against steps, train (per step and smoothed) and test (Fig. 3)."""
+    import numpy as np
+    plt = utils.pyplot()
+    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
+    test = [(r["step"], r["test_loss"]) for r in rows if r["test_loss"] != ""]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(steps, loss, color="0.8", lw=0.5, label="train (per step)")
+    w = max(1, min(len(loss) // 20, 500))
+    if len(loss) >= w > 1:
+        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), color="C0",
+                label=f"train (mean of {w})")
+    if test:
+        ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
+    ax.set_yscale("log" if loss.min() > 0 else "linear"), ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.legend()
+    ax.grid(alpha=0.3)
+    utils.save_figure(fig, path)
+
+
+def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
+    """samples_<step>.png and process_<step>.png (Figs. 4, 5) with the recipe's sampler (--sampler)
+    from the same start every time, and loss.png (Fig. 3). Returns False, writing nothing, when a
+    stop signal cut sampling short."""
+    spec = data.DATASETS[cfg.dataset]
+    info = dict(path=cfg.out, dataset=cfg.dataset, model_args=dict(conditioning=cfg.conditioning),
+                sigma_begin=cfg.sigma_begin, sigma_end=cfg.sigma_end, num_levels=cfg.num_levels,
+                steps_each=cfg.steps_each, step_lr=cfg.step_lr, denoise=cfg.denoise)
+    settings = sample.sampler_settings(cfg.sampler, info, cfg.seed)
+    tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({cfg.sampler}, {settings.nfe} "
+               "network evaluations each)")
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    x0 = torch.rand(cfg.n_samples, spec["channels"], spec["image_size"], spec["image_size"], generator=g, device=device)
+    levels = {}
+    def keep(i, _, x, score):          # the state at each level's end: its last call
+        stop.check()
+        levels[i] = x
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            x = common.SAMPLERS[cfg.sampler].run(
+                common.level_score(net, settings.sigmas, sigmas), x0, torch.tensor(settings.sigmas, device=device),
+                randn_like=lambda t: torch.randn(t.shape, generator=g, device=device), callback=keep, **settings.kwargs)
+    except utils.Stopped:
+        return False
+    utils.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
+    utils.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), [levels[i] for i in sorted(levels)],
+                              list(settings.sigmas), title=f"{cfg.sampler}: state at the end of each level")
+    save_loss_figure(os.path.join(cfg.out, "loss.png"), rows, f"annealed {cfg.objective.upper()} loss")
+    return True
+
+#----------------------------------------------------------------------------
+# The output folder, resume, config.json.
+
+def prepare_out(out):
+    """Make --out a writable folder and remove the temporary files of writes that a killed run
+    left (utils.atomic_path's naming only). Returns how many bytes that freed."""
+    problem = utils.check_out(out)
+    if problem:
+        raise TrainError(problem)
+    return utils.remove_temporaries(out)
+
+
+RESUME_KEYS = ("model", "optimizer", "model_args", "config", "step", "epoch", "pos", "rng")
+
+
+def resume_state(cfg):
+    """The checkpoint to continue (None for a fresh run); refused unless it is a whole training checkpoint."""
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    if not cfg.resume:
+        raise TrainError(f"{cfg.out} already holds checkpoint.pt; pass --resume to continue it, "
+                         "or choose another --out")
+    state = common.read_checkpoint(path, map_location="cpu")
+    lacking = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if lacking:
+        raise TrainError(f"{path} lacks {', '.join(lacking)}: not a training checkpoint of this project; "
+                         "continue it with the version that wrote it, or train into another --out")
+    return state
+
+
+def save_config(cfg, path, **found):
+    """config.json: every setting, what the run found (processes, data sizes) and the versions."""
+    import platform
+    import numpy
+    import torchvision
+    versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+                    numpy=numpy.__version__)
+    utils.save_json(dict(dataclasses.asdict(cfg), **found, versions=versions), path)
