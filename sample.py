@@ -42,11 +42,13 @@ SEED = 0                 # image i uses a generator seeded by (SEED, i)
 PROCESS_ROWS = 8         # samples shown in process.png
 SATURATED = 0.01         # warn when over 1% of pixels lie beyond 3 sigma_i of [0, 1] (0.13% for a right sample)
 AUTO = {"norm": "als", "scale": "ancestral"}    # --sampler auto: each conditioning's best measured sampler
+FLAGS = dict(steps_each="n_steps_each", step_lr="step_lr", denoise="denoise", s_churn="s_churn",
+             s_noise="s_noise")                  # the sampler-specific flags and the settings they give
 
 #----------------------------------------------------------------------------
 # Sampler settings: one record per setting; its `record()` is what the fingerprint hashes.
 
-class Inapplicable(ValueError):
+class Inapplicable(data.DataError):
     """A sampler setting that this checkpoint cannot run; skipped with a line within a grid."""
 
 
@@ -385,9 +387,12 @@ def plan(args, ckpts):
         grid = itertools.product(names, args.nfe or [None], args.steps_each or [None], args.step_lr or [None],
                                  args.s_churn or [None])
         for sampler, nfe, steps_each, step_lr, s_churn in grid:
+            given = dict(n_steps_each=steps_each, step_lr=step_lr, denoise=args.denoise, s_churn=s_churn,
+                         s_noise=args.s_noise)
+            own = settings_of(common.SAMPLERS[sampler].run)   # a sampler's own flags apply to it alone
             try:
-                settings = sampler_settings(sampler, info, args.seed, nfe, n_steps_each=steps_each, step_lr=step_lr,
-                                            denoise=args.denoise, s_churn=s_churn, s_noise=args.s_noise)
+                settings = sampler_settings(sampler, info, args.seed, nfe,
+                                            **{k: v for k, v in given.items() if k in own})
             except Inapplicable as e:               # fine in a grid of several, an error alone
                 skipped.append(e)
                 continue
@@ -448,6 +453,12 @@ def check_flags(p, args):
     """Refuse what no single sampling flag can check; make --out (sample.py and evaluate.py)."""
     if args.nfe and args.steps_each:
         p.error("--nfe and --steps-each both set T; give one")
+    names = [AUTO.values() if name == "auto" else [name] for name in args.sampler]
+    taken = {k for group in names for name in group for k in settings_of(common.SAMPLERS[name].run)}
+    for flag, key in FLAGS.items():
+        if getattr(args, flag) is not None and key not in taken:
+            p.error(f"--{flag.replace('_', '-')} is a setting of no sampler asked for (--sampler "
+                    f"{' '.join(args.sampler)}); drop it or add a sampler that takes it")
     if problem := utils.check_out(args.out or OUT):
         p.error(problem)
 

@@ -200,8 +200,8 @@ def batches(images, cfg, epoch, pos, rank, world, device):
     while True:
         order = list(epoch_batches(len(images), cfg.batch_size, cfg.seed, epoch, pos, rank, world))
         # a tensor is a map-style data set: images[list of indices] is a batch, gathered in the workers
-        loader = torch.utils.data.DataLoader(images, batch_size=None, sampler=order,
-                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(images, batch_size=None, sampler=order, num_workers=cfg.num_workers,
+                                             pin_memory=device.type == "cuda", worker_init_fn=utils.ignore_stop_signals)
         for batch in loader:
             pos += 1
             yield epoch, pos, batch.to(device, non_blocking=True)
@@ -451,10 +451,14 @@ def train(cfg):
         if stopped:
             r.say(f"stopped by {stop.name} at step {step}: wrote {cfg.out}/checkpoint.pt; continue with --resume")
             return step, stop.name
-        if rank == 0 and step % cfg.sample_every != 0:
-            train_io.save_sample_figures(r.ema or r.raw, sigmas, cfg, step, log.rows, device, stop)
+        figures = os.path.join(cfg.out, f"samples_{step}.png")        # the last step's, unless the loop drew them
+        if rank == 0 and not os.path.exists(figures) and \
+                not train_io.save_sample_figures(r.ema or r.raw, sigmas, cfg, step, log.rows, device, stop):
+            r.say(f"stopped by {stop.name} while drawing the figures of step {step}: {cfg.out}/checkpoint.pt is "
+                  "complete; --resume draws them")
+            return step, stop.name
     r.say(f"done: step {step}; wrote {cfg.out}/checkpoint.pt, metrics.csv, loss.png, samples_{step}.png, "
-        f"process_{step}.png")
+          f"process_{step}.png")
     return step, None
 
 

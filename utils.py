@@ -38,7 +38,8 @@ def get_device(name="auto"):
 
 def remove_temporaries(folder):
     """Remove the temporary files that atomic_path left in `folder` when its process was killed (its
-    naming; call it where this process is the folder's one writer). Returns the bytes freed."""
+    naming, and the older mkstemp one; call it where this process is the folder's one writer).
+    Returns the bytes freed."""
     freed = 0
     for name in os.listdir(folder):
         if re.fullmatch(re.escape(TMP_PREFIX) + r"[A-Za-z0-9_]{8}-.+", name):
@@ -203,6 +204,14 @@ def dist_exit(code=0, barrier=True):
             torch.distributed.destroy_process_group()
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(code)
+
+def ignore_stop_signals(*_):
+    """A worker's initialiser (data loaders): SIGINT / SIGTERM are for the main process alone. A
+    cluster's pre-emption and Ctrl-C signal the whole process group; workers that died of it would
+    end the run with a DataLoader error before the main process could save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 
 class Stopped(Exception):
     """Raised inside the figure sampler when a stop signal arrives."""

@@ -107,7 +107,8 @@ def test_mnist_archive_with_the_wrong_checksum_is_named(tmp_path, offline):
     with pytest.raises(data.DataError) as e:
         data.load_images("mnist", False, str(tmp_path))
     msg = str(e.value)
-    assert "train-images-idx3-ubyte.gz is present but damaged (MD5" in msg and "3 more damaged" in msg and "\n" not in msg
+    assert "train-images-idx3-ubyte.gz is present but damaged (MD5" in msg and "3 more damaged" in msg
+    assert "\n" not in msg
 
 
 def test_cifar_batches_with_the_wrong_checksum_are_named(tmp_path, offline):
@@ -149,7 +150,7 @@ def write_celeba(root, n=6):
 
 def test_celeba_loads_with_the_official_preprocessing_and_trains(tmp_path, monkeypatch):
     import torchvision.datasets.celeba as celeba
-    monkeypatch.setattr(celeba, "check_integrity", lambda *a, **k: True)   # only the MD5 check: these are not the real files
+    monkeypatch.setattr(celeba, "check_integrity", lambda *a, **k: True)   # only the MD5 check: not the real files
     root = write_celeba(str(tmp_path / "data"))
     images = data.load_images("celeba", True, root)
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
@@ -164,7 +165,8 @@ def test_celeba_loads_with_the_official_preprocessing_and_trains(tmp_path, monke
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dataset"] == "celeba" and cfg["ngf"] == 4 and cfg["dataset_spec"]["flip"] is True
     assert train.resolve(train.TrainConfig(dataset="celeba")).ngf == 128
-    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--metrics", "none", "--steps-each", "1",
+    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--metrics", "none",
+                         "--steps-each", "1",
                          "--out", str(tmp_path / "e"), *FAST])
     assert r["dataset"] == "celeba" and r["sampler"]["shape"] == [3, 32, 32]
 
@@ -177,5 +179,6 @@ def test_missing_celeba_says_where_to_put_the_files(tmp_path, monkeypatch):
     with pytest.raises(data.DataError) as e:
         data.load_images("celeba", True, str(tmp_path))
     msg = str(e.value)
-    assert os.path.join(str(tmp_path), "celeba") in msg and "img_align_celeba" in msg and "list_eval_partition.txt" in msg
+    assert os.path.join(str(tmp_path), "celeba") in msg and "img_align_celeba" in msg
+    assert "list_eval_partition.txt" in msg
     assert "quota" in msg and "\n" not in msg

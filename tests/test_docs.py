@@ -49,3 +49,10 @@ def test_documented_command_parses(where, script, args, monkeypatch):
     module = importlib.import_module(script)
     with pytest.raises(Parsed):
         module.main(shlex.split(args))
+
+
+def test_lines_are_within_120_characters():
+    files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py"))
+    long = [f"{os.path.basename(f)}:{i}" for f in files for i, line in enumerate(open(f), 1)
+            if len(line.rstrip("\n")) > 120]
+    assert long == []

@@ -15,6 +15,7 @@ import data
 import evaluate
 import metrics
 import sample
+import utils
 from conftest import DATA, write_mnist
 
 FAST = ["--steps-each", "2", "--device", "cpu"]
@@ -135,7 +136,8 @@ def math_finite(v):
 
 def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_checkpoint, inception_weights,
                                                                          ref_stats, tmp_path, monkeypatch):
-    common_args = ["--checkpoint", tiny_checkpoint, "--n", "9", "--ref", ref_stats, "--inception-weights", inception_weights, *FAST]
+    common_args = ["--checkpoint", tiny_checkpoint, "--n", "9", "--ref", ref_stats,
+                   "--inception-weights", inception_weights, *FAST]
     made = []
     real = common.annealed_langevin_dynamics
     @functools.wraps(real)                                          # the same settings as the real sampler
@@ -171,7 +173,8 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
 def test_official_checkpoint_and_model_selection(inception_weights, ref_stats, tmp_path, capsys):
     official = os.path.join(DATA, "official_cifar_ngf4.pth")
     results = evaluate.main(["--checkpoint", official, "--n", "6", "--batch-size", "6", "--out", str(tmp_path),
-                             "--ref", ref_stats, "--inception-weights", inception_weights, "--step-lr", "2e-5", "1e-6", *FAST])
+                             "--ref", ref_stats, "--inception-weights", inception_weights, "--step-lr", "2e-5", "1e-6",
+                             *FAST])
     assert [r["sampler"]["step_lr"] for r in results] == [2e-5, 1e-6]
     table = capsys.readouterr().out
     assert "8.87 +- 0.12" in table and "110.85" in table and "* lowest FID" in table
@@ -229,7 +232,8 @@ def test_other_weights_or_settings_never_reuse_samples(tiny_checkpoint, inceptio
     assert "\n" not in str(e.value)
 
 
-def test_two_checkpoints_with_the_same_name_keep_their_own_results(tiny_checkpoint, inception_weights, ref_stats, tmp_path):
+def test_two_checkpoints_with_the_same_name_keep_their_own_results(tiny_checkpoint, inception_weights, ref_stats,
+                                                                   tmp_path):
     paths = []
     for run, shift in [("a", 0.0), ("b", 0.02)]:
         path = tmp_path / run / "logs" / "checkpoint.pt"                   # same parent folder and file name
@@ -249,7 +253,8 @@ def test_bad_inputs(tmp_path, inception_weights, ref_stats, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(SystemExit, match="not a PyTorch checkpoint"):
-        evaluate.main(["--checkpoint", str(bad), "--n", "2", "--inception-weights", inception_weights, "--ref", ref_stats, *FAST])
+        evaluate.main(["--checkpoint", str(bad), "--n", "2", "--inception-weights", inception_weights,
+                       "--ref", ref_stats, *FAST])
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(tmp_path / "*.pth"), "--n", "2"])
     assert "no file matches" in capsys.readouterr().err
@@ -301,7 +306,8 @@ def test_missing_data_names_evaluate_s_own_flag(inception_weights, tmp_path, mon
     monkeypatch.setattr(mnist, "download_and_extract_archive", offline)
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", os.path.join(DATA, "official_mnist_ngf4.pth"), "--n", "2", "--data-root",
-                       str(tmp_path / "none"), "--inception-weights", inception_weights, "--out", str(tmp_path / "e"), *FAST])
+                       str(tmp_path / "none"), "--inception-weights", inception_weights, "--out", str(tmp_path / "e"),
+                       *FAST])
     assert "--ref FOLDER" in str(e.value) and "--dataset-path" not in str(e.value)
 
 
@@ -319,7 +325,8 @@ def test_streamed_stats_equal_numpy_mean_and_covariance():
 def test_health_report_names_the_level_where_samples_saturate():
     sigmas = common.geometric_sigmas(1, 0.01, 6).tolist()
     # MNIST-like: most pixels sit just below 0 (background plus noise): normal, no warning
-    rows, bad = sample.health_report(sigmas, [10.0] * 6, [0.7, 0.6, 0.6, 0.7, 0.8, 0.85], [0.0, 0.001, 0, 0, 0, 0], dim=784)
+    rows, bad = sample.health_report(sigmas, [10.0] * 6, [0.7, 0.6, 0.6, 0.7, 0.8, 0.85], [0.0, 0.001, 0, 0, 0, 0],
+                                     dim=784)
     assert bad is None and rows[0]["sigma_times_norm_over_sqrt_d"] == pytest.approx(10 / 28)
     assert rows[5]["share_outside_01"] == 0.85
     _, bad = sample.health_report(sigmas, [10.0] * 6, [0.7] * 6, [0.0, 0.0, 0.002, 0.02, 0.05, 0.1], dim=784)
@@ -381,3 +388,20 @@ def test_level_loss_reports_the_test_dsm_loss_per_training_level(tmp_path, capsy
     exact = metrics.level_losses(oracle, info, images, 6, torch.device("cpu"))
     assert list(exact) == [i + 1 for i in range(0, 95, 5)] + [95] and max(exact.values()) < 1e-6
     assert sample.shown_levels(10) == list(range(10))
+
+
+def test_existing_shards_keep_their_fingerprints_and_folders():
+    """The settings records of the paper's sampler and the ancestral one hash as they did before the sampler
+    family (the dicts evaluate.py built by hand), so folders made then are found again."""
+    torch.manual_seed(0)
+    net = common.RefineNet(1, 4, 10, 28)
+    info = dict(path="p", dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=10, model_args=net.model_args)
+    sigmas = common.geometric_sigmas().tolist()
+    old_als = dict(sampler="annealed_langevin_dynamics, uniform start", sigmas=sigmas, step_lr=2e-5, steps_each=100,
+                   denoise=False, seed=0, shape=[1, 28, 28])
+    old_anc = dict(sampler="reverse_diffusion, start U(0, 1) + sigma_1 z", seed=0, shape=[1, 28, 28], step_lr=None,
+                   steps_each=1, denoise=False, sigmas=sigmas)
+    for name, old, tag in [("als", old_als, "steplr2e-05_T100"), ("ancestral", old_anc, "ancestral_L10")]:
+        settings = sample.sampler_settings(name, info, 0)
+        assert settings.record() == old and settings.tag() == tag
+        assert sample.fingerprint(net, settings) == utils.digest(net.state_dict(), json.dumps(old, sort_keys=True))

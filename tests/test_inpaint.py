@@ -57,7 +57,8 @@ def test_inpaint_script_completes_resumes_and_scores(mnist_root, tmp_path, monke
 
 def test_inpaint_works_for_the_ncsnv2_recipe(mnist_root, tmp_path):
     out = tmp_path / "v2"
-    train_mnist.main(["--data-root", mnist_root, "--out", str(out), "--recipe", "ncsnv2", "--ngf", "4", "--num-workers", "0",
+    train_mnist.main(["--data-root", mnist_root, "--out", str(out), "--recipe", "ncsnv2", "--ngf", "4",
+                      "--num-workers", "0",
                       "--batch-size", "16", "--iters", "1", "--num-levels", "5", "--n-samples", "2", *FAST])
     m = inpaint.main(["--checkpoint", str(out / "checkpoint.pt"), "--data-root", mnist_root, "--n-images", "2",
                       "--completions", "1", "--mask", "centre", "--out", str(tmp_path / "i"), *FAST])

@@ -1,4 +1,5 @@
 """metrics.py: scorers through their table, on any images; nearest neighbours."""
+import json
 import os
 
 import numpy as np
@@ -43,3 +44,30 @@ def test_nearest_neighbours_equal_a_brute_force_search():
     idx = metrics.nearest_neighbours(samples, train_images, 4, lambda x: x.flatten(1).double(), chunk=700)
     want = torch.cdist(samples.flatten(1).double(), train_images.flatten(1).double()).argsort(1)[:, :4]
     assert torch.equal(idx, want) and idx[0, 0] == 5 and idx[1, 0] == 1777
+
+
+def test_a_new_metric_is_one_scorer_and_one_table_entry(monkeypatch, tmp_path, capsys):
+    """Register a toy scorer (the mean grey level) and use it from evaluate.py: its number in the result and
+    metrics.json, its column in the table, and it describes exactly the samples in the folder."""
+    def make(opts, dataset, device):
+        return lambda batches: dict(mean_grey=torch.cat(list(batches)).double().mean().item())
+    monkeypatch.setitem(metrics.SCORERS, "grey", metrics.Scorer(make, (("mean grey", metrics._number("mean_grey")),),
+                                                                ("mean_grey",)))
+    [r] = evaluate.main(["--checkpoint", os.path.join(DATA, "official_mnist_ngf4.pth"), "--n", "3", "--steps-each", "1",
+                         "--metrics", "grey", "--out", str(tmp_path / "e"), *FAST])
+    assert r["mean_grey"] == pytest.approx(sample.collect(r["folder"], 3).double().mean().item())
+    assert f"{r['mean_grey']:.2f}" in capsys.readouterr().out.split("mean grey")[1]
+    saved = json.load(open(os.path.join(r["folder"], "metrics.json")))
+    assert saved["mean_grey"] == pytest.approx(r["mean_grey"])
+
+
+def test_metrics_scores_an_npz_of_images_as_edm_writes_them(tmp_path):
+    """metrics.py on any images: an .npz in EDM's (N, H, W, C) layout scores as the same images (N, C, H, W)."""
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    np.savez(tmp_path / "nhwc.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "nchw.npz", images=images.numpy())
+    assert torch.equal(metrics.read_images(str(tmp_path / "nhwc.npz"), "mnist"), images)
+    assert torch.equal(metrics.read_images(str(tmp_path / "nchw.npz"), "mnist"), images)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(SystemExit, match="not an .npz of images"):
+        metrics.main(["--images", str(tmp_path / "bad.npz"), "--metrics", "none", *FAST])

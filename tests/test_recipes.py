@@ -98,12 +98,15 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
     assert info["model_args"]["conditioning"] == "scale" and info["num_levels"] == L and info["ema"]
     assert torch.allclose(net.sigmas, common.geometric_sigmas(cfg["sigma_begin"], 0.01, L))
     # evaluate.py needs no flags: the recipe's T = 5, its step size and its denoising step
-    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "3", "--batch-size", "3", "--metrics", "none",
+    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "3", "--batch-size", "3",
+                         "--metrics", "none",
                          "--out", str(tmp_path / "e"), "--device", "cpu"])
     s = r["sampler"]
-    assert (s["steps_each"], s["denoise"], r["nfe"]) == (5, True, 5 * L + 1) and s["step_lr"] == pytest.approx(cfg["step_lr"])
+    assert (s["steps_each"], s["denoise"], r["nfe"]) == (5, True, 5 * L + 1)
+    assert s["step_lr"] == pytest.approx(cfg["step_lr"])
     # an --nfe budget: T = (NFE - 1) // L, with technique 4's step for that T
-    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--batch-size", "2", "--metrics", "none",
+    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--batch-size", "2",
+                         "--metrics", "none",
                          "--out", str(tmp_path / "e2"), "--device", "cpu", "--nfe", str(3 * L + 1)])
     assert r["sampler"]["steps_each"] == 3 and r["sampler"]["step_lr"] == pytest.approx(
         common.step_lr_for(common.level_ratio(cfg["sigma_begin"], 0.01, L), 0.01, 3))
@@ -114,7 +117,7 @@ def test_lognormal_levels_follow_edm_s_density_and_uniform_stays_the_paper_s():
     assert train.level_probs(sigmas, "uniform") is None                 # randint: the paper's draws, unchanged
     p = train.level_probs(sigmas, "lognormal")
     assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
-    assert sigmas[p.argmax()].item() == pytest.approx(math.exp(-1.2), rel=0.05)    # the mode of ln sigma ~ N(-1.2, 1.2^2)
+    assert sigmas[p.argmax()].item() == pytest.approx(math.exp(-1.2), rel=0.05)    # the mode of N(-1.2, 1.2^2)
     assert p[sigmas > 1].sum().item() == pytest.approx(0.16, abs=0.01)  # P(ln sigma > 0) = 1 - Phi(1)
     labels = torch.cat([train.step_draws(0, s, (512, 1, 2, 2), 95, torch.device("cpu"), probs=p)[0] for s in range(40)])
     freq = torch.bincount(labels, minlength=95).float() / len(labels)
@@ -142,7 +145,8 @@ def test_classifier_scores_real_digits_above_noise_and_caches_itself(mnist_root,
     res = mnist_classifier.main(["--data-root", mnist_root, "--cache", str(cache), "--n", "40", "--device", "cpu"])
     real, noise = res["real held-out digits (ceiling)"], res["uniform noise (floor)"]
     assert real["classifier_is"] > 3 * noise["classifier_is"] and real["classifier_is"] <= 10
-    assert real["frechet_distance"] < noise["frechet_distance"] / 3 and real["confident_share"] > noise["confident_share"]
+    assert real["frechet_distance"] < noise["frechet_distance"] / 3
+    assert real["confident_share"] > noise["confident_share"]
     assert sum(real["class_histogram"]) == 40 and len(real["class_histogram"]) == 10
     [weights] = os.listdir(cache)
     assert "training the MNIST classifier" in capsys.readouterr().out
@@ -176,10 +180,13 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
         saved = json.load(f)
     assert [saved[k] for k in scores] == [results[0][k] for k in scores]
     # ancestral sampling: --nfe levels for the scale-conditioned network, its own 4 for the paper's
-    anc = evaluate.main(["--checkpoint", *paths, "--n", "4", "--batch-size", "4", "--metrics", "none", "--sampler", "ancestral",
+    anc = evaluate.main(["--checkpoint", *paths, "--n", "4", "--batch-size", "4", "--metrics", "none",
+                         "--sampler", "ancestral",
                          "--out", str(tmp_path / "a"), "--device", "cpu"])
-    assert [(len(r["sampler"]["sigmas"]), r["nfe"], r["sampler"]["sampler"][:7]) for r in anc] == [(4, 4, "reverse")] * 2
-    [r] = evaluate.main(["--checkpoint", paths[1], "--n", "4", "--metrics", "none", "--sampler", "ancestral", "--nfe", "7",
+    assert [(len(r["sampler"]["sigmas"]), r["nfe"], r["sampler"]["sampler"][:7]) for r in anc] == \
+        [(4, 4, "reverse")] * 2
+    [r] = evaluate.main(["--checkpoint", paths[1], "--n", "4", "--metrics", "none", "--sampler", "ancestral",
+                         "--nfe", "7",
                          "--out", str(tmp_path / "a7"), "--device", "cpu"])
     sig = r["sampler"]["sigmas"]
     assert r["nfe"] == 7 and len(sig) == 7 and sig[0] == pytest.approx(results[-1]["sampler"]["sigmas"][0])
@@ -188,16 +195,19 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
         evaluate.main(["--checkpoint", paths[0], "--metrics", "none", "--sampler", "ancestral", "--nfe", "7",
                        "--out", str(tmp_path / "a8"), "--device", "cpu"])
     # in a grid of both, the combination that does not apply is skipped with a line, the rest is done
-    grid = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "als", "ancestral", "--nfe", "7",
+    grid = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "als", "ancestral",
+                          "--nfe", "7",
                           "--out", str(tmp_path / "a"), "--device", "cpu"])
     assert [(r["checkpoint"] == paths[1], r["sampler"]["sampler"][:7]) for r in grid] == [
         (False, "anneale"), (True, "anneale"), (True, "reverse")]
     assert "skipped: " in capsys.readouterr().out
     auto = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "auto", "--nfe", "7",
                           "--out", str(tmp_path / "a"), "--device", "cpu"])        # each network's better sampler
-    assert [r["sampler"]["sampler"][:7] for r in auto] == ["anneale", "reverse"] and "skipped" not in capsys.readouterr().out
+    assert [r["sampler"]["sampler"][:7] for r in auto] == ["anneale", "reverse"]
+    assert "skipped" not in capsys.readouterr().out
     assert all(r["samples_made_now"] == 0 for r in auto)                             # the grid's samples, reused
-    made = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "auto", "--nfe", "7", "9",
+    made = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "auto",
+                          "--nfe", "7", "9",
                           "--existing", "--out", str(tmp_path / "a"), "--device", "cpu"])
     assert [(r["nfe"], r["samples_made_now"]) for r in made] == [(4, 0), (7, 0)]
     assert capsys.readouterr().out.count("0 of 4 samples made (--existing samples nothing)") == 2

@@ -1,6 +1,7 @@
 """The sampler family (common.SAMPLERS) on Gaussians and the toy mixture, where the stationary law
 of each update, or the probability-flow ODE's solution, is known exactly; and the inpainting sampler."""
 import math
+import os
 import subprocess
 import sys
 import weakref
@@ -142,7 +143,8 @@ def test_sampler_peak_memory_does_not_grow_with_steps():
 
 def gaussian_score(mu, s2, sigmas):
     """score_net of data N(mu, s2) perturbed by sigma: -(x - mu) / (s2 + sigma^2); labels index sigmas or are sigmas."""
-    return lambda x, labels: -(x - mu) / (s2 + (labels if labels.is_floating_point() else sigmas[labels]).view(-1, 1) ** 2)
+    sigma = lambda labels: labels if labels.is_floating_point() else sigmas[labels]
+    return lambda x, labels: -(x - mu) / (s2 + sigma(labels).view(-1, 1) ** 2)
 
 
 @pytest.mark.parametrize("name", ["heun", "dpmpp2m"])
@@ -158,7 +160,8 @@ def test_ode_solvers_are_second_order_on_a_gaussian(name):
             sigmas = common.karras_sigmas(n, 0.01, 10.0)[:-1].double()
             exact = mu + (x + sigmas[0] * z - mu) * s / math.sqrt(s ** 2 + sigmas[0] ** 2)
             draws = iter([z])
-            out = common.SAMPLERS[name].run(gaussian_score(mu, s * s, sigmas), x, sigmas, randn_like=lambda t: next(draws))
+            out = common.SAMPLERS[name].run(gaussian_score(mu, s * s, sigmas), x, sigmas,
+                                            randn_like=lambda t: next(draws))
             errors.append((out - exact).abs().max().item())
         assert errors[-1] < 5e-3 and all(3.5 < a / b < 6 for a, b in zip(errors, errors[1:])), errors
     finally:
@@ -191,7 +194,8 @@ def test_karras_sigmas_are_edm_s_time_steps():
     s = common.karras_sigmas(5, 0.002, 80.0)
     assert len(s) == 6 and s[-1] == 0 and s[0] == pytest.approx(80.0) and s[4] == pytest.approx(0.002, rel=1e-5)
     # eq. 5: evenly spaced in sigma^(1/7)
-    assert torch.allclose(s[:5].double() ** (1 / 7), torch.linspace(80 ** (1 / 7), 0.002 ** (1 / 7), 5).double(), rtol=1e-5)
+    even = torch.linspace(80 ** (1 / 7), 0.002 ** (1 / 7), 5).double()
+    assert torch.allclose(s[:5].double() ** (1 / 7), even, rtol=1e-5)
 
 
 def test_norm_conditioned_networks_step_only_on_their_trained_levels():
@@ -217,7 +221,6 @@ def test_norm_conditioned_networks_step_only_on_their_trained_levels():
 
 def test_a_new_sampler_is_one_function_and_one_table_entry(monkeypatch, tmp_path):
     """Register a toy sampler (x -> x + sum of scores, one NFE a level) and run it through sample.py."""
-    import os
     def toy(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None, scale=1.0):
         labels = torch.zeros(len(x), dtype=torch.long)
         for i in range(len(sigmas)):
@@ -261,3 +264,20 @@ def test_inpainting_samples_the_conditional_of_a_gaussian():
     x = common.annealed_langevin_inpainting(score, torch.rand(4, 2, dtype=torch.float64), known[:4], mask, sigmas,
                                             n_steps_each=3, step_lr=1e-4, randn_like=zero)
     assert torch.equal(x[:, 0], known[:4, 0])
+
+
+def test_a_sampler_s_own_flags_apply_to_it_alone(tmp_path, capsys):
+    """In a grid of samplers each takes its own settings (--steps-each: als; --s-churn: heun); a flag that no
+    sampler asked for takes is refused before any work, naming the flag."""
+    net = common.RefineNet(1, 4, 10, 28)
+    ck = tmp_path / "ck" / "checkpoint.pt"
+    common.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
+                                 config=dict(dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=10)), ck)
+    base = ["--checkpoint", str(ck), "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]
+    results = sample.main([*base, "--sampler", "als", "heun", "--steps-each", "1", "--s-churn", "0"])
+    assert [(r["sampler"]["name"], r["nfe"]) for r in results] == [("als", 10), ("heun", 19)]
+    assert results[1]["sampler"]["s_churn"] == 0.0 and results[0]["sampler"]["steps_each"] == 1
+    with pytest.raises(SystemExit) as e:
+        sample.main([*base, "--sampler", "ancestral", "--steps-each", "3"])
+    assert e.value.code == 2 and "--steps-each is a setting of no sampler asked for" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "s" / "ancestral_L10")

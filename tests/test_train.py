@@ -102,7 +102,7 @@ def test_train_step_is_annealed_dsm_on_dequantised_flipped_images():
     assert 0 < flips.sum() < 6 and (u < 1).all() and (u >= 0).all()
     with torch.no_grad():
         assert loss.item() == pytest.approx(common.dsm_loss(net, x, labels, sigmas, noise=z).item(), rel=1e-6)
-    unflipped = train.train_step(net, opt, images, sigmas, 5, dataclasses.replace(cfg, dataset="mnist"))    # MNIST: no flips
+    unflipped = train.train_step(net, opt, images, sigmas, 5, dataclasses.replace(cfg, dataset="mnist"))  # no flips
     assert abs(unflipped.item() - loss.item()) > 1e-4 * loss.item()
     # the derivation is BLAKE2b of the integers, not Python's hash(): the same on every interpreter
     import hashlib
@@ -226,9 +226,9 @@ def test_sigterm_writes_a_loadable_checkpoint(mnist_root, tmp_path):
 def test_sigterm_under_torchrun_stops_every_rank_at_one_step(mnist_root, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train_mnist.py", *TINY, "--data-root", mnist_root, "--out", str(out), "--batch-size", "16",
-                             "--iters", "100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_mnist.py",
+               *TINY, "--data-root", mnist_root, "--out", str(out), "--batch-size", "16", "--iters", "100000"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not ((out / "metrics.csv").exists() and len(losses(out)) >= 10):
         assert time.time() < deadline and proc.poll() is None
@@ -288,9 +288,11 @@ def test_folder_dataset(tmp_path):
     folder = tmp_path / "imgs" / "sub"
     folder.mkdir(parents=True)
     for i in range(30):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 36, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
     out = tmp_path / "run"
-    train_cifar.main(["--dataset-path", str(tmp_path / "imgs"), "--out", str(out), *TINY, "--batch-size", "4", "--iters", "2"])
+    train_cifar.main(["--dataset-path", str(tmp_path / "imgs"), "--out", str(out), *TINY, "--batch-size", "4",
+                      "--iters", "2"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train_images"] == 28 and cfg["test_images"] == 2
     assert data.load_images("cifar10", True, dataset_path=str(tmp_path / "imgs")).shape == (28, 3, 32, 32)
@@ -418,7 +420,8 @@ def test_failures_give_one_line_and_lose_nothing(mnist_root, tmp_path, capsys, m
     assert "out of memory with --ngf 200000" in msg and "smaller --ngf" in msg
     # --out an existing file, or a folder that cannot be written
     (tmp_path / "file").write_text("keep me")
-    assert "is a file, not a folder" in _one_line_exit(capsys, run, train_mnist, mnist_root, tmp_path / "file", "--iters", "1")
+    message = _one_line_exit(capsys, run, train_mnist, mnist_root, tmp_path / "file", "--iters", "1")
+    assert "is a file, not a folder" in message
     assert (tmp_path / "file").read_text() == "keep me"
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o555)
@@ -467,3 +470,42 @@ def test_ssm_objective_trains_and_accumulates_like_one_batch(mnist_root, tmp_pat
     assert a["config"]["objective"] == "ssm"
     with pytest.raises(SystemExit, match=r"--objective ssm \(flags: dsm\)"):       # resume must keep the objective
         train_mnist.main([*base, "--out", str(tmp_path / "a"), "--resume", "--iters", "3"])
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_loses_nothing(mnist_root, tmp_path):
+    """Slurm's scancel, timeout and kill -- -PGID signal every process of the group, the data-loader workers
+    too: the workers must not die of it first; the run ends as for a signal to the main process alone."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--num-workers", "2", "--data-root", mnist_root,
+                             "--out", str(out), "--batch-size", "16", "--iters", "100000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.csv").exists() and len(losses(out)) >= 3):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == train.EXIT_STOPPED and "stopped by SIGTERM" in output, output[-2000:]
+    assert "Traceback" not in output and "DataLoader worker" not in output
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == len(losses(out)) >= 3
+
+
+def test_a_signal_during_the_last_figures_is_no_success(mnist_root, tmp_path):
+    """The run's last step is saved; the figures cut short are not claimed, and --resume draws them."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", mnist_root, "--out", str(out),
+                             "--batch-size", "16", "--iters", "2", "--steps-each", "100000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "for the figures" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(lines) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == train.EXIT_STOPPED and "while drawing the figures of step 2" in output, output[-2000:]
+    assert "done" not in output and not (out / "samples_2.png").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--resume") == 2
+    assert (out / "samples_2.png").exists() and (out / "process_2.png").exists()
