@@ -161,7 +161,11 @@ def main(argv=None):
             jobs = existing_only(jobs, args.n)
         scorers = make_scorers(args, jobs, device)
         losses = level_losses(jobs, args, device) if args.level_loss else {}
-        return [evaluate_one(args, j, scorers, device, losses) for j in jobs]
+        results = []
+        for j in jobs:
+            with utils.folder_lock(j.folder):                   # one writer per folder
+                results.append(evaluate_one(args, j, scorers, device, losses))
+        return results
     results = sample.run_cli(body)
     print_table(results)
     if len(results) > 1:

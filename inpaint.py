@@ -153,7 +153,7 @@ def main(argv=None):
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA weights (default: if present)")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="completions sampled at once")
-    p.add_argument("--seed", type=int, default=SEED, help="completion j of image i is seeded by (seed, i, j)")
+    p.add_argument("--seed", type=utils.seed, default=SEED, help="completion j of image i is seeded by (seed, i, j)")
     p.add_argument("--classifier", action="store_true", help="MNIST: label agreement of completions and baselines")
     p.add_argument("--classifier-cache", default=metrics.CLASSIFIER_CACHE,
                    help="folder of the MNIST classifier's weights")
@@ -186,11 +186,12 @@ def main(argv=None):
             p.error(problem)
         print(f"{len(images)} images x {args.completions} completions, mask {args.mask} ({(~known).float().mean():.0%} "
               f"of the pixels to fill), {len(settings['sigmas'])} levels x T = {T}, step_lr {step_lr:.3g}")
-        completions = inpaint(net, images, known, settings, args.seed, args.batch_size, device, folder)
-        result = write_outputs(args, folder, images, known, completions, device)
-        result.update(checkpoint=args.checkpoint, dataset=dataset, settings=settings)
-        utils.save_json(result, os.path.join(folder, "metrics.json"))
-    except (common.CheckpointError, data.DataError) as e:
+        with utils.folder_lock(folder):
+            completions = inpaint(net, images, known, settings, args.seed, args.batch_size, device, folder)
+            result = write_outputs(args, folder, images, known, completions, device)
+            result.update(checkpoint=args.checkpoint, dataset=dataset, settings=settings)
+            utils.save_json(result, os.path.join(folder, "metrics.json"))
+    except (common.CheckpointError, data.DataError, utils.FolderBusy) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {folder}/inpainting.png, completions.npz, metrics.json")
     return result

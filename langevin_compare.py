@@ -100,7 +100,7 @@ def plot(path, samples, metrics, settings):
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--out", default=OUT, help="output folder")
-    p.add_argument("--seed", type=int, default=SEED, help="random seed")
+    p.add_argument("--seed", type=utils.seed, default=SEED, help="random seed")
     p.add_argument("--n", type=utils.positive_int, default=N, help="samples per method")
     p.add_argument("--eps", type=utils.positive_float, default=EPS, help="step size epsilon")
     p.add_argument("--steps", type=utils.positive_int, default=STEPS, help="Langevin dynamics steps")

@@ -142,7 +142,7 @@ def main(argv=None):
     p.add_argument("--noise-std", type=utils.positive_float, default=NOISE_STD, help="sigma of the perturbed run")
     p.add_argument("--tail", type=utils.positive_float, default=TAIL, help="share of the last iterations summarised")
     p.add_argument("--save-every", type=utils.positive_int, default=SAVE_EVERY, help="iterations between saved states")
-    p.add_argument("--seed", type=int, default=SEED, help="initial network, batches and projections")
+    p.add_argument("--seed", type=utils.seed, default=SEED, help="initial network, batches and projections")
     p.add_argument("--resume", action="store_true", help="continue <out>/manifold.pt")
     p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=OUT, help="output folder")

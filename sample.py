@@ -184,20 +184,20 @@ def missing_runs(folder, n, batch_size, fp):
 
 
 class Health:
-    """A sampler callback: per level, the sums over a batch of the score norm, the share of pixels
-    outside [0, 1] and the share beyond 3 sigma_i of it, at the level's end (its last call), and the
-    first PROCESS_ROWS states at each level's end (for process.png), with no host sync."""
+    """A sampler callback: per sample and level, the score norm, the share of pixels outside [0, 1]
+    and the share beyond 3 sigma_i of it, at the level's end (its last call), and the first
+    PROCESS_ROWS states at each level's end (for process.png), with no host sync."""
 
-    def __init__(self, sigmas, device, keep_states):
+    def __init__(self, sigmas, batch, device, keep_states):
         self.sigmas, self.keep = [float(s) for s in sigmas], keep_states
-        self.sums = torch.zeros(3, len(sigmas), device=device)
+        self.stats = torch.zeros(3, batch, len(sigmas), device=device)     # (statistic, sample, level)
         self.states = {}
 
     def __call__(self, level, step, x, score):
         m = 3 * self.sigmas[level]       # a sample of level i is data + N(0, sigma_i^2): beyond 3 sigma_i is off
-        self.sums[0, level] = score.flatten(1).norm(dim=1).sum()
-        self.sums[1, level] = ((x < 0) | (x > 1)).float().mean(dim=(1, 2, 3)).sum()
-        self.sums[2, level] = ((x < -m) | (x > 1 + m)).float().mean(dim=(1, 2, 3)).sum()
+        self.stats[0, :, level] = score.flatten(1).norm(dim=1)
+        self.stats[1, :, level] = ((x < 0) | (x > 1)).flatten(1).float().mean(1)
+        self.stats[2, :, level] = ((x < -m) | (x > 1 + m)).flatten(1).float().mean(1)
         if self.keep:
             self.states[level] = x[:PROCESS_ROWS].clone()
 
@@ -214,29 +214,38 @@ def sample(net, info, settings, folder, n, batch_size, device, fp, stop=None):
     bar = tqdm(total=n, initial=n - made, desc="sampling", unit="img", dynamic_ncols=True)
     for start, end in runs:
         noise = utils.SampleNoise([(settings.seed, i) for i in range(start, end)], device)   # image i: (seed, i)
-        health = Health(sigmas, device, keep_states=start == 0)
+        health = Health(sigmas, end - start, device, keep_states=start == 0)
         callback = health if stop is None else (lambda *a: (stop.check(), health(*a)))
         x = run(score_net, noise.rand(*settings.shape), sigmas, randn_like=noise.randn_like, callback=callback,
                 **settings.kwargs)
-        non_finite = (~torch.isfinite(x)).flatten(1).any(1).sum()
+        non_finite = (~torch.isfinite(x)).flatten(1).any(1)
         images = (torch.nan_to_num(x, nan=0.0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
         extra = dict(levels=torch.stack([health.states[i] for i in sorted(health.states)]).cpu().numpy()) \
             if health.states else {}
         with utils.atomic_path(os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")) as tmp:
-            np.savez(tmp, images=images, **extra, score_norm_sum=health.sums[0].cpu().numpy(),
-                     out_of_range_sum=health.sums[1].cpu().numpy(), far_out_sum=health.sums[2].cpu().numpy(),
-                     non_finite=non_finite.cpu().numpy(), fingerprint=np.array(fp))
+            np.savez(tmp, images=images, **extra, health=health.stats.cpu().numpy(),
+                     non_finite_each=non_finite.cpu().numpy(), fingerprint=np.array(fp))
         bar.update(end - start)
     bar.close()
     return made
 
 
-def read_shards(folder, n, fp=None):
-    """Yield the first n images shard by shard, as uint8 (B, C, H, W) tensors."""
+def covering(folder, n, fp=None):
+    """(start, end, path, first) of the shards that hold [0, n) once each, in order: `first` is the
+    shard's row of sample `start` (a shard that overlaps an earlier one is read from there on)."""
+    chain, pos = [], 0
     for (a, b), path in sorted(shards(folder, fp).items()):
-        if a < n:
-            with np.load(path) as f:
-                yield torch.from_numpy(f["images"][:n - a])
+        if b > pos and a <= pos < n:
+            chain.append((pos, min(b, n), path, pos - a))
+            pos = min(b, n)
+    return chain
+
+
+def read_shards(folder, n, fp=None):
+    """Yield the first n images shard by shard (each sample once), as uint8 (B, C, H, W) tensors."""
+    for a, b, path, first in covering(folder, n, fp):
+        with np.load(path) as f:
+            yield torch.from_numpy(f["images"][first:first + b - a])
 
 
 def collect(folder, n, fp=None):
@@ -251,14 +260,18 @@ def collect(folder, n, fp=None):
 def health_means(folder, n, fp=None):
     """Per level, over the shards of [0, n): mean score norm, share of pixels outside [0, 1],
     share more than 3 sigma_i outside it; and the number of samples that were not finite."""
-    sums, count, non_finite = [0, 0, 0], 0, 0
-    for (a, b), path in shards(folder, fp).items():
-        if a < n:
-            with np.load(path) as f:
-                sums = [t + f[k] for t, k in zip(sums, ["score_norm_sum", "out_of_range_sum", "far_out_sum"])]
-                non_finite += int(f["non_finite"]) if "non_finite" in f else 0
+    sums, count, non_finite = 0, 0, 0
+    for a, b, path, first in covering(folder, n, fp):
+        with np.load(path) as f:
+            if "health" in f:                   # per sample: exactly the samples of [0, n)
+                sums = sums + f["health"][:, first:first + b - a].sum(1)
+                non_finite += int(f["non_finite_each"][first:first + b - a].sum())
                 count += b - a
-    return [t / count for t in sums] + [non_finite]
+            else:                               # a shard of an older version: its sums, whole
+                sums = sums + np.stack([f[k] for k in ("score_norm_sum", "out_of_range_sum", "far_out_sum")])
+                non_finite += int(f["non_finite"]) if "non_finite" in f else 0
+                count += int(f["images"].shape[0])
+    return [*(sums / count), non_finite]
 
 
 def health_report(sigmas, score_norm, out_share, far_share, dim):
@@ -340,7 +353,7 @@ def add_flags(p):
     p.add_argument("--checkpoint", action="extend", nargs="+", required=True, help="checkpoint file(s) or glob(s)")
     p.add_argument("--n", type=utils.positive_int, default=N, help="samples per setting")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="images sampled at once")
-    p.add_argument("--seed", type=int, default=SEED, help="image i uses a generator seeded by (seed, i)")
+    p.add_argument("--seed", type=utils.seed, default=SEED, help="image i uses a generator seeded by (seed, i)")
     p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
@@ -435,7 +448,7 @@ def run_cli(main_body):
     """Run a sampling command's body with its one-line errors and exit statuses."""
     try:
         return main_body()
-    except (common.CheckpointError, data.DataError) as e:
+    except (common.CheckpointError, data.DataError, utils.FolderBusy) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:
         raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}; samples written before are kept") from None
@@ -470,7 +483,13 @@ def main(argv=None):
     check_flags(p, args)
     device = utils.get_device(args.device)
     ckpts = checkpoints(p, args.checkpoint)
-    return run_cli(lambda: [make(j, args, device) for j in plan(args, ckpts)])
+    def body():
+        results = []
+        for job in plan(args, ckpts):
+            with utils.folder_lock(job.folder):
+                results.append(make(job, args, device))
+        return results
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def plot(path, net, losses, metrics):
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--out", default=OUT, help="output folder")
-    p.add_argument("--seed", type=int, default=SEED, help="random seed")
+    p.add_argument("--seed", type=utils.seed, default=SEED, help="random seed")
     p.add_argument("--iters", type=utils.positive_int, default=ITERS, help="SSM optimizer steps")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="samples per step")
     p.add_argument("--lr", type=utils.positive_float, default=LR, help="Adam learning rate")

@@ -92,7 +92,7 @@ class TrainConfig:
     ema: float = _setting(None, "EMA rate of the weights, 0 = off (technique 5)", type=utils.rate)
     ema_warmup: bool = _setting(False, "EMA rate min(--ema, (1 + n) / (10 + n)) at update n (TensorFlow's num_updates, "
                                 "score_sde's EMA): short runs' averages forget the initial weights")
-    seed: int = _setting(0, "fixes initialisation, data order and every noise draw", must_match=True)
+    seed: int = _setting(0, "fixes initialisation, data order and every noise draw", type=utils.seed, must_match=True)
     # checkpoints and figures
     snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=utils.positive_int)
     sample_every: int = _setting(5_000, "steps between sample figures", type=utils.positive_int)
@@ -464,7 +464,7 @@ def train(cfg):
 
 def one_line_error(e, cfg):
     """The command line's message for an error, or None for an unexpected one (a traceback)."""
-    if isinstance(e, (TrainError, data.DataError, common.CheckpointError)):
+    if isinstance(e, (TrainError, data.DataError, common.CheckpointError, utils.FolderBusy)):
         return f"error: {e}"
     if isinstance(e, OSError):
         return f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
@@ -482,8 +482,12 @@ def main(argv=None, **fixed):
     cfg = resolve(cfg)
     if problem := check_config(cfg):
         p.error(problem)
+    if problem := utils.check_out(cfg.out):
+        p.error(problem)
+    lead = int(os.environ.get("RANK", "0")) == 0                   # torchrun: rank 0 holds the folder
     try:
-        step, stopped = train(cfg)
+        with utils.folder_lock(cfg.out) if lead else contextlib.nullcontext():      # one writer per --out
+            step, stopped = train(cfg)
     except (TrainError, data.DataError, common.CheckpointError, OSError, RuntimeError) as e:
         message = one_line_error(e, cfg)
         if message is None:

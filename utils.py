@@ -13,6 +13,7 @@ import datetime
 import signal
 import sys
 import tempfile
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,32 @@ def get_device(name="auto"):
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
+
+
+class FolderBusy(RuntimeError):
+    """An output folder that another process is writing; the message names it."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """One writer per output folder: an exclusive flock on <folder>/.lock, which names its holder. The
+    system drops it when the process ends, however it ends, so a killed run leaves no stale lock."""
+    import fcntl
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FolderBusy(f"{folder} is being written by {holder}; wait for it to end, or use another --out") from None
+    f.seek(0), f.truncate()
+    f.write(f"process {os.getpid()} ({' '.join(sys.argv)[:200]})\n"), f.flush()
+    try:
+        yield
+    finally:
+        f.close()
 
 
 def remove_temporaries(folder):
@@ -97,6 +124,17 @@ positive_float = _positive(float, "number")     # finite and > 0
 def number_or_auto(parse):
     """argparse type: `parse`'s value, or the word 'auto' (an NCSNv2 technique chooses the value)."""
     return lambda text: "auto" if text == "auto" else parse(text)
+
+
+def seed(text):
+    """argparse type: a seed, an integer in [0, 2^63) (stable_seed hashes it as a signed 64-bit number)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed, an integer from 0 to 2^63 - 1, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2^63 - 1, got {text}")
+    return value
 
 
 def finite_float(text):

@@ -1,0 +1,92 @@
+"""Bad values for flags that every script shares: refused with status 2 and one line, before any file
+is written (issue 20's battery, first part: seeds)."""
+import importlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import metrics
+import sample
+import train_mnist
+import utils
+from conftest import DATA, ROOT, write_mnist
+
+CHECKPOINT = f"{DATA}/official_mnist_ngf4.pth"
+SCRIPTS = {   # script: the least it needs besides the flag under test
+    "toy_gmm": [], "langevin_compare": [], "manifold": [], "train_mnist": [],
+    "sample": ["--checkpoint", CHECKPOINT], "evaluate": ["--checkpoint", CHECKPOINT],
+    "inpaint": ["--checkpoint", CHECKPOINT],
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("value", [str(2 ** 63), str(2 ** 64), "-1", "1.5", "nan", ""])
+def test_a_seed_out_of_range_is_one_line_and_writes_nothing(script, value, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main([*SCRIPTS[script], "--seed", value, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--seed" in err[-1] and "seed" in err[-1].split("--seed")[1]
+    assert "Traceback" not in "\n".join(err) and not out.exists()
+
+
+def test_a_second_writer_of_a_folder_is_refused_naming_the_first(tmp_path):
+    """Two runs into one --out: the second is refused in one line that names the first, and writes nothing;
+    the lock dies with its holder, so a killed run leaves none behind."""
+    root = write_mnist(str(tmp_path / "data"), n_train=32, n_test=8)
+    out = tmp_path / "run"
+    with utils.folder_lock(str(out)):
+        with pytest.raises(SystemExit) as e:
+            train_mnist.main(["--data-root", root, "--out", str(out), "--ngf", "4", "--num-workers", "0",
+                              "--batch-size", "8", "--iters", "1", "--device", "cpu"])
+        assert f"{out} is being written by process {os.getpid()}" in str(e.value) and "\n" not in str(e.value)
+        assert os.listdir(out) == [".lock"]
+    base = ["--checkpoint", CHECKPOINT, "--n", "2", "--steps-each", "1", "--device", "cpu",
+            "--out", str(tmp_path / "e")]
+    [r] = sample.main(base)
+    with utils.folder_lock(r["folder"]):
+        for main in (sample.main, evaluate.main):
+            with pytest.raises(SystemExit, match="is being written by process"):
+                main([*base, "--n", "4", *(["--metrics", "none"] if main is evaluate.main else [])])
+    assert len([f for f in os.listdir(r["folder"]) if f.startswith("shard_")]) == 1
+    # a holder killed with -9 releases the folder
+    hold = f"import utils, time\nwith utils.folder_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(utils.FolderBusy, match=f"process {holder.pid}"):
+        with utils.folder_lock(str(out)):
+            pass
+    holder.kill(), holder.wait()
+    with utils.folder_lock(str(out)):
+        pass
+
+
+def test_numbers_describe_exactly_the_samples_named(tmp_path, monkeypatch):
+    """A later run with a smaller --n reports no score made on more samples, and the health report counts
+    the first n samples only, even inside a larger shard; overlapping shards are read once."""
+    grey = lambda batches: dict(mean_grey=torch.cat(list(batches)).double().mean().item())
+    make = lambda opts, dataset, device: grey
+    monkeypatch.setitem(metrics.SCORERS, "grey", metrics.Scorer(make, (("grey", metrics._number("mean_grey")),), ()))
+    base = ["--checkpoint", CHECKPOINT, "--steps-each", "1", "--device", "cpu", "--out", str(tmp_path / "e")]
+    [r8] = evaluate.main([*base, "--n", "8", "--metrics", "grey"])
+    [r4] = evaluate.main([*base, "--n", "4", "--metrics", "none"])
+    assert "mean_grey" in r8 and "mean_grey" not in r4 and r4["n"] == 4 and r4["samples_made_now"] == 0
+    # one shard of 8 samples, 3 of them made NaN by hand: --n 1 counts sample 0 alone
+    [shard] = [f for f in os.listdir(r8["folder"]) if f.startswith("shard_")]
+    path = os.path.join(r8["folder"], shard)
+    with np.load(path) as f:
+        arrays = dict(f)
+    arrays["non_finite_each"] = np.array([False, True, True, False, True, False, False, False])
+    np.savez(path, **arrays)
+    assert sample.health_means(r8["folder"], 1)[-1] == 0 and sample.health_means(r8["folder"], 8)[-1] == 3
+    assert sample.health_means(r8["folder"], 3)[-1] == 2
+    norm_1 = sample.health_means(r8["folder"], 1)[0]
+    assert np.allclose(norm_1, arrays["health"][0, 0])                 # sample 0's own score norms
+    # a shard overlapping it (another batch size, by hand) is not read twice
+    np.savez(os.path.join(r8["folder"], "shard_0000004_0000012.npz"), **{**arrays, "images": arrays["images"]})
+    assert len(sample.collect(r8["folder"], 8)) == 8
