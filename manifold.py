@@ -109,6 +109,24 @@ def save_plot(path, losses, args):
     utils.save_figure(fig, path)
 
 
+MAY_CHANGE = ("iters", "save_every", "tail", "device", "out", "resume", "data_root")   # on --resume
+
+
+def resumable(state, args):
+    """The saved state of manifold.pt, refused in one line unless it is this script's and of these
+    settings (all but MAY_CHANGE's) with at most --iters iterations done."""
+    path = os.path.join(args.out, "manifold.pt")
+    if not (isinstance(state, dict) and {"iteration", "settings", "noise", "no_noise"} <= set(state)):
+        raise common.CheckpointError(f"{path}: not a state of manifold.py (or of a version before its settings "
+                                     "were stored); use another --out")
+    if changed := utils.changed_settings(state["settings"], vars(args), MAY_CHANGE):
+        raise common.CheckpointError(f"{path} was made with {', '.join(changed)}; resume with the same values")
+    if state["iteration"] > args.iters:
+        raise common.CheckpointError(f"{path} has {state['iteration']} iterations done, more than --iters "
+                                     f"{args.iters}; give at least that many")
+    return state
+
+
 def train_runs(runs, losses, images, start, args, device, state_path):
     """Iterations start, ..., --iters - 1 of both runs, one SSM-VR step each on the same batch and
     projections (the perturbed run adds --noise-std z); the state is saved every --save-every."""
@@ -127,7 +145,7 @@ def train_runs(runs, losses, images, start, args, device, state_path):
         if (it + 1) % args.save_every == 0 or it + 1 == args.iters:
             state = {name: dict(model=net.state_dict(), optimizer=opt.state_dict(),
                                 losses=torch.from_numpy(losses[name])) for name, (net, opt) in runs.items()}
-            common.write_checkpoint({"iteration": it + 1, **state}, state_path)
+            common.write_checkpoint({"iteration": it + 1, "settings": vars(args), **state}, state_path)
 
 
 def main(argv=None):
@@ -149,14 +167,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.tail >= 1 or args.image_size % 2:
         p.error("--tail must be below 1 and --image-size even")
-    if problem := utils.check_out(args.out):
-        p.error(problem)
     device, state_path = utils.get_device(args.device), os.path.join(args.out, "manifold.pt")
     if os.path.exists(state_path) and not args.resume:
         p.error(f"{state_path} exists; pass --resume to continue it, or choose another --out")
+    if args.resume and not os.path.exists(state_path):
+        p.error(f"--resume: {state_path} does not exist; check --out, or drop --resume to start")
+    if problem := utils.check_out(args.out):
+        p.error(problem)
     try:
+        state = resumable(common.read_checkpoint(state_path), args) if args.resume else None
         images = load_data(args)
-        state = common.read_checkpoint(state_path) if args.resume and os.path.exists(state_path) else None
     except (data.DataError, common.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     torch.manual_seed(args.seed)

@@ -54,17 +54,17 @@ RECIPES = {   # what a recipe gives each of these flags when it is not given
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every training setting. None: the recipe's (RECIPES) or the data set's (data.DATASETS).
-    must_match: a resumed run must use the checkpoint's value."""
+    """Every training setting. None: the recipe's (RECIPES) or the data set's (data.DATASETS). A
+    resumed run must use the checkpoint's value of every one but MAY_CHANGE's."""
     # data and outputs
-    dataset: str = _setting("mnist", "data set", choices=list(data.DATASETS), must_match=True)
+    dataset: str = _setting("mnist", "data set", choices=list(data.DATASETS))
     data_root: str = _setting(data.DATA_ROOT, "torchvision data folder (downloaded into when missing)")
-    dataset_path: str = _setting(None, "a folder of images to train on instead (every 20th held out)", must_match=True)
+    dataset_path: str = _setting(None, "a folder of images to train on instead (every 20th held out)")
     out: str = _setting(None, "output folder (default: runs/<dataset>)")
     resume: bool = _setting(False, "continue from <out>/checkpoint.pt")
     recipe: str = _setting("ncsn", "ncsn: the paper's; ncsnv2: the improved techniques", choices=list(RECIPES))
     # training
-    batch_size: int = _setting(128, "global batch per optimizer step", type=utils.positive_int, must_match=True)
+    batch_size: int = _setting(128, "global batch per optimizer step", type=utils.positive_int)
     iters: int = _setting(None, f"stop after this many optimizer steps (default {ITERS:,} if --epochs is not given)",
                           type=utils.positive_int)
     epochs: int = _setting(None, "stop after this many epochs (with --iters too: whichever comes first)",
@@ -74,25 +74,23 @@ class TrainConfig:
     ngf: int = _setting(None, "RefineNet width (default: the data set's, 64 MNIST, 128 CIFAR-10)",
                         type=utils.positive_int)
     sigma_begin: float = _setting(None, "sigma_1, the largest noise level; auto: the largest distance between two "
-                                  "training images (technique 1)", type=utils.number_or_auto(utils.positive_float),
-                                  must_match=True)
-    sigma_end: float = _setting(None, "sigma_L, the smallest", type=utils.positive_float, must_match=True)
+                                  "training images (technique 1)", type=utils.number_or_auto(utils.positive_float))
+    sigma_end: float = _setting(None, "sigma_L, the smallest", type=utils.positive_float)
     num_levels: int = _setting(None, "L, the number of noise levels; auto: technique 2's for the image size",
-                               type=utils.number_or_auto(utils.positive_int), must_match=True)
+                               type=utils.number_or_auto(utils.positive_int))
     conditioning: str = _setting(None, "norm: CondInstanceNorm++ per level; scale: s(x)/sigma (technique 3)",
-                                 choices=["norm", "scale"], must_match=True)
+                                 choices=["norm", "scale"])
     objective: str = _setting("dsm", "dsm: denoising score matching (eq. 5-6); ssm: annealed sliced score matching "
-                              "(SSM-VR per level, weighted by sigma^2)", choices=["dsm", "ssm"], must_match=True)
+                              "(SSM-VR per level, weighted by sigma^2)", choices=["dsm", "ssm"])
     sigma_dist: str = _setting("uniform", "the noise level of each training image: uniform over the levels (eq. 6), or "
                                "lognormal: EDM's ln sigma ~ N(-1.2, 1.2^2) on the levels (Karras et al. 2022)",
-                               choices=["uniform", "lognormal"], must_match=True)
-    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power (dsm)", type=utils.finite_float,
-                                   must_match=True)
+                               choices=["uniform", "lognormal"])
+    anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power (dsm)", type=utils.finite_float)
     dequantize: bool = _setting(None, "uniform dequantisation (x_uint8 + U(0, 1)) / 256, else x_uint8 / 255")
     ema: float = _setting(None, "EMA rate of the weights, 0 = off (technique 5)", type=utils.rate)
     ema_warmup: bool = _setting(False, "EMA rate min(--ema, (1 + n) / (10 + n)) at update n (TensorFlow's num_updates, "
                                 "score_sde's EMA): short runs' averages forget the initial weights")
-    seed: int = _setting(0, "fixes initialisation, data order and every noise draw", type=utils.seed, must_match=True)
+    seed: int = _setting(0, "fixes initialisation, data order and every noise draw", type=utils.seed)
     # checkpoints and figures
     snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=utils.positive_int)
     sample_every: int = _setting(5_000, "steps between sample figures", type=utils.positive_int)
@@ -109,6 +107,12 @@ class TrainConfig:
     amp: str = _setting("none", "bf16 autocast for the forward pass", choices=["none", "bf16"])
     channels_last: bool = _setting(False, "channels_last memory format (slower on CPUs: see bench.py)")
     compile: bool = _setting(False, "torch.compile the training forward and backward")
+
+
+MAY_CHANGE = ("out", "resume", "data_root",                                # where things are
+              "iters", "epochs", "snapshot_every", "sample_every",          # the length, what is written when
+              "n_samples", "sampler", "steps_each", "step_lr", "denoise",   # the figures' sampler
+              "device", "num_workers", "grad_accum", "amp", "channels_last", "compile")   # the machinery
 
 
 def parser(fixed=()):
@@ -307,14 +311,14 @@ def ema_rate(cfg, n):
 # The training loop.
 
 def check_resume(state, cfg, model_args):
-    """Refuse to continue a checkpoint of another model or of other must_match settings."""
+    """Refuse to continue a checkpoint of another model or of other settings (all but MAY_CHANGE's)."""
     path, old = os.path.join(cfg.out, "checkpoint.pt"), common.full_model_args(state["model_args"])
     if old != model_args:
         diff = ", ".join(f"{k} {old.get(k)} (flags: {v})" for k, v in model_args.items() if old.get(k) != v)
         raise TrainError(f"{path} holds a different model: {diff}; resume with the same settings or another --out")
-    diff = [f"--{f.name.replace('_', '-')} {state['config'].get(f.name)} (flags: {getattr(cfg, f.name)})"
-            for f in dataclasses.fields(cfg) if f.metadata.get("must_match")
-            and state["config"].get(f.name, RECIPES["ncsn"].get(f.name, f.default)) != getattr(cfg, f.name)]
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    diff = utils.changed_settings(state["config"], dataclasses.asdict(cfg), MAY_CHANGE,
+                                  lambda k: RECIPES["ncsn"].get(k, fields[k].default))
     if diff:
         raise TrainError(f"{path} was trained with {', '.join(diff)}; resume with the same values")
 
@@ -482,6 +486,8 @@ def main(argv=None, **fixed):
     cfg = resolve(cfg)
     if problem := check_config(cfg):
         p.error(problem)
+    if cfg.resume and not os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
+        p.error(f"--resume: {cfg.out} holds no checkpoint.pt to continue; check --out, or drop --resume to start")
     if problem := utils.check_out(cfg.out):
         p.error(problem)
     lead = int(os.environ.get("RANK", "0")) == 0                   # torchrun: rank 0 holds the folder

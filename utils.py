@@ -201,6 +201,14 @@ def digest(*parts):
     return h.hexdigest()
 
 
+def changed_settings(saved, now, may_change, default=lambda key: None):
+    """The one rule of every resumable script: the settings of `now` (a dict) other than `may_change`
+    that differ from `saved` (the run's stored ones; a key an older file lacks takes default(key)),
+    as '--flag saved (flags: now)' strings. Empty when the run may continue."""
+    return [f"--{k.replace('_', '-')} {saved.get(k, default(k))} (flags: {v})" for k, v in now.items()
+            if k not in may_change and saved.get(k, default(k)) != v]
+
+
 def checkpoint_name(path):
     """<folder>_<file> of a checkpoint path (runs/mnist/checkpoint.pt -> mnist_checkpoint): its outputs' folder name."""
     return f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}_{os.path.splitext(os.path.basename(path))[0]}"

@@ -1,6 +1,7 @@
 """Bad values for flags that every script shares: refused with status 2 and one line, before any file
 is written (issue 20's battery, first part: seeds)."""
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 import evaluate
+import manifold
 import metrics
 import sample
+import train
 import train_mnist
 import utils
 from conftest import DATA, ROOT, write_mnist
@@ -90,3 +93,47 @@ def test_numbers_describe_exactly_the_samples_named(tmp_path, monkeypatch):
     # a shard overlapping it (another batch size, by hand) is not read twice
     np.savez(os.path.join(r8["folder"], "shard_0000004_0000012.npz"), **{**arrays, "images": arrays["images"]})
     assert len(sample.collect(r8["folder"], 8)) == 8
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return write_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=32, n_test=8)
+
+
+def test_resume_refuses_a_different_run_and_allows_the_documented_changes(digits, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data-root", digits, "--out", str(out), "--ngf", "4", "--num-workers", "0", "--batch-size", "8",
+            "--n-samples", "1", "--steps-each", "1", "--device", "cpu"]
+    assert train_mnist.main([*base, "--iters", "2"]) == 2
+    config = (out / "config.json").read_text()
+    for flags, named in [(["--beta1", "0.5"], "--beta1 0.9"), (["--no-dequantize"], "--dequantize True"),
+                         (["--lr", "2e-3"], "--lr 0.001"), (["--ema", "0.5"], "--ema 0.0"),
+                         (["--recipe", "ncsnv2", "--conditioning", "norm"], "--recipe ncsn")]:
+        with pytest.raises(SystemExit) as e:
+            train_mnist.main([*base, "--iters", "3", "--resume", *flags])
+        assert named in str(e.value) and "resume with the same values" in str(e.value) and "\n" not in str(e.value)
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+        assert (out / "config.json").read_text() == config                 # nothing rewritten as if it had run
+    assert sorted(train.MAY_CHANGE) == sorted(set(train.MAY_CHANGE))
+    assert train_mnist.main([*base, "--iters", "3", "--resume", "--num-workers", "1", "--snapshot-every", "7"]) == 3
+    assert json.loads((out / "config.json").read_text())["num_workers"] == 1
+    typo = tmp_path / "rnu"
+    with pytest.raises(SystemExit) as e:
+        train_mnist.main([*base[:2], "--out", str(typo), *base[4:], "--resume"])
+    assert e.value.code == 2 and "holds no checkpoint.pt" in capsys.readouterr().err and not typo.exists()
+
+
+def test_manifold_resume_refuses_other_settings_and_foreign_files(digits, tmp_path):
+    out = tmp_path / "m"
+    args = ["--data-root", digits, "--iters", "8", "--save-every", "4", "--nef", "8", "--batch-size", "4",
+            "--device", "cpu", "--out", str(out)]
+    manifold.main(args)
+    for flags, named in [(["--lr", "0.01"], "--lr"), (["--noise-std", "0.5"], "--noise-std"),
+                         (["--nef", "16"], "--nef"), (["--iters", "4"], "more than --iters 4")]:
+        with pytest.raises(SystemExit) as e:
+            manifold.main([*args, "--resume", *flags])
+        assert named in str(e.value) and "\n" not in str(e.value) and "Traceback" not in str(e.value)
+    manifold.main([*args[:2], "--iters", "12", *args[4:], "--resume"])      # a longer run: allowed
+    torch.save({"iteration": 3}, out / "manifold.pt")                       # a foreign state
+    with pytest.raises(SystemExit, match="not a state of manifold.py"):
+        manifold.main([*args, "--resume"])
