@@ -178,6 +178,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     device = utils.get_device(args.device)
+    if args.json and os.path.isdir(args.json):
+        p.error(f"--json {args.json} is a folder; give a file name, e.g. {os.path.join(args.json, 'bench.json')}")
     if args.json and (problem := utils.check_out(os.path.dirname(os.path.abspath(args.json)), "--json's folder")):
         p.error(problem)
     if args.official and not os.path.isfile(os.path.join(args.official, "models", "cond_refinenet_dilated.py")):
@@ -188,7 +190,8 @@ def main(argv=None):
             p.error("--checkpoint and --official: time one or the other")
         try:
             args.configs = [common.load_score_net(args.checkpoint)[1]["dataset"]]
-        except common.CheckpointError as e:
+            data.spec(args.configs[0], args.checkpoint)
+        except (common.CheckpointError, data.DataError) as e:
             p.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,7 +199,13 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     impls = ["ours", "official"] if args.official else ["ours"]
-    rows = [bench_one(c, impl, args, device) for c in args.configs for impl in impls]
+    try:
+        rows = [bench_one(c, impl, args, device) for c in args.configs for impl in impls]
+    except RuntimeError as e:
+        if not utils.is_out_of_memory(e):
+            raise
+        raise SystemExit(f"error: out of memory at --batch-size {args.batch_size} on {device} "
+                         f"({utils.first_line(e)[:80]}); use a smaller --batch-size") from None
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {device} ({where}), "
           f"batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}")

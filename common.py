@@ -792,6 +792,11 @@ def load_score_net(path, map_location="cpu", ema=None):
     _fit_state_dict(net, state, path)
     if not all(k in info for k in ("sigma_begin", "sigma_end", "num_levels")):
         raise CheckpointError(f"{path}: no noise levels stored (config sigma_begin, sigma_end, num_levels)")
+    levels = [info[k] for k in ("sigma_begin", "sigma_end", "num_levels")]
+    if not (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels)
+            and levels[0] > levels[1] > 0 and levels[2] == int(levels[2]) >= 2):
+        raise CheckpointError(f"{path}: its noise levels (sigma_begin, sigma_end, num_levels = {levels}) are not "
+                              "numbers sigma_begin > sigma_end > 0 and num_levels >= 2; it was not saved by a run")
     info.setdefault("dataset", "mnist" if model_args.get("in_channels") == 1 else "cifar10")
     info["model_args"] = net.model_args
     return net.to(map_location).eval(), info

@@ -127,6 +127,13 @@ def load_celeba(data_root, train):
     return images
 
 
+def spec(dataset, where="the checkpoint"):
+    """DATASETS[dataset], or a DataError naming the data set and the known ones."""
+    if dataset not in DATASETS:
+        raise DataError(f"{where} names the data set {dataset!r}, which is none of {', '.join(DATASETS)}")
+    return DATASETS[dataset]
+
+
 def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_flag="--dataset-path"):
     """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 / CelebA
     under data_root (downloaded when missing), or a folder of images (dataset_path)."""

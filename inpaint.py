@@ -167,7 +167,7 @@ def main(argv=None):
     try:
         net, info = common.load_score_net(args.checkpoint, map_location=device, ema=args.ema)
         dataset = info["dataset"]
-        spec = data.DATASETS[dataset]
+        spec = data.spec(dataset, args.checkpoint)
         if args.classifier and dataset != "mnist":
             raise data.DataError("--classifier scores MNIST digits only; drop it for other data sets")
         images = (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images")

@@ -101,7 +101,8 @@ def sampler_settings(name, info, seed, nfe=None, **given):
     Inapplicable for a setting the sampler lacks, a budget it cannot meet, or levels the network
     does not know."""
     spec, trained = common.SAMPLERS[name], common.levels_of(info)
-    shape = (data.DATASETS[info["dataset"]]["channels"],) + (data.DATASETS[info["dataset"]]["image_size"],) * 2
+    ds = data.spec(info["dataset"], info["path"])
+    shape = (ds["channels"], ds["image_size"], ds["image_size"])
     scale = info["model_args"].get("conditioning", "norm") == "scale"
     own = settings_of(spec.run)
     if extra := [k for k, v in given.items() if v is not None and k not in own]:
@@ -170,17 +171,21 @@ def shards(folder, fp=None):
 
 
 def missing_runs(folder, n, batch_size, fp):
-    """The contiguous ranges of [0, n) that no shard holds, cut to the batch size."""
-    have = set()
-    for (a, b) in shards(folder, fp):
-        have.update(range(a, b))
-    runs = []
-    for i in (i for i in range(n) if i not in have):
-        if runs and runs[-1][1] == i and runs[-1][1] - runs[-1][0] < batch_size:
-            runs[-1][1] += 1
-        else:
-            runs.append([i, i + 1])
-    return runs
+    """(how many of [0, n) no shard holds, a generator of their ranges, each gap cut to the batch
+    size): memory O(shards) whatever n."""
+    spans = sorted(shards(folder, fp))
+    have, pos = 0, 0
+    for a, b in spans:
+        a, b = max(a, pos), min(b, n)
+        have, pos = (have + b - a, b) if b > a else (have, pos)
+    def runs():
+        pos = 0
+        for a, b in spans + [(n, n)]:
+            yield from ((lo, min(lo + batch_size, a, n)) for lo in range(pos, min(a, n), batch_size))
+            pos = max(pos, b)
+            if pos >= n:
+                return
+    return n - have, runs()
 
 
 class Health:
@@ -209,8 +214,7 @@ def sample(net, info, settings, folder, n, batch_size, device, fp, stop=None):
     sigmas = torch.tensor(settings.sigmas, device=device)
     score_net = common.level_score(net, sigmas, common.levels_of(info).to(device))
     run = common.SAMPLERS[settings.name].run
-    runs = missing_runs(folder, n, batch_size, fp)
-    made = sum(b - a for a, b in runs)
+    made, runs = missing_runs(folder, n, batch_size, fp)
     bar = tqdm(total=n, initial=n - made, desc="sampling", unit="img", dynamic_ncols=True)
     for start, end in runs:
         noise = utils.SampleNoise([(settings.seed, i) for i in range(start, end)], device)   # image i: (seed, i)

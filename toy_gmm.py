@@ -143,6 +143,11 @@ def main(argv=None):
         losses = train(net, args.iters, args.batch_size, args.lr, gen)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e}") from None
+    except RuntimeError as e:
+        if not utils.is_out_of_memory(e):
+            raise
+        raise SystemExit(f"error: out of memory at --batch-size {args.batch_size} ({utils.first_line(e)[:80]}); "
+                         "use a smaller --batch-size") from None
     metrics, xg, err = score_errors(net, torch.Generator().manual_seed(args.seed + 1))
     metrics.update(final_loss=float(losses[-min(100, len(losses)):].mean()), seconds=round(time.time() - t0, 1),
                    settings=vars(args))

@@ -137,3 +137,52 @@ def test_manifold_resume_refuses_other_settings_and_foreign_files(digits, tmp_pa
     torch.save({"iteration": 3}, out / "manifold.pt")                       # a foreign state
     with pytest.raises(SystemExit, match="not a state of manifold.py"):
         manifold.main([*args, "--resume"])
+
+
+def tiny_checkpoint(path, **config):
+    import common
+    net = common.RefineNet(1, 4, 10, 28)
+    common.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
+                                 config=dict(dict(dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=10),
+                                             **config)), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("config, message", [(dict(sigma_begin="auto"), "are not numbers"),
+                                             (dict(num_levels=1.5), "are not numbers"),
+                                             (dict(dataset="svhn"), "names the data set 'svhn'")])
+def test_a_checkpoint_with_bad_settings_is_one_line_in_every_script(config, message, tmp_path, capsys):
+    import bench
+    import inpaint
+    ck = tiny_checkpoint(tmp_path / "ck.pt", **config)
+    for main, extra in [(sample.main, []), (evaluate.main, ["--metrics", "none"]), (inpaint.main, []),
+                        (bench.main, ["--device", "cpu"])]:
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", ck, *extra, *(["--out", str(tmp_path / "o")] if main is not bench.main else [])])
+        text = str(e.value) if not isinstance(e.value.code, int) else capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in text and "Traceback" not in text, (main.__module__, text)
+
+
+def test_any_n_needs_memory_of_the_shards_only(tmp_path):
+    """--n 10^15: the plan of what to make is a generator; its count and first batch come at once."""
+    import time
+    t0 = time.time()
+    count, runs = sample.missing_runs(str(tmp_path), 10 ** 15, 100, None)
+    assert count == 10 ** 15 and next(runs) == (0, 100) and next(runs) == (100, 200) and time.time() - t0 < 1
+
+
+def test_bench_and_toy_refuse_in_one_line(tmp_path, capsys, monkeypatch):
+    import bench
+    import toy_gmm
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--json", str(tmp_path / "dir"), "--device", "cpu"])
+    assert e.value.code == 2 and "is a folder; give a file name" in capsys.readouterr().err
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(toy_gmm, "train", oom)
+    with pytest.raises(SystemExit, match="out of memory at --batch-size 10000000.*smaller --batch-size"):
+        toy_gmm.main(["--batch-size", "10000000", "--out", str(tmp_path / "t")])
+    monkeypatch.setattr(bench, "bench_one", oom)
+    with pytest.raises(SystemExit, match="out of memory at --batch-size 4"):
+        bench.main(["--batch-size", "4", "--device", "cpu", "--configs", "mnist"])
