@@ -214,4 +214,4 @@ def copy_of(net, device, lr):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

@@ -510,4 +510,4 @@ def main(argv=None, **fixed):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

@@ -12,6 +12,7 @@ run decodes the 162,770 training JPEGs once and caches them beside the files. Ev
 setting is train.TrainConfig's, as CIFAR-10's.
 """
 import train
+import utils
 
 
 def main(argv=None):
@@ -19,4 +20,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

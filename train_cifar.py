@@ -10,6 +10,7 @@ train.TrainConfig's (`--help` lists them) with the data set's from data.DATASETS
 is train.train.
 """
 import train
+import utils
 
 
 def main(argv=None):
@@ -17,4 +18,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

@@ -9,6 +9,7 @@ torchvision's MNIST under --data-root; the settings are train.TrainConfig's (`--
 them) with the data set's from data.DATASETS; the loop is train.train.
 """
 import train
+import utils
 
 
 def main(argv=None):
@@ -16,4 +17,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

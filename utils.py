@@ -259,6 +259,29 @@ def ignore_stop_signals(*_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+EXIT_INTERRUPTED = 130  # a script stopped by Ctrl-C or SIGTERM outside training's loop
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def run_main(main):
+    """A script's entry point: SIGTERM (a cluster's, a `timeout`'s) is met like Ctrl-C, and either one
+    outside the script's own handling (start-up, data loading, sampling) ends it with one line and
+    status 130 instead of a traceback or 143. Every file is written atomically, so what was written
+    before is whole."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        print(f"\ninterrupted by {name}: files written before are whole; the same command continues where "
+              "it can", file=sys.stderr)
+        sys.stdout.flush()
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
 class Stopped(Exception):
     """Raised inside the figure sampler when a stop signal arrives."""
 

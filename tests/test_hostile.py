@@ -3,8 +3,10 @@ is written (issue 20's battery, first part: seeds)."""
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -165,7 +167,6 @@ def test_a_checkpoint_with_bad_settings_is_one_line_in_every_script(config, mess
 
 def test_any_n_needs_memory_of_the_shards_only(tmp_path):
     """--n 10^15: the plan of what to make is a generator; its count and first batch come at once."""
-    import time
     t0 = time.time()
     count, runs = sample.missing_runs(str(tmp_path), 10 ** 15, 100, None)
     assert count == 10 ** 15 and next(runs) == (0, 100) and next(runs) == (100, 200) and time.time() - t0 < 1
@@ -186,3 +187,29 @@ def test_bench_and_toy_refuse_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "bench_one", oom)
     with pytest.raises(SystemExit, match="out of memory at --batch-size 4"):
         bench.main(["--batch-size", "4", "--device", "cpu", "--configs", "mnist"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_outside_a_script_s_own_handling_is_one_line_and_130(sig, digits, tmp_path):
+    """inpaint.py had no handling at all (a KeyboardInterrupt traceback; SIGTERM: status 143)."""
+    proc = subprocess.Popen([sys.executable, "inpaint.py", "--checkpoint", CHECKPOINT, "--data-root", digits,
+                             "--n-images", "2", "--completions", "2", "--steps-each", "100000", "--device", "cpu",
+                             "--out", str(tmp_path / "i")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert "completions, mask" in proc.stdout.readline()               # start-up done: it is sampling
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == utils.EXIT_INTERRUPTED and "Traceback" not in err, err[-2000:]
+    assert [line for line in err.splitlines() if line.startswith("interrupted by")] == \
+        [f"interrupted by {sig.name}: files written before are whole; the same command continues where it can"]
+
+
+def test_run_main_meets_sigterm_like_ctrl_c():
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            utils.run_main(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)))
+        assert e.value.code == 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
