@@ -41,7 +41,8 @@ BATCH_SIZE = 100         # images sampled at once
 SEED = 0                 # image i uses a generator seeded by (SEED, i)
 PROCESS_ROWS = 8         # samples shown in process.png
 SATURATED = 0.01         # warn when over 1% of pixels lie beyond 3 sigma_i of [0, 1] (0.13% for a right sample)
-AUTO = {"norm": "als", "scale": "ancestral"}    # --sampler auto: each conditioning's best measured sampler
+AUTO = {"norm": ((None, "als"),),                # --sampler auto: per conditioning, (largest --nfe, sampler)
+        "scale": ((None, "ancestral"),)}         # pairs, the first that covers the budget (docs/samplers.md)
 FLAGS = dict(steps_each="n_steps_each", step_lr="step_lr", denoise="denoise", s_churn="s_churn",
              s_noise="s_noise")                  # the sampler-specific flags and the settings they give
 
@@ -365,7 +366,8 @@ def add_flags(p):
     p.add_argument("--sampler", nargs="+", choices=[*common.SAMPLERS, "auto"], default=["als"],
                    help="samplers of common.SAMPLERS: als (the paper's annealed Langevin dynamics), ancestral "
                         "(reverse diffusion), heun (EDM), dpmpp2m (DPM-Solver++(2M)); auto: "
-                        + ", ".join(f"{v} for a {k}-conditioned network" for k, v in AUTO.items()))
+                        + "; ".join(f"a {k}-conditioned network: " + ", ".join(f"{s} up to NFE {m}" if m else s
+                                                                               for m, s in v) for k, v in AUTO.items()))
     p.add_argument("--nfe", type=utils.positive_int, nargs="+", default=None,
                    help="network evaluations per sample: als: T = (NFE - denoise) // L; the others: as many levels "
                         "as the budget buys (a norm-conditioned network: a subset of its own)")
@@ -392,6 +394,11 @@ def checkpoints(p, patterns):
     return found
 
 
+def auto_sampler(conditioning, nfe):
+    """--sampler auto: the best measured sampler of a network's conditioning at an --nfe budget (AUTO)."""
+    return next(s for most, s in AUTO[conditioning] if most is None or (nfe is not None and nfe <= most))
+
+
 def plan(args, ckpts):
     """Load every checkpoint (on the CPU) and name each setting's folder, before any work."""
     jobs, skipped = [], []
@@ -400,10 +407,10 @@ def plan(args, ckpts):
         name = utils.checkpoint_name(ckpt)
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
         conditioning = info["model_args"].get("conditioning", "norm")
-        names = dict.fromkeys(AUTO[conditioning] if s == "auto" else s for s in args.sampler)
-        grid = itertools.product(names, args.nfe or [None], args.steps_each or [None], args.step_lr or [None],
+        grid = itertools.product(args.sampler, args.nfe or [None], args.steps_each or [None], args.step_lr or [None],
                                  args.s_churn or [None])
         for sampler, nfe, steps_each, step_lr, s_churn in grid:
+            sampler = auto_sampler(conditioning, nfe) if sampler == "auto" else sampler
             given = dict(n_steps_each=steps_each, step_lr=step_lr, denoise=args.denoise, s_churn=s_churn,
                          s_noise=args.s_noise)
             own = settings_of(common.SAMPLERS[sampler].run)   # a sampler's own flags apply to it alone
@@ -470,7 +477,7 @@ def check_flags(p, args):
     """Refuse what no single sampling flag can check; make --out (sample.py and evaluate.py)."""
     if args.nfe and args.steps_each:
         p.error("--nfe and --steps-each both set T; give one")
-    names = [AUTO.values() if name == "auto" else [name] for name in args.sampler]
+    names = [[s for pairs in AUTO.values() for _, s in pairs] if name == "auto" else [name] for name in args.sampler]
     taken = {k for group in names for name in group for k in settings_of(common.SAMPLERS[name].run)}
     for flag, key in FLAGS.items():
         if getattr(args, flag) is not None and key not in taken:
