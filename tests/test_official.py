@@ -39,6 +39,5 @@ def test_official_key_mapping_covers_every_tensor():
     mapped = common.official_to_ours(state)
     ours = common.RefineNet(1, 4).state_dict()
     assert set(mapped) == set(ours)
-    official = state["module.refine1.adapt_convs.0.2_2_norm.embed.weight"]
-    assert mapped["refine1.adapt_convs.0.norms.3.embed.weight"] is official
+    assert mapped["refine1.adapt_convs.0.norms.3.embed.weight"] is state["module.refine1.adapt_convs.0.2_2_norm.embed.weight"]
     assert mapped["refine4.output_convs.convs.5.weight"] is state["module.refine4.output_convs.3_2_conv.weight"]
