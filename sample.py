@@ -91,9 +91,9 @@ class SamplerSettings:
 
 
 def settings_of(run):
-    """The keyword settings a sampler function takes beyond the family's call."""
-    return [k for k, p in inspect.signature(run).parameters.items()
-            if p.kind == p.KEYWORD_ONLY and k not in ("randn_like", "callback")]
+    """{keyword: default} of the settings a sampler function takes beyond the family's call."""
+    return {k: p.default for k, p in inspect.signature(run).parameters.items()
+            if p.kind == p.KEYWORD_ONLY and k not in ("randn_like", "callback")}
 
 
 def sampler_settings(name, info, seed, nfe=None, **given):
@@ -114,6 +114,7 @@ def sampler_settings(name, info, seed, nfe=None, **given):
         T, step_lr = common.sampler_defaults(info, nfe, params.get("n_steps_each"), params.get("step_lr"), denoise)
         params, sigmas = dict(params, n_steps_each=T, step_lr=step_lr, denoise=denoise), trained
     else:                                           # one or two evaluations a level: the budget buys levels
+        params = {k: v for k, v in params.items() if v != own[k]}    # a default given is the default's folder
         n = max([k for k in range(1, (nfe or 0) + 1) if spec.nfe(k, **params) <= nfe] or [1]) if nfe else len(trained)
         if not scale and (n > len(trained) or params.get("s_churn")):
             what = "with churn" if params.get("s_churn") else f"on {n} levels"

@@ -276,7 +276,9 @@ def test_a_sampler_s_own_flags_apply_to_it_alone(tmp_path, capsys):
     base = ["--checkpoint", str(ck), "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]
     results = sample.main([*base, "--sampler", "als", "heun", "--steps-each", "1", "--s-churn", "0"])
     assert [(r["sampler"]["name"], r["nfe"]) for r in results] == [("als", 10), ("heun", 19)]
-    assert results[1]["sampler"]["s_churn"] == 0.0 and results[0]["sampler"]["steps_each"] == 1
+    assert results[0]["sampler"]["steps_each"] == 1 and "s_churn" not in results[1]["sampler"]
+    [plain] = sample.main([*base, "--sampler", "heun"])              # --s-churn 0 is the default: the same folder
+    assert plain["folder"] == results[1]["folder"] and plain["samples_made_now"] == 0
     with pytest.raises(SystemExit) as e:
         sample.main([*base, "--sampler", "ancestral", "--steps-each", "3"])
     assert e.value.code == 2 and "--steps-each is a setting of no sampler asked for" in capsys.readouterr().err
