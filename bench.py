@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 import common
+import samplers
 import data
 import sample
 import train
@@ -94,18 +95,18 @@ def flops(fn):
 
 
 def sampler_rows(net, sigmas, info, B, device, amp):
-    """Per sampler of common.SAMPLERS: its default setting's NFE for this network, and seconds per
+    """Per sampler of samplers.SAMPLERS: its default setting's NFE for this network, and seconds per
     image: a run of the setting's first 2 levels (T = 1) timed per network evaluation, times its NFE."""
     rows = {}
     x = torch.rand(B, *net_shape(info), device=device)
-    for name, spec in common.SAMPLERS.items():
+    for name, spec in samplers.SAMPLERS.items():
         try:
             default = sample.sampler_settings(name, info, 0)
         except sample.Inapplicable:
             continue
         levels = torch.tensor(default.sigmas[:2], device=device)
         kwargs = {k: (1 if k == "n_steps_each" else v) for k, v in default.kwargs.items()}
-        score = common.level_score(net, levels, sigmas)
+        score = samplers.level_score(net, levels, sigmas)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             t = median_seconds(lambda: spec.run(score, x, levels, **kwargs), device, 1, 3) / spec.nfe(2, **kwargs)
         rows[name] = dict(nfe=default.nfe, seconds_per_image=t * default.nfe / B)
@@ -135,7 +136,7 @@ def bench_one(config, impl, args, device):
     forward = lambda: net(x, labels)
     def sample_step():   # one network evaluation and one Langevin update
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            common.annealed_langevin_dynamics(model, x, sigmas[:1], n_steps_each=1)
+            samplers.annealed_langevin_dynamics(model, x, sigmas[:1], n_steps_each=1)
 
     reset_peak(device)
     t_train = median_seconds(lambda: step(model), device, args.warmup, args.repeats)
@@ -147,14 +148,33 @@ def bench_one(config, impl, args, device):
     train_flops, forward_flops = flops(lambda: step(net)), flops(lambda: torch.no_grad()(forward)())
     info = dict(dataset=config, sigma_begin=float(sigmas[0]), sigma_end=float(sigmas[-1]), num_levels=len(sigmas),
                 model_args=dict(conditioning=getattr(net, "conditioning", "norm")), path="bench")
-    samplers = sampler_rows(net.eval(), sigmas, info, B, device, args.amp) if impl == "ours" else {}
+    costs = sampler_rows(net.eval(), sigmas, info, B, device, args.amp) if impl == "ours" else {}
     return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
                 objective=args.objective, channels_last=args.channels_last, compile=args.compile,
                 train_images_per_s=B / t_train, sample_images_per_s_per_nfe=B / t_sample, train_step_s=t_train,
                 sample_step_s=t_sample, train_gflop_per_image=train_flops and train_flops / B / 1e9,
                 forward_gflop_per_image=forward_flops / B / 1e9,
                 train_gflops_per_s=train_flops and train_flops / t_train / 1e9,
-                peak_train_mib=peak_train, peak_sample_mib=peak_sample, samplers=samplers)
+                peak_train_mib=peak_train, peak_sample_mib=peak_sample, samplers=costs)
+
+
+def print_rows(rows, args, device):
+    """The table of bench_one's rows, and each sampler's cost."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {device} ({where}), "
+          f"batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}")
+    print(f"{'network':<9} {'impl':<9} {'train img/s':>11} {'sample img/s/NFE':>16} {'GFLOP/img':>9} {'GFLOP/s':>8} "
+          f"{'peak train MiB':>14} {'peak sample MiB':>15}")
+    for r in rows:
+        print(f"{r['config']:<9} {r['impl']:<9} {r['train_images_per_s']:>11.2f} "
+              f"{r['sample_images_per_s_per_nfe']:>16.2f} "
+              f"{r['train_gflop_per_image'] or float('nan'):>9.1f} {r['train_gflops_per_s'] or float('nan'):>8.1f} "
+              f"{r['peak_train_mib']:>14.0f} {r['peak_sample_mib']:>15.0f}")
+    for r in rows:
+        if r["samplers"]:
+            print(f"{r['config']}: each sampler's default setting, seconds per image (measured per NFE, batch "
+                  f"{r['batch_size']}): " + ", ".join(f"{k} {v['nfe']} NFE {v['seconds_per_image']:.3g} s"
+                                                       for k, v in r["samplers"].items()))
 
 
 def main(argv=None):
@@ -206,21 +226,7 @@ def main(argv=None):
             raise
         raise SystemExit(f"error: out of memory at --batch-size {args.batch_size} on {device} "
                          f"({utils.first_line(e)[:80]}); use a smaller --batch-size") from None
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {device} ({where}), "
-          f"batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}")
-    print(f"{'network':<9} {'impl':<9} {'train img/s':>11} {'sample img/s/NFE':>16} {'GFLOP/img':>9} {'GFLOP/s':>8} "
-          f"{'peak train MiB':>14} {'peak sample MiB':>15}")
-    for r in rows:
-        print(f"{r['config']:<9} {r['impl']:<9} {r['train_images_per_s']:>11.2f} "
-              f"{r['sample_images_per_s_per_nfe']:>16.2f} "
-              f"{r['train_gflop_per_image'] or float('nan'):>9.1f} {r['train_gflops_per_s'] or float('nan'):>8.1f} "
-              f"{r['peak_train_mib']:>14.0f} {r['peak_sample_mib']:>15.0f}")
-    for r in rows:
-        if r["samplers"]:
-            print(f"{r['config']}: each sampler's default setting, seconds per image (measured per NFE, batch "
-                  f"{r['batch_size']}): " + ", ".join(f"{k} {v['nfe']} NFE {v['seconds_per_image']:.3g} s"
-                                                       for k, v in r["samplers"].items()))
+    print_rows(rows, args, device)
     if args.json:
         utils.save_json(dict(torch=torch.__version__, rows=rows), args.json)
     return rows

@@ -3,11 +3,9 @@ the Data Distribution" (noise conditional score networks, NCSN). Sections, top t
 usable on its own (module level imports: torch and the standard library only):
     noise levels and the paper's sampler settings (with NCSNv2's techniques 1, 2 and 4); the toy
     mixture (Figs. 1-2); CondInstanceNorm++ and RefineNet (Sec. 4.3, appendix A); losses: annealed
-    DSM (eq. 5-6) and SSM-VR; sampler schedules; the samplers, one family with one call and one
-    table (SAMPLERS): annealed Langevin dynamics (Algorithm 1), reverse diffusion, EDM's Heun
-    (Karras et al. 2022, Algorithm 2), DPM-Solver++(2M); inpainting (Algorithm 2); checkpoints:
-    writing, and reading ours and ermongroup/ncsn's files.
-Data sets are data.py; files, flags, processes and figures utils.py; the training machinery train.py.
+    DSM (eq. 5-6) and SSM-VR; checkpoints: writing, and reading ours and ermongroup/ncsn's files.
+The samplers (Algorithms 1 and 2 and their successors) are samplers.py; data sets data.py; files,
+flags, processes and figures utils.py; the training machinery train.py.
 tests/test_official.py checks the network and loss against outputs of the official
 implementation on its own checkpoint files.
 """
@@ -17,7 +15,6 @@ import secrets
 import contextlib
 import math
 import inspect
-from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -117,17 +114,6 @@ def auto_step_lr(sigma_begin, sigma_end, num_levels, n_steps_each):
     """Technique 4's step_lr for T = n_steps_each on geometric_sigmas(sigma_begin, sigma_end, num_levels)."""
     return step_lr_for(level_ratio(sigma_begin, sigma_end, num_levels), sigma_end, n_steps_each)
 
-
-def sampler_defaults(info, nfe=None, steps_each=None, step_lr=None, denoise=False):
-    """(T, step_lr) of annealed Langevin dynamics for a checkpoint (load_score_net's info): its
-    recipe's unless given. An nfe budget sets T = (nfe - denoise) // L; step_lr 'auto' is technique
-    4's for T, as is the default when the checkpoint's own step_lr was technique 4's for its T."""
-    levels = (info["sigma_begin"], info["sigma_end"], info["num_levels"])
-    T = max(1, (nfe - denoise) // levels[2]) if nfe else steps_each or info.get("steps_each", STEPS_EACH)
-    if step_lr is None:
-        step_lr, trained_T = info.get("step_lr", STEP_LR), info.get("steps_each", STEPS_EACH)
-        step_lr = "auto" if math.isclose(step_lr, auto_step_lr(*levels, trained_T), rel_tol=1e-9) else step_lr
-    return T, auto_step_lr(*levels, T) if step_lr == "auto" else step_lr
 
 #----------------------------------------------------------------------------
 # Toy data of Figs. 1 and 2: p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I).
@@ -437,232 +423,6 @@ def annealed_ssm_loss(score_net, x, labels, sigmas, noise=None, vectors=None, n_
     return per_example.mean() if reduction == "mean" else per_example
 
 #----------------------------------------------------------------------------
-# Sampler schedules, and a network as the samplers call it (schedules apart from samplers, as k-diffusion).
-
-def levels_of(info):
-    """The training levels of a checkpoint (load_score_net's info): geometric_sigmas of its settings."""
-    return geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"])
-
-
-def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
-    """EDM's time steps (Karras et al. 2022, eq. 5), then 0:
-        sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i = 0, ..., n-1.
-    rho = 7 spends the steps where the ODE curves most, at small sigma. Returns n + 1 values."""
-    if n < 1 or not sigma_max >= sigma_min > 0:
-        raise ValueError(f"karras_sigmas needs n >= 1 and sigma_max >= sigma_min > 0, "
-                         f"got {n}, {sigma_min}, {sigma_max}")
-    i = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
-    s = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s, s.new_zeros(1)]).float()
-
-
-def trained_subset(trained, n):
-    """n of the trained levels, evenly spaced in index, the first and the last included: where a
-    norm-conditioned network can step when a sampler wants n levels (EDM's round_sigma, exactly)."""
-    L = len(trained)
-    if not 1 <= n <= L:
-        raise ValueError(f"{n} levels asked of a network that knows {L}")
-    return trained[[round(k * (L - 1) / max(n - 1, 1)) for k in range(n)]] if n > 1 else trained[-1:]
-
-
-def level_score(net, sigmas, trained=None):
-    """net as the samplers call it, score_net(x, labels): labels index `sigmas` (long) or are noise
-    levels themselves (float). A scale-conditioned RefineNet (technique 3) takes any sigma; the
-    paper's norm-conditioned one only its `trained` levels, so any other sigma is refused."""
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-    if getattr(net, "conditioning", "norm") == "scale":
-        return lambda x, labels: net(x, labels if labels.is_floating_point() else sigmas.to(x.device)[labels])
-    trained = torch.as_tensor(trained, dtype=torch.float32)
-    def score(x, labels):
-        s = labels if labels.is_floating_point() else sigmas.to(x.device)[labels]
-        index = (s.log()[:, None] - trained.to(s.device).log()[None]).abs().min(1)
-        if (index.values > 1e-4).any():
-            raise ValueError(f"sigma {s[index.values.argmax()].item():.4g} is not a trained level of this "
-                             "norm-conditioned network; it knows only its own")
-        return net(x, index.indices)
-    return score
-
-#----------------------------------------------------------------------------
-# Samplers: one family with one call,
-#     sampler(score_net, x, sigmas, *, randn_like, callback, **settings) -> x,
-# score_net(x, labels) with labels indexing sigmas (descending); x the start, U(0, 1) images (the
-# paper's); callback(i, step, x, score) after each update (its last call of level i is that level's
-# end state). Each runs without autograd and keeps no trajectory: memory O(batch). SAMPLERS (below
-# them) names each with the network evaluations it spends.
-
-@torch.no_grad()
-def langevin_dynamics(score_fn, x, step_size, n_steps, *, randn_like=torch.randn_like):
-    """Langevin dynamics, the paper's eq. (4): x <- x + step_size/2 * s(x) + sqrt(step_size) z.
-    score_fn(x) is called under torch.no_grad(). Returns the final x (a new tensor)."""
-    for _ in range(n_steps):
-        x = x + 0.5 * step_size * score_fn(x) + math.sqrt(step_size) * randn_like(x)
-    return x
-
-
-@torch.no_grad()
-def annealed_langevin_dynamics(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None,
-                               n_steps_each=STEPS_EACH, step_lr=STEP_LR, denoise=False):
-    """Annealed Langevin dynamics (the paper's Algorithm 1), as the official sampler.
-
-    For each level i = 0, ..., L-1 (sigma descending) and n_steps_each steps:
-        alpha_i = step_lr * (sigma_i / sigma_L)^2
-        x <- x + alpha_i * s(x, i) + sqrt(2 alpha_i) z
-    which is Algorithm 1 of arXiv:1907.05600 (alpha_i = eps sigma_i^2 / sigma_L^2, x <- x +
-    alpha_i/2 s + sqrt(alpha_i) z) with eps = 2 * step_lr. The paper prints eps = 2e-5; its
-    official code, which made its samples, runs this update with step_lr = 2e-5 (eps = 4e-5), the
-    default here. With denoise, one last step x <- x + sigma_L^2 s(x, L-1) removes the remaining
-    noise (NCSNv2's technique 5). Network evaluations: L * n_steps_each (+ 1 with denoise).
-    """
-    sigmas = [float(s) for s in sigmas]
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i, sigma in enumerate(sigmas):
-        labels.fill_(i)
-        alpha = step_lr * (sigma / sigmas[-1]) ** 2
-        for step in range(n_steps_each):
-            score = score_net(x, labels)
-            x = x + alpha * score + math.sqrt(2 * alpha) * randn_like(x)
-            if callback is not None:
-                callback(i, step, x, score)
-    if denoise:
-        x = x + sigmas[-1] ** 2 * score_net(x, labels)
-    return x
-
-
-@torch.no_grad()
-def reverse_diffusion(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None):
-    """Ancestral sampling down the noise levels, one network evaluation per level: the reverse
-    diffusion predictor of Song et al. (2021, "Score-Based Generative Modeling through SDEs",
-    eq. 47) for NCSN's perturbations (their VE SDE). From x + sigma_1 z:
-        x <- x + (sigma_i^2 - sigma_{i+1}^2) s(x, i) + sqrt(sigma_i^2 - sigma_{i+1}^2) z,
-    with sigma_{L+1} = 0 at the last level, where the step is the denoising step x + sigma_L^2 s
-    without noise. With an exact score each step takes data + N(0, sigma_i^2) to data +
-    N(0, sigma_{i+1}^2); there is no step size to tune. Network evaluations: L.
-    """
-    sigmas = [float(s) for s in sigmas]
-    x = x + sigmas[0] * randn_like(x)
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i, sigma in enumerate(sigmas):
-        labels.fill_(i)
-        score = score_net(x, labels)
-        d = sigma ** 2 - (sigmas[i + 1] ** 2 if i + 1 < len(sigmas) else 0.0)
-        x = x + d * score + (math.sqrt(d) * randn_like(x) if i + 1 < len(sigmas) else 0.0)
-        if callback is not None:
-            callback(i, 0, x, score)
-    return x
-
-
-@torch.no_grad()
-def heun(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None,
-         s_churn=0.0, s_min=0.0, s_max=math.inf, s_noise=1.0):
-    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2; s_churn = 0 is their Algorithm 1,
-    Heun's method on the probability-flow ODE dx/dsigma = -sigma s(x, sigma)). From x + t_0 z, for
-    t_0 > ... > t_{N-1} = sigmas and t_N = 0:
-        gamma_i = min(s_churn / N, sqrt(2) - 1) if s_min <= t_i <= s_max else 0
-        t^_i = (1 + gamma_i) t_i;  x^ = x + sqrt(t^_i^2 - t_i^2) s_noise z         # churn: add noise
-        d = -t^_i s(x^, t^_i);  x' = x^ + (t_{i+1} - t^_i) d                        # Euler step
-        x = x^ + (t_{i+1} - t^_i) (d + d') / 2,  d' = -t_{i+1} s(x', t_{i+1})       # 2nd order, if t_{i+1} > 0
-    The last step, to sigma = 0, stays an Euler step (EDM's). Network evaluations: 2N - 1. With
-    churn the network is evaluated at t^_i, which only a scale-conditioned one knows.
-    """
-    sigmas = [float(s) for s in sigmas] + [0.0]
-    N = len(sigmas) - 1
-    x = x + sigmas[0] * randn_like(x)
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i in range(N):
-        t, t_next = sigmas[i], sigmas[i + 1]
-        gamma = min(s_churn / N, math.sqrt(2) - 1) if s_min <= t <= s_max else 0.0
-        if gamma > 0:
-            t_hat = t * (1 + gamma)
-            x = x + math.sqrt(t_hat ** 2 - t ** 2) * s_noise * randn_like(x)
-            score = score_net(x, torch.full(labels.shape, t_hat, dtype=x.dtype, device=x.device))
-        else:
-            t_hat, score = t, score_net(x, labels.fill_(i))
-        d = -t_hat * score
-        x_next = x + (t_next - t_hat) * d
-        if t_next > 0:
-            d_next = -t_next * score_net(x_next, labels.fill_(i + 1))
-            x_next = x + (t_next - t_hat) * (0.5 * d + 0.5 * d_next)
-        x = x_next
-        if callback is not None:
-            callback(i, 0, x, score)
-    return x
-
-
-@torch.no_grad()
-def dpmpp_2m(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None):
-    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2): the multistep
-    second-order solver of the probability-flow ODE in data prediction, D(x; sigma) = x + sigma^2
-    s(x, sigma), and lambda = -log sigma (NCSN's VE perturbations: alpha = 1). From x + t_0 z, with
-    h_i = lambda_{i+1} - lambda_i, r_i = h_{i-1} / h_i, t_N = 0:
-        D' = (1 + 1/(2 r_i)) D_i - 1/(2 r_i) D_{i-1}            (D' = D_i at the first and last step)
-        x <- (t_{i+1} / t_i) x - (exp(-h_i) - 1) D'             (= D' when t_{i+1} = 0)
-    Network evaluations: N, one per step.
-    """
-    sigmas = [float(s) for s in sigmas] + [0.0]
-    x = x + sigmas[0] * randn_like(x)
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    old = None
-    for i in range(len(sigmas) - 1):
-        t, t_next = sigmas[i], sigmas[i + 1]
-        score = score_net(x, labels.fill_(i))
-        denoised = x + t ** 2 * score
-        if t_next == 0:
-            x = denoised
-        else:
-            h = math.log(t / t_next)
-            d = denoised
-            if old is not None:
-                r = math.log(sigmas[i - 1] / t) / h
-                d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old
-            x = (t_next / t) * x - math.expm1(-h) * d
-        old = denoised
-        if callback is not None:
-            callback(i, 0, x, score)
-    return x
-
-
-class Sampler(NamedTuple):
-    """A SAMPLERS entry: the function; its network evaluations for n levels and its settings; and
-    what an evaluation budget buys: 'steps' per level on the trained levels, or 'levels' (any, on
-    `schedule(n, sigma_min, sigma_max)`; a norm-conditioned network steps on trained_subset)."""
-    run: Callable
-    nfe: Callable
-    budget: str
-    schedule: Callable = None
-
-
-SAMPLERS = {  # name: the sampler, what it spends, where it steps
-    "als": Sampler(annealed_langevin_dynamics, lambda n, n_steps_each=STEPS_EACH, denoise=False, **_:
-                   n * n_steps_each + bool(denoise), "steps"),
-    "ancestral": Sampler(reverse_diffusion, lambda n, **_: n, "levels",
-                         lambda n, lo, hi: geometric_sigmas(hi, lo, n) if n > 1 else torch.tensor([lo])),
-    "heun": Sampler(heun, lambda n, **_: 2 * n - 1, "levels", lambda n, lo, hi: karras_sigmas(n, lo, hi)[:-1]),
-    "dpmpp2m": Sampler(dpmpp_2m, lambda n, **_: n, "levels", lambda n, lo, hi: karras_sigmas(n, lo, hi)[:-1]),
-}
-
-
-@torch.no_grad()
-def annealed_langevin_inpainting(score_net, x, known, mask, sigmas, *, randn_like=torch.randn_like,
-                                 n_steps_each=STEPS_EACH, step_lr=STEP_LR):
-    """Inpainting with annealed Langevin dynamics (the paper's Algorithm 2; the official
-    anneal_Langevin_dynamics_inpainting). mask (bool, broadcastable to x) marks the known pixels,
-    whose values are `known`. At each level i they are set to y_i = known + sigma_i z (one draw
-    per level) before every step and after it; the other pixels follow annealed_langevin_dynamics'
-    update. Returns the final x.
-    """
-    sigmas = [float(s) for s in sigmas]
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i, sigma in enumerate(sigmas):
-        labels.fill_(i)
-        alpha = step_lr * (sigma / sigmas[-1]) ** 2
-        y = known + sigma * randn_like(known)                          # the known pixels at this level's noise
-        x = torch.where(mask, y, x)
-        for _ in range(n_steps_each):
-            x = x + alpha * score_net(x, labels) + math.sqrt(2 * alpha) * randn_like(x)
-            x = torch.where(mask, y, x)
-    return x
-
-#----------------------------------------------------------------------------
 # Checkpoints: reading ours or the official implementation's files.
 
 class CheckpointError(ValueError):
@@ -747,6 +507,11 @@ def read_checkpoint(path, map_location="cpu"):
         why = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
         why = why.group(1).strip() if why else f"{type(e).__name__}: {(msg.strip().splitlines() or [''])[0]}"
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({why[:100]})") from None
+
+
+def levels_of(info):
+    """The training levels of a checkpoint (load_score_net's info): geometric_sigmas of its settings."""
+    return geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"])
 
 
 def load_score_net(path, map_location="cpu", ema=None):

@@ -1,6 +1,7 @@
 """Image data sets as whole uint8 tensors (N, C, H, W): torchvision's MNIST, CIFAR-10 and CelebA
 (downloaded when missing, with the official preprocessing) and folders of images; the checks
-that name a damaged file. MNIST and CIFAR-10 fit in memory. torchvision and PIL are imported on use.
+that name a damaged file; a training run's batches, in an order fixed by (seed, epoch). MNIST and
+CIFAR-10 fit in memory. torchvision and PIL are imported on use.
 """
 import math
 import os
@@ -162,3 +163,48 @@ def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_f
         folder = f", or pass {folder_flag} FOLDER of images" if folder_flag else ""
         raise DataError(f"{dataset} is not under --data-root {data_root} and could not be downloaded "
                         f"({utils.first_line(e)}); copy these files into {where}{folder}") from None
+
+
+def train_and_test(dataset, data_root, dataset_path, batch_size, rank=0, world=1):
+    """(train, test) uint8 images for a training run of `world` processes: rank 0 first, as it
+    alone downloads a missing data set."""
+    if rank != 0:
+        torch.distributed.barrier()
+    images = [load_images(dataset, split, data_root, dataset_path) for split in (True, False)]
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+    if len(images[0]) < batch_size:
+        raise DataError(f"the training set has {len(images[0])} images, fewer than one batch of {batch_size}")
+    return images
+
+#----------------------------------------------------------------------------
+# Training batches: the training set is one uint8 tensor; the order is fixed by (seed, epoch).
+
+def epoch_batches(n, batch_size, seed, epoch, start, rank=0, world_size=1):
+    """Index lists of one epoch from batch `start` on: a permutation fixed by (seed, epoch),
+    cut into global batches (the last partial one dropped), each rank taking its slice."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(utils.stable_seed(seed, epoch, -1)))
+    per_rank = batch_size // world_size
+    for b in range(start, n // batch_size):
+        lo = b * batch_size + rank * per_rank
+        yield perm[lo:lo + per_rank].tolist()
+
+
+def batches(images, batch_size, seed, num_workers, epoch, pos, rank, world, device):
+    """Yield (epoch, batches done in it, this rank's uint8 batch on the device), from batch `pos`
+    of `epoch` on, epoch after epoch."""
+    while True:
+        order = list(epoch_batches(len(images), batch_size, seed, epoch, pos, rank, world))
+        # a tensor is a map-style data set: images[list of indices] is a batch, gathered in the workers
+        loader = torch.utils.data.DataLoader(images, batch_size=None, sampler=order, num_workers=num_workers,
+                                             pin_memory=device.type == "cuda", worker_init_fn=utils.ignore_stop_signals)
+        for batch in loader:
+            pos += 1
+            yield epoch, pos, batch.to(device, non_blocking=True)
+        epoch, pos = epoch + 1, 0
+
+
+def to_unit(images, u=None):
+    """uint8 images to [0, 1]: with u ~ U(0, 1), uniform dequantisation as the official code,
+    x = x_01 * 255/256 + U(0, 1/256) = (x_uint8 + u) / 256; without, x_uint8 / 255 (NCSNv2's default)."""
+    return (images.float() + u) / 256.0 if u is not None else images.float() / 255.0

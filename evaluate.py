@@ -21,7 +21,7 @@ import os
 import time
 
 
-import common
+import samplers
 import data
 import metrics
 import sample
@@ -124,7 +124,7 @@ def save_sweep_figure(path, results):
     groups = {}
     for r in results:
         groups.setdefault((r["checkpoint"], r["sampler"]["ema"], r["sampler"].get("name", "als")), []).append(r)
-    markers = dict(zip(common.SAMPLERS, "os^Dv<>p"))
+    markers = dict(zip(samplers.SAMPLERS, "os^Dv<>p"))
     for ax, k in zip(axes[0], keys):
         for (ckpt, ema, name), rs in groups.items():
             rs = sorted(rs, key=lambda r: r["nfe"])

@@ -8,9 +8,9 @@ images (the paper's Algorithm 2; the official anneal_Langevin_dynamics_inpaintin
     python inpaint.py --checkpoint runs/mnist/checkpoint.pt --classifier --n-images 100 --completions 4
 
 At each noise level the known pixels are set to the image plus that level's noise and the others
-follow the Langevin update (common.annealed_langevin_inpainting), with the checkpoint's sampler
+follow the Langevin update (samplers.annealed_langevin_inpainting), with the checkpoint's sampler
 settings (either recipe) unless --steps-each / --step-lr say otherwise. Only this sampler inpaints:
-the family's call (common.SAMPLERS) has no known pixels, and an ODE or ancestral form of Algorithm 2
+the family's call (samplers.SAMPLERS) has no known pixels, and an ODE or ancestral form of Algorithm 2
 has not been measured to help, so none is offered. Completion j of image i
 draws its noise from its own generator, seeded by (--seed, i, j): results do not depend on
 --batch-size. Each image's completions are written as they are made, in a folder named after a
@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import samplers
 import data
 import metrics
 import utils
@@ -81,8 +82,9 @@ def inpaint(net, images, known, settings, seed, batch_size, device, folder, firs
         x_known = (images[idx].to(device).float() / 255).repeat_interleave(K, 0)       # (len(idx) K, C, H, W)
         noise = utils.SampleNoise([(seed, first_index + i, j) for i in idx for j in range(K)], device)
         x0 = noise.rand(*x_known.shape[1:])
-        x = common.annealed_langevin_inpainting(net, x0, x_known, known.to(device), sigmas, randn_like=noise.randn_like,
-                                                n_steps_each=settings["steps_each"], step_lr=settings["step_lr"])
+        x = samplers.annealed_langevin_inpainting(net, x0, x_known, known.to(device), sigmas,
+                                                  randn_like=noise.randn_like, n_steps_each=settings["steps_each"],
+                                                  step_lr=settings["step_lr"])
         out = (torch.nan_to_num(x).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().view(len(idx), K, *x.shape[1:])
         for i, completions in zip(idx, out):
             with utils.atomic_path(path(i)) as tmp:
@@ -174,7 +176,7 @@ def main(argv=None):
                   if args.images else data.load_images(dataset, False, args.data_root, folder_flag="--images"))
         images = images[:args.n_images]
         known = make_mask(args.mask, spec["image_size"], args.fraction, args.seed)
-        T, step_lr = common.sampler_defaults(info, steps_each=args.steps_each, step_lr=args.step_lr)
+        T, step_lr = samplers.sampler_defaults(info, steps_each=args.steps_each, step_lr=args.step_lr)
         settings = dict(sigmas=common.levels_of(info).tolist(),
                         steps_each=T, step_lr=step_lr, completions=args.completions, seed=args.seed)
         settings["fingerprint"] = utils.digest(net.state_dict(), known, images, sorted(settings.items()))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import common
+import samplers
 import utils
 
 #----------------------------------------------------------------------------
@@ -127,11 +128,11 @@ def main(argv=None):
     with np.errstate(all="ignore"):
         samples = {
             "iid": common.toy_sample(args.n, gen).double(),
-            "langevin": common.langevin_dynamics(common.toy_score, x0, args.eps, args.steps, randn_like=randn_like),
-            # Algorithm 1 with eps is the official update with step_lr = eps / 2 (see common.py)
-            "annealed": common.annealed_langevin_dynamics(lambda x, labels: common.toy_score(x, sigmas[labels]), x0,
-                                                          sigmas, n_steps_each=args.steps_each, step_lr=args.eps / 2,
-                                                          randn_like=randn_like),
+            "langevin": samplers.langevin_dynamics(common.toy_score, x0, args.eps, args.steps, randn_like=randn_like),
+            # Algorithm 1 with eps is the official update with step_lr = eps / 2 (see samplers.py)
+            "annealed": samplers.annealed_langevin_dynamics(lambda x, labels: common.toy_score(x, sigmas[labels]), x0,
+                                                            sigmas, n_steps_each=args.steps_each, step_lr=args.eps / 2,
+                                                            randn_like=randn_like),
         }
     metrics = {name: mode_fractions(x) for name, x in samples.items()}
     for name, m in metrics.items():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import health
 import sample
 import utils
 
@@ -341,7 +342,7 @@ def level_losses(net, info, images, batch_size, device):
     x_all = images.float() / 255
     z_all = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(utils.stable_seed(SEED, -2)))
     net, losses = net.to(device), {}
-    for i in sample.shown_levels(len(sigmas)):
+    for i in health.shown_levels(len(sigmas)):
         total = 0.0
         for lo in range(0, len(x_all), batch_size):
             x, z = x_all[lo:lo + batch_size].to(device), z_all[lo:lo + batch_size].to(device)

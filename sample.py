@@ -1,4 +1,4 @@
-"""Samples of a checkpoint with any sampler of the family (common.SAMPLERS): resumable shards in a
+"""Samples of a checkpoint with any sampler of the family (samplers.SAMPLERS): resumable shards in a
 folder keyed by a fingerprint, a per-level health report and pictures. Needs no Inception weights.
 
     python sample.py --checkpoint runs/mnist/checkpoint.pt --n 64 --png        # the paper's sampler
@@ -29,7 +29,9 @@ import torch
 from tqdm import tqdm
 
 import common
+import samplers
 import data
+import health
 import utils
 
 #----------------------------------------------------------------------------
@@ -39,8 +41,6 @@ OUT = "runs/eval"        # root of the outputs: <OUT>/<checkpoint name>/<sampler
 N = 50_000               # samples per setting (the usual protocol; model selection can use fewer)
 BATCH_SIZE = 100         # images sampled at once
 SEED = 0                 # image i uses a generator seeded by (SEED, i)
-PROCESS_ROWS = 8         # samples shown in process.png
-SATURATED = 0.01         # warn when over 1% of pixels lie beyond 3 sigma_i of [0, 1] (0.13% for a right sample)
 AUTO = {"norm": ((None, "als"),),                # --sampler auto: per conditioning, (largest --nfe, sampler)
         "scale": ((None, "ancestral"),)}         # pairs, the first that covers the budget (docs/samplers.md)
 FLAGS = dict(steps_each="n_steps_each", step_lr="step_lr", denoise="denoise", s_churn="s_churn",
@@ -55,7 +55,7 @@ class Inapplicable(data.DataError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
-    name: str                        # a key of common.SAMPLERS
+    name: str                        # a key of samplers.SAMPLERS
     sigmas: tuple                    # the levels the sampler steps through, descending
     seed: int                        # image i's generator is seeded by (seed, i)
     shape: tuple                     # (C, H, W)
@@ -68,12 +68,12 @@ class SamplerSettings:
     @property
     def nfe(self):
         """Network evaluations per sample, as the sampler states them."""
-        return common.SAMPLERS[self.name].nfe(len(self.sigmas), **self.kwargs)
+        return samplers.SAMPLERS[self.name].nfe(len(self.sigmas), **self.kwargs)
 
     def record(self):
         """The plain dict of this setting (samples.json, metrics.json, the fingerprint); the paper's
         sampler and the ancestral one keep the keys they had, so existing shards stay valid."""
-        spec, kw = common.SAMPLERS[self.name], self.kwargs
+        spec, kw = samplers.SAMPLERS[self.name], self.kwargs
         start = "uniform start" if spec.budget == "steps" else "start U(0, 1) + sigma_1 z"
         legacy = dict(steps_each=kw.pop("n_steps_each", 1), step_lr=kw.pop("step_lr", None),
                       denoise=kw.pop("denoise", False))
@@ -101,7 +101,7 @@ def sampler_settings(name, info, seed, nfe=None, **given):
     budget: its recipe's unless `given` (flags; None = not given) says otherwise. Raises
     Inapplicable for a setting the sampler lacks, a budget it cannot meet, or levels the network
     does not know."""
-    spec, trained = common.SAMPLERS[name], common.levels_of(info)
+    spec, trained = samplers.SAMPLERS[name], common.levels_of(info)
     ds = data.spec(info["dataset"], info["path"])
     shape = (ds["channels"], ds["image_size"], ds["image_size"])
     scale = info["model_args"].get("conditioning", "norm") == "scale"
@@ -111,7 +111,7 @@ def sampler_settings(name, info, seed, nfe=None, **given):
     params = {k: v for k, v in given.items() if v is not None}
     if spec.budget == "steps":                      # the paper's sampler: T steps on each trained level
         denoise = info.get("denoise", False) if params.get("denoise") is None else params["denoise"]
-        T, step_lr = common.sampler_defaults(info, nfe, params.get("n_steps_each"), params.get("step_lr"), denoise)
+        T, step_lr = samplers.sampler_defaults(info, nfe, params.get("n_steps_each"), params.get("step_lr"), denoise)
         params, sigmas = dict(params, n_steps_each=T, step_lr=step_lr, denoise=denoise), trained
     else:                                           # one or two evaluations a level: the budget buys levels
         params = {k: v for k, v in params.items() if v != own[k]}    # a default given is the default's folder
@@ -121,7 +121,7 @@ def sampler_settings(name, info, seed, nfe=None, **given):
             raise Inapplicable(f"{info['path']}: --sampler {name} {what} needs a scale-conditioned network "
                                f"(--recipe ncsnv2); this one knows its {len(trained)} levels only")
         sigmas = (spec.schedule(n, info["sigma_end"], info["sigma_begin"]) if scale
-                  else common.trained_subset(trained, n))
+                  else samplers.trained_subset(trained, n))
     settings = SamplerSettings(name, tuple(torch.as_tensor(sigmas).tolist()), seed, shape, tuple(params.items()))
     if nfe and settings.nfe > nfe:
         raise Inapplicable(f"--nfe {nfe} is too few for --sampler {name} on {info['path']}: it spends at least "
@@ -190,46 +190,27 @@ def missing_runs(folder, n, batch_size, fp):
     return n - have, runs()
 
 
-class Health:
-    """A sampler callback: per sample and level, the score norm, the share of pixels outside [0, 1]
-    and the share beyond 3 sigma_i of it, at the level's end (its last call), and the first
-    PROCESS_ROWS states at each level's end (for process.png), with no host sync."""
-
-    def __init__(self, sigmas, batch, device, keep_states):
-        self.sigmas, self.keep = [float(s) for s in sigmas], keep_states
-        self.stats = torch.zeros(3, batch, len(sigmas), device=device)     # (statistic, sample, level)
-        self.states = {}
-
-    def __call__(self, level, step, x, score):
-        m = 3 * self.sigmas[level]       # a sample of level i is data + N(0, sigma_i^2): beyond 3 sigma_i is off
-        self.stats[0, :, level] = score.flatten(1).norm(dim=1)
-        self.stats[1, :, level] = ((x < 0) | (x > 1)).flatten(1).float().mean(1)
-        self.stats[2, :, level] = ((x < -m) | (x > 1 + m)).flatten(1).float().mean(1)
-        if self.keep:
-            self.states[level] = x[:PROCESS_ROWS].clone()
-
-
 @torch.no_grad()
 def sample(net, info, settings, folder, n, batch_size, device, fp, stop=None):
     """Make the images of [0, n) that no shard holds yet with settings' sampler from U(0, 1); each
     batch becomes shard_<start>_<end>.npz, stamped with the fingerprint. Returns how many were made."""
     sigmas = torch.tensor(settings.sigmas, device=device)
-    score_net = common.level_score(net, sigmas, common.levels_of(info).to(device))
-    run = common.SAMPLERS[settings.name].run
+    score_net = samplers.level_score(net, sigmas, common.levels_of(info).to(device))
+    run = samplers.SAMPLERS[settings.name].run
     made, runs = missing_runs(folder, n, batch_size, fp)
     bar = tqdm(total=n, initial=n - made, desc="sampling", unit="img", dynamic_ncols=True)
     for start, end in runs:
         noise = utils.SampleNoise([(settings.seed, i) for i in range(start, end)], device)   # image i: (seed, i)
-        health = Health(sigmas, end - start, device, keep_states=start == 0)
-        callback = health if stop is None else (lambda *a: (stop.check(), health(*a)))
+        monitor = health.Health(sigmas, end - start, device, keep_states=start == 0)
+        callback = monitor if stop is None else (lambda *a: (stop.check(), monitor(*a)))
         x = run(score_net, noise.rand(*settings.shape), sigmas, randn_like=noise.randn_like, callback=callback,
                 **settings.kwargs)
         non_finite = (~torch.isfinite(x)).flatten(1).any(1)
         images = (torch.nan_to_num(x, nan=0.0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-        extra = dict(levels=torch.stack([health.states[i] for i in sorted(health.states)]).cpu().numpy()) \
-            if health.states else {}
+        extra = dict(levels=torch.stack([monitor.states[i] for i in sorted(monitor.states)]).cpu().numpy()) \
+            if monitor.states else {}
         with utils.atomic_path(os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")) as tmp:
-            np.savez(tmp, images=images, **extra, health=health.stats.cpu().numpy(),
+            np.savez(tmp, images=images, **extra, health=monitor.stats.cpu().numpy(),
                      non_finite_each=non_finite.cpu().numpy(), fingerprint=np.array(fp))
         bar.update(end - start)
     bar.close()
@@ -261,72 +242,17 @@ def collect(folder, n, fp=None):
     return images
 
 #----------------------------------------------------------------------------
-# The health report: per level, how the samples stand at its end.
-
-def health_means(folder, n, fp=None):
-    """Per level, over the shards of [0, n): mean score norm, share of pixels outside [0, 1],
-    share more than 3 sigma_i outside it; and the number of samples that were not finite."""
-    sums, count, non_finite = 0, 0, 0
-    for a, b, path, first in covering(folder, n, fp):
-        with np.load(path) as f:
-            if "health" in f:                   # per sample: exactly the samples of [0, n)
-                sums = sums + f["health"][:, first:first + b - a].sum(1)
-                non_finite += int(f["non_finite_each"][first:first + b - a].sum())
-                count += b - a
-            else:                               # a shard of an older version: its sums, whole
-                sums = sums + np.stack([f[k] for k in ("score_norm_sum", "out_of_range_sum", "far_out_sum")])
-                non_finite += int(f["non_finite"]) if "non_finite" in f else 0
-                count += int(f["images"].shape[0])
-    return [*(sums / count), non_finite]
-
-
-def health_report(sigmas, score_norm, out_share, far_share, dim):
-    """Rows per level, and the first level where samples saturate (None when none does).
-    Pixels just outside [0, 1] are normal (dark MNIST background plus the level's noise);
-    pixels more than 3 sigma_i outside it are not."""
-    rows = [dict(level=i + 1, sigma=float(s), mean_score_norm=float(g),
-                 sigma_times_norm_over_sqrt_d=float(s * g / math.sqrt(dim)), share_outside_01=float(o),
-                 share_beyond_3_sigma=float(f))
-            for i, (s, g, o, f) in enumerate(zip(sigmas, score_norm, out_share, far_share))]
-    bad = next((r["level"] for r in rows if r["share_beyond_3_sigma"] > SATURATED), None)
-    return rows, bad
-
-
-def shown_levels(L, rows=20):
-    """About `rows` of L levels, evenly spaced, the first and the last included (0-based)."""
-    every = math.ceil(L / rows)
-    return [i for i in range(L) if i % every == 0 or i == L - 1]
-
-
-def print_health(rows, bad, non_finite, n, title):
-    print(f"sampler health ({title}), at the end of each level:")
-    print(f"  {'level':>5} {'sigma':>8} {'mean |s|':>10} {'sigma|s|/sqrt(D)':>16} {'outside [0,1]':>14} "
-          f"{'> 3 sigma out':>14}")
-    for r in (rows[i] for i in shown_levels(len(rows))):
-        print(f"  {r['level']:>5} {r['sigma']:8.4f} {r['mean_score_norm']:10.4g} "
-              f"{r['sigma_times_norm_over_sqrt_d']:16.3f} "
-              f"{r['share_outside_01']:14.2%} {r['share_beyond_3_sigma']:14.2%}")
-    if bad:
-        r = rows[bad - 1]
-        print(f"WARNING: samples saturate from level {bad} (sigma {r['sigma']:.4g}) on: "
-              f"{r['share_beyond_3_sigma']:.1%} "
-              "of pixels lie more than 3 sigma outside [0, 1] at its end; try a smaller --step-lr or another sampler")
-    if non_finite:
-        print(f"WARNING: {non_finite} of {n} samples became NaN or infinite (stored as black where NaN); "
-              "try a smaller --step-lr or another sampler")
-
-#----------------------------------------------------------------------------
 # Pictures of a set of samples.
 
 def save_process(folder, settings, fp):
-    """process.png: the first PROCESS_ROWS samples at the end of each level, as the first shard kept them."""
+    """process.png: the first health.PROCESS_ROWS samples at the end of each level, as the first shard kept them."""
     first = [path for (a, b), path in shards(folder, fp).items() if a == 0]
     with np.load(first[0]) as f:
         if "levels" not in f:                   # a shard of an older version: no states were kept
             return
         levels = list(torch.from_numpy(f["levels"]))
     utils.save_process_figure(os.path.join(folder, "process.png"), levels, list(settings.sigmas),
-                              title=f"{common.SAMPLERS[settings.name].run.__name__}: state at the end of each level")
+                              title=f"{samplers.SAMPLERS[settings.name].run.__name__}: state at the end of each level")
 
 
 def save_pngs(folder, n, fp):
@@ -364,8 +290,8 @@ def add_flags(p):
     p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA weights (default: if the checkpoint has them)")
-    p.add_argument("--sampler", nargs="+", choices=[*common.SAMPLERS, "auto"], default=["als"],
-                   help="samplers of common.SAMPLERS: als (the paper's annealed Langevin dynamics), ancestral "
+    p.add_argument("--sampler", nargs="+", choices=[*samplers.SAMPLERS, "auto"], default=["als"],
+                   help="samplers of samplers.SAMPLERS: als (the paper's annealed Langevin dynamics), ancestral "
                         "(reverse diffusion), heun (EDM), dpmpp2m (DPM-Solver++(2M)); auto: "
                         + "; ".join(f"a {k}-conditioned network: " + ", ".join(f"{s} up to NFE {m}" if m else s
                                                                                for m, s in v) for k, v in AUTO.items()))
@@ -414,7 +340,7 @@ def plan(args, ckpts):
             sampler = auto_sampler(conditioning, nfe) if sampler == "auto" else sampler
             given = dict(n_steps_each=steps_each, step_lr=step_lr, denoise=args.denoise, s_churn=s_churn,
                          s_noise=args.s_noise)
-            own = settings_of(common.SAMPLERS[sampler].run)   # a sampler's own flags apply to it alone
+            own = settings_of(samplers.SAMPLERS[sampler].run)   # a sampler's own flags apply to it alone
             try:
                 settings = sampler_settings(sampler, info, args.seed, nfe,
                                             **{k: v for k, v in given.items() if k in own})
@@ -438,16 +364,16 @@ def make(job, args, device, stop=None):
     open_folder(job.folder, job.fp, job.settings, job.info)
     made = sample(job.net.to(device), job.info, job.settings, job.folder, args.n, args.batch_size, device, job.fp, stop)
     job.net.cpu()
-    *means, non_finite = health_means(job.folder, args.n, job.fp)
+    *means, non_finite = health.health_means(covering(job.folder, args.n, job.fp))
     grid = collect(job.folder, min(100, args.n), job.fp)
     utils.save_image_grid(os.path.join(job.folder, "grid.png"), grid.float() / 255,
                           nrow=int(math.ceil(math.sqrt(len(grid)))))
     save_process(job.folder, job.settings, job.fp)
     if args.png:
         save_pngs(job.folder, args.n, job.fp)
-    rows, bad = health_report(job.settings.sigmas, *means, int(np.prod(job.settings.shape)))
+    rows, bad = health.health_report(job.settings.sigmas, *means, int(np.prod(job.settings.shape)))
     record = job.settings.record()
-    print_health(rows, bad, non_finite, args.n, f"{job.info['path']}, {job.settings.name}, {job.settings.tag()}")
+    health.print_health(rows, bad, non_finite, args.n, f"{job.info['path']}, {job.settings.name}, {job.settings.tag()}")
     described = dict(checkpoint=job.info["path"], dataset=job.info["dataset"], n=args.n, nfe=job.settings.nfe,
                      sampler=dict(record, name=job.settings.name, ema=job.info["ema"]), fingerprint=job.fp,
                      folder=job.folder, health=rows, saturating_level=bad, non_finite_samples=non_finite,
@@ -479,7 +405,7 @@ def check_flags(p, args):
     if args.nfe and args.steps_each:
         p.error("--nfe and --steps-each both set T; give one")
     names = [[s for pairs in AUTO.values() for _, s in pairs] if name == "auto" else [name] for name in args.sampler]
-    taken = {k for group in names for name in group for k in settings_of(common.SAMPLERS[name].run)}
+    taken = {k for group in names for name in group for k in settings_of(samplers.SAMPLERS[name].run)}
     for flag, key in FLAGS.items():
         if getattr(args, flag) is not None and key not in taken:
             p.error(f"--{flag.replace('_', '-')} is a setting of no sampler asked for (--sampler "

@@ -14,7 +14,6 @@ Exit status: 0 finished, 3 stopped by SIGINT/SIGTERM (continue with --resume), 1
 """
 import argparse
 import contextlib
-import copy
 import dataclasses
 import os
 import sys
@@ -24,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import samplers
 import data
 import train_io
 import utils
@@ -95,7 +95,7 @@ class TrainConfig:
     snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=utils.positive_int)
     sample_every: int = _setting(5_000, "steps between sample figures", type=utils.positive_int)
     n_samples: int = _setting(64, "images in each sample grid", type=utils.positive_int)
-    sampler: str = _setting(None, "the figures' sampler (common.SAMPLERS)", choices=list(common.SAMPLERS))
+    sampler: str = _setting(None, "the figures' sampler (samplers.SAMPLERS)", choices=list(samplers.SAMPLERS))
     steps_each: int = _setting(None, "sampler steps per noise level (T)", type=utils.positive_int)
     step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T",
                               type=utils.number_or_auto(utils.positive_float))
@@ -186,31 +186,7 @@ def run_length(cfg, steps_per_epoch):
     return min(limits) if limits else (ITERS, f"the paper's {ITERS:,} steps")
 
 #----------------------------------------------------------------------------
-# Data: the training set is one uint8 tensor; every random draw is fixed by (seed, step).
-
-def epoch_batches(n, batch_size, seed, epoch, start, rank=0, world_size=1):
-    """Index lists of one epoch from batch `start` on: a permutation fixed by (seed, epoch),
-    cut into global batches (the last partial one dropped), each rank taking its slice."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(utils.stable_seed(seed, epoch, -1)))
-    per_rank = batch_size // world_size
-    for b in range(start, n // batch_size):
-        lo = b * batch_size + rank * per_rank
-        yield perm[lo:lo + per_rank].tolist()
-
-
-def batches(images, cfg, epoch, pos, rank, world, device):
-    """Yield (epoch, batches done in it, this rank's uint8 batch on the device), from batch `pos`
-    of `epoch` on, epoch after epoch."""
-    while True:
-        order = list(epoch_batches(len(images), cfg.batch_size, cfg.seed, epoch, pos, rank, world))
-        # a tensor is a map-style data set: images[list of indices] is a batch, gathered in the workers
-        loader = torch.utils.data.DataLoader(images, batch_size=None, sampler=order, num_workers=cfg.num_workers,
-                                             pin_memory=device.type == "cuda", worker_init_fn=utils.ignore_stop_signals)
-        for batch in loader:
-            pos += 1
-            yield epoch, pos, batch.to(device, non_blocking=True)
-        epoch, pos = epoch + 1, 0
-
+# Noise draws: every random draw is fixed by (seed, step).
 
 def level_probs(sigmas, dist):
     """Each level's probability in a training draw: None for uniform (the paper's); for lognormal,
@@ -244,11 +220,6 @@ def objective_loss(net, x, labels, sigmas, z, v, objective, anneal_power):
     return common.dsm_loss(net, x, labels, sigmas, anneal_power, noise=z)
 
 
-def to_unit(images, u=None):
-    """uint8 images to [0, 1]: with u ~ U(0, 1), uniform dequantisation as the official code,
-    x = x_01 * 255/256 + U(0, 1/256) = (x_uint8 + u) / 256; without, x_uint8 / 255 (NCSNv2's default)."""
-    return (images.float() + u) / 256.0 if u is not None else images.float() / 255.0
-
 #----------------------------------------------------------------------------
 # One optimizer step, the test loss, the EMA.
 
@@ -264,7 +235,7 @@ def train_step(model, optimizer, images, sigmas, step, cfg):
     labels, u, z, flips, *v = step_draws(cfg.seed, step, (cfg.batch_size, *images.shape[1:]), len(sigmas), device,
                                          vectors=cfg.objective == "ssm", probs=level_probs(sigmas, cfg.sigma_dist))
     v = v[0] if v else None
-    x = to_unit(images, u[lo:lo + per_rank] if cfg.dequantize else None)
+    x = data.to_unit(images, u[lo:lo + per_rank] if cfg.dequantize else None)
     if data.DATASETS[cfg.dataset]["flip"]:
         x = torch.where(flips[lo:lo + per_rank, None, None, None], x.flip(3), x)
     optimizer.zero_grad(set_to_none=True)
@@ -292,7 +263,7 @@ def test_loss(net, test_images, sigmas, step, cfg, device):
     labels, u, z, _, *v = step_draws(cfg.seed, step, images.shape, len(sigmas), device, 1, cfg.objective == "ssm",
                                      probs=level_probs(sigmas, cfg.sigma_dist))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-        x = to_unit(images, u if cfg.dequantize else None)
+        x = data.to_unit(images, u if cfg.dequantize else None)
         return objective_loss(net, x, labels, sigmas, z, v[0] if v else None, cfg.objective, cfg.anneal_power).item()
 
 
@@ -309,57 +280,6 @@ def ema_rate(cfg, n):
 
 #----------------------------------------------------------------------------
 # The training loop.
-
-def check_resume(state, cfg, model_args):
-    """Refuse to continue a checkpoint of another model or of other settings (all but MAY_CHANGE's)."""
-    path, old = os.path.join(cfg.out, "checkpoint.pt"), common.full_model_args(state["model_args"])
-    if old != model_args:
-        diff = ", ".join(f"{k} {old.get(k)} (flags: {v})" for k, v in model_args.items() if old.get(k) != v)
-        raise TrainError(f"{path} holds a different model: {diff}; resume with the same settings or another --out")
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    diff = utils.changed_settings(state["config"], dataclasses.asdict(cfg), MAY_CHANGE,
-                                  lambda k: RECIPES["ncsn"].get(k, fields[k].default))
-    if diff:
-        raise TrainError(f"{path} was trained with {', '.join(diff)}; resume with the same values")
-
-
-def load_data(cfg, rank, world):
-    """(train, test) uint8 images; rank 0 first, as it alone downloads a missing data set."""
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by processes ({world}) x --grad-accum "
-                         f"({cfg.grad_accum})")
-    if rank != 0:
-        torch.distributed.barrier()
-    images = [data.load_images(cfg.dataset, split, cfg.data_root, cfg.dataset_path) for split in (True, False)]
-    if rank == 0 and world > 1:
-        torch.distributed.barrier()
-    if len(images[0]) < cfg.batch_size:
-        raise TrainError(f"the training set has {len(images[0])} images, fewer than one batch of {cfg.batch_size}")
-    return images
-
-
-def build(cfg, model_args, sigmas, state, world):
-    """The network, the module that trains it (DDP and torch.compile as asked), its EMA copy (None
-    when off) and Adam, restored from `state` when resuming."""
-    torch.manual_seed(cfg.seed)
-    net = common.RefineNet(**model_args, sigmas=sigmas if cfg.conditioning == "scale" else None)
-    net = net.to(sigmas.device, memory_format=torch.channels_last if cfg.channels_last else None)
-    ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema > 0 else None
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    if state is not None:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr
-        if ema is not None:
-            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-        torch.set_rng_state(state["rng"]["torch"])
-    device = sigmas.device
-    model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[device.index] if device.type == "cuda" else None)
-    model = torch.compile(model) if cfg.compile else model    # checkpoints save net's state dict all the same
-    return net, model, ema, opt
-
 
 def describe(cfg, net):
     """The recipe and the network, for the start-of-run line."""
@@ -379,17 +299,22 @@ def start(cfg):
     if rank == 0 and (freed := train_io.prepare_out(cfg.out)):
         say(f"removed the temporary files of an interrupted write in {cfg.out} ({freed / 2**20:.1f} MiB)")
     state = train_io.resume_state(cfg)
-    train_images, test_images = load_data(cfg, rank, world)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by processes ({world}) x --grad-accum "
+                         f"({cfg.grad_accum})")
+    train_images, test_images = data.train_and_test(cfg.dataset, cfg.data_root, cfg.dataset_path, cfg.batch_size,
+                                                     rank, world)
     cfg, auto = resolve_auto(cfg, train_images, device, state, say)
     model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels,
                       image_size=spec["image_size"], conditioning=cfg.conditioning)
     if state is not None:
-        check_resume(state, cfg, model_args)
+        fields = {f.name: f for f in dataclasses.fields(cfg)}       # a setting newer than the checkpoint: its default
+        train_io.check_resume(state, cfg, model_args, MAY_CHANGE, lambda k: RECIPES["ncsn"].get(k, fields[k].default))
     steps_per_epoch = len(train_images) // cfg.batch_size
     total_steps, limit = run_length(cfg, steps_per_epoch)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
-    raw, model, ema, opt = build(cfg, model_args, sigmas, state, world)
+    raw, model, ema, opt = train_io.build(cfg, model_args, sigmas, state, world)
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
     log = train_io.MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, write=rank == 0)
     if rank == 0:
@@ -414,7 +339,8 @@ def train(cfg):
     cfg, rank, world, device, sigmas, log, B = r.cfg, r.rank, r.world, r.device, r.sigmas, r.log, cfg.batch_size
     step, epoch, pos = r.step, r.epoch, r.pos
     # The loop, one optimizer step an iteration; rank 0 alone writes files.
-    stream = batches(r.train_images, cfg, epoch, pos, rank, world, device)
+    stream = data.batches(r.train_images, cfg.batch_size, cfg.seed, cfg.num_workers, epoch, pos, rank, world,
+                          device)
     bar = tqdm(total=r.total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
     last_saved, stopped = (step if r.resumed else None), False
     with utils.StopSignal() as stop:
@@ -466,18 +392,6 @@ def train(cfg):
     return step, None
 
 
-def one_line_error(e, cfg):
-    """The command line's message for an error, or None for an unexpected one (a traceback)."""
-    if isinstance(e, (TrainError, data.DataError, common.CheckpointError, utils.FolderBusy)):
-        return f"error: {e}"
-    if isinstance(e, OSError):
-        return f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
-    if utils.is_out_of_memory(e):
-        return (f"error: out of memory with --ngf {cfg.ngf} and --batch-size {cfg.batch_size} on {cfg.device} "
-                f"({utils.first_line(e)[:80]}); use a smaller --ngf or --batch-size, or --grad-accum")
-    return None
-
-
 def main(argv=None, **fixed):
     """The command line of train.py; train_mnist.py and train_cifar.py fix `dataset`.
     Returns the final step; exits with EXIT_STOPPED when a signal stopped the run."""
@@ -495,7 +409,7 @@ def main(argv=None, **fixed):
         with utils.folder_lock(cfg.out) if lead else contextlib.nullcontext():      # one writer per --out
             step, stopped = train(cfg)
     except (TrainError, data.DataError, common.CheckpointError, OSError, RuntimeError) as e:
-        message = one_line_error(e, cfg)
+        message = train_io.one_line_error(e, cfg)
         if message is None:
             raise
         if torch.distributed.is_initialized():      # the other ranks meet the same error, or time out

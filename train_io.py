@@ -1,6 +1,8 @@
-"""A training run's files: metrics.csv, checkpoints (written, read back for --resume), config.json
-and the figures (Figs. 3-5). train.py's loop calls these; nothing here trains. Rank 0 alone writes.
+"""A training run's set-up and files: metrics.csv, checkpoints (written; read back, checked and
+restored for --resume), the network and optimizer, config.json, the figures (Figs. 3-5), the
+command line's error lines. train.py's loop calls these; nothing here trains. Rank 0 alone writes.
 """
+import copy
 import csv
 import dataclasses
 import math
@@ -11,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import samplers
 import data
 import sample
 import utils
@@ -148,8 +151,8 @@ def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
         levels[i] = x
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-            x = common.SAMPLERS[cfg.sampler].run(
-                common.level_score(net, settings.sigmas, sigmas), x0, torch.tensor(settings.sigmas, device=device),
+            x = samplers.SAMPLERS[cfg.sampler].run(
+                samplers.level_score(net, settings.sigmas, sigmas), x0, torch.tensor(settings.sigmas, device=device),
                 randn_like=lambda t: torch.randn(t.shape, generator=g, device=device), callback=keep, **settings.kwargs)
     except utils.Stopped:
         return False
@@ -190,6 +193,41 @@ def resume_state(cfg):
     return state
 
 
+def check_resume(state, cfg, model_args, may_change, default):
+    """Refuse to continue a checkpoint of another model or of other settings (all but `may_change`;
+    default(name): a setting's value when the checkpoint predates it)."""
+    path, old = os.path.join(cfg.out, "checkpoint.pt"), common.full_model_args(state["model_args"])
+    if old != model_args:
+        diff = ", ".join(f"{k} {old.get(k)} (flags: {v})" for k, v in model_args.items() if old.get(k) != v)
+        raise TrainError(f"{path} holds a different model: {diff}; resume with the same settings or another --out")
+    diff = utils.changed_settings(state["config"], dataclasses.asdict(cfg), may_change, default)
+    if diff:
+        raise TrainError(f"{path} was trained with {', '.join(diff)}; resume with the same values")
+
+
+def build(cfg, model_args, sigmas, state, world):
+    """The network, the module that trains it (DDP and torch.compile as asked), its EMA copy (None
+    when off) and Adam, restored from `state` when resuming."""
+    torch.manual_seed(cfg.seed)
+    net = common.RefineNet(**model_args, sigmas=sigmas if cfg.conditioning == "scale" else None)
+    net = net.to(sigmas.device, memory_format=torch.channels_last if cfg.channels_last else None)
+    ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema > 0 else None
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr
+        if ema is not None:
+            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        torch.set_rng_state(state["rng"]["torch"])
+    device = sigmas.device
+    model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(model) if cfg.compile else model    # checkpoints save net's state dict all the same
+    return net, model, ema, opt
+
+
 def save_config(cfg, path, **found):
     """config.json: every setting, what the run found (processes, data sizes) and the versions."""
     import platform
@@ -198,3 +236,15 @@ def save_config(cfg, path, **found):
     versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                     numpy=numpy.__version__)
     utils.save_json(dict(dataclasses.asdict(cfg), **found, versions=versions), path)
+
+
+def one_line_error(e, cfg):
+    """The command line's message for an error, or None for an unexpected one (a traceback)."""
+    if isinstance(e, (TrainError, data.DataError, common.CheckpointError, utils.FolderBusy)):
+        return f"error: {e}"
+    if isinstance(e, OSError):
+        return f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
+    if utils.is_out_of_memory(e):
+        return (f"error: out of memory with --ngf {cfg.ngf} and --batch-size {cfg.batch_size} on {cfg.device} "
+                f"({utils.first_line(e)[:80]}); use a smaller --ngf or --batch-size, or --grad-accum")
+    return None

@@ -11,9 +11,11 @@ import scipy.linalg
 import torch
 
 import common
+import samplers
 import data
 import evaluate
 import metrics
+import health
 import sample
 import utils
 from conftest import DATA, write_mnist
@@ -139,7 +141,7 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
     common_args = ["--checkpoint", tiny_checkpoint, "--n", "9", "--ref", ref_stats,
                    "--inception-weights", inception_weights, *FAST]
     made = []
-    real = common.annealed_langevin_dynamics
+    real = samplers.annealed_langevin_dynamics
     @functools.wraps(real)                                          # the same settings as the real sampler
     def counting(net, x, *a, **k):
         made.append(len(x))
@@ -147,7 +149,7 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
             raise KeyboardInterrupt
         return real(net, x, *a, **k)
     counting.interrupt = True
-    monkeypatch.setitem(common.SAMPLERS, "als", common.SAMPLERS["als"]._replace(run=counting))
+    monkeypatch.setitem(samplers.SAMPLERS, "als", samplers.SAMPLERS["als"]._replace(run=counting))
     with pytest.raises(SystemExit) as e:                            # Ctrl-C: a message, status 130
         evaluate.main([*common_args, "--batch-size", "4", "--out", str(tmp_path / "a")])
     assert e.value.code == 130
@@ -287,8 +289,8 @@ def test_bad_ref_file_is_refused_before_any_sampling(kind, message, tmp_path, mo
     else:
         np.savez(ref, mu=np.array([object()], dtype=object), sigma=np.eye(2048))
     calls = []
-    fake = functools.wraps(common.annealed_langevin_dynamics)(lambda *a, **k: calls.append(1))
-    monkeypatch.setitem(common.SAMPLERS, "als", common.SAMPLERS["als"]._replace(run=fake))
+    fake = functools.wraps(samplers.annealed_langevin_dynamics)(lambda *a, **k: calls.append(1))
+    monkeypatch.setitem(samplers.SAMPLERS, "als", samplers.SAMPLERS["als"]._replace(run=fake))
     monkeypatch.setattr(metrics, "inception", lambda *a: calls.append("inception"))
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", os.path.join(DATA, "official_cifar_ngf4.pth"), "--n", "2", "--ref", str(ref),
@@ -325,11 +327,11 @@ def test_streamed_stats_equal_numpy_mean_and_covariance():
 def test_health_report_names_the_level_where_samples_saturate():
     sigmas = common.geometric_sigmas(1, 0.01, 6).tolist()
     # MNIST-like: most pixels sit just below 0 (background plus noise): normal, no warning
-    rows, bad = sample.health_report(sigmas, [10.0] * 6, [0.7, 0.6, 0.6, 0.7, 0.8, 0.85], [0.0, 0.001, 0, 0, 0, 0],
+    rows, bad = health.health_report(sigmas, [10.0] * 6, [0.7, 0.6, 0.6, 0.7, 0.8, 0.85], [0.0, 0.001, 0, 0, 0, 0],
                                      dim=784)
     assert bad is None and rows[0]["sigma_times_norm_over_sqrt_d"] == pytest.approx(10 / 28)
     assert rows[5]["share_outside_01"] == 0.85
-    _, bad = sample.health_report(sigmas, [10.0] * 6, [0.7] * 6, [0.0, 0.0, 0.002, 0.02, 0.05, 0.1], dim=784)
+    _, bad = health.health_report(sigmas, [10.0] * 6, [0.7] * 6, [0.0, 0.0, 0.002, 0.02, 0.05, 0.1], dim=784)
     assert bad == 4
 
 
@@ -346,17 +348,17 @@ def test_health_callback_counts_only_far_pixels_as_saturated(tmp_path):
         folder = tmp_path / str(target)
         folder.mkdir()
         sample.sample(net, info, settings, str(folder), 4, 4, torch.device("cpu"), "fp")
-        norm, out, far, non_finite = sample.health_means(str(folder), 4)
+        norm, out, far, non_finite = health.health_means(sample.covering(str(folder), 4))
         assert non_finite == 0
-        _, bad = sample.health_report(sigmas.tolist(), norm, out, far, 64)
+        _, bad = health.health_report(sigmas.tolist(), norm, out, far, 64)
         assert bad == want and (out[-1] > 0.2 if target < 0 else out[-1] == 1.0)
 
 
 def test_out_of_memory_is_one_line(tiny_checkpoint, inception_weights, ref_stats, tmp_path, monkeypatch):
-    @functools.wraps(common.annealed_langevin_dynamics)
+    @functools.wraps(samplers.annealed_langevin_dynamics)
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setitem(common.SAMPLERS, "als", common.SAMPLERS["als"]._replace(run=oom))
+    monkeypatch.setitem(samplers.SAMPLERS, "als", samplers.SAMPLERS["als"]._replace(run=oom))
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", tiny_checkpoint, "--n", "2", "--ref", ref_stats, "--inception-weights",
                        inception_weights, "--out", str(tmp_path / "e"), *FAST])
@@ -387,7 +389,7 @@ def test_level_loss_reports_the_test_dsm_loss_per_training_level(tmp_path, capsy
     oracle.to, oracle.cpu = (lambda device: oracle), (lambda: oracle)
     exact = metrics.level_losses(oracle, info, images, 6, torch.device("cpu"))
     assert list(exact) == [i + 1 for i in range(0, 95, 5)] + [95] and max(exact.values()) < 1e-6
-    assert sample.shown_levels(10) == list(range(10))
+    assert health.shown_levels(10) == list(range(10))
 
 
 def test_existing_shards_keep_their_fingerprints_and_folders():

@@ -15,6 +15,7 @@ import torch
 import evaluate
 import manifold
 import metrics
+import health
 import sample
 import train
 import train_mnist
@@ -88,9 +89,10 @@ def test_numbers_describe_exactly_the_samples_named(tmp_path, monkeypatch):
         arrays = dict(f)
     arrays["non_finite_each"] = np.array([False, True, True, False, True, False, False, False])
     np.savez(path, **arrays)
-    assert sample.health_means(r8["folder"], 1)[-1] == 0 and sample.health_means(r8["folder"], 8)[-1] == 3
-    assert sample.health_means(r8["folder"], 3)[-1] == 2
-    norm_1 = sample.health_means(r8["folder"], 1)[0]
+    means = lambda n: health.health_means(sample.covering(r8["folder"], n))
+    assert means(1)[-1] == 0 and means(8)[-1] == 3
+    assert means(3)[-1] == 2
+    norm_1 = means(1)[0]
     assert np.allclose(norm_1, arrays["health"][0, 0])                 # sample 0's own score norms
     # a shard overlapping it (another batch size, by hand) is not read twice
     np.savez(os.path.join(r8["folder"], "shard_0000004_0000012.npz"), **{**arrays, "images": arrays["images"]})

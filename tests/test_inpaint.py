@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import inpaint
+import samplers
 import train_mnist
 from conftest import DATA, write_mnist
 
@@ -50,7 +50,7 @@ def test_inpaint_script_completes_resumes_and_scores(mnist_root, tmp_path, monke
     comp2 = np.load(os.path.join(m2["folder"], "completions.npz"))["completions"]
     assert np.abs(comp.astype(int) - comp2.astype(int)).max() <= 1
     calls = []
-    monkeypatch.setattr(common, "annealed_langevin_inpainting", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(samplers, "annealed_langevin_inpainting", lambda *a, **k: calls.append(1))
     inpaint.main([*args, "--batch-size", "2"])
     assert calls == [] and os.path.exists(os.path.join(m["folder"], "inpainting.png"))
 

@@ -1,4 +1,4 @@
-"""The sampler family (common.SAMPLERS) on Gaussians and the toy mixture, where the stationary law
+"""The sampler family (samplers.SAMPLERS) on Gaussians and the toy mixture, where the stationary law
 of each update, or the probability-flow ODE's solution, is known exactly; and the inpainting sampler."""
 import math
 import os
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import samplers
 import sample
 from conftest import ROOT
 
@@ -18,7 +19,7 @@ def test_langevin_dynamics_reaches_a_gaussian():
     torch.manual_seed(0)
     mu, var, h = torch.tensor([2.0, -1.0]), 0.5, 0.01
     x = torch.rand(20000, 2) * 16 - 8
-    x = common.langevin_dynamics(lambda x: -(x - mu) / var, x, step_size=h, n_steps=2000)
+    x = samplers.langevin_dynamics(lambda x: -(x - mu) / var, x, step_size=h, n_steps=2000)
     # x' = x + h/2 s(x) + sqrt(h) z is an AR(1) chain with variance var / (1 - h / (4 var))
     want_var = var / (1 - h / (4 * var))
     assert torch.allclose(x.mean(0), mu, atol=0.02)
@@ -34,7 +35,7 @@ def test_annealed_langevin_reaches_the_last_level_gaussian():
     x0 = torch.rand(20000, 2) * 16 - 8
     step_lr = 0.02                              # alpha_0 = 2 < 2 v_0 = 4: stable at every level
     ends = {}
-    x = common.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=300, step_lr=step_lr,
+    x = samplers.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=300, step_lr=step_lr,
                                           callback=lambda i, step, x, s: ends.__setitem__(i, x))
     levels = [ends[i] for i in range(5)]
     v = s2 + sigmas[-1].item() ** 2
@@ -59,7 +60,7 @@ def test_reverse_diffusion_follows_the_exact_variance_recursion():
     score = lambda x, labels: -(x - mu) / (s2 + sigmas[labels].view(-1, 1) ** 2)
     x0 = mu + math.sqrt(s2) * torch.randn(40000, 2)           # data; the sampler adds sigma_1 z
     seen = []
-    x = common.reverse_diffusion(score, x0, sigmas, callback=lambda i, step, x, s: seen.append((i, step)))
+    x = samplers.reverse_diffusion(score, x0, sigmas, callback=lambda i, step, x, s: seen.append((i, step)))
     v = s2 + sigmas[0].item() ** 2
     for i in range(len(sigmas)):
         nxt = sigmas[i + 1].item() ** 2 if i + 1 < len(sigmas) else 0.0
@@ -68,7 +69,7 @@ def test_reverse_diffusion_follows_the_exact_variance_recursion():
     assert abs(x.mean().item() - mu) < 0.005 and abs(x.var(0).mean().item() - v) / v < 0.03
     assert abs(v - s2) / s2 < 0.05 and seen == [(i, 0) for i in range(200)]      # 2.9% above s2
     # without the noise of the steps the samples collapse: the noise is what makes it a sampler
-    x_ode = common.reverse_diffusion(score, x0, sigmas, randn_like=torch.zeros_like)
+    x_ode = samplers.reverse_diffusion(score, x0, sigmas, randn_like=torch.zeros_like)
     assert x_ode.var().item() < 0.5 * s2
 
 
@@ -82,14 +83,14 @@ def test_annealed_langevin_steps_labels_and_denoising():
     def callback(i, t, x, s):
         calls.append((i, t))
         ends[i] = x
-    x = common.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01, randn_like=zero_noise,
+    x = samplers.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01, randn_like=zero_noise,
                                           callback=callback)
     assert calls == [(i, t) for i in range(3) for t in range(4)]
     # with no noise each step adds alpha_i * (i + 1), alpha_i = 0.01 (sigma_i / 0.1)^2
     want = sum(4 * 0.01 * (s / 0.1) ** 2 * (i + 1) for i, s in enumerate([1.0, 0.5, 0.1]))
     assert torch.allclose(x, torch.full_like(x, want), rtol=1e-5)
     assert torch.allclose(ends[0], torch.full_like(x, 4 * 0.01 * 100 * 1), rtol=1e-5)
-    xd = common.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01,
+    xd = samplers.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01,
                                            randn_like=zero_noise, denoise=True)
     assert torch.allclose(xd, x + 0.1 ** 2 * 3, rtol=1e-5)   # x + sigma_L^2 s(x, L-1)
 
@@ -99,7 +100,7 @@ def test_annealed_langevin_is_reproducible_with_a_generator():
     def run(seed):
         g = torch.Generator().manual_seed(seed)
         rl = lambda x: torch.randn(x.shape, generator=g)
-        return common.annealed_langevin_dynamics(net, torch.zeros(4, 3), [1.0, 0.1], n_steps_each=5, step_lr=0.01,
+        return samplers.annealed_langevin_dynamics(net, torch.zeros(4, 3), [1.0, 0.1], n_steps_each=5, step_lr=0.01,
                                                  randn_like=rl)
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
 
@@ -111,19 +112,19 @@ def test_annealed_langevin_keeps_no_trajectory():
         def score(x, labels):
             refs.append(weakref.ref(x))
             return -x
-        common.annealed_langevin_dynamics(score, torch.rand(8, 1, 4, 4), [1.0, 0.5, 0.1], n_steps_each=n_steps_each,
+        samplers.annealed_langevin_dynamics(score, torch.rand(8, 1, 4, 4), [1.0, 0.5, 0.1], n_steps_each=n_steps_each,
                                           step_lr=1e-3)
         return sum(r() is not None for r in refs)
     assert live_inputs(5) == live_inputs(200) <= 2
 
 
 MEMORY_SCRIPT = """
-import resource, sys, torch, common
+import resource, sys, torch, samplers
 torch.set_num_threads(1)
 n = int(sys.argv[1])
 x = torch.rand(2_000_000)                            # 8 MB a state
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-common.annealed_langevin_dynamics(lambda x, l: -x, x, [1.0, 0.5], n_steps_each=n, step_lr=1e-3)
+samplers.annealed_langevin_dynamics(lambda x, l: -x, x, [1.0, 0.5], n_steps_each=n, step_lr=1e-3)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
 
@@ -157,10 +158,10 @@ def test_ode_solvers_are_second_order_on_a_gaussian(name):
         x, z = torch.zeros(2000, 1), torch.randn(2000, 1, generator=torch.Generator().manual_seed(0))
         errors = []
         for n in (10, 20, 40):
-            sigmas = common.karras_sigmas(n, 0.01, 10.0)[:-1].double()
+            sigmas = samplers.karras_sigmas(n, 0.01, 10.0)[:-1].double()
             exact = mu + (x + sigmas[0] * z - mu) * s / math.sqrt(s ** 2 + sigmas[0] ** 2)
             draws = iter([z])
-            out = common.SAMPLERS[name].run(gaussian_score(mu, s * s, sigmas), x, sigmas,
+            out = samplers.SAMPLERS[name].run(gaussian_score(mu, s * s, sigmas), x, sigmas,
                                             randn_like=lambda t: next(draws))
             errors.append((out - exact).abs().max().item())
         assert errors[-1] < 5e-3 and all(3.5 < a / b < 6 for a, b in zip(errors, errors[1:])), errors
@@ -179,8 +180,8 @@ def test_fast_samplers_recover_the_toy_mixture(name, n, churn, nfe, tol):
     to 0.01. The ODE (churn 0) is there by 35 NFE; with S_churn 10 the variance is 10-14% high at 35 NFE (the
     added noise's discretisation error, measured) and within 5% at 99."""
     torch.manual_seed(0)
-    sigmas = common.karras_sigmas(n, 0.01, 20.0)[:-1]
-    spec = common.SAMPLERS[name]
+    sigmas = samplers.karras_sigmas(n, 0.01, 20.0)[:-1]
+    spec = samplers.SAMPLERS[name]
     kwargs = dict(s_churn=churn) if churn else {}
     assert spec.nfe(n, **kwargs) == nfe
     x = spec.run(toy_score_net(sigmas), common.toy_sample(20000), sigmas, **kwargs)
@@ -191,7 +192,7 @@ def test_fast_samplers_recover_the_toy_mixture(name, n, churn, nfe, tol):
 
 
 def test_karras_sigmas_are_edm_s_time_steps():
-    s = common.karras_sigmas(5, 0.002, 80.0)
+    s = samplers.karras_sigmas(5, 0.002, 80.0)
     assert len(s) == 6 and s[-1] == 0 and s[0] == pytest.approx(80.0) and s[4] == pytest.approx(0.002, rel=1e-5)
     # eq. 5: evenly spaced in sigma^(1/7)
     even = torch.linspace(80 ** (1 / 7), 0.002 ** (1 / 7), 5).double()
@@ -200,12 +201,12 @@ def test_karras_sigmas_are_edm_s_time_steps():
 
 def test_norm_conditioned_networks_step_only_on_their_trained_levels():
     trained = common.geometric_sigmas()
-    assert torch.equal(common.trained_subset(trained, 10), trained)
-    sub = common.trained_subset(trained, 4)
+    assert torch.equal(samplers.trained_subset(trained, 10), trained)
+    sub = samplers.trained_subset(trained, 4)
     assert sub[0] == trained[0] and sub[-1] == trained[-1] and len(sub) == 4
     seen = []
     net = lambda x, labels: (seen.append(labels.clone()), torch.zeros_like(x))[1]
-    score = common.level_score(net, sub, trained)
+    score = samplers.level_score(net, sub, trained)
     score(torch.zeros(2, 1), torch.tensor([1, 2]))
     assert seen[-1].tolist() == [3, 6]                     # indices of the trained levels
     with pytest.raises(ValueError, match="not a trained level"):
@@ -229,8 +230,8 @@ def test_a_new_sampler_is_one_function_and_one_table_entry(monkeypatch, tmp_path
             if callback:
                 callback(i, 0, x, score)
         return x
-    monkeypatch.setitem(common.SAMPLERS, "toy", common.Sampler(toy, lambda n, **_: n, "levels",
-                                                               common.SAMPLERS["ancestral"].schedule))
+    monkeypatch.setitem(samplers.SAMPLERS, "toy", samplers.Sampler(toy, lambda n, **_: n, "levels",
+                                                               samplers.SAMPLERS["ancestral"].schedule))
     net = common.RefineNet(1, 4, 10, 28)
     ck = tmp_path / "ck" / "checkpoint.pt"
     common.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
@@ -255,13 +256,13 @@ def test_inpainting_samples_the_conditional_of_a_gaussian():
     n = 20000
     known = torch.full((n, 2), a, dtype=torch.float64)
     mask = torch.tensor([True, False])
-    x = common.annealed_langevin_inpainting(score, torch.rand(n, 2, dtype=torch.float64), known, mask, sigmas,
+    x = samplers.annealed_langevin_inpainting(score, torch.rand(n, 2, dtype=torch.float64), known, mask, sigmas,
                                             n_steps_each=200, step_lr=2e-5 * 2)
     assert torch.allclose(x[:, 0], torch.full((n,), a, dtype=torch.float64), atol=0.05)   # a + sigma_L z
     assert abs(x[:, 1].mean().item() - r * a) < 0.02 and abs(x[:, 1].var().item() - (1 - r * r)) < 0.02
     # with no noise the known pixels are exactly the known values
     zero = lambda t: torch.zeros_like(t)
-    x = common.annealed_langevin_inpainting(score, torch.rand(4, 2, dtype=torch.float64), known[:4], mask, sigmas,
+    x = samplers.annealed_langevin_inpainting(score, torch.rand(4, 2, dtype=torch.float64), known[:4], mask, sigmas,
                                             n_steps_each=3, step_lr=1e-4, randn_like=zero)
     assert torch.equal(x[:, 0], known[:4, 0])
 
