@@ -11,6 +11,7 @@ update), each the median of --repeats runs after --warmup untimed ones (CUDA is 
 around each; the CPU needs no sync). Peak memory: the CUDA allocator's peak, or on the CPU the
 process's peak resident memory (reset before each measurement). FLOPs: torch's flop counter.
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import os
 import statistics
 import sys
@@ -216,6 +217,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch_size = args.batch_size or (128 if device.type == "cuda" else 16)
+    if args.amp == "bf16" and (slow := utils.slow_bf16(device)):
+        print(slow, file=sys.stderr)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     impls = ["ours", "official"] if args.official else ["ours"]

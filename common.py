@@ -444,6 +444,14 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:    # a full disk says "No space left on device" without a file name: name it
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+    except RuntimeError as e:   # torch.save's writer reports a failed write as a RuntimeError
+        if "write" not in str(e):
+            raise
+        raise OSError(getattr(e, "errno", None) or 5, f"write failed ({str(e).splitlines()[0][:60]})", path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -506,7 +514,19 @@ def read_checkpoint(path, map_location="cpu"):
                                   "(loading it could run code); re-save a plain state_dict") from None
         why = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
         why = why.group(1).strip() if why else f"{type(e).__name__}: {(msg.strip().splitlines() or [''])[0]}"
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({why[:100]})") from None
+        why = why if len(why) <= 100 else why[:why.rfind(" ", 0, 100)] + " ..."
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint, or truncated or damaged ({why})"
+                              + _snapshot_hint(path)) from None
+
+
+def _snapshot_hint(path):
+    """Where a training run left whole copies beside a damaged checkpoint: its numbered snapshots."""
+    snaps = [(int(m.group(1)), name) for name in os.listdir(os.path.dirname(os.path.abspath(path)))
+             if (m := re.fullmatch(r"checkpoint_(\d+)\.pt", name)) and name != os.path.basename(path)]
+    if not snaps:
+        return "; use another file"
+    step, name = max(snaps)
+    return f"; {name} beside it is a whole snapshot of step {step} (to resume from it, copy it to checkpoint.pt)"
 
 
 def levels_of(info):

@@ -70,6 +70,20 @@ def load_image_folder(path, channels, image_size, split=None, flag="--dataset-pa
     return torch.stack(images)
 
 
+def idx_problem(path):
+    """What is wrong with an uncompressed MNIST IDX file (None when nothing): a header that is not
+    IDX's (bytes 0, 0, type 0x08 for uint8, 1 or 3 dimensions), or a size other than the header's."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 8 or head[:3] != b"\x00\x00\x08" or head[3] not in (1, 3):
+        return f"not an IDX file of bytes (its header starts {head[:4].hex(' ') or 'empty'}, IDX's 00 00 08 01 or 03)"
+    dims = [int.from_bytes(head[4 + 4 * k:8 + 4 * k], "big") for k in range(head[3])]
+    want, size = 4 * (1 + len(dims)) + math.prod(dims), os.path.getsize(path)
+    if size != want:
+        return f"{'truncated' if size < want else 'longer than its header says'} ({size} bytes, its header says {want})"
+    return None
+
+
 def damaged_files(dataset, data_root):
     """Files of torchvision's layout under data_root that are present but damaged (an MD5 other
     than torchvision's, or an IDX file shorter than its header says), as messages."""
@@ -85,16 +99,9 @@ def damaged_files(dataset, data_root):
         for name, md5 in torchvision.datasets.MNIST.resources:
             check_md5(os.path.join(raw, name), md5)
             idx = os.path.join(raw, name[:-3])
-            if os.path.isfile(idx):
-                with open(idx, "rb") as f:
-                    head = f.read(16)
-                ndim = head[3] if len(head) > 3 else 0
-                dims = [int.from_bytes(head[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
-                want = 4 * (1 + len(dims)) + math.prod(dims)
-                if len(head) < 8 or os.path.getsize(idx) != want:
-                    found.append(f"{idx} is present but truncated ({os.path.getsize(idx)} bytes, its header says "
-                                 f"{want}); "
-                                 "delete it (and its .gz) to download it again, or copy a good one")
+            if os.path.isfile(idx) and (why := idx_problem(idx)):
+                found.append(f"{idx} is present but {why}; delete it (and its .gz) to download it again, "
+                             "or copy a good one")
     elif dataset == "cifar10":
         cls = torchvision.datasets.CIFAR10
         check_md5(os.path.join(data_root, cls.filename), cls.tgz_md5)
@@ -135,7 +142,7 @@ def spec(dataset, where="the checkpoint"):
     return DATASETS[dataset]
 
 
-def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_flag="--dataset-path"):
+def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_flag=None):
     """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 / CelebA
     under data_root (downloaded when missing), or a folder of images (dataset_path)."""
     spec = DATASETS[dataset]
@@ -170,7 +177,7 @@ def train_and_test(dataset, data_root, dataset_path, batch_size, rank=0, world=1
     alone downloads a missing data set."""
     if rank != 0:
         torch.distributed.barrier()
-    images = [load_images(dataset, split, data_root, dataset_path) for split in (True, False)]
+    images = [load_images(dataset, split, data_root, dataset_path, "--dataset-path") for split in (True, False)]
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     if len(images[0]) < batch_size:

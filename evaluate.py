@@ -16,7 +16,7 @@ grid.png, process.png) and scores (metrics.SCORERS) into metrics.json -> the tab
 (each metric against network evaluations) when several settings are compared. A rerun with other
 --metrics keeps the scores an earlier run made of the same samples.
 """
-import json
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import os
 import time
 
@@ -82,8 +82,11 @@ def evaluate_one(args, job, scorers, device, losses):
     result["seconds"] = round(time.time() - t0, 1)
     path = os.path.join(job.folder, "metrics.json")
     if os.path.exists(path):                   # the same samples: keep the scores an earlier run made of them
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            old = utils.read_json(path)
+        except utils.Damaged as e:
+            old = {}
+            utils.set_aside(path, f"{e}: damaged")
         if old.get("fingerprint") == job.fp and old.get("n") == args.n:
             result = {**{k: v for k, v in old.items() if k not in result}, **result}
     utils.save_json(result, path)

@@ -19,6 +19,7 @@ Writes under --out: inpainting.png (a row per image: occluded input, completions
 completions.npz, png/ (with --png), metrics.json (with --classifier, MNIST: how often the
 classifier gives the completion the original's label, against filling with noise or the mean image).
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
 import os
 
@@ -75,7 +76,9 @@ def inpaint(net, images, known, settings, seed, batch_size, device, folder, firs
     K = settings["completions"]
     per_batch = max(1, batch_size // K)
     path = lambda i: os.path.join(folder, f"image_{first_index + i:05d}.npz")
-    todo = [i for i in range(len(images)) if not os.path.exists(path(i))]
+    utils.remove_temporaries(folder)
+    done = {i: stored(path(i), settings["fingerprint"]) for i in range(len(images)) if os.path.exists(path(i))}
+    todo = [i for i in range(len(images)) if done.get(i) is None]
     bar = tqdm(total=len(images), initial=len(images) - len(todo), desc="inpainting", unit="img", dynamic_ncols=True)
     for b in range(0, len(todo), per_batch):
         idx = todo[b:b + per_batch]
@@ -89,10 +92,24 @@ def inpaint(net, images, known, settings, seed, batch_size, device, folder, firs
         for i, completions in zip(idx, out):
             with utils.atomic_path(path(i)) as tmp:
                 np.savez(tmp, completions=completions.numpy(), fingerprint=np.array(settings["fingerprint"]))
+            done[i] = completions.numpy()
         bar.update(len(idx))
     bar.close()
-    return torch.stack([torch.from_numpy(np.load(path(i))["completions"])
-                        for i in range(len(images))])
+    return torch.stack([torch.from_numpy(done[i]) for i in range(len(images))])
+
+
+def stored(path, fp):
+    """The completions an earlier run stored in `path`: refused when they are of another run (its
+    fingerprint), None (and the file set aside) when the file is damaged."""
+    try:
+        f = utils.read_npz(path)
+    except utils.Damaged as e:
+        utils.set_aside(path, f"{e}: damaged")
+        return None
+    if str(f.get("fingerprint")) != fp or "completions" not in f:
+        raise data.DataError(f"{path} holds completions of other weights, images, mask or settings; "
+                             "delete it or use another --out")
+    return f["completions"]
 
 
 def save_figure(path, images, known, completions):

@@ -12,6 +12,7 @@ The default levels, 20 down to 1, are those of the official code; the paper's te
 down to 0.1, for which the first levels are unstable (see the stability table this prints).
 Writes to --out: langevin_compare.png, metrics.json, langevin_compare.npz.
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import os
 
 import numpy as np

@@ -13,6 +13,7 @@ one projection per image), Adam: one on the images as they are, one on images + 
 iterations, and the iteration where a loss became non-finite, if one did), losses.npz, and
 manifold.pt (the state, every --save-every iterations, for --resume).
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import os
 import time
 

@@ -14,6 +14,7 @@ images' content and the weights. The digit classifier (trained once here, cached
 where Inception knows nothing of digits, a classifier Inception score, a confident share and a
 Frechet distance in its features to held-out real digits.
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import functools
 import math
 import os
@@ -112,14 +113,13 @@ def inception_score(logits, splits=10):
 def read_stats(path):
     """(mu, sigma) of a statistics .npz, refused in one line unless both are finite 2048-feature arrays."""
     try:
-        with np.load(path) as f:
-            if "mu" not in f or "sigma" not in f:
-                raise data.DataError(f"--ref {path}: needs arrays 'mu' and 'sigma' (as written by an earlier run)")
-            mu, sigma = f["mu"], f["sigma"]
-    except data.DataError:
-        raise
-    except Exception as e:      # zipfile, pickle and OS errors by cause
-        raise data.DataError(f"--ref {path}: not a readable .npz of statistics ({utils.first_line(e)[:80]})") from None
+        f = utils.read_npz(path, ["mu", "sigma"])
+    except utils.Damaged as e:
+        raise data.DataError(f"--ref {e}: not a statistics .npz; give one an earlier run wrote (or EDM's "
+                             "fid.py ref), or a folder of images") from None
+    if "mu" not in f or "sigma" not in f:
+        raise data.DataError(f"--ref {path}: needs arrays 'mu' and 'sigma' (as written by an earlier run)")
+    mu, sigma = f["mu"], f["sigma"]
     if mu.shape != (FEATURES,) or sigma.shape != (FEATURES, FEATURES):
         raise data.DataError(f"--ref {path}: mu has shape {mu.shape} and sigma {sigma.shape}; Inception statistics "
                              f"are ({FEATURES},) and ({FEATURES}, {FEATURES})")

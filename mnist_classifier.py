@@ -10,6 +10,7 @@ image; those held-out digits are the reference of the Frechet distance (all but 
 metrics.PROBE) and the ceiling's samples (the others). Its weights are cached under --cache in a
 file named after a digest of the training digits, so other data never reuses them.
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
 
 import torch

@@ -13,6 +13,7 @@ per checkpoint and sampler setting: samples.json (the fingerprint), shard_<start
 grid.png (the first 100), process.png (the first 8 at the end of each level), health.json (the
 per-level health report), png/<i>.png with --png. Scoring is metrics.py's; both, evaluate.py.
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
 import dataclasses
 import glob
@@ -141,41 +142,53 @@ class StaleSamples(data.DataError):
 
 
 def open_folder(folder, fp, settings, info):
-    """Create the samples folder or check that it holds samples of this fingerprint."""
+    """Create the samples folder or check that it holds samples of this fingerprint; remove the
+    temporary files of a killed writer and set a damaged samples.json aside."""
     meta = os.path.join(folder, "samples.json")
     record = settings.record()
     if os.path.exists(meta):
-        with open(meta) as f:
-            old = json.load(f)
-        if old.get("fingerprint") != fp:
-            what = [k for k in record if old.get("settings", {}).get(k) != record[k]] or ["the weights"]
-            raise StaleSamples(f"{folder} holds samples made with other {', '.join(what)}; "
-                               "use another --out, or delete that folder")
-        return
+        try:
+            old = utils.read_json(meta)
+        except utils.Damaged as e:
+            utils.set_aside(meta, f"{e}: damaged")
+        else:
+            if old.get("fingerprint") != fp:
+                what = [k for k in record if old.get("settings", {}).get(k) != record[k]] or ["the weights"]
+                raise StaleSamples(f"{folder} holds samples made with other {', '.join(what)}; "
+                                   "use another --out, or delete that folder")
+            utils.remove_temporaries(folder)
+            return
     os.makedirs(folder, exist_ok=True)
+    utils.remove_temporaries(folder)
     utils.save_json(dict(fingerprint=fp, settings=record, checkpoint=info["path"], ema=info["ema"], step=info["step"]),
                     meta)
 
 
-def shards(folder, fp=None):
-    """{(start, end): path} of the shards in `folder`; with fp, refuse any made under another."""
+def shards(folder, fp=None, verify=False):
+    """{(start, end): path} of the shards in `folder`; with fp, refuse any made under another; with
+    verify, read each whole and set a damaged one aside (its samples are missing again)."""
     found = {}
     for path in glob.glob(os.path.join(folder, "shard_*.npz")):
         m = re.fullmatch(r"shard_(\d+)_(\d+)\.npz", os.path.basename(path))
-        if m:
-            if fp is not None:
-                with np.load(path) as f:
-                    if "fingerprint" not in f or str(f["fingerprint"]) != fp:
-                        raise StaleSamples(f"{path} was made by other weights or sampler settings; "
-                                           "delete it or use another --out")
-            found[int(m.group(1)), int(m.group(2))] = path
+        if not m:
+            continue
+        if fp is not None:
+            try:
+                stamp = utils.read_npz(path, None if verify else ["fingerprint"]).get("fingerprint")
+            except utils.Damaged as e:
+                utils.set_aside(path, f"{e}: damaged")
+                continue
+            if stamp is None or str(stamp) != fp:
+                raise StaleSamples(f"{path} was made by other weights or sampler settings; "
+                                   "delete it or use another --out")
+        found[int(m.group(1)), int(m.group(2))] = path
     return found
 
 
 def missing_runs(folder, n, batch_size, fp):
     """(how many of [0, n) no shard holds, a generator of their ranges, each gap cut to the batch
     size): memory O(shards) whatever n."""
-    spans = sorted(shards(folder, fp))
+    spans = sorted(shards(folder, fp, verify=True))
     have, pos = 0, 0
     for a, b in spans:
         a, b = max(a, pos), min(b, n)

@@ -9,6 +9,7 @@ and its scores are compared with the exact ones on [-8, 8]^2.
 Writes to --out: toy_gmm.png (density, true and estimated score fields, error map, loss
 curve), metrics.json (errors near and far from the data) and toy_gmm.npz (every array).
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import os
 import time
 

@@ -12,6 +12,7 @@ checkpoint_<step>.pt (snapshots), loss.png, samples_<step>.png and process_<step
 Exit status: 0 finished, 3 stopped by SIGINT/SIGTERM (continue with --resume), 1 an error,
 2 a bad flag.
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
 import contextlib
 import dataclasses
@@ -296,6 +297,8 @@ def start(cfg):
     rank, world, device = utils.dist_init(cfg.device)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     spec = data.DATASETS[cfg.dataset]
+    if cfg.amp == "bf16" and (slow := utils.slow_bf16(device)):
+        say(slow)
     if rank == 0 and (freed := train_io.prepare_out(cfg.out)):
         say(f"removed the temporary files of an interrupted write in {cfg.out} ({freed / 2**20:.1f} MiB)")
     state = train_io.resume_state(cfg)

@@ -11,6 +11,7 @@ Drive's quota), put the files in torchvision's layout: <data-root>/celeba/img_al
 run decodes the 162,770 training JPEGs once and caches them beside the files. Every other
 setting is train.TrainConfig's, as CIFAR-10's.
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import train
 import utils
 

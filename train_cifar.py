@@ -9,6 +9,7 @@ torchvision's CIFAR10 under --data-root, with random horizontal flips; the setti
 train.TrainConfig's (`--help` lists them) with the data set's from data.DATASETS; the loop
 is train.train.
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import train
 import utils
 

@@ -8,6 +8,7 @@
 torchvision's MNIST under --data-root; the settings are train.TrainConfig's (`--help` lists
 them) with the data set's from data.DATASETS; the loop is train.train.
 """
+import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import train
 import utils
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common import TMP_PREFIX, atomic_path  # noqa: F401  (the scripts' atomic writes)
+from startup import EXIT_INTERRUPTED       # 130: a script stopped by Ctrl-C or SIGTERM outside training's loop
 
 #----------------------------------------------------------------------------
 # Small helpers.
@@ -88,6 +89,23 @@ def check_out(path, flag="--out"):
     return None
 
 
+def slow_bf16(device, cpuinfo=None):
+    """Why --amp bf16 would crawl on `device`, or None: a CPU without native bf16 (no avx512_bf16 or
+    amx_bf16 flag, e.g. an AVX2-only EPYC) emulates it, about 12x slower than fp32 (issue 20)."""
+    if device.type != "cpu":
+        return None
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None                     # not Linux: nothing to tell
+    if re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo):
+        return None
+    return ("warning: --amp bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): emulated, "
+            "about 12x slower than fp32 here; drop --amp on this machine")
+
+
 def is_out_of_memory(e):
     """Whether an exception is torch running out of memory (CUDA's error, or the CPU allocator's)."""
     return isinstance(e, torch.OutOfMemoryError) or bool(re.search(r"out of memory|can't allocate memory", str(e)))
@@ -103,6 +121,44 @@ def save_json(obj, path):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+class Damaged(ValueError):
+    """A stored file that cannot be read back whole (truncated, flipped bytes, not its format)."""
+
+
+def read_npz(path, keys=None):
+    """The arrays `keys` (default: all) of an .npz written by this project, each read whole (its CRC
+    checked); Damaged names the file and why when that fails. Pickled objects are never loaded."""
+    import zipfile
+    import numpy as np
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in (f.files if keys is None else keys) if k in f.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as e:
+        why = "not an .npz archive" if "pickle" in str(e) else first_line(e)[:80]
+        raise Damaged(f"{path}: {why}") from None
+
+
+def read_json(path):
+    """A JSON file written by this project; Damaged when it cannot be parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Damaged(f"{path}: {first_line(e)[:80]}") from None
+
+
+def set_aside(path, why):
+    """Rename a damaged file to <path>.damaged (or .damaged-2, ...) so that it is made again and
+    nothing is deleted; says so in one line."""
+    new, k = path + ".damaged", 1
+    while os.path.exists(new):
+        k += 1
+        new = f"{path}.damaged-{k}"
+    os.replace(path, new)
+    print(f"warning: {why}; set aside as {os.path.basename(new)}, made again", file=sys.stderr, flush=True)
+    return new
 
 
 def _positive(cast, what):
@@ -259,9 +315,6 @@ def ignore_stop_signals(*_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-EXIT_INTERRUPTED = 130  # a script stopped by Ctrl-C or SIGTERM outside training's loop
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -272,6 +325,7 @@ def run_main(main):
     status 130 instead of a traceback or 143. Every file is written atomically, so what was written
     before is whole."""
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)       # startup.py's quiet exit until now
     try:
         main()
     except KeyboardInterrupt as e:

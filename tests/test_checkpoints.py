@@ -1,4 +1,5 @@
 """load_score_net: our files, official files, and every kind of bad file gets one clear line."""
+import errno
 import os
 
 import pytest
@@ -121,3 +122,29 @@ def test_atomic_path_removes_the_temporary_file_of_a_failed_write(tmp_path):
             open(tmp, "w").write("partial")
             raise RuntimeError("plotting failed")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_truncated_checkpoint_names_the_snapshot_beside_it_in_one_whole_line(tmp_path):
+    net = common.RefineNet(in_channels=1, ngf=4, num_classes=3, image_size=8)
+    whole = tmp_path / "checkpoint_200.pt"
+    common.write_checkpoint(dict(model=net.state_dict()), whole)
+    cut = tmp_path / "checkpoint.pt"
+    cut.write_bytes(whole.read_bytes()[:3000])                      # a copy cut short
+    with pytest.raises(common.CheckpointError) as e:
+        common.read_checkpoint(cut)
+    msg = str(e.value)
+    _one_line(e)
+    assert "truncated" in msg and "checkpoint_200.pt beside it is a whole snapshot of step 200" in msg
+    assert msg.count("(") == msg.count(")")                          # the reason is not cut mid-sentence
+
+
+def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch):
+    """A full disk reports "No space left on device" without a file name; the error names it."""
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    target = tmp_path / "checkpoint.pt"
+    with pytest.raises(OSError) as e:
+        common.write_checkpoint({"x": torch.zeros(1)}, target)
+    assert e.value.filename == str(target) and e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []                                # no temporary file is left

@@ -98,6 +98,22 @@ def test_truncated_mnist_file_is_named(tmp_path, offline):
     assert f"{path} is present but truncated" in str(e.value) and "not under --data-root" not in str(e.value)
 
 
+def test_a_corrupt_idx_header_is_not_called_truncated(tmp_path, offline):
+    root = write_mnist(str(tmp_path))
+    path = os.path.join(root, "MNIST", "raw", "t10k-images-idx3-ubyte")
+    raw = bytearray(open(path, "rb").read())
+    raw[2] = 0x0D                                                      # the type byte: float, not uint8
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(data.DataError) as e:
+        data.load_images("mnist", False, root)
+    assert f"{path} is present but not an IDX file of bytes (its header starts 00 00 0d 03" in str(e.value)
+    assert "truncated" not in str(e.value)
+    raw[2] = 0x08
+    open(path, "wb").write(bytes(raw) + b"\0" * 7)                     # a good header, 7 bytes too many
+    with pytest.raises(data.DataError, match="longer than its header says"):
+        data.load_images("mnist", False, root)
+
+
 def test_mnist_archive_with_the_wrong_checksum_is_named(tmp_path, offline):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)

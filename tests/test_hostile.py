@@ -215,3 +215,82 @@ def test_run_main_meets_sigterm_like_ctrl_c():
         assert e.value.code == 130
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_damaged_stored_files_are_set_aside_and_made_again(tmp_path, monkeypatch, capsys):
+    """A shard with flipped or cut bytes, a damaged samples.json or metrics.json, a killed writer's
+    temporary file: named in one line, set aside (nothing deleted), remade; the samples equal the first run's."""
+    grey = lambda batches: dict(mean_grey=torch.cat(list(batches)).double().mean().item())
+    column = (("grey", metrics._number("mean_grey")),)
+    monkeypatch.setitem(metrics.SCORERS, "grey", metrics.Scorer(lambda *a: grey, column, ()))
+    base = ["--checkpoint", CHECKPOINT, "--steps-each", "1", "--device", "cpu", "--out", str(tmp_path / "e"),
+            "--n", "4", "--batch-size", "2", "--metrics", "grey"]
+    [r] = evaluate.main(base)
+    folder = r["folder"]
+    first = sample.collect(folder, 4).clone()
+    a, b = sorted(f for f in os.listdir(folder) if f.startswith("shard_"))
+    raw = open(os.path.join(folder, a), "rb").read()
+    flipped = bytearray(raw)
+    flipped[len(raw) // 3] ^= 0xFF                                     # inside the images' bytes
+    open(os.path.join(folder, a), "wb").write(bytes(flipped))
+    open(os.path.join(folder, b), "wb").write(raw[:len(raw) // 2])       # cut short
+    open(os.path.join(folder, "samples.json"), "w").write('{"fingerprint": "ab')
+    open(os.path.join(folder, "metrics.json"), "w").write("\x00garbage")
+    open(os.path.join(folder, utils.TMP_PREFIX + "0a1b2c3d-shard_0000000_0000002.npz"), "wb").write(b"half")
+    capsys.readouterr()
+    [again] = evaluate.main(base)
+    err = capsys.readouterr().err
+    assert again["samples_made_now"] == 4 and again["mean_grey"] == r["mean_grey"]
+    assert torch.equal(sample.collect(folder, 4), first)
+    names = sorted(os.listdir(folder))
+    for name in (a, b, "samples.json", "metrics.json"):
+        assert name + ".damaged" in names and f"{name}: " in err and "set aside" in err
+    assert not any(n.startswith(utils.TMP_PREFIX) for n in names)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["train_mnist.py", "evaluate.py", "inpaint.py"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_a_script_imports_is_one_line_and_130(script, sig, tmp_path):
+    """Ctrl-C or a pre-emption while torch is being imported: no KeyboardInterrupt traceback, no 143.
+    The signal is sent once the process has mapped torch's library: mid-import, after startup.py."""
+    proc = subprocess.Popen([sys.executable, script, "--out", str(tmp_path / "o")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while "libtorch" not in open(f"/proc/{proc.pid}/maps").read() and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == utils.EXIT_INTERRUPTED, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines() == [f"interrupted by {sig.name} while starting: "
+                                                                   "nothing was written"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_named_at_start(digits, tmp_path, capsys, monkeypatch):
+    cpu = torch.device("cpu")
+    assert utils.slow_bf16(cpu, "flags : fpu sse2 avx2 fma") and "12x slower" in utils.slow_bf16(cpu, "avx2")
+    assert utils.slow_bf16(cpu, "flags : avx2 avx512f avx512_bf16") is None
+    assert utils.slow_bf16(cpu, "flags : avx2 amx_bf16 amx_tile") is None and utils.slow_bf16(torch.device("meta")) is None
+    monkeypatch.setattr(utils, "slow_bf16", lambda device, cpuinfo=None: "warning: bf16 crawls here")
+    train_mnist.main(["--data-root", digits, "--out", str(tmp_path / "r"), "--ngf", "4", "--num-workers", "0",
+                      "--batch-size", "8", "--iters", "1", "--n-samples", "1", "--steps-each", "1", "--device", "cpu",
+                      "--amp", "bf16"])
+    assert "warning: bf16 crawls here" in capsys.readouterr().out
+
+
+def test_a_missing_data_set_suggests_only_flags_the_script_has(tmp_path, monkeypatch):
+    """evaluate.py --level-loss reads the test split; evaluate.py has no --dataset-path, so its error must not
+    suggest one (train.py's does)."""
+    import urllib.error
+    import torchvision.datasets.mnist as mnist
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(mnist, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", CHECKPOINT, "--n", "1", "--steps-each", "1", "--metrics", "none",
+                       "--level-loss", "4", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "e")])
+    assert "mnist is not under --data-root" in str(e.value) and "--dataset-path" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        train_mnist.main(["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "t"), "--ngf", "4"])
+    assert "--dataset-path FOLDER" in str(e.value)

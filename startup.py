@@ -1,0 +1,21 @@
+"""Imported first by every script, before torch: Ctrl-C or SIGTERM (a cluster's pre-emption) while
+the imports run ends the process with one line and status 130 instead of a traceback or 143.
+utils.run_main takes the signals over once the script's main() starts. Standard library only;
+it changes nothing when the program is not one of this project's scripts (tests, a notebook)."""
+import os
+import signal
+import sys
+
+EXIT_INTERRUPTED = 130   # utils.EXIT_INTERRUPTED: 128 + SIGINT, the shell's own status for Ctrl-C
+
+
+def _interrupted(signum, frame):
+    sys.stderr.write(f"\ninterrupted by {signal.Signals(signum).name} while starting: nothing was written\n")
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+_main = os.path.abspath(getattr(sys.modules.get("__main__"), "__file__", None) or "")
+if os.path.dirname(_main) == os.path.dirname(os.path.abspath(__file__)):
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
