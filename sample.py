@@ -42,8 +42,9 @@ OUT = "runs/eval"        # root of the outputs: <OUT>/<checkpoint name>/<sampler
 N = 50_000               # samples per setting (the usual protocol; model selection can use fewer)
 BATCH_SIZE = 100         # images sampled at once
 SEED = 0                 # image i uses a generator seeded by (SEED, i)
-AUTO = {"norm": ((None, "als"),),                # --sampler auto: per conditioning, (largest --nfe, sampler)
-        "scale": ((None, "ancestral"),)}         # pairs, the first that covers the budget (docs/samplers.md)
+AUTO = {"norm": ((None, "als", {}),),          # --sampler auto: per conditioning, (largest --nfe, sampler, its
+        "scale": ((None, "ancestral", {}),)}     # settings unless given), the first that covers the budget
+                                                 # (measured: docs/samplers.md)
 FLAGS = dict(steps_each="n_steps_each", step_lr="step_lr", denoise="denoise", s_churn="s_churn",
              s_noise="s_noise")                  # the sampler-specific flags and the settings they give
 
@@ -305,9 +306,7 @@ def add_flags(p):
                    help="EMA weights (default: if the checkpoint has them)")
     p.add_argument("--sampler", nargs="+", choices=[*samplers.SAMPLERS, "auto"], default=["als"],
                    help="samplers of samplers.SAMPLERS: als (the paper's annealed Langevin dynamics), ancestral "
-                        "(reverse diffusion), heun (EDM), dpmpp2m (DPM-Solver++(2M)); auto: "
-                        + "; ".join(f"a {k}-conditioned network: " + ", ".join(f"{s} up to NFE {m}" if m else s
-                                                                               for m, s in v) for k, v in AUTO.items()))
+                        "(reverse diffusion), heun (EDM), dpmpp2m (DPM-Solver++(2M)); auto: " + auto_help())
     p.add_argument("--nfe", type=utils.positive_int, nargs="+", default=None,
                    help="network evaluations per sample: als: T = (NFE - denoise) // L; the others: as many levels "
                         "as the budget buys (a norm-conditioned network: a subset of its own)")
@@ -334,9 +333,17 @@ def checkpoints(p, patterns):
     return found
 
 
+def auto_help():
+    """AUTO in words, for --help."""
+    name = lambda s, kw: s + "".join(f" --{k.replace('_', '-')} {v:g}" for k, v in kw.items())
+    return "; ".join(f"a {c}-conditioned network: " + ", then ".join(
+        f"{name(s, kw)} up to NFE {m}" if m else name(s, kw) for m, s, kw in rows) for c, rows in AUTO.items())
+
+
 def auto_sampler(conditioning, nfe):
-    """--sampler auto: the best measured sampler of a network's conditioning at an --nfe budget (AUTO)."""
-    return next(s for most, s in AUTO[conditioning] if most is None or (nfe is not None and nfe <= most))
+    """--sampler auto: (name, settings) of the best measured sampler of a network's conditioning at
+    an --nfe budget (AUTO)."""
+    return next((s, kw) for most, s, kw in AUTO[conditioning] if most is None or (nfe is not None and nfe <= most))
 
 
 def plan(args, ckpts):
@@ -350,9 +357,10 @@ def plan(args, ckpts):
         grid = itertools.product(args.sampler, args.nfe or [None], args.steps_each or [None], args.step_lr or [None],
                                  args.s_churn or [None])
         for sampler, nfe, steps_each, step_lr, s_churn in grid:
-            sampler = auto_sampler(conditioning, nfe) if sampler == "auto" else sampler
+            sampler, chosen = auto_sampler(conditioning, nfe) if sampler == "auto" else (sampler, {})
             given = dict(n_steps_each=steps_each, step_lr=step_lr, denoise=args.denoise, s_churn=s_churn,
                          s_noise=args.s_noise)
+            given.update((k, v) for k, v in chosen.items() if given.get(k) is None)
             own = settings_of(samplers.SAMPLERS[sampler].run)   # a sampler's own flags apply to it alone
             try:
                 settings = sampler_settings(sampler, info, args.seed, nfe,
@@ -417,7 +425,7 @@ def check_flags(p, args):
     """Refuse what no single sampling flag can check; make --out (sample.py and evaluate.py)."""
     if args.nfe and args.steps_each:
         p.error("--nfe and --steps-each both set T; give one")
-    names = [[s for pairs in AUTO.values() for _, s in pairs] if name == "auto" else [name] for name in args.sampler]
+    names = [[s for rows in AUTO.values() for _, s, _ in rows] if name == "auto" else [name] for name in args.sampler]
     taken = {k for group in names for name in group for k in settings_of(samplers.SAMPLERS[name].run)}
     for flag, key in FLAGS.items():
         if getattr(args, flag) is not None and key not in taken:

@@ -151,6 +151,10 @@ def check_config(cfg):
         return "--num-levels must be at least 2"
     if cfg.ngf < 2:
         return "--ngf must be at least 2"
+    parts = int(os.environ.get("WORLD_SIZE", "1")) * cfg.grad_accum      # torchrun's processes x micro-batches
+    if cfg.batch_size % parts:
+        return (f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum ({parts}); "
+                f"e.g. --batch-size {parts * max(1, cfg.batch_size // parts)}")
     return None
 
 
@@ -302,9 +306,6 @@ def start(cfg):
     if rank == 0 and (freed := train_io.prepare_out(cfg.out)):
         say(f"removed the temporary files of an interrupted write in {cfg.out} ({freed / 2**20:.1f} MiB)")
     state = train_io.resume_state(cfg)
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by processes ({world}) x --grad-accum "
-                         f"({cfg.grad_accum})")
     train_images, test_images = data.train_and_test(cfg.dataset, cfg.data_root, cfg.dataset_path, cfg.batch_size,
                                                      rank, world)
     cfg, auto = resolve_auto(cfg, train_images, device, state, say)

@@ -156,6 +156,11 @@ def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
                 randn_like=lambda t: torch.randn(t.shape, generator=g, device=device), callback=keep, **settings.kwargs)
     except utils.Stopped:
         return False
+    except RuntimeError as e:
+        if not utils.is_out_of_memory(e):
+            raise
+        raise TrainError(f"out of memory sampling the figures' {cfg.n_samples} images at step {step} "
+                         f"({utils.first_line(e)[:60]}); use a smaller --n-samples, then --resume") from None
     utils.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
     utils.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), [levels[i] for i in sorted(levels)],
                               list(settings.sigmas), title=f"{cfg.sampler}: state at the end of each level")

@@ -169,6 +169,8 @@ def _positive(cast, what):
             raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}") from None
         if not (value > 0 and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text}")
+        if value >= 2 ** 63:                    # beyond torch's int64 (and any run's length)
+            raise argparse.ArgumentTypeError(f"expected a positive {what} below 2^63, got {text}")
         return value
     return parse
 
@@ -236,9 +238,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, refusing an empty value for any flag that takes a path or a name (a flag of
+    type str): '' would mean the current folder, or no file at all."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        for a in self._actions:
+            value = getattr(ns, a.dest, None) if a.option_strings and a.type in (None, str) else None
+            if value == "" or (isinstance(value, list) and "" in value):
+                self.error(f"argument {a.option_strings[-1]}: an empty value; give a path or name, or leave the "
+                           "flag out")
+        return ns, rest
+
+
 def arg_parser(doc):
     """A script's ArgumentParser: the first paragraph of its docstring, defaults shown."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    return ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
 
 
 def digest(*parts):

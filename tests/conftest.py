@@ -1,6 +1,7 @@
 """Shared test setup: import the flat scripts from the repository root; small fixed threads."""
 import os
 import sys
+import urllib.error
 
 import pytest
 import torch
@@ -15,6 +16,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def official_reference():
     """Inputs, scores and DSM losses computed by ermongroup/ncsn on the two ngf-4 fixtures."""
     return torch.load(os.path.join(DATA, "official_reference.pt"), weights_only=True)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """torchvision's downloads fail as they do without a network: tests never download."""
+    import torchvision.datasets.cifar as cifar
+    import torchvision.datasets.mnist as mnist
+    def fail(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(mnist, "download_and_extract_archive", fail)
+    monkeypatch.setattr(cifar, "download_and_extract_archive", fail)
 
 
 def write_mnist(root, n_train=64, n_test=16, seed=0):

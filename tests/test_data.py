@@ -2,7 +2,6 @@
 import gzip
 import json
 import os
-import urllib.error
 
 import numpy as np
 import pytest
@@ -76,16 +75,6 @@ def test_unreadable_images_are_named_in_one_line(tmp_path):
     Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(data.DataError, match="float.tif is not a readable image .*floating-point"):
         data.load_image_folder(str(tmp_path), 1, 8)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    import torchvision.datasets.cifar as cifar
-    import torchvision.datasets.mnist as mnist
-    def fail(*a, **k):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(mnist, "download_and_extract_archive", fail)
-    monkeypatch.setattr(cifar, "download_and_extract_archive", fail)
 
 
 def test_truncated_mnist_file_is_named(tmp_path, offline):

@@ -17,6 +17,7 @@ import manifold
 import metrics
 import health
 import sample
+import samplers
 import train
 import train_mnist
 import utils
@@ -279,14 +280,9 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_at_start(digits, tmp_path, c
     assert "warning: bf16 crawls here" in capsys.readouterr().out
 
 
-def test_a_missing_data_set_suggests_only_flags_the_script_has(tmp_path, monkeypatch):
+def test_a_missing_data_set_suggests_only_flags_the_script_has(tmp_path, offline):
     """evaluate.py --level-loss reads the test split; evaluate.py has no --dataset-path, so its error must not
     suggest one (train.py's does)."""
-    import urllib.error
-    import torchvision.datasets.mnist as mnist
-    def offline(*a, **k):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(mnist, "download_and_extract_archive", offline)
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", CHECKPOINT, "--n", "1", "--steps-each", "1", "--metrics", "none",
                        "--level-loss", "4", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "e")])
@@ -294,3 +290,27 @@ def test_a_missing_data_set_suggests_only_flags_the_script_has(tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:
         train_mnist.main(["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "t"), "--ngf", "4"])
     assert "--dataset-path FOLDER" in str(e.value)
+
+
+def test_out_of_memory_while_drawing_the_figures_names_n_samples(digits, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setitem(samplers.SAMPLERS, "als", samplers.SAMPLERS["als"]._replace(run=oom))
+    with pytest.raises(SystemExit) as e:
+        train_mnist.main(["--data-root", digits, "--out", str(tmp_path / "r"), "--ngf", "4", "--num-workers", "0",
+                          "--batch-size", "8", "--iters", "2", "--n-samples", "200000", "--device", "cpu"])
+    msg = str(e.value)
+    assert "200000 images at step 2" in msg and "--n-samples" in msg and "--ngf" not in msg and "\n" not in msg
+    assert os.path.isfile(tmp_path / "r" / "checkpoint.pt")          # the last step was saved before the figures
+
+
+def test_a_garbage_ref_npz_is_refused_without_inviting_a_pickle(tmp_path):
+    junk, pickled = tmp_path / "junk.npz", tmp_path / "pickled.npz"
+    junk.write_bytes(os.urandom(2048))
+    np.save(open(pickled, "wb"), np.array([{"mu": 1}], dtype=object), allow_pickle=True)
+    for path in (junk, pickled):
+        with pytest.raises(Exception) as e:
+            metrics.read_stats(str(path))
+        msg = str(e.value)
+        assert f"--ref {path}" in msg and "not a statistics .npz" in msg and "\n" not in msg
+        assert "trust" not in msg and "allow_pickle" not in msg
