@@ -29,6 +29,8 @@ SIGMA_END = 0.01         # sigma_L, the smallest
 NUM_LEVELS = 10          # L, geometric in between
 STEPS_EACH = 100         # T, annealed Langevin steps per level
 STEP_LR = 2e-5           # the official sampler's step_lr (eps / 2 of Algorithm 1; see annealed_langevin_dynamics)
+NOISE_FEATURES = 32      # continuous conditioning: positional features of c_noise (RefineNet)
+NOISE_EMBED = 64         # and the width of the MLP that maps them for every CondInstanceNorm++
 
 
 def geometric_sigmas(sigma_begin=SIGMA_BEGIN, sigma_end=SIGMA_END, num_levels=NUM_LEVELS):
@@ -160,16 +162,23 @@ class CondInstanceNorm2dPlus(nn.Module):
     inside, the same family with alpha' = gamma * alpha. Official details kept: instance-norm
     eps 1e-5 on the biased variance, v = sqrt(unbiased variance of the means + 1e-5), and
     one embedding per level holding [gamma | alpha | beta], gamma and alpha ~ N(1, 0.02), beta 0.
+    num_classes = -E (continuous conditioning, EDM's c_noise): [gamma | alpha | beta] is a linear
+    map of the network's E-wide noise embedding instead, starting at gamma = alpha = 1, beta = 0.
     """
 
     def __init__(self, num_features, num_classes, bias=True):
         super().__init__()
         self.num_features = num_features
         self.bias = bias
-        self.embed = nn.Embedding(num_classes, (3 if bias else 2) * num_features)
+        width = (3 if bias else 2) * num_features
+        self.embed = nn.Embedding(num_classes, width) if num_classes > 0 else nn.Linear(-num_classes, width)
         with torch.no_grad():
-            self.embed.weight[:, :2 * num_features].normal_(1.0, 0.02)
-            self.embed.weight[:, 2 * num_features:].zero_()
+            if num_classes > 0:
+                self.embed.weight[:, :2 * num_features].normal_(1.0, 0.02)
+                self.embed.weight[:, 2 * num_features:].zero_()
+            else:
+                self.embed.weight.normal_(0.0, 0.02)
+                self.embed.bias.copy_(torch.cat([torch.ones(2 * num_features), torch.zeros(width - 2 * num_features)]))
 
     def forward(self, x, labels):
         mu = x.mean(dim=(2, 3))                                        # (B, C)
@@ -318,6 +327,14 @@ class RefineNet(nn.Module):
     s_theta(x) / sigma. Its `sigmas` buffer maps level labels to sigma; labels may also be the
     noise levels themselves (a float tensor), so it can be evaluated at any sigma, not only at
     the training levels.
+    conditioning='continuous' is EDM's raw network F(x; c_noise) (Karras et al. 2022, Sec. 5),
+    to be wrapped by Denoiser: x is the preconditioned input (no 2x - 1 map), labels the float
+    c_noise = ln(sigma) / 4; NOISE_FEATURES positional features of c_noise (EDM's
+    PositionalEmbedding) go through one small MLP shared by all norms (two layers, NOISE_EMBED
+    wide, SiLU), and each CondInstanceNorm++ maps that embedding linearly to its gamma, alpha,
+    beta: the per-level table of rows becomes a function of any sigma. RefineNet(1, 32) has
+    2,567,777 parameters, 602,912 (31%) more than its 10-level norm-conditioned twin, nearly all in
+    the per-norm linear maps; the shared MLP is 6,272.
     """
 
     def __init__(self, in_channels, ngf, num_classes=NUM_LEVELS, image_size=32, conditioning="norm", sigmas=None):
@@ -327,12 +344,17 @@ class RefineNet(nn.Module):
                              f"got {in_channels}, {ngf}, {num_classes}")
         if image_size % 2:
             raise ValueError(f"RefineNet needs an even image_size, got {image_size}")
-        if conditioning not in ("norm", "scale"):
-            raise ValueError(f"RefineNet conditioning is 'norm' or 'scale', got {conditioning!r}")
+        if conditioning not in ("norm", "scale", "continuous"):
+            raise ValueError(f"RefineNet conditioning is 'norm', 'scale' or 'continuous', got {conditioning!r}")
         self.model_args = dict(in_channels=in_channels, ngf=ngf, num_classes=num_classes, image_size=image_size,
                                conditioning=conditioning)
         self.conditioning = conditioning
-        n = num_classes if conditioning == "norm" else 1
+        n = {"norm": num_classes, "scale": 1, "continuous": -NOISE_EMBED}[conditioning]
+        if conditioning == "continuous":
+            half = NOISE_FEATURES // 2
+            self.register_buffer("freqs", (1 / 10_000) ** (torch.arange(half) / (half - 1)))   # EDM's, endpoint
+            self.embed_noise = nn.Sequential(nn.Linear(NOISE_FEATURES, NOISE_EMBED), nn.SiLU(),
+                                             nn.Linear(NOISE_EMBED, NOISE_EMBED), nn.SiLU())
         if conditioning == "scale":         # NaN until set (training) or loaded (checkpoints)
             self.register_buffer("sigmas", torch.full((num_classes,), math.nan) if sigmas is None else
                                  torch.as_tensor(sigmas, dtype=torch.float32).clone())
@@ -354,7 +376,10 @@ class RefineNet(nn.Module):
         if self.conditioning == "scale":
             sigma = labels.to(x.dtype) if labels.is_floating_point() else self.sigmas[labels]
             labels = torch.zeros(len(x), dtype=torch.long, device=x.device)     # the one set of norm parameters
-        h = self.begin_conv(2 * x - 1)
+        if self.conditioning == "continuous":                   # labels: c_noise; norms take its embedding
+            angles = labels.to(x.dtype)[:, None] * self.freqs.to(x.dtype)[None]
+            labels = self.embed_noise(torch.cat([angles.cos(), angles.sin()], 1))
+        h = self.begin_conv(x if self.conditioning == "continuous" else 2 * x - 1)
         layers = []
         for stage in (self.res1, self.res2, self.res3, self.res4):
             for block in stage:
@@ -366,7 +391,7 @@ class RefineNet(nn.Module):
         h = self.refine3([l2, h], labels, l2.shape[2:])
         h = self.refine4([l1, h], labels, l1.shape[2:])
         out = self.end_conv(F.elu(self.normalizer(h, labels)))
-        return out if self.conditioning == "norm" else out / sigma.view(-1, *[1] * (x.dim() - 1))
+        return out / sigma.view(-1, *[1] * (x.dim() - 1)) if self.conditioning == "scale" else out
 
 #----------------------------------------------------------------------------
 # Losses.
@@ -386,6 +411,57 @@ def dsm_loss(score_net, x, labels, sigmas, anneal_power=2.0, noise=None, reducti
     target = -(perturbed - x) / used ** 2
     score = score_net(perturbed, labels)
     per_example = 0.5 * (score - target).flatten(1).pow(2).sum(1) * used.flatten() ** anneal_power
+    return per_example.mean() if reduction == "mean" else per_example
+
+
+class Denoiser(nn.Module):
+    """EDM's preconditioning (Karras et al. 2022, Sec. 5 and Table 1) around a continuous RefineNet F,
+    for images in [0, 1] centred on the training set's mean pixel mu:
+        D(x; sigma) = mu + c_skip (x - mu) + c_out F(c_in (x - mu); c_noise),
+        c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2),
+        c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = ln(sigma) / 4,
+    sd = sigma_data, the training pixels' standard deviation (EDM: 0.5 for [-1, 1] images; mu = 0
+    there). F sees unit-variance inputs and has a unit-variance target at every sigma. Called as
+    every score network of this project, score_net(x, labels) with labels level indices into
+    `sigmas` or noise levels (floats), it returns the score s(x, sigma) = (D(x; sigma) - x) / sigma^2
+    (Tweedie), so every sampler of samplers.py works with it unchanged."""
+
+    conditioning = "continuous"
+
+    def __init__(self, net, sigma_data, data_mean, sigmas):
+        super().__init__()
+        self.net = net
+        self.register_buffer("sigma_data", torch.tensor(float(sigma_data)))
+        self.register_buffer("data_mean", torch.tensor(float(data_mean)))
+        self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32).clone())
+
+    def coefficients(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) of EDM's Table 1 for a batch of sigmas (B,)."""
+        sd2 = self.sigma_data.to(sigma) ** 2
+        return sd2 / (sigma ** 2 + sd2), sigma * sd2.sqrt() / (sigma ** 2 + sd2).sqrt(), \
+            1 / (sigma ** 2 + sd2).sqrt(), sigma.log() / 4
+
+    def denoise(self, x, sigma):
+        """D(x; sigma) for a batch x and its sigmas (B,)."""
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma.to(x.dtype))
+        view = lambda c: c.view(-1, *[1] * (x.dim() - 1))
+        centred = x - self.data_mean.to(x.dtype)
+        return self.data_mean + view(c_skip) * centred + view(c_out) * self.net(view(c_in) * centred, c_noise)
+
+    def forward(self, x, labels):
+        sigma = (labels if labels.is_floating_point() else self.sigmas[labels]).to(x.dtype)
+        return (self.denoise(x, sigma) - x) / sigma.view(-1, *[1] * (x.dim() - 1)) ** 2
+
+
+def edm_loss(denoiser, x, sigma, noise=None, reduction="mean"):
+    """EDM's loss (Karras et al. 2022, eq. 8 with Table 1's lambda): per example
+        lambda(sigma) || D(x + sigma n; sigma) - x ||^2,  lambda = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2,
+    summed over pixels (so it equals || F - F_target ||^2, a unit-variance target at every sigma),
+    averaged over the batch. sigma (B,) is drawn by the caller: EDM's ln sigma ~ N(P_mean, P_std^2)."""
+    noise = torch.randn_like(x) if noise is None else noise
+    s = sigma.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+    weight = 1 / denoiser.coefficients(s)[1] ** 2
+    per_example = (weight * (denoiser.denoise(x + s * noise, sigma) - x) ** 2).flatten(1).sum(1)
     return per_example.mean() if reduction == "mean" else per_example
 
 

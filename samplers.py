@@ -40,10 +40,11 @@ def trained_subset(trained, n):
 
 def level_score(net, sigmas, trained=None):
     """net as the samplers call it, score_net(x, labels): labels index `sigmas` (long) or are noise
-    levels themselves (float). A scale-conditioned RefineNet (technique 3) takes any sigma; the
-    paper's norm-conditioned one only its `trained` levels, so any other sigma is refused."""
+    levels themselves (float). A scale-conditioned RefineNet (technique 3) or a continuous one
+    (common.Denoiser) takes any sigma; the paper's norm-conditioned one only its `trained` levels,
+    so any other sigma is refused."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-    if getattr(net, "conditioning", "norm") == "scale":
+    if getattr(net, "conditioning", "norm") in ("scale", "continuous"):
         return lambda x, labels: net(x, labels if labels.is_floating_point() else sigmas.to(x.device)[labels])
     trained = torch.as_tensor(trained, dtype=torch.float32)
     def score(x, labels):

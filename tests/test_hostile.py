@@ -314,3 +314,13 @@ def test_a_garbage_ref_npz_is_refused_without_inviting_a_pickle(tmp_path):
         msg = str(e.value)
         assert f"--ref {path}" in msg and "not a statistics .npz" in msg and "\n" not in msg
         assert "trust" not in msg and "allow_pickle" not in msg
+
+
+def test_a_batch_that_does_not_split_is_a_flag_error_before_out_is_made(digits, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train_mnist.main(["--data-root", digits, "--out", str(out), "--ngf", "4", "--batch-size", "8",
+                          "--grad-accum", "3"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "--batch-size 8 must be divisible by processes x --grad-accum (3)" in err
+    assert "e.g. --batch-size 6" in err and not out.exists()
