@@ -414,6 +414,13 @@ def dsm_loss(score_net, x, labels, sigmas, anneal_power=2.0, noise=None, reducti
     return per_example.mean() if reduction == "mean" else per_example
 
 
+def edm_coefficients(sigma, sigma_data):
+    """(c_skip, c_out, c_in, c_noise) of EDM's Table 1 (Karras et al. 2022) for sigmas of any shape."""
+    sd2 = torch.as_tensor(sigma_data).to(sigma) ** 2
+    return sd2 / (sigma ** 2 + sd2), sigma * sd2.sqrt() / (sigma ** 2 + sd2).sqrt(), \
+        1 / (sigma ** 2 + sd2).sqrt(), sigma.log() / 4
+
+
 class Denoiser(nn.Module):
     """EDM's preconditioning (Karras et al. 2022, Sec. 5 and Table 1) around a continuous RefineNet F,
     for images in [0, 1] centred on the training set's mean pixel mu:
@@ -424,7 +431,8 @@ class Denoiser(nn.Module):
     there). F sees unit-variance inputs and has a unit-variance target at every sigma. Called as
     every score network of this project, score_net(x, labels) with labels level indices into
     `sigmas` or noise levels (floats), it returns the score s(x, sigma) = (D(x; sigma) - x) / sigma^2
-    (Tweedie), so every sampler of samplers.py works with it unchanged."""
+    (Tweedie), so every sampler of samplers.py works with it unchanged; denoised=True returns D
+    itself (through forward, as DistributedDataParallel needs)."""
 
     conditioning = "continuous"
 
@@ -435,33 +443,38 @@ class Denoiser(nn.Module):
         self.register_buffer("data_mean", torch.tensor(float(data_mean)))
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32).clone())
 
-    def coefficients(self, sigma):
-        """(c_skip, c_out, c_in, c_noise) of EDM's Table 1 for a batch of sigmas (B,)."""
-        sd2 = self.sigma_data.to(sigma) ** 2
-        return sd2 / (sigma ** 2 + sd2), sigma * sd2.sqrt() / (sigma ** 2 + sd2).sqrt(), \
-            1 / (sigma ** 2 + sd2).sqrt(), sigma.log() / 4
+    @property
+    def model_args(self):
+        return self.net.model_args
 
-    def denoise(self, x, sigma):
-        """D(x; sigma) for a batch x and its sigmas (B,)."""
-        c_skip, c_out, c_in, c_noise = self.coefficients(sigma.to(x.dtype))
+    def forward(self, x, labels, denoised=False):
+        sigma = (labels if labels.is_floating_point() else self.sigmas[labels]).to(x.dtype)
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         view = lambda c: c.view(-1, *[1] * (x.dim() - 1))
         centred = x - self.data_mean.to(x.dtype)
-        return self.data_mean + view(c_skip) * centred + view(c_out) * self.net(view(c_in) * centred, c_noise)
-
-    def forward(self, x, labels):
-        sigma = (labels if labels.is_floating_point() else self.sigmas[labels]).to(x.dtype)
-        return (self.denoise(x, sigma) - x) / sigma.view(-1, *[1] * (x.dim() - 1)) ** 2
+        d = self.data_mean + view(c_skip) * centred + view(c_out) * self.net(view(c_in) * centred, c_noise)
+        return d if denoised else (d - x) / view(sigma) ** 2
 
 
-def edm_loss(denoiser, x, sigma, noise=None, reduction="mean"):
+def score_network(model_args, sigmas=None, sigma_data=math.nan, data_mean=math.nan):
+    """The network a checkpoint's model_args describe: RefineNet, or for continuous conditioning
+    the Denoiser around it (sigma_data, data_mean: its buffers, as measured on the training set)."""
+    net = RefineNet(**model_args, sigmas=sigmas if model_args.get("conditioning") == "scale" else None)
+    if model_args.get("conditioning") != "continuous":
+        return net
+    levels = torch.full((model_args.get("num_classes", NUM_LEVELS),), math.nan) if sigmas is None else sigmas
+    return Denoiser(net, sigma_data, data_mean, levels)
+
+
+def edm_loss(denoiser, x, sigma, sigma_data, noise=None, reduction="mean"):
     """EDM's loss (Karras et al. 2022, eq. 8 with Table 1's lambda): per example
         lambda(sigma) || D(x + sigma n; sigma) - x ||^2,  lambda = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2,
     summed over pixels (so it equals || F - F_target ||^2, a unit-variance target at every sigma),
     averaged over the batch. sigma (B,) is drawn by the caller: EDM's ln sigma ~ N(P_mean, P_std^2)."""
     noise = torch.randn_like(x) if noise is None else noise
     s = sigma.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
-    weight = 1 / denoiser.coefficients(s)[1] ** 2
-    per_example = (weight * (denoiser.denoise(x + s * noise, sigma) - x) ** 2).flatten(1).sum(1)
+    weight = 1 / edm_coefficients(s, sigma_data)[1] ** 2
+    per_example = (weight * (denoiser(x + s * noise, sigma, denoised=True) - x) ** 2).flatten(1).sum(1)
     return per_example.mean() if reduction == "mean" else per_example
 
 
@@ -642,12 +655,12 @@ def load_score_net(path, map_location="cpu", ema=None):
         config = ckpt.get("config") or {}
         info.update(format="ncsn-repro", step=ckpt.get("step"), ema=bool(use_ema),
                     **{k: config[k] for k in ("sigma_begin", "sigma_end", "num_levels", "dataset", "recipe",
-                                              "steps_each", "step_lr", "denoise") if k in config})
+                                              "steps_each", "step_lr", "denoise", "sampler") if k in config})
     else:
         raise CheckpointError(f"{path}: not an NCSN checkpoint (expected this project's dict with 'model' and "
                               "'model_args', or the official [state_dict, optimizer_state] list)")
     try:
-        net = RefineNet(**model_args)
+        net = score_network(model_args)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model settings {model_args}: {e}") from None
     _fit_state_dict(net, state, path)

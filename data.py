@@ -211,6 +211,16 @@ def batches(images, batch_size, seed, num_workers, epoch, pos, rank, world, devi
         epoch, pos = epoch + 1, 0
 
 
+def pixel_stats(images, chunk=4096):
+    """(mean, standard deviation) of every pixel of uint8 images in [0, 1] (x_uint8 / 255), in chunks."""
+    s = s2 = 0.0
+    for lo in range(0, len(images), chunk):
+        x = images[lo:lo + chunk].double() / 255
+        s, s2 = s + x.sum().item(), s2 + (x * x).sum().item()
+    n = images.numel()
+    return s / n, max(s2 / n - (s / n) ** 2, 0.0) ** 0.5
+
+
 def to_unit(images, u=None):
     """uint8 images to [0, 1]: with u ~ U(0, 1), uniform dequantisation as the official code,
     x = x_01 * 255/256 + U(0, 1/256) = (x_uint8 + u) / 256; without, x_uint8 / 255 (NCSNv2's default)."""

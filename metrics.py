@@ -115,8 +115,8 @@ def read_stats(path):
     try:
         f = utils.read_npz(path, ["mu", "sigma"])
     except utils.Damaged as e:
-        raise data.DataError(f"--ref {e}: not a statistics .npz; give one an earlier run wrote (or EDM's "
-                             "fid.py ref), or a folder of images") from None
+        raise data.DataError(f"--ref {e}: not a readable .npz of statistics; give one an earlier run wrote (or "
+                             "EDM's fid.py ref), or a folder of images") from None
     if "mu" not in f or "sigma" not in f:
         raise data.DataError(f"--ref {path}: needs arrays 'mu' and 'sigma' (as written by an earlier run)")
     mu, sigma = f["mu"], f["sigma"]

@@ -43,7 +43,8 @@ N = 50_000               # samples per setting (the usual protocol; model select
 BATCH_SIZE = 100         # images sampled at once
 SEED = 0                 # image i uses a generator seeded by (SEED, i)
 AUTO = {"norm": ((None, "als", {}),),          # --sampler auto: per conditioning, (largest --nfe, sampler, its
-        "scale": ((None, "ancestral", {}),)}     # settings unless given), the first that covers the budget
+        "scale": ((None, "ancestral", {}),),     # settings unless given), the first that covers the budget
+        "continuous": ((None, "heun", {}),)}
                                                  # (measured: docs/samplers.md)
 FLAGS = dict(steps_each="n_steps_each", step_lr="step_lr", denoise="denoise", s_churn="s_churn",
              s_noise="s_noise")                  # the sampler-specific flags and the settings they give
@@ -106,7 +107,7 @@ def sampler_settings(name, info, seed, nfe=None, **given):
     spec, trained = samplers.SAMPLERS[name], common.levels_of(info)
     ds = data.spec(info["dataset"], info["path"])
     shape = (ds["channels"], ds["image_size"], ds["image_size"])
-    scale = info["model_args"].get("conditioning", "norm") == "scale"
+    scale = info["model_args"].get("conditioning", "norm") in ("scale", "continuous")    # any sigma
     own = settings_of(spec.run)
     if extra := [k for k, v in given.items() if v is not None and k not in own]:
         raise Inapplicable(f"--sampler {name} has no setting {', '.join(extra)}")
@@ -304,9 +305,10 @@ def add_flags(p):
     p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA weights (default: if the checkpoint has them)")
-    p.add_argument("--sampler", nargs="+", choices=[*samplers.SAMPLERS, "auto"], default=["als"],
+    p.add_argument("--sampler", nargs="+", choices=[*samplers.SAMPLERS, "auto"], default=None,
                    help="samplers of samplers.SAMPLERS: als (the paper's annealed Langevin dynamics), ancestral "
-                        "(reverse diffusion), heun (EDM), dpmpp2m (DPM-Solver++(2M)); auto: " + auto_help())
+                        "(reverse diffusion), heun (EDM), dpmpp2m (DPM-Solver++(2M)); auto: " + auto_help()
+                        + " (default: the checkpoint's recipe's sampler: als, or heun for --recipe edm)")
     p.add_argument("--nfe", type=utils.positive_int, nargs="+", default=None,
                    help="network evaluations per sample: als: T = (NFE - denoise) // L; the others: as many levels "
                         "as the budget buys (a norm-conditioned network: a subset of its own)")
@@ -354,8 +356,8 @@ def plan(args, ckpts):
         name = utils.checkpoint_name(ckpt)
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
         conditioning = info["model_args"].get("conditioning", "norm")
-        grid = itertools.product(args.sampler, args.nfe or [None], args.steps_each or [None], args.step_lr or [None],
-                                 args.s_churn or [None])
+        grid = itertools.product(args.sampler or [info.get("sampler", "als")], args.nfe or [None],
+                                 args.steps_each or [None], args.step_lr or [None], args.s_churn or [None])
         for sampler, nfe, steps_each, step_lr, s_churn in grid:
             sampler, chosen = auto_sampler(conditioning, nfe) if sampler == "auto" else (sampler, {})
             given = dict(n_steps_each=steps_each, step_lr=step_lr, denoise=args.denoise, s_churn=s_churn,
@@ -425,12 +427,18 @@ def check_flags(p, args):
     """Refuse what no single sampling flag can check; make --out (sample.py and evaluate.py)."""
     if args.nfe and args.steps_each:
         p.error("--nfe and --steps-each both set T; give one")
+    if args.sampler is None:                        # each checkpoint's recipe's: checked per checkpoint (plan)
+        return check_out(p, args)
     names = [[s for rows in AUTO.values() for _, s, _ in rows] if name == "auto" else [name] for name in args.sampler]
     taken = {k for group in names for name in group for k in settings_of(samplers.SAMPLERS[name].run)}
     for flag, key in FLAGS.items():
         if getattr(args, flag) is not None and key not in taken:
             p.error(f"--{flag.replace('_', '-')} is a setting of no sampler asked for (--sampler "
                     f"{' '.join(args.sampler)}); drop it or add a sampler that takes it")
+    check_out(p, args)
+
+
+def check_out(p, args):
     if problem := utils.check_out(args.out or OUT):
         p.error(problem)
 

@@ -16,6 +16,7 @@ import startup  # noqa: F401  (first: a signal during the imports is one line an
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -45,11 +46,15 @@ def _setting(default, help, **kw):
 
 RECIPES = {   # what a recipe gives each of these flags when it is not given
     "ncsn": dict(lr=1e-3, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END, num_levels=common.NUM_LEVELS,
-                 conditioning="norm", ema=0.0, dequantize=True, steps_each=common.STEPS_EACH, step_lr=common.STEP_LR,
-                 denoise=False, sampler="als"),             # the paper's (Sec. 5, appendix B.1; the official configs)
+                 conditioning="norm", objective="dsm", ema=0.0, ema_warmup=False, dequantize=True,
+                 steps_each=common.STEPS_EACH, step_lr=common.STEP_LR, denoise=False,
+                 sampler="als"),                              # the paper's (Sec. 5, appendix B.1; the official configs)
     "ncsnv2": dict(lr=1e-4, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels="auto", conditioning="scale",
-                   ema=0.999, dequantize=False, steps_each=5, step_lr="auto", denoise=True,
-                   sampler="als"),                              # NCSNv2's techniques 1-5
+                   objective="dsm", ema=0.999, ema_warmup=False, dequantize=False, steps_each=5, step_lr="auto",
+                   denoise=True, sampler="als"),                # NCSNv2's techniques 1-5
+    "edm": dict(lr=1e-3, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels=18, conditioning="continuous",
+                objective="edm", sigma_data="auto", ema=0.999, ema_warmup=True, dequantize=False, steps_each=1,
+                step_lr="auto", denoise=False, sampler="heun"),  # EDM's preconditioning, loss and sampler (issue 19)
 }
 
 
@@ -63,7 +68,8 @@ class TrainConfig:
     dataset_path: str = _setting(None, "a folder of images to train on instead (every 20th held out)")
     out: str = _setting(None, "output folder (default: runs/<dataset>)")
     resume: bool = _setting(False, "continue from <out>/checkpoint.pt")
-    recipe: str = _setting("ncsn", "ncsn: the paper's; ncsnv2: the improved techniques", choices=list(RECIPES))
+    recipe: str = _setting("ncsn", "ncsn: the paper's; ncsnv2: the improved techniques; edm: EDM's preconditioning, "
+                           "continuous conditioning, loss and Heun sampler", choices=list(RECIPES))
     # training
     batch_size: int = _setting(128, "global batch per optimizer step", type=utils.positive_int)
     iters: int = _setting(None, f"stop after this many optimizer steps (default {ITERS:,} if --epochs is not given)",
@@ -79,17 +85,25 @@ class TrainConfig:
     sigma_end: float = _setting(None, "sigma_L, the smallest", type=utils.positive_float)
     num_levels: int = _setting(None, "L, the number of noise levels; auto: technique 2's for the image size",
                                type=utils.number_or_auto(utils.positive_int))
-    conditioning: str = _setting(None, "norm: CondInstanceNorm++ per level; scale: s(x)/sigma (technique 3)",
-                                 choices=["norm", "scale"])
-    objective: str = _setting("dsm", "dsm: denoising score matching (eq. 5-6); ssm: annealed sliced score matching "
-                              "(SSM-VR per level, weighted by sigma^2)", choices=["dsm", "ssm"])
+    conditioning: str = _setting(None, "norm: CondInstanceNorm++ per level; scale: s(x)/sigma (technique 3); "
+                                 "continuous: EDM's preconditioned denoiser, norms conditioned on ln(sigma)/4",
+                                 choices=["norm", "scale", "continuous"])
+    objective: str = _setting(None, "dsm: denoising score matching (eq. 5-6); ssm: annealed sliced score matching "
+                              "(SSM-VR per level, weighted by sigma^2); edm: EDM's loss, ln sigma ~ N(--p-mean, "
+                              "--p-std^2), continuous conditioning only", choices=["dsm", "ssm", "edm"])
+    sigma_data: float = _setting(None, "continuous conditioning: the data's standard deviation in the "
+                                 "preconditioning; auto: measured on the training set",
+                                 type=utils.number_or_auto(utils.positive_float))
+    p_mean: float = _setting(-1.2, "EDM's P_mean: ln sigma's mean (--objective edm, --sigma-dist lognormal)",
+                             type=utils.finite_float)
+    p_std: float = _setting(1.2, "EDM's P_std: ln sigma's standard deviation", type=utils.positive_float)
     sigma_dist: str = _setting("uniform", "the noise level of each training image: uniform over the levels (eq. 6), or "
                                "lognormal: EDM's ln sigma ~ N(-1.2, 1.2^2) on the levels (Karras et al. 2022)",
                                choices=["uniform", "lognormal"])
     anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power (dsm)", type=utils.finite_float)
     dequantize: bool = _setting(None, "uniform dequantisation (x_uint8 + U(0, 1)) / 256, else x_uint8 / 255")
     ema: float = _setting(None, "EMA rate of the weights, 0 = off (technique 5)", type=utils.rate)
-    ema_warmup: bool = _setting(False, "EMA rate min(--ema, (1 + n) / (10 + n)) at update n (TensorFlow's num_updates, "
+    ema_warmup: bool = _setting(None, "EMA rate min(--ema, (1 + n) / (10 + n)) at update n (TensorFlow's num_updates, "
                                 "score_sde's EMA): short runs' averages forget the initial weights")
     seed: int = _setting(0, "fixes initialisation, data order and every noise draw", type=utils.seed)
     # checkpoints and figures
@@ -124,8 +138,8 @@ def parser(fixed=()):
             continue
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         help = meta["help"]
-        if f.name in RECIPES["ncsn"]:
-            help += " (default: the recipe's, " + ", ".join(f"{r} {v[f.name]}" for r, v in RECIPES.items()) + ")"
+        if any(f.name in r for r in RECIPES.values()):
+            help += " (default: the recipe's, " + ", ".join(f"{r} {v.get(f.name)}" for r, v in RECIPES.items()) + ")"
         if f.type is bool:
             action = argparse.BooleanOptionalAction if f.default is None else "store_true"
             p.add_argument(flag, action=action, default=f.default, help=help)
@@ -138,8 +152,11 @@ def parser(fixed=()):
 def resolve(cfg):
     """Fill the settings left unset from the recipe and the data set."""
     recipe = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
-    return dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or data.DATASETS[cfg.dataset]["ngf"],
-                               out=cfg.out or os.path.join("runs", cfg.dataset))
+    cfg = dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or data.DATASETS[cfg.dataset]["ngf"],
+                              out=cfg.out or os.path.join("runs", cfg.dataset))
+    if cfg.conditioning == "continuous" and cfg.sigma_data is None:
+        cfg = dataclasses.replace(cfg, sigma_data="auto")
+    return cfg
 
 
 def check_config(cfg):
@@ -151,6 +168,8 @@ def check_config(cfg):
         return "--num-levels must be at least 2"
     if cfg.ngf < 2:
         return "--ngf must be at least 2"
+    if cfg.objective == "edm" and cfg.conditioning != "continuous":
+        return f"--objective edm trains EDM's denoiser: it needs --conditioning continuous, not {cfg.conditioning}"
     parts = int(os.environ.get("WORLD_SIZE", "1")) * cfg.grad_accum      # torchrun's processes x micro-batches
     if cfg.batch_size % parts:
         return (f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum ({parts}); "
@@ -160,7 +179,7 @@ def check_config(cfg):
 
 def resolve_auto(cfg, train_images, device, state, say):
     """The 'auto' settings as numbers: from the checkpoint when resuming, else by NCSNv2's techniques."""
-    auto = [k for k in ("sigma_begin", "num_levels", "step_lr") if getattr(cfg, k) == "auto"]
+    auto = [k for k in ("sigma_begin", "num_levels", "step_lr", "sigma_data") if getattr(cfg, k) == "auto"]
     if state is not None:
         return dataclasses.replace(cfg, **{k: state["config"][k] for k in auto}), auto
     found = {}
@@ -176,6 +195,9 @@ def resolve_auto(cfg, train_images, device, state, say):
         found["num_levels"] = common.num_levels_for(sigma_begin, cfg.sigma_end, gamma)
         say(f"--num-levels auto: {found['num_levels']} levels (ratio at most {gamma:.4f} for D = "
             f"{train_images[0].numel()}, technique 2)")
+    if "sigma_data" in auto:
+        found["sigma_data"] = data.pixel_stats(train_images)[1]
+        say(f"--sigma-data auto: {found['sigma_data']:.4f}, the standard deviation of the training pixels (EDM)")
     L = found.get("num_levels", cfg.num_levels)
     if "step_lr" in auto:
         found["step_lr"] = common.auto_step_lr(sigma_begin, cfg.sigma_end, L, cfg.steps_each)
@@ -193,36 +215,49 @@ def run_length(cfg, steps_per_epoch):
 #----------------------------------------------------------------------------
 # Noise draws: every random draw is fixed by (seed, step).
 
-def level_probs(sigmas, dist):
+def level_probs(sigmas, dist, p_mean=-1.2, p_std=1.2):
     """Each level's probability in a training draw: None for uniform (the paper's); for lognormal,
-    the N(-1.2, 1.2^2) density of ln sigma (EDM's P_mean, P_std), which needs no Jacobian because
+    the N(p_mean, p_std^2) density of ln sigma (EDM's P_mean, P_std), which needs no Jacobian because
     the levels are evenly spaced in ln sigma. It puts the training where samples take shape
     (sigma 0.1 to 1 on [0, 1] images) rather than on technique 1's sigma 1 to 16."""
     if dist == "uniform":
         return None
-    p = torch.exp(-0.5 * ((torch.log(sigmas.double()) + 1.2) / 1.2) ** 2)
+    p = torch.exp(-0.5 * ((torch.log(sigmas.double()) - p_mean) / p_std) ** 2)
     return (p / p.sum()).float()
 
 
-def step_draws(seed, step, shape, num_levels, device, stream=0, vectors=False, probs=None):
+def step_draws(seed, step, shape, num_levels, device, stream=0, vectors=False, probs=None, normals=False):
     """Noise-level labels (uniform over num_levels, or with level_probs' `probs`), dequantisation
-    noise u, noise z, flips (and, for ssm, the projections v) of a global batch of `shape`, fixed
-    by (seed, step, stream) through utils.stable_seed: the same whatever the number of processes,
-    accumulation steps or restarts."""
+    noise u, noise z, flips (and, for ssm, the projections v; for edm, one N(0, 1) per image) of a
+    global batch of `shape`, fixed by (seed, step, stream) through utils.stable_seed: the same
+    whatever the number of processes, accumulation steps or restarts."""
     g = torch.Generator(device=device).manual_seed(utils.stable_seed(seed, step, stream))
     labels = (torch.randint(num_levels, (shape[0],), generator=g, device=device) if probs is None  # one level each
               else torch.multinomial(probs.to(device), shape[0], replacement=True, generator=g))
     u = torch.rand(shape, generator=g, device=device)
     z = torch.randn(shape, generator=g, device=device)
     flip = torch.rand(shape[0], generator=g, device=device) < 0.5
-    return (labels, u, z, flip) + ((torch.randn(shape, generator=g, device=device),) if vectors else ())
+    v = (torch.randn(shape, generator=g, device=device),) if vectors else ()
+    return (labels, u, z, flip) + v + ((torch.randn(shape[0], generator=g, device=device),) if normals else ())
 
 
-def objective_loss(net, x, labels, sigmas, z, v, objective, anneal_power):
-    """The mean training loss of a batch: annealed DSM (eq. 6) or annealed SSM-VR."""
-    if objective == "ssm":
-        return common.annealed_ssm_loss(net, x, labels, sigmas, noise=z, vectors=v)
-    return common.dsm_loss(net, x, labels, sigmas, anneal_power, noise=z)
+def draws(cfg, seed, step, shape, sigmas, device, stream=0):
+    """step_draws for cfg's objective: (labels, u, z, flips, extra), extra the ssm projections or
+    the edm normals (None for dsm)."""
+    labels, u, z, flips, *extra = step_draws(seed, step, shape, len(sigmas), device, stream, cfg.objective == "ssm",
+                                             level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std),
+                                             cfg.objective == "edm")
+    return labels, u, z, flips, extra[0] if extra else None
+
+
+def objective_loss(net, x, labels, sigmas, z, extra, cfg):
+    """The mean training loss of a batch: annealed DSM (eq. 6), annealed SSM-VR (extra: the
+    projections) or EDM's (extra: N(0, 1) draws; ln sigma = --p-mean + --p-std extra, any sigma)."""
+    if cfg.objective == "ssm":
+        return common.annealed_ssm_loss(net, x, labels, sigmas, noise=z, vectors=extra)
+    if cfg.objective == "edm":
+        return common.edm_loss(net, x, torch.exp(cfg.p_mean + cfg.p_std * extra), cfg.sigma_data, noise=z)
+    return common.dsm_loss(net, x, labels, sigmas, cfg.anneal_power, noise=z)
 
 
 #----------------------------------------------------------------------------
@@ -237,9 +272,7 @@ def train_step(model, optimizer, images, sigmas, step, cfg):
         if torch.distributed.is_initialized() else (0, 1)
     device, per_rank = images.device, len(images)
     micro, lo = per_rank // cfg.grad_accum, rank * per_rank
-    labels, u, z, flips, *v = step_draws(cfg.seed, step, (cfg.batch_size, *images.shape[1:]), len(sigmas), device,
-                                         vectors=cfg.objective == "ssm", probs=level_probs(sigmas, cfg.sigma_dist))
-    v = v[0] if v else None
+    labels, u, z, flips, extra = draws(cfg, cfg.seed, step, (cfg.batch_size, *images.shape[1:]), sigmas, device)
     x = data.to_unit(images, u[lo:lo + per_rank] if cfg.dequantize else None)
     if data.DATASETS[cfg.dataset]["flip"]:
         x = torch.where(flips[lo:lo + per_rank, None, None, None], x.flip(3), x)
@@ -251,8 +284,8 @@ def train_step(model, optimizer, images, sigmas, step, cfg):
         last = world == 1 or k == cfg.grad_accum - 1
         with contextlib.nullcontext() if last else ddp.no_sync():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                loss = objective_loss(model, x[mine], labels[glob], sigmas, z[glob], v if v is None else v[glob],
-                                      cfg.objective, cfg.anneal_power) / cfg.grad_accum
+                loss = objective_loss(model, x[mine], labels[glob], sigmas, z[glob],
+                                      extra if extra is None else extra[glob], cfg) / cfg.grad_accum
             loss.backward()
         total += loss.detach()
     optimizer.step()
@@ -265,11 +298,10 @@ def test_loss(net, test_images, sigmas, step, cfg, device):
     B = min(cfg.batch_size, len(test_images))
     t = (step // TEST_EVERY) % max(1, len(test_images) // B)
     images = test_images[t * B:(t + 1) * B].to(device)
-    labels, u, z, _, *v = step_draws(cfg.seed, step, images.shape, len(sigmas), device, 1, cfg.objective == "ssm",
-                                     probs=level_probs(sigmas, cfg.sigma_dist))
+    labels, u, z, _, extra = draws(cfg, cfg.seed, step, images.shape, sigmas, device, stream=1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
         x = data.to_unit(images, u if cfg.dequantize else None)
-        return objective_loss(net, x, labels, sigmas, z, v[0] if v else None, cfg.objective, cfg.anneal_power).item()
+        return objective_loss(net, x, labels, sigmas, z, extra, cfg).item()
 
 
 @torch.no_grad()
@@ -291,7 +323,9 @@ def describe(cfg, net):
     return (f"recipe {cfg.recipe}: RefineNet({net.model_args['in_channels']}, {cfg.ngf}, "
             f"{cfg.conditioning}-conditioned, "
             f"{cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}"
-            + (", log-normal training levels" if cfg.sigma_dist == "lognormal" else "")
+            + (", log-normal training levels" if cfg.sigma_dist == "lognormal" and cfg.objective != "edm" else "")
+            + (f", EDM's loss, ln sigma ~ N({cfg.p_mean:g}, {cfg.p_std:g}^2), sigma_data {cfg.sigma_data:.4f}, "
+               f"mean pixel {float(net.data_mean):.4f}" if cfg.objective == "edm" else "")
             + f"): {sum(p.numel() for p in net.parameters()):,} parameters")
 
 
@@ -318,7 +352,8 @@ def start(cfg):
     total_steps, limit = run_length(cfg, steps_per_epoch)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
-    raw, model, ema, opt = train_io.build(cfg, model_args, sigmas, state, world)
+    mean = data.pixel_stats(train_images)[0] if cfg.conditioning == "continuous" else math.nan   # the Denoiser's mu
+    raw, model, ema, opt = train_io.build(cfg, model_args, sigmas, state, world, mean)
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
     log = train_io.MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, write=rank == 0)
     if rank == 0:

@@ -210,11 +210,12 @@ def check_resume(state, cfg, model_args, may_change, default):
         raise TrainError(f"{path} was trained with {', '.join(diff)}; resume with the same values")
 
 
-def build(cfg, model_args, sigmas, state, world):
-    """The network, the module that trains it (DDP and torch.compile as asked), its EMA copy (None
+def build(cfg, model_args, sigmas, state, world, data_mean=math.nan):
+    """The network (for continuous conditioning EDM's Denoiser, with cfg.sigma_data and the data's
+    mean pixel), the module that trains it (DDP and torch.compile as asked), its EMA copy (None
     when off) and Adam, restored from `state` when resuming."""
     torch.manual_seed(cfg.seed)
-    net = common.RefineNet(**model_args, sigmas=sigmas if cfg.conditioning == "scale" else None)
+    net = common.score_network(model_args, sigmas, cfg.sigma_data, data_mean)
     net = net.to(sigmas.device, memory_format=torch.channels_last if cfg.channels_last else None)
     ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema > 0 else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))

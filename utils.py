@@ -169,7 +169,7 @@ def _positive(cast, what):
             raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}") from None
         if not (value > 0 and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text}")
-        if value >= 2 ** 63:                    # beyond torch's int64 (and any run's length)
+        if cast is int and value >= 2 ** 63:   # beyond torch's int64 (and any run's length)
             raise argparse.ArgumentTypeError(f"expected a positive {what} below 2^63, got {text}")
         return value
     return parse
