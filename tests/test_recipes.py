@@ -203,9 +203,12 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
     assert "skipped: " in capsys.readouterr().out
     auto = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "auto", "--nfe", "7",
                           "--out", str(tmp_path / "a"), "--device", "cpu"])        # each network's better sampler
-    assert [r["sampler"]["sampler"][:7] for r in auto] == ["anneale", "reverse"]
+    assert [(r["sampler"]["name"], r["sampler"].get("s_churn")) for r in auto] == [("als", None), ("heun", 10.0)]
     assert "skipped" not in capsys.readouterr().out
-    assert all(r["samples_made_now"] == 0 for r in auto)                             # the grid's samples, reused
+    assert [r["samples_made_now"] for r in auto] == [0, 4]              # the grid's als samples, reused
+    [big] = evaluate.main(["--checkpoint", paths[1], "--n", "4", "--metrics", "none", "--sampler", "auto", "--nfe",
+                           "60", "--out", str(tmp_path / "a" / "ncsnv2_checkpoint"), "--device", "cpu"])
+    assert big["sampler"]["name"] == "ancestral" and big["nfe"] == 60           # beyond heun's measured range
     made = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "auto",
                           "--nfe", "7", "9",
                           "--existing", "--out", str(tmp_path / "a"), "--device", "cpu"])
