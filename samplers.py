@@ -43,13 +43,18 @@ def level_score(net, sigmas, trained=None):
     levels themselves (float). A scale-conditioned RefineNet (technique 3) or a continuous one
     (common.Denoiser) takes any sigma; the paper's norm-conditioned one only its `trained` levels,
     so any other sigma is refused."""
+    copies = {}                         # the levels on each device, copied once (not once per evaluation)
+    def on(t, device):
+        if (id(t), device) not in copies:
+            copies[id(t), device] = t.to(device)
+        return copies[id(t), device]
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
     if getattr(net, "conditioning", "norm") in ("scale", "continuous"):
-        return lambda x, labels: net(x, labels if labels.is_floating_point() else sigmas.to(x.device)[labels])
-    trained = torch.as_tensor(trained, dtype=torch.float32)
+        return lambda x, labels: net(x, labels if labels.is_floating_point() else on(sigmas, x.device)[labels])
+    log_trained = torch.as_tensor(trained, dtype=torch.float32).log()
     def score(x, labels):
-        s = labels if labels.is_floating_point() else sigmas.to(x.device)[labels]
-        index = (s.log()[:, None] - trained.to(s.device).log()[None]).abs().min(1)
+        s = labels if labels.is_floating_point() else on(sigmas, x.device)[labels]
+        index = (s.log()[:, None] - on(log_trained, s.device)[None]).abs().min(1)
         if (index.values > 1e-4).any():
             raise ValueError(f"sigma {s[index.values.argmax()].item():.4g} is not a trained level of this "
                              "norm-conditioned network; it knows only its own")
