@@ -43,7 +43,7 @@ N = 50_000               # samples per setting (the usual protocol; model select
 BATCH_SIZE = 100         # images sampled at once
 SEED = 0                 # image i uses a generator seeded by (SEED, i)
 AUTO = {"norm": ((None, "als", {}),),          # --sampler auto: per conditioning, (largest --nfe, sampler, its
-        "scale": ((50, "heun", {"s_churn": 10.0}), (None, "ancestral", {})),   # settings unless given), the first
+        "scale": ((100, "heun", {"s_churn": 10.0}), (None, "als", {})),        # settings unless given), the first
         "continuous": ((None, "heun", {}),)}     # that covers the budget; measured on real digits: docs/samplers.md
 FLAGS = dict(steps_each="n_steps_each", step_lr="step_lr", denoise="denoise", s_churn="s_churn",
              s_noise="s_noise")                  # the sampler-specific flags and the settings they give
