@@ -40,7 +40,7 @@ def build(config, impl, args, device):
     levels), the paper's for the data set, or the official implementation's."""
     spec = data.DATASETS[config]                  # the paper's network for the data set
     channels, size, ngf = spec["channels"], spec["image_size"], spec["ngf"]
-    sigmas = common.geometric_sigmas()
+    sigmas, info = common.geometric_sigmas(), {}
     if args.checkpoint:
         net, info = common.load_score_net(args.checkpoint)
         sigmas = common.levels_of(info)
@@ -53,7 +53,7 @@ def build(config, impl, args, device):
                                                                         image_size=size),
                                                    model=SimpleNamespace(ngf=ngf, num_classes=common.NUM_LEVELS)))
     net = net.train().to(device)
-    return (net.to(memory_format=torch.channels_last) if args.channels_last else net), sigmas.to(device)
+    return (net.to(memory_format=torch.channels_last) if args.channels_last else net), sigmas.to(device), info
 
 
 def reset_peak(device):
@@ -124,7 +124,7 @@ def bench_one(config, impl, args, device):
     spec = data.DATASETS[config]
     channels, size = spec["channels"], spec["image_size"]
     B = args.batch_size
-    net, sigmas = build(config, impl, args, device)
+    net, sigmas, ckpt = build(config, impl, args, device)
     params = sum(p.numel() for p in net.parameters())
     model = torch.compile(net) if args.compile else net
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -148,7 +148,8 @@ def bench_one(config, impl, args, device):
     # counted on the plain network: the flop counter does not see inside compiled code
     train_flops, forward_flops = flops(lambda: step(net)), flops(lambda: torch.no_grad()(forward)())
     info = dict(dataset=config, sigma_begin=float(sigmas[0]), sigma_end=float(sigmas[-1]), num_levels=len(sigmas),
-                model_args=dict(conditioning=getattr(net, "conditioning", "norm")), path="bench")
+                model_args=dict(conditioning=getattr(net, "conditioning", "norm")), path="bench",
+                **{k: ckpt[k] for k in ("steps_each", "step_lr", "denoise") if k in ckpt})   # its recipe's sampler
     costs = sampler_rows(net.eval(), sigmas, info, B, device, args.amp) if impl == "ours" else {}
     return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
                 objective=args.objective, channels_last=args.channels_last, compile=args.compile,
