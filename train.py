@@ -36,6 +36,7 @@ from train_io import LOG_EVERY, TrainError  # noqa: F401  (train.TrainError, tra
 # help; the per-data-set defaults (channels, image size, flips, ngf) are data.DATASETS.
 
 ITERS = 200_000      # the paper's optimizer steps, when neither --iters nor --epochs is given
+P_MEAN, P_STD = -1.2, 1.2   # EDM's ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1)
 TEST_EVERY = 100     # steps between test losses (the official code's)
 EXIT_STOPPED = 3     # exit status of a run stopped by a signal: continue it with --resume
 
@@ -94,11 +95,11 @@ class TrainConfig:
     sigma_data: float = _setting(None, "continuous conditioning: the data's standard deviation in the "
                                  "preconditioning; auto: measured on the training set",
                                  type=utils.number_or_auto(utils.positive_float))
-    p_mean: float = _setting(-1.2, "EDM's P_mean: ln sigma's mean (--objective edm, --sigma-dist lognormal)",
+    p_mean: float = _setting(P_MEAN, "EDM's P_mean: ln sigma's mean (--objective edm, --sigma-dist lognormal)",
                              type=utils.finite_float)
-    p_std: float = _setting(1.2, "EDM's P_std: ln sigma's standard deviation", type=utils.positive_float)
+    p_std: float = _setting(P_STD, "EDM's P_std: ln sigma's standard deviation", type=utils.positive_float)
     sigma_dist: str = _setting("uniform", "the noise level of each training image: uniform over the levels (eq. 6), or "
-                               "lognormal: EDM's ln sigma ~ N(-1.2, 1.2^2) on the levels (Karras et al. 2022)",
+                               "lognormal: EDM's ln sigma ~ N(--p-mean, --p-std^2) on the levels (Karras et al. 2022)",
                                choices=["uniform", "lognormal"])
     anneal_power: float = _setting(2.0, "lambda(sigma) = sigma^anneal_power (dsm)", type=utils.finite_float)
     dequantize: bool = _setting(None, "uniform dequantisation (x_uint8 + U(0, 1)) / 256, else x_uint8 / 255")
@@ -177,8 +178,9 @@ def check_config(cfg):
     return None
 
 
-def resolve_auto(cfg, train_images, device, state, say):
-    """The 'auto' settings as numbers: from the checkpoint when resuming, else by NCSNv2's techniques."""
+def resolve_auto(cfg, train_images, device, state, say, pixels=None):
+    """The 'auto' settings as numbers: from the checkpoint when resuming, else by NCSNv2's techniques
+    (and sigma_data from `pixels`, data.pixel_stats of the training images)."""
     auto = [k for k in ("sigma_begin", "num_levels", "step_lr", "sigma_data") if getattr(cfg, k) == "auto"]
     if state is not None:
         return dataclasses.replace(cfg, **{k: state["config"][k] for k in auto}), auto
@@ -196,7 +198,7 @@ def resolve_auto(cfg, train_images, device, state, say):
         say(f"--num-levels auto: {found['num_levels']} levels (ratio at most {gamma:.4f} for D = "
             f"{train_images[0].numel()}, technique 2)")
     if "sigma_data" in auto:
-        found["sigma_data"] = data.pixel_stats(train_images)[1]
+        found["sigma_data"] = pixels[1]
         say(f"--sigma-data auto: {found['sigma_data']:.4f}, the standard deviation of the training pixels (EDM)")
     L = found.get("num_levels", cfg.num_levels)
     if "step_lr" in auto:
@@ -215,7 +217,7 @@ def run_length(cfg, steps_per_epoch):
 #----------------------------------------------------------------------------
 # Noise draws: every random draw is fixed by (seed, step).
 
-def level_probs(sigmas, dist, p_mean=-1.2, p_std=1.2):
+def level_probs(sigmas, dist, p_mean=P_MEAN, p_std=P_STD):
     """Each level's probability in a training draw: None for uniform (the paper's); for lognormal,
     the N(p_mean, p_std^2) density of ln sigma (EDM's P_mean, P_std), which needs no Jacobian because
     the levels are evenly spaced in ln sigma. It puts the training where samples take shape
@@ -342,7 +344,9 @@ def start(cfg):
     state = train_io.resume_state(cfg)
     train_images, test_images = data.train_and_test(cfg.dataset, cfg.data_root, cfg.dataset_path, cfg.batch_size,
                                                      rank, world)
-    cfg, auto = resolve_auto(cfg, train_images, device, state, say)
+    measure = state is None and (cfg.conditioning == "continuous" or cfg.sigma_data == "auto")   # else unused
+    pixels = data.pixel_stats(train_images) if measure else (math.nan, math.nan)          # or the checkpoint's
+    cfg, auto = resolve_auto(cfg, train_images, device, state, say, pixels)
     model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels,
                       image_size=spec["image_size"], conditioning=cfg.conditioning)
     if state is not None:
@@ -352,8 +356,7 @@ def start(cfg):
     total_steps, limit = run_length(cfg, steps_per_epoch)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
-    mean = data.pixel_stats(train_images)[0] if cfg.conditioning == "continuous" else math.nan   # the Denoiser's mu
-    raw, model, ema, opt = train_io.build(cfg, model_args, sigmas, state, world, mean)
+    raw, model, ema, opt = train_io.build(cfg, model_args, sigmas, state, world, pixels[0])   # the Denoiser's mu
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
     log = train_io.MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, write=rank == 0)
     if rank == 0:
