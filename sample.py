@@ -147,22 +147,21 @@ def open_folder(folder, fp, settings, info):
     temporary files of a killed writer and set a damaged samples.json aside."""
     meta = os.path.join(folder, "samples.json")
     record = settings.record()
+    old = None
     if os.path.exists(meta):
         try:
             old = utils.read_json(meta)
         except utils.Damaged as e:
             utils.set_aside(meta, f"{e}: damaged")
-        else:
-            if old.get("fingerprint") != fp:
-                what = [k for k in record if old.get("settings", {}).get(k) != record[k]] or ["the weights"]
-                raise StaleSamples(f"{folder} holds samples made with other {', '.join(what)}; "
-                                   "use another --out, or delete that folder")
-            utils.remove_temporaries(folder)
-            return
+    if old is not None and old.get("fingerprint") != fp:
+        what = [k for k in record if old.get("settings", {}).get(k) != record[k]] or ["the weights"]
+        raise StaleSamples(f"{folder} holds samples made with other {', '.join(what)}; "
+                           "use another --out, or delete that folder")
     os.makedirs(folder, exist_ok=True)
     utils.remove_temporaries(folder)
-    utils.save_json(dict(fingerprint=fp, settings=record, checkpoint=info["path"], ema=info["ema"], step=info["step"]),
-                    meta)
+    if old is None:
+        utils.save_json(dict(fingerprint=fp, settings=record, checkpoint=info["path"], ema=info["ema"],
+                             step=info["step"]), meta)
 
 
 def shards(folder, fp=None, verify=False):

@@ -141,12 +141,15 @@ def read_npz(path, keys=None):
 
 
 def read_json(path):
-    """A JSON file written by this project; Damaged when it cannot be parsed."""
+    """A JSON object written by this project; Damaged when it cannot be parsed or is not an object."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise Damaged(f"{path}: {first_line(e)[:80]}") from None
+    if not isinstance(obj, dict):
+        raise Damaged(f"{path}: a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def set_aside(path, why):

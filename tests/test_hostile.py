@@ -236,7 +236,7 @@ def test_damaged_stored_files_are_set_aside_and_made_again(tmp_path, monkeypatch
     open(os.path.join(folder, a), "wb").write(bytes(flipped))
     open(os.path.join(folder, b), "wb").write(raw[:len(raw) // 2])       # cut short
     open(os.path.join(folder, "samples.json"), "w").write('{"fingerprint": "ab')
-    open(os.path.join(folder, "metrics.json"), "w").write("\x00garbage")
+    open(os.path.join(folder, "metrics.json"), "w").write("[1, 2]")                # JSON, but not an object
     open(os.path.join(folder, utils.TMP_PREFIX + "0a1b2c3d-shard_0000000_0000002.npz"), "wb").write(b"half")
     capsys.readouterr()
     [again] = evaluate.main(base)
