@@ -96,13 +96,14 @@ def flops(fn):
 
 
 def sampler_rows(net, sigmas, info, B, device, amp):
-    """Per sampler of samplers.SAMPLERS: its default setting's NFE for this network, and seconds per
+    """Per sampler of samplers.SAMPLERS: its default setting's NFE for this network (the checkpoint's
+    own sampler: at its recipe's --nfe), and seconds per
     image: a run of the setting's first 2 levels (T = 1) timed per network evaluation, times its NFE."""
     rows = {}
     x = torch.rand(B, *net_shape(info), device=device)
     for name, spec in samplers.SAMPLERS.items():
         try:
-            default = sample.sampler_settings(name, info, 0)
+            default = sample.sampler_settings(name, info, 0, info.get("nfe") if name == info.get("sampler") else None)
         except sample.Inapplicable:
             continue
         levels = torch.tensor(default.sigmas[:2], device=device)
@@ -149,7 +150,7 @@ def bench_one(config, impl, args, device):
     train_flops, forward_flops = flops(lambda: step(net)), flops(lambda: torch.no_grad()(forward)())
     info = dict(dataset=config, sigma_begin=float(sigmas[0]), sigma_end=float(sigmas[-1]), num_levels=len(sigmas),
                 model_args=dict(conditioning=getattr(net, "conditioning", "norm")), path="bench",
-                **{k: ckpt[k] for k in ("steps_each", "step_lr", "denoise") if k in ckpt})   # its recipe's sampler
+                **{k: ckpt[k] for k in ("steps_each", "step_lr", "denoise", "sampler", "nfe") if k in ckpt})   # its recipe's
     costs = sampler_rows(net.eval(), sigmas, info, B, device, args.amp) if impl == "ours" else {}
     return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
                 objective=args.objective, channels_last=args.channels_last, compile=args.compile,

@@ -62,7 +62,8 @@ def level_losses(jobs, args, device):
         if key not in done:
             if dataset not in held_out:
                 held_out[dataset] = data.load_images(dataset, False, args.data_root)[:args.level_loss]
-            done[key] = metrics.level_losses(j.net, j.info, held_out[dataset], args.batch_size, device)
+            done[key] = metrics.level_losses(j.net, j.info, held_out[dataset], args.batch_size, device,
+                                             args.level_sigmas)
     return done
 
 
@@ -76,7 +77,7 @@ def evaluate_one(args, job, scorers, device, losses):
         train_images = data.load_images(job.info["dataset"], True, args.data_root, folder_flag="--ref")
         metrics.save_nearest(os.path.join(job.folder, "nearest.png"), samples, train_images, args.nearest, inc, device)
     if job.info["path"] in losses:
-        result["test_dsm_loss_per_level"] = losses[job.info["path"]]
+        result["test_dsm_loss_per_" + ("sigma" if args.level_sigmas else "level")] = losses[job.info["path"]]
     for name in args.metrics:
         result.update(scorers[name, job.info["dataset"]](sample.read_shards(job.folder, args.n, job.fp)))
     result["seconds"] = round(time.time() - t0, 1)
@@ -150,9 +151,14 @@ def main(argv=None):
     p.add_argument("--level-loss", type=utils.positive_int, default=None, metavar="N",
                    help="also the test DSM loss of about 20 training levels on N held-out images (the network's "
                         "fit per level, apart from the sampler)")
+    p.add_argument("--level-sigmas", type=utils.positive_float, nargs="+", default=None, metavar="SIGMA",
+                   help="--level-loss at these noise levels instead, to compare networks trained on different "
+                        "ladders (a norm-conditioned network: those it was trained at)")
     p.add_argument("--nearest", type=utils.positive_int, default=None,
                    help="nearest.png: the K nearest training images of 10 samples (pixels; Inception features too)")
     args = p.parse_args(argv)
+    if args.level_sigmas and not args.level_loss:
+        p.error("--level-sigmas sets the levels of --level-loss N: give --level-loss too")
     metrics.check_flags(p, args, args.out or sample.OUT)          # a bad --ref stops us before any folder is made
     sample.check_flags(p, args)
     device = utils.get_device(args.device)

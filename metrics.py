@@ -29,6 +29,7 @@ import common
 import data
 import health
 import sample
+import samplers
 import utils
 
 #----------------------------------------------------------------------------
@@ -333,27 +334,47 @@ def save_nearest(path, samples, train_images, k, inception_net=None, device="cpu
 
 
 @torch.no_grad()
-def level_losses(net, info, images, batch_size, device):
-    """{level: test DSM loss} at about 20 of the checkpoint's training levels: eq. (5) with lambda =
-    sigma^2 on `images` (uint8, / 255), the same noise z at every level (seeded). How well the
-    network fits each level, apart from any sampler; the loss of a perfect score is not 0 but the
-    level's irreducible part, so compare checkpoints level by level."""
-    sigmas = common.levels_of(info).to(device)
+def level_losses(net, info, images, batch_size, device, at=None):
+    """{level: test DSM loss} at about 20 of the checkpoint's training levels (keys 1-based level
+    numbers), or at the noise levels `at` ({sigma: loss}; a norm-conditioned network: those it was
+    trained at): eq. (5) with lambda = sigma^2 on `images` (uint8, / 255), the same noise z at every
+    level (seeded). How well the network fits each level, apart from any sampler; the loss of a
+    perfect score is not 0 but the level's irreducible part, so compare checkpoints level by level
+    (`at` puts networks with different ladders on the same levels)."""
+    trained = common.levels_of(info)
+    shown = health.shown_levels(len(trained))
+    keys = [i + 1 for i in shown] if at is None else known_levels(net, trained, at, info["path"])
+    sigmas = trained[shown] if at is None else torch.tensor(keys)
+    score = samplers.level_score(net, sigmas, trained)
     x_all = images.float() / 255
     z_all = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(utils.stable_seed(SEED, -2)))
     net, losses = net.to(device), {}
-    for i in health.shown_levels(len(sigmas)):
+    for k, key in enumerate(keys):
         total = 0.0
         for lo in range(0, len(x_all), batch_size):
             x, z = x_all[lo:lo + batch_size].to(device), z_all[lo:lo + batch_size].to(device)
-            labels = torch.full((len(x),), i, dtype=torch.long, device=device)
-            total += common.dsm_loss(net, x, labels, sigmas, noise=z, reduction="none").sum().item()
-        losses[i + 1] = total / len(x_all)
+            labels = torch.full((len(x),), k, dtype=torch.long, device=device)
+            total += common.dsm_loss(score, x, labels, sigmas, noise=z, reduction="none").sum().item()
+        losses[key] = total / len(x_all)
     net.cpu()
-    print(f"test DSM loss per training level ({info['path']}, {'EMA' if info['ema'] else 'raw'} weights, "
-          f"{len(x_all)} held-out images, the same noise at every level):")
-    print("  " + "  ".join(f"{i:>2} {float(sigmas[i - 1]):.3g}: {v:.4g}" for i, v in losses.items()))
+    print(f"test DSM loss per {'training ' if at is None else ''}level ({info['path']}, "
+          f"{'EMA' if info['ema'] else 'raw'} weights, {len(x_all)} held-out images, the same noise at every level):")
+    print("  " + "  ".join((f"{k:>2} {float(s):.3g}: " if at is None else f"{k:.3g}: ") + f"{v:.4g}"
+                           for (k, v), s in zip(losses.items(), sigmas)))
     return losses
+
+
+def known_levels(net, trained, at, path):
+    """The levels of `at` the network can be scored at: all for a scale- or continuous-conditioned
+    one, a norm-conditioned one's trained levels only (within 1e-4 in log); none is an error."""
+    if getattr(net, "conditioning", "norm") in ("scale", "continuous"):
+        return list(at)
+    log_trained = torch.as_tensor(trained, dtype=torch.float64).log()
+    known = [s for s in at if (log_trained - math.log(s)).abs().min() <= 1e-4]
+    if not known:
+        raise data.DataError(f"{path}: none of --level-sigmas is a trained level of this norm-conditioned network (it "
+                             f"knows {', '.join(f'{float(s):.4g}' for s in trained)})")
+    return known
 
 #----------------------------------------------------------------------------
 # The command line: score any set of images.

@@ -306,7 +306,8 @@ def add_flags(p):
     p.add_argument("--sampler", nargs="+", choices=[*samplers.SAMPLERS, "auto"], default=None,
                    help="samplers of samplers.SAMPLERS: als (the paper's annealed Langevin dynamics), ancestral "
                         "(reverse diffusion), heun (EDM), dpmpp2m (DPM-Solver++(2M)); auto: " + auto_help()
-                        + " (default: the checkpoint's recipe's sampler: als, or heun for --recipe edm)")
+                        + " (default: the checkpoint's recipe's sampler and budget: ncsn als, ncsnv2 heun --s-churn "
+                        "10 --nfe 35, edm heun)")
     p.add_argument("--nfe", type=utils.positive_int, nargs="+", default=None,
                    help="network evaluations per sample: als: T = (NFE - denoise) // L; the others: as many levels "
                         "as the budget buys (a norm-conditioned network: a subset of its own)")
@@ -316,7 +317,7 @@ def add_flags(p):
                    help="als: step_lr value(s); auto: technique 4's for T (default: the checkpoint's recipe's)")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
                    help="als: end with x + sigma_L^2 s(x, L) (default: the checkpoint's recipe's)")
-    p.add_argument("--s-churn", type=utils.finite_float, nargs="+", default=None,
+    p.add_argument("--s-churn", type=utils.nonnegative_float, nargs="+", default=None,
                    help="heun: EDM's S_churn (0: the deterministic ODE; needs a scale-conditioned network otherwise)")
     p.add_argument("--s-noise", type=utils.positive_float, default=None, help="heun: EDM's S_noise (default 1)")
     p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
@@ -354,8 +355,11 @@ def plan(args, ckpts):
         name = utils.checkpoint_name(ckpt)
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
         conditioning = info["model_args"].get("conditioning", "norm")
-        grid = itertools.product(args.sampler or [info.get("sampler", "als")], args.nfe or [None],
-                                 args.steps_each or [None], args.step_lr or [None], args.s_churn or [None])
+        recipes = args.sampler is None      # the checkpoint's recipe's sampler, at its budget and churn
+        grid = itertools.product(args.sampler or [info.get("sampler", "als")],
+                                 args.nfe or [info.get("nfe") if recipes else None],
+                                 args.steps_each or [None], args.step_lr or [None],
+                                 args.s_churn or [info.get("s_churn") if recipes else None])
         for sampler, nfe, steps_each, step_lr, s_churn in grid:
             sampler, chosen = auto_sampler(conditioning, nfe) if sampler == "auto" else (sampler, {})
             given = dict(n_steps_each=steps_each, step_lr=step_lr, denoise=args.denoise, s_churn=s_churn,

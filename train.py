@@ -49,13 +49,14 @@ RECIPES = {   # what a recipe gives each of these flags when it is not given
     "ncsn": dict(lr=1e-3, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END, num_levels=common.NUM_LEVELS,
                  conditioning="norm", objective="dsm", ema=0.0, ema_warmup=False, dequantize=True,
                  steps_each=common.STEPS_EACH, step_lr=common.STEP_LR, denoise=False,
-                 sampler="als"),                              # the paper's (Sec. 5, appendix B.1; the official configs)
+                 sampler="als", nfe=None, s_churn=0.0),                              # the paper's (Sec. 5, appendix B.1; the official configs)
     "ncsnv2": dict(lr=1e-4, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels="auto", conditioning="scale",
                    objective="dsm", ema=0.999, ema_warmup=False, dequantize=False, steps_each=5, step_lr="auto",
-                   denoise=True, sampler="als"),                # NCSNv2's techniques 1-5
+                   denoise=True, sampler="heun", nfe=35, s_churn=10.0),   # NCSNv2's techniques 1-5; figures:
+                                                                # issue 18's best measured sampler (docs/samplers.md)
     "edm": dict(lr=1e-3, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels=18, conditioning="continuous",
                 objective="edm", sigma_data="auto", ema=0.999, ema_warmup=True, dequantize=False, steps_each=1,
-                step_lr="auto", denoise=False, sampler="heun"),  # EDM's preconditioning, loss and sampler (issue 19)
+                step_lr="auto", denoise=False, sampler="heun", nfe=None, s_churn=0.0),  # EDM's preconditioning, loss and sampler (issue 19)
 }
 
 
@@ -116,6 +117,10 @@ class TrainConfig:
     step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T",
                               type=utils.number_or_auto(utils.positive_float))
     denoise: bool = _setting(None, "end the sampler with x + sigma_L^2 s(x, L)")
+    nfe: int = _setting(None, "the figures' network evaluations per image (None: the sampler's own on the "
+                        "trained levels)", type=utils.positive_int)
+    s_churn: float = _setting(None, "heun: EDM's S_churn for the figures (0: the deterministic ODE)",
+                              type=utils.nonnegative_float)
     # machinery
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N", type=utils.device_name)
     num_workers: int = _setting(2, "data loader processes", type=utils.count)
@@ -127,7 +132,7 @@ class TrainConfig:
 
 MAY_CHANGE = ("out", "resume", "data_root",                                # where things are
               "iters", "epochs", "snapshot_every", "sample_every",          # the length, what is written when
-              "n_samples", "sampler", "steps_each", "step_lr", "denoise",   # the figures' sampler
+              "n_samples", "sampler", "steps_each", "step_lr", "denoise", "nfe", "s_churn",   # the figures' sampler
               "device", "num_workers", "grad_accum", "amp", "channels_last", "compile")   # the machinery
 
 
@@ -153,6 +158,8 @@ def parser(fixed=()):
 def resolve(cfg):
     """Fill the settings left unset from the recipe and the data set."""
     recipe = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
+    if cfg.sampler not in (None, RECIPES[cfg.recipe]["sampler"]):     # the recipe's budget is its own sampler's
+        recipe.update({k: v for k, v in dict(nfe=None, s_churn=0.0).items() if k in recipe})
     cfg = dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or data.DATASETS[cfg.dataset]["ngf"],
                               out=cfg.out or os.path.join("runs", cfg.dataset))
     if cfg.conditioning == "continuous" and cfg.sigma_data is None:
@@ -347,6 +354,7 @@ def start(cfg):
     measure = state is None and (cfg.conditioning == "continuous" or cfg.sigma_data == "auto")   # else unused
     pixels = data.pixel_stats(train_images) if measure else (math.nan, math.nan)          # or the checkpoint's
     cfg, auto = resolve_auto(cfg, train_images, device, state, say, pixels)
+    train_io.figure_settings(cfg)                                   # refused now, not after hours of training
     model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels,
                       image_size=spec["image_size"], conditioning=cfg.conditioning)
     if state is not None:

@@ -132,15 +132,25 @@ def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
     utils.save_figure(fig, path)
 
 
+def figure_settings(cfg):
+    """The figures' SamplerSettings (--sampler, --nfe, --s-churn and the Langevin flags) on a resolved
+    config; raises TrainError, naming the flags, where the sampler cannot run them."""
+    info = dict(path=cfg.out, dataset=cfg.dataset, model_args=dict(conditioning=cfg.conditioning),
+                sigma_begin=cfg.sigma_begin, sigma_end=cfg.sigma_end, num_levels=cfg.num_levels,
+                steps_each=cfg.steps_each, step_lr=cfg.step_lr, denoise=cfg.denoise)
+    churn = dict(s_churn=cfg.s_churn) if "s_churn" in sample.settings_of(samplers.SAMPLERS[cfg.sampler].run) else {}
+    try:
+        return sample.sampler_settings(cfg.sampler, info, cfg.seed, cfg.nfe, **churn)
+    except sample.Inapplicable as e:
+        raise TrainError(f"the figures' sampler: {e}; change --sampler, --nfe or --s-churn") from None
+
+
 def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
     """samples_<step>.png and process_<step>.png (Figs. 4, 5) with the recipe's sampler (--sampler)
     from the same start every time, and loss.png (Fig. 3). Returns False, writing nothing, when a
     stop signal cut sampling short."""
     spec = data.DATASETS[cfg.dataset]
-    info = dict(path=cfg.out, dataset=cfg.dataset, model_args=dict(conditioning=cfg.conditioning),
-                sigma_begin=cfg.sigma_begin, sigma_end=cfg.sigma_end, num_levels=cfg.num_levels,
-                steps_each=cfg.steps_each, step_lr=cfg.step_lr, denoise=cfg.denoise)
-    settings = sample.sampler_settings(cfg.sampler, info, cfg.seed)
+    settings = figure_settings(cfg)
     tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({cfg.sampler}, {settings.nfe} "
                "network evaluations each)")
     g = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -209,6 +209,14 @@ def finite_float(text):
     return value
 
 
+def nonnegative_float(text):
+    """argparse type: a finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def device_name(text):
     """argparse type for --device: auto, cpu, cuda or cuda:N, refused at once when not available."""
     try:

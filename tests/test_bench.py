@@ -88,13 +88,14 @@ def test_bench_times_the_ssm_objective(tmp_path):
 
 def test_bench_counts_a_checkpoint_s_own_sampler_setting(tmp_path):
     """--checkpoint: Langevin's default is the checkpoint's recipe's (T = 5 and a denoising step on its 6
-    levels: 31 NFE), not the paper's T = 100."""
+    levels: 31 NFE), not the paper's T = 100; its own sampler (here heun) at the recipe's --nfe."""
     levels = common.geometric_sigmas(4.0, 0.01, 6)
     net = common.RefineNet(1, 4, num_classes=6, image_size=28, conditioning="scale", sigmas=levels)
     config = dict(dataset="mnist", sigma_begin=4.0, sigma_end=0.01, num_levels=6, steps_each=5, step_lr=1e-5,
-                  denoise=True, sampler="als")
+                  denoise=True, sampler="heun", nfe=7, s_churn=10.0)
     path = tmp_path / "checkpoint.pt"
     common.write_checkpoint(dict(model=net.state_dict(), model_args=net.model_args, config=config), path)
     [row] = bench.main(["--checkpoint", str(path), "--batch-size", "1", "--repeats", "1", "--warmup", "1",
                         "--device", "cpu"])
-    assert row["samplers"]["als"]["nfe"] == 5 * 6 + 1 and row["samplers"]["heun"]["nfe"] == 2 * 6 - 1
+    assert row["samplers"]["als"]["nfe"] == 5 * 6 + 1 and row["samplers"]["heun"]["nfe"] == 7
+    assert row["samplers"]["dpmpp2m"]["nfe"] == 6                       # the others: their own default

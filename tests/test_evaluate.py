@@ -381,6 +381,16 @@ def test_level_loss_reports_the_test_dsm_loss_per_training_level(tmp_path, capsy
     assert "test DSM loss per training level" in capsys.readouterr().out
     saved = json.loads((tmp_path / "z" / os.listdir(tmp_path / "z")[0] / "metrics.json").read_text())
     assert saved["test_dsm_loss_per_level"] == pytest.approx({str(k): v for k, v in losses.items()})
+    # --level-sigmas: the same levels for every network; a norm-conditioned one is scored at those it knows
+    [r] = evaluate.main(["--checkpoint", ck, "--out", str(tmp_path / "s"), *args, "--level-sigmas", "1", "0.5", "0.01"])
+    [own] = evaluate.main(["--checkpoint", ck, "--out", str(tmp_path / "s"), *args])
+    per_sigma, per_level = r["test_dsm_loss_per_sigma"], own["test_dsm_loss_per_level"]
+    assert per_sigma == pytest.approx({1.0: per_level[1], 0.01: per_level[10]}, rel=1e-6)
+    with pytest.raises(SystemExit, match="none of --level-sigmas is a trained level"):
+        evaluate.main(["--checkpoint", ck, "--out", str(tmp_path / "s"), *args, "--level-sigmas", "0.5"])
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", ck, "--out", str(tmp_path / "s"), "--metrics", "none", "--level-sigmas", "1"])
+    assert e.value.code == 2
     # the exact score of each perturbed test image given its clean one, -(x~ - x) / sigma^2: loss 0
     images = data.load_images("mnist", False, root)
     sigmas = common.geometric_sigmas(1.0, 0.01, 95)
@@ -389,6 +399,9 @@ def test_level_loss_reports_the_test_dsm_loss_per_training_level(tmp_path, capsy
     oracle.to, oracle.cpu = (lambda device: oracle), (lambda: oracle)
     exact = metrics.level_losses(oracle, info, images, 6, torch.device("cpu"))
     assert list(exact) == [i + 1 for i in range(0, 95, 5)] + [95] and max(exact.values()) < 1e-6
+    scale = common.RefineNet(1, 4, 95, 28, conditioning="scale", sigmas=sigmas)    # any sigma: 0.5 is not a level
+    anywhere = metrics.level_losses(scale, dict(info, path="s"), images, 6, torch.device("cpu"), at=[0.5, 0.01])
+    assert list(anywhere) == [0.5, 0.01] and all(v > 0 for v in anywhere.values())
     assert health.shown_levels(10) == list(range(10))
 
 

@@ -76,6 +76,11 @@ def test_the_default_recipe_is_the_paper_s():
     assert (cfg.ema, cfg.dequantize, cfg.steps_each, cfg.step_lr, cfg.denoise) == (0.0, True, 100, 2e-5, False)
     v2 = train.resolve(train.TrainConfig(recipe="ncsnv2", lr=1e-3, steps_each=10))     # flags given win
     assert (v2.lr, v2.steps_each, v2.sigma_begin, v2.conditioning, v2.ema) == (1e-3, 10, "auto", "scale", 0.999)
+    assert (v2.sampler, v2.nfe, v2.s_churn) == ("heun", 35, 10.0)
+    # the recipe's figure budget belongs to its sampler: another --sampler runs at its own default
+    als = train.resolve(train.TrainConfig(recipe="ncsnv2", sampler="als"))
+    assert (als.sampler, als.nfe, als.s_churn, als.steps_each) == ("als", None, 0.0, 5)
+    assert train.resolve(train.TrainConfig(recipe="ncsnv2", sampler="dpmpp2m", nfe=20)).nfe == 20
 
 
 def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_root, tmp_path, capsys):
@@ -97,16 +102,23 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
     net, info = common.load_score_net(out / "checkpoint.pt")
     assert info["model_args"]["conditioning"] == "scale" and info["num_levels"] == L and info["ema"]
     assert torch.allclose(net.sigmas, common.geometric_sigmas(cfg["sigma_begin"], 0.01, L))
-    # evaluate.py needs no flags: the recipe's T = 5, its step size and its denoising step
+    # evaluate.py needs no flags: the recipe's sampler (issue 18's best: Heun, S_churn 10, 35 NFE), as the figures
+    assert (cfg["sampler"], cfg["nfe"], cfg["s_churn"]) == ("heun", 35, 10.0)
+    assert "(heun, 35 network evaluations each)" in capsys.readouterr().out
     [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "3", "--batch-size", "3",
-                         "--metrics", "none",
+                         "--metrics", "none", "--out", str(tmp_path / "h"), "--device", "cpu"])
+    assert (r["sampler"]["name"], r["sampler"]["s_churn"], r["nfe"], len(r["sampler"]["sigmas"])) == \
+        ("heun", 10.0, 35, 18)
+    # --sampler als: NCSNv2's own T = 5, its step size and its denoising step, not the Heun budget
+    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "3", "--batch-size", "3",
+                         "--metrics", "none", "--sampler", "als",
                          "--out", str(tmp_path / "e"), "--device", "cpu"])
     s = r["sampler"]
     assert (s["steps_each"], s["denoise"], r["nfe"]) == (5, True, 5 * L + 1)
     assert s["step_lr"] == pytest.approx(cfg["step_lr"])
     # an --nfe budget: T = (NFE - 1) // L, with technique 4's step for that T
     [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--batch-size", "2",
-                         "--metrics", "none",
+                         "--metrics", "none", "--sampler", "als",
                          "--out", str(tmp_path / "e2"), "--device", "cpu", "--nfe", str(3 * L + 1)])
     assert r["sampler"]["steps_each"] == 3 and r["sampler"]["step_lr"] == pytest.approx(
         common.step_lr_for(common.level_ratio(cfg["sigma_begin"], 0.01, L), 0.01, 3))
@@ -162,7 +174,7 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
                           "--num-levels", "4", "--steps-each", "1", "--n-samples", "2"])
         paths.append(str(out / "checkpoint.pt"))
     results = evaluate.main(["--checkpoint", *paths, "--n", "4", "--batch-size", "4", "--metrics", "classifier",
-                             "--nfe", "4", "9", "--data-root", mnist_root, "--classifier-cache", str(tmp_path / "clf"),
+                             "--sampler", "als", "--nfe", "4", "9", "--data-root", mnist_root, "--classifier-cache", str(tmp_path / "clf"),
                              "--out", str(tmp_path / "e"), "--device", "cpu"])
     # ncsnv2 spends L x T + 1 (denoising): --nfe 4 buys no T on its 4 levels and is skipped with a line, not overspent
     assert [(r["sampler"]["steps_each"], r["nfe"]) for r in results] == [(1, 4), (2, 8), (2, 9)]
@@ -250,3 +262,19 @@ def test_edm_recipe_trains_measures_sigma_data_resumes_and_samples_with_heun(mni
         train_mnist.main([*args, "--out", str(tmp_path / "bad"), "--conditioning", "scale"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "EDM's denoiser: it needs --conditioning continuous, not scale" in err
+
+
+def test_the_figures_sampler_is_refused_before_training_and_may_change_on_resume(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--data-root", mnist_root, "--out", str(out), "--n-samples", "2", "--steps-each", "1"]
+    for flags, named in [(["--sampler", "heun", "--s-churn", "10"], "with churn needs a scale-conditioned network"),
+                         (["--sampler", "heun", "--nfe", "40"], "on 20 levels needs a scale-conditioned network"),
+                         (["--nfe", "5"], "--nfe 5 is too few for --sampler als")]:
+        with pytest.raises(SystemExit) as e:
+            train_mnist.main([*args, "--iters", "1", *flags])
+        assert named in str(e.value) and "change --sampler, --nfe or --s-churn" in str(e.value)
+        assert not (out / "checkpoint.pt").exists() and "\n" not in str(e.value)
+    train_mnist.main([*args, "--iters", "1", "--sampler", "heun", "--nfe", "9"])     # 5 of the 10 levels
+    assert train_mnist.main([*args, "--iters", "2", "--resume", "--sampler", "dpmpp2m", "--nfe", "10"]) == 2
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["sampler"], cfg["nfe"], cfg["s_churn"]) == ("dpmpp2m", 10, 0.0)
