@@ -150,7 +150,7 @@ def bench_one(config, impl, args, device):
     train_flops, forward_flops = flops(lambda: step(net)), flops(lambda: torch.no_grad()(forward)())
     info = dict(dataset=config, sigma_begin=float(sigmas[0]), sigma_end=float(sigmas[-1]), num_levels=len(sigmas),
                 model_args=dict(conditioning=getattr(net, "conditioning", "norm")), path="bench",
-                **{k: ckpt[k] for k in ("steps_each", "step_lr", "denoise", "sampler", "nfe") if k in ckpt})   # its recipe's
+                **{k: ckpt[k] for k in ("steps_each", "step_lr", "denoise", "sampler", "nfe") if k in ckpt})
     costs = sampler_rows(net.eval(), sigmas, info, B, device, args.amp) if impl == "ours" else {}
     return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
                 objective=args.objective, channels_last=args.channels_last, compile=args.compile,

@@ -46,17 +46,19 @@ def _setting(default, help, **kw):
 
 
 RECIPES = {   # what a recipe gives each of these flags when it is not given
+    # the paper's (Sec. 5, appendix B.1; the official configs)
     "ncsn": dict(lr=1e-3, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END, num_levels=common.NUM_LEVELS,
                  conditioning="norm", objective="dsm", ema=0.0, ema_warmup=False, dequantize=True,
-                 steps_each=common.STEPS_EACH, step_lr=common.STEP_LR, denoise=False,
-                 sampler="als", nfe=None, s_churn=0.0),                              # the paper's (Sec. 5, appendix B.1; the official configs)
+                 steps_each=common.STEPS_EACH, step_lr=common.STEP_LR, denoise=False, sampler="als", nfe=None,
+                 s_churn=0.0),
+    # NCSNv2's techniques 1-5; its figures and evaluate.py: issue 18's best measured sampler (docs/samplers.md)
     "ncsnv2": dict(lr=1e-4, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels="auto", conditioning="scale",
                    objective="dsm", ema=0.999, ema_warmup=False, dequantize=False, steps_each=5, step_lr="auto",
-                   denoise=True, sampler="heun", nfe=35, s_churn=10.0),   # NCSNv2's techniques 1-5; figures:
-                                                                # issue 18's best measured sampler (docs/samplers.md)
+                   denoise=True, sampler="heun", nfe=35, s_churn=10.0),
+    # EDM's preconditioning, loss and sampler (issue 19)
     "edm": dict(lr=1e-3, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels=18, conditioning="continuous",
                 objective="edm", sigma_data="auto", ema=0.999, ema_warmup=True, dequantize=False, steps_each=1,
-                step_lr="auto", denoise=False, sampler="heun", nfe=None, s_churn=0.0),  # EDM's preconditioning, loss and sampler (issue 19)
+                step_lr="auto", denoise=False, sampler="heun", nfe=None, s_churn=0.0),
 }
 
 

@@ -174,7 +174,8 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
                           "--num-levels", "4", "--steps-each", "1", "--n-samples", "2"])
         paths.append(str(out / "checkpoint.pt"))
     results = evaluate.main(["--checkpoint", *paths, "--n", "4", "--batch-size", "4", "--metrics", "classifier",
-                             "--sampler", "als", "--nfe", "4", "9", "--data-root", mnist_root, "--classifier-cache", str(tmp_path / "clf"),
+                             "--sampler", "als", "--nfe", "4", "9", "--data-root", mnist_root,
+                             "--classifier-cache", str(tmp_path / "clf"),
                              "--out", str(tmp_path / "e"), "--device", "cpu"])
     # ncsnv2 spends L x T + 1 (denoising): --nfe 4 buys no T on its 4 levels and is skipped with a line, not overspent
     assert [(r["sampler"]["steps_each"], r["nfe"]) for r in results] == [(1, 4), (2, 8), (2, 9)]
