@@ -654,8 +654,9 @@ def load_score_net(path, map_location="cpu", ema=None):
         state = ckpt["ema"] if use_ema else ckpt["model"]
         config = ckpt.get("config") or {}
         info.update(format="ncsn-repro", step=ckpt.get("step"), ema=bool(use_ema),
-                    **{k: config[k] for k in ("sigma_begin", "sigma_end", "num_levels", "dataset", "recipe", "steps_each",
-                                              "step_lr", "denoise", "sampler", "nfe", "s_churn") if k in config})
+                    **{k: config[k] for k in ("sigma_begin", "sigma_end", "num_levels", "dataset", "recipe",
+                                              "steps_each", "step_lr", "denoise", "sampler", "nfe", "s_churn")
+                       if k in config})
     else:
         raise CheckpointError(f"{path}: not an NCSN checkpoint (expected this project's dict with 'model' and "
                               "'model_args', or the official [state_dict, optimizer_state] list)")
