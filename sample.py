@@ -98,11 +98,11 @@ def settings_of(run):
             if p.kind == p.KEYWORD_ONLY and k not in ("randn_like", "callback")}
 
 
-def sampler_settings(name, info, seed, nfe=None, **given):
+def sampler_settings(name, info, seed, nfe=None, sigma_max=None, **given):
     """The SamplerSettings of sampler `name` for a checkpoint (load_score_net's info) at an --nfe
-    budget: its recipe's unless `given` (flags; None = not given) says otherwise. Raises
-    Inapplicable for a setting the sampler lacks, a budget it cannot meet, or levels the network
-    does not know."""
+    budget: its recipe's unless `given` (flags; None = not given) says otherwise; the levels from
+    sigma_max (default: the checkpoint's sigma_1) down to its sigma_L. Raises Inapplicable for a
+    setting the sampler lacks, a budget it cannot meet, or levels the network does not know."""
     spec, trained = samplers.SAMPLERS[name], common.levels_of(info)
     ds = data.spec(info["dataset"], info["path"])
     shape = (ds["channels"], ds["image_size"], ds["image_size"])
@@ -111,6 +111,10 @@ def sampler_settings(name, info, seed, nfe=None, **given):
     if extra := [k for k, v in given.items() if v is not None and k not in own]:
         raise Inapplicable(f"--sampler {name} has no setting {', '.join(extra)}")
     params = {k: v for k, v in given.items() if v is not None}
+    if sigma_max is not None and (spec.budget == "steps" or not scale or sigma_max <= info["sigma_end"]):
+        raise Inapplicable(f"{info['path']}: --sigma-max {sigma_max:g} needs --sampler heun, dpmpp2m or ancestral "
+                           f"on a scale- or continuous-conditioned network, and a value above its sigma_L "
+                           f"{info['sigma_end']:g}")
     if spec.budget == "steps":                      # the paper's sampler: T steps on each trained level
         denoise = info.get("denoise", False) if params.get("denoise") is None else params["denoise"]
         T, step_lr = samplers.sampler_defaults(info, nfe, params.get("n_steps_each"), params.get("step_lr"), denoise)
@@ -122,7 +126,7 @@ def sampler_settings(name, info, seed, nfe=None, **given):
             what = "with churn" if params.get("s_churn") else f"on {n} levels"
             raise Inapplicable(f"{info['path']}: --sampler {name} {what} needs a scale-conditioned network "
                                f"(--recipe ncsnv2); this one knows its {len(trained)} levels only")
-        sigmas = (spec.schedule(n, info["sigma_end"], info["sigma_begin"]) if scale
+        sigmas = (spec.schedule(n, info["sigma_end"], sigma_max or info["sigma_begin"]) if scale
                   else samplers.trained_subset(trained, n))
     settings = SamplerSettings(name, tuple(torch.as_tensor(sigmas).tolist()), seed, shape, tuple(params.items()))
     if nfe and settings.nfe > nfe:
@@ -320,6 +324,9 @@ def add_flags(p):
     p.add_argument("--s-churn", type=utils.nonnegative_float, nargs="+", default=None,
                    help="heun: EDM's S_churn (0: the deterministic ODE; needs a scale-conditioned network otherwise)")
     p.add_argument("--s-noise", type=utils.positive_float, default=None, help="heun: EDM's S_noise (default 1)")
+    p.add_argument("--sigma-max", type=utils.positive_float, default=None,
+                   help="heun, dpmpp2m, ancestral: the first noise level (EDM's sigma_max; default: the checkpoint's "
+                        "sigma_1); a scale- or continuous-conditioned network")
     p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
 
 
@@ -367,7 +374,7 @@ def plan(args, ckpts):
             given.update((k, v) for k, v in chosen.items() if given.get(k) is None)
             own = settings_of(samplers.SAMPLERS[sampler].run)   # a sampler's own flags apply to it alone
             try:
-                settings = sampler_settings(sampler, info, args.seed, nfe,
+                settings = sampler_settings(sampler, info, args.seed, nfe, args.sigma_max,
                                             **{k: v for k, v in given.items() if k in own})
             except Inapplicable as e:               # fine in a grid of several, an error alone
                 skipped.append(e)

@@ -258,6 +258,15 @@ def test_edm_recipe_trains_measures_sigma_data_resumes_and_samples_with_heun(mni
                          "--metrics", "none", "--level-loss", "4", "--data-root", mnist_root,
                          "--out", str(tmp_path / "e"), "--device", "cpu"])
     assert r["sampler"]["name"] == "heun" and r["nfe"] == 2 * 18 - 1 and len(r["test_dsm_loss_per_level"]) > 0
+    [far] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--batch-size", "2",
+                           "--metrics", "none", "--sigma-max", "40", "--out", str(tmp_path / "e"), "--device", "cpu"])
+    sig, near = far["sampler"]["sigmas"], r["sampler"]["sigmas"]        # EDM's sigma_max: the schedule's start only
+    assert sig[0] == pytest.approx(40) and sig[-1] == near[-1] and len(sig) == len(near) and sig[0] > near[0]
+    assert far["folder"] != r["folder"]
+    for bad in (["--sigma-max", "0.001"], ["--sigma-max", "40", "--sampler", "als"]):
+        with pytest.raises(SystemExit, match="--sigma-max .* needs --sampler heun, dpmpp2m or ancestral"):
+            evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--metrics", "none", *bad,
+                           "--out", str(tmp_path / "e"), "--device", "cpu"])
     assert sample.collect(r["folder"], 2).float().std() > 0
     with pytest.raises(SystemExit) as e:
         train_mnist.main([*args, "--out", str(tmp_path / "bad"), "--conditioning", "scale"])
