@@ -21,6 +21,7 @@ import os
 import time
 
 
+import common
 import samplers
 import data
 import metrics
@@ -118,6 +119,25 @@ def print_table(results):
         print(f"MNIST: the paper reports no Inception score or FID; FID here is against the {ref}")
 
 
+def run_name(path):
+    """A checkpoint's run: the name of its folder."""
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+def save_level_loss_figure(path, jobs, losses):
+    """--level-loss: each checkpoint's test DSM loss against sigma (log-log), a line per checkpoint."""
+    plt = utils.pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for j in {j.info["path"]: j for j in jobs if j.info["path"] in losses}.values():
+        loss = losses[j.info["path"]]
+        sig = [float(common.levels_of(j.info)[k - 1]) if isinstance(k, int) else k for k in loss]
+        ax.plot(sig, list(loss.values()), "o-", ms=3,
+                label=run_name(j.info["path"]) + (" (EMA)" if j.info["ema"] else ""))
+    ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("noise level sigma")
+    ax.set_ylabel("test DSM loss (eq. 5, lambda = sigma^2)"), ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
+    utils.save_figure(fig, path)
+
+
 def save_sweep_figure(path, results):
     """Each metric against network evaluations per sample, a line per checkpoint (EMA choice) and sampler."""
     keys = [k for s in metrics.SCORERS.values() for k in s.sweep if any(r.get(k) is not None for r in results)]
@@ -127,14 +147,15 @@ def save_sweep_figure(path, results):
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
     groups = {}
     for r in results:
-        groups.setdefault((r["checkpoint"], r["sampler"]["ema"], r["sampler"].get("name", "als")), []).append(r)
+        s = r["sampler"]
+        groups.setdefault((r["checkpoint"], s["ema"], s.get("name", "als"), s.get("s_churn", 0)), []).append(r)
     markers = dict(zip(samplers.SAMPLERS, "os^Dv<>p"))
     for ax, k in zip(axes[0], keys):
-        for (ckpt, ema, name), rs in groups.items():
+        for (ckpt, ema, name, churn), rs in groups.items():
             rs = sorted(rs, key=lambda r: r["nfe"])
-            run = os.path.basename(os.path.dirname(os.path.abspath(ckpt)))
             ax.plot([r["nfe"] for r in rs], [r.get(k) for r in rs], markers.get(name, "o") + "-",
-                    label=f"{run}{' (EMA)' if ema else ''}, {name}")
+                    label=f"{run_name(ckpt)}{' (EMA)' if ema else ''}, {name}"
+                          + (f" S_churn {churn:g}" if churn else ""))
         ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample"), ax.set_title(metrics.NAMES[k])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -174,11 +195,14 @@ def main(argv=None):
         for j in jobs:
             with utils.folder_lock(j.folder):                   # one writer per folder
                 results.append(evaluate_one(args, j, scorers, device, losses))
+        if losses:
+            save_level_loss_figure(os.path.join(args.out or sample.OUT, "level_loss.png"), jobs, losses)
         return results
     results = sample.run_cli(body)
     print_table(results)
     if len(results) > 1:
         save_sweep_figure(os.path.join(args.out or sample.OUT, "sweep.png"), results)
+
     return results
 
 

@@ -385,6 +385,7 @@ def test_level_loss_reports_the_test_dsm_loss_per_training_level(tmp_path, capsy
     [r] = evaluate.main(["--checkpoint", ck, "--out", str(tmp_path / "s"), *args, "--level-sigmas", "1", "0.5", "0.01"])
     [own] = evaluate.main(["--checkpoint", ck, "--out", str(tmp_path / "s"), *args])
     per_sigma, per_level = r["test_dsm_loss_per_sigma"], own["test_dsm_loss_per_level"]
+    assert (tmp_path / "s" / "level_loss.png").stat().st_size > 5_000           # the loss against sigma
     assert per_sigma == pytest.approx({1.0: per_level[1], 0.01: per_level[10]}, rel=1e-6)
     with pytest.raises(SystemExit, match="none of --level-sigmas is a trained level"):
         evaluate.main(["--checkpoint", ck, "--out", str(tmp_path / "s"), *args, "--level-sigmas", "0.5"])
