@@ -356,12 +356,12 @@ def start(cfg):
     measure = state is None and (cfg.conditioning == "continuous" or cfg.sigma_data == "auto")   # else unused
     pixels = data.pixel_stats(train_images) if measure else (math.nan, math.nan)          # or the checkpoint's
     cfg, auto = resolve_auto(cfg, train_images, device, state, say, pixels)
-    train_io.figure_settings(cfg)                                   # refused now, not after hours of training
     model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels,
                       image_size=spec["image_size"], conditioning=cfg.conditioning)
     if state is not None:
         fields = {f.name: f for f in dataclasses.fields(cfg)}       # a setting newer than the checkpoint: its default
         train_io.check_resume(state, cfg, model_args, MAY_CHANGE, lambda k: RECIPES["ncsn"].get(k, fields[k].default))
+    train_io.figure_settings(cfg)                                   # refused now, not after hours of training
     steps_per_epoch = len(train_images) // cfg.batch_size
     total_steps, limit = run_length(cfg, steps_per_epoch)
     torch.backends.cudnn.benchmark = device.type == "cuda"
