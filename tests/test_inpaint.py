@@ -64,3 +64,21 @@ def test_inpaint_works_for_the_ncsnv2_recipe(mnist_root, tmp_path):
                       "--completions", "1", "--mask", "centre", "--out", str(tmp_path / "i"), *FAST])
     assert m["settings"]["steps_each"] == 5 and len(m["settings"]["sigmas"]) == 5         # the recipe's sampler
     assert np.load(os.path.join(m["folder"], "completions.npz"))["completions"].shape == (2, 1, 1, 28, 28)
+
+
+def test_inpaint_works_for_the_edm_recipe(mnist_root, tmp_path):
+    """The Denoiser's score (D - x) / sigma^2 goes through Algorithm 2 unchanged: the observed pixels are
+    kept (up to the last level's noise), the hidden ones are made."""
+    out = tmp_path / "edm"
+    train_mnist.main(["--data-root", mnist_root, "--out", str(out), "--recipe", "edm", "--ngf", "4",
+                      "--num-workers", "0", "--batch-size", "16", "--iters", "1", "--n-samples", "2", *FAST])
+    m = inpaint.main(["--checkpoint", str(out / "checkpoint.pt"), "--data-root", mnist_root, "--n-images", "2",
+                      "--completions", "1", "--mask", "centre", "--out", str(tmp_path / "i"), *FAST])
+    assert len(m["settings"]["sigmas"]) == 18 and m["settings"]["steps_each"] == 1       # the recipe's ladder
+    z = np.load(os.path.join(m["folder"], "completions.npz"))
+    done, originals, known = z["completions"], z["originals"], z["known"]
+    assert done.shape == (2, 1, 1, 28, 28) and np.isfinite(done).all() and 0 < known.mean() < 1
+    keep = np.broadcast_to(known, originals.shape)
+    off = np.abs(done[:, 0][keep].astype(int) - originals[keep])       # Algorithm 2 leaves them y + sigma_L z
+    assert off.max() <= 5 * 0.01 * 255 + 1
+    assert (done[:, 0][~keep] != originals[~keep]).mean() > 0.5                     # the hidden ones, made
