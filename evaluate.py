@@ -144,21 +144,22 @@ def save_sweep_figure(path, results):
     if not keys:
         return
     plt = utils.pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys) + 3, 4.2), squeeze=False)
     groups = {}
     for r in results:
         s = r["sampler"]
         groups.setdefault((r["checkpoint"], s["ema"], s.get("name", "als"), s.get("s_churn", 0)), []).append(r)
     markers = dict(zip(samplers.SAMPLERS, "os^Dv<>p"))
+    colours = plt.get_cmap("tab20" if len(groups) > 10 else "tab10")     # a colour per line
     for ax, k in zip(axes[0], keys):
-        for (ckpt, ema, name, churn), rs in groups.items():
+        for c, ((ckpt, ema, name, churn), rs) in enumerate(groups.items()):
             rs = sorted(rs, key=lambda r: r["nfe"])
-            ax.plot([r["nfe"] for r in rs], [r.get(k) for r in rs], markers.get(name, "o") + "-",
-                    label=f"{run_name(ckpt)}{' (EMA)' if ema else ''}, {name}"
-                          + (f" S_churn {churn:g}" if churn else ""))
+            ax.plot([r["nfe"] for r in rs], [r.get(k) for r in rs], markers.get(name, "o") + ("--" if churn else "-"),
+                    color=colours(c % colours.N), label=f"{run_name(ckpt)}{' (EMA)' if ema else ''}, {name}"
+                    + (f" S_churn {churn:g}" if churn else ""))
         ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample"), ax.set_title(metrics.NAMES[k])
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))      # beside the plots, not on them
     utils.save_figure(fig, path)
 
 
