@@ -129,8 +129,8 @@ def save_level_loss_figure(path, jobs, losses):
     plt = utils.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for j in {j.info["path"]: j for j in jobs if j.info["path"] in losses}.values():
-        loss = losses[j.info["path"]]
-        sig = [float(common.levels_of(j.info)[k - 1]) if isinstance(k, int) else k for k in loss]
+        loss, trained = losses[j.info["path"]], common.levels_of(j.info)
+        sig = [float(trained[k - 1]) if isinstance(k, int) else k for k in loss]
         ax.plot(sig, list(loss.values()), "o-", ms=3,
                 label=run_name(j.info["path"]) + (" (EMA)" if j.info["ema"] else ""))
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("noise level sigma")

@@ -366,11 +366,11 @@ def level_losses(net, info, images, batch_size, device, at=None):
 
 def known_levels(net, trained, at, path):
     """The levels of `at` the network can be scored at: all for a scale- or continuous-conditioned
-    one, a norm-conditioned one's trained levels only (within 1e-4 in log); none is an error."""
+    one, a norm-conditioned one's trained levels only (samplers.LEVEL_MATCH); none is an error."""
     if getattr(net, "conditioning", "norm") in ("scale", "continuous"):
         return list(at)
-    log_trained = torch.as_tensor(trained, dtype=torch.float64).log()
-    known = [s for s in at if (log_trained - math.log(s)).abs().min() <= 1e-4]
+    distance = samplers.nearest_trained(torch.tensor(at, dtype=torch.float64), trained.double().log()).values
+    known = [s for s, d in zip(at, distance) if d <= samplers.LEVEL_MATCH]
     if not known:
         raise data.DataError(f"{path}: none of --level-sigmas is a trained level of this norm-conditioned network (it "
                              f"knows {', '.join(f'{float(s):.4g}' for s in trained)})")

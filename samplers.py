@@ -38,6 +38,14 @@ def trained_subset(trained, n):
     return trained[[round(k * (L - 1) / max(n - 1, 1)) for k in range(n)]] if n > 1 else trained[-1:]
 
 
+LEVEL_MATCH = 1e-4     # a sigma within this of a trained level, in ln sigma, is that level
+
+
+def nearest_trained(sigmas, log_trained):
+    """(values, indices): each sigma's distance in ln sigma to its nearest trained level, and that level."""
+    return (sigmas.log()[:, None] - log_trained[None]).abs().min(1)
+
+
 def level_score(net, sigmas, trained=None):
     """net as the samplers call it, score_net(x, labels): labels index `sigmas` (long) or are noise
     levels themselves (float). A scale-conditioned RefineNet (technique 3) or a continuous one
@@ -54,8 +62,8 @@ def level_score(net, sigmas, trained=None):
     log_trained = torch.as_tensor(trained, dtype=torch.float32).log()
     def score(x, labels):
         s = labels if labels.is_floating_point() else on(sigmas, x.device)[labels]
-        index = (s.log()[:, None] - on(log_trained, s.device)[None]).abs().min(1)
-        if (index.values > 1e-4).any():
+        index = nearest_trained(s, on(log_trained, s.device))
+        if (index.values > LEVEL_MATCH).any():
             raise ValueError(f"sigma {s[index.values.argmax()].item():.4g} is not a trained level of this "
                              "norm-conditioned network; it knows only its own")
         return net(x, index.indices)
