@@ -68,7 +68,15 @@ def shown_levels(L, rows=20):
     return [i for i in range(L) if i % every == 0 or i == L - 1]
 
 
-def print_health(rows, bad, non_finite, n, title):
+def remedy(name, s_churn=0.0):
+    """What to try when a sampler's samples saturate or blow up: the setting that drives it there
+    (Langevin's step size, Heun's churn), else another sampler: a deterministic solver only
+    follows the network's score, and more training is what fixes that."""
+    fix = {"als": "a smaller --step-lr"}.get(name) or ("a smaller --s-churn" if s_churn else None)
+    return f"try {fix} or another sampler" if fix else "try another sampler or a longer-trained network"
+
+
+def print_health(rows, bad, non_finite, n, title, fix):
     print(f"sampler health ({title}), at the end of each level:")
     print(f"  {'level':>5} {'sigma':>8} {'mean |s|':>10} {'sigma|s|/sqrt(D)':>16} {'outside [0,1]':>14} "
           f"{'> 3 sigma out':>14}")
@@ -80,7 +88,7 @@ def print_health(rows, bad, non_finite, n, title):
         r = rows[bad - 1]
         print(f"WARNING: samples saturate from level {bad} (sigma {r['sigma']:.4g}) on: "
               f"{r['share_beyond_3_sigma']:.1%} "
-              "of pixels lie more than 3 sigma outside [0, 1] at its end; try a smaller --step-lr or another sampler")
+              f"of pixels lie more than 3 sigma outside [0, 1] at its end; {fix}")
     if non_finite:
         print(f"WARNING: {non_finite} of {n} samples became NaN or infinite (stored as black where NaN); "
-              "try a smaller --step-lr or another sampler")
+              + fix)

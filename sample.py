@@ -405,7 +405,8 @@ def make(job, args, device, stop=None):
         save_pngs(job.folder, args.n, job.fp)
     rows, bad = health.health_report(job.settings.sigmas, *means, int(np.prod(job.settings.shape)))
     record = job.settings.record()
-    health.print_health(rows, bad, non_finite, args.n, f"{job.info['path']}, {job.settings.name}, {job.settings.tag()}")
+    health.print_health(rows, bad, non_finite, args.n, f"{job.info['path']}, {job.settings.name}, {job.settings.tag()}",
+                        health.remedy(job.settings.name, job.settings.kwargs.get("s_churn", 0.0)))
     described = dict(checkpoint=job.info["path"], dataset=job.info["dataset"], n=args.n, nfe=job.settings.nfe,
                      sampler=dict(record, name=job.settings.name, ema=job.info["ema"]), fingerprint=job.fp,
                      folder=job.folder, health=rows, saturating_level=bad, non_finite_samples=non_finite,

@@ -335,6 +335,19 @@ def test_health_report_names_the_level_where_samples_saturate():
     assert bad == 4
 
 
+def test_health_warning_names_the_setting_of_the_sampler_that_ran(capsys):
+    """The saturation warning's advice fits the sampler: Langevin's step size, Heun's churn, and
+    never a flag the sampler lacks."""
+    sigmas = common.geometric_sigmas(1, 0.01, 3).tolist()
+    rows, bad = health.health_report(sigmas, [1.0] * 3, [0.5] * 3, [0.0, 0.0, 0.2], dim=784)
+    for name, churn, want, never in [("als", 0, "--step-lr", "--s-churn"), ("heun", 10.0, "--s-churn", "--step-lr"),
+                                     ("heun", 0, "longer-trained", "--s"), ("dpmpp2m", 0, "longer-trained", "--s"),
+                                     ("ancestral", 0, "longer-trained", "--s")]:
+        health.print_health(rows, bad, 2, 4, "t", health.remedy(name, churn))
+        warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("WARNING")]
+        assert len(warnings) == 2 and all(want in l and never not in l for l in warnings), (name, warnings)
+
+
 def test_health_callback_counts_only_far_pixels_as_saturated(tmp_path):
     """The exact score of a point mass at t perturbed by sigma_i: samples sit at N(t, ~sigma_i^2).
     t = 1.5 saturates from the first level on; t = -0.001 (a dark pixel) never does, although
