@@ -72,7 +72,7 @@ def remedy(name, s_churn=0.0):
     """What to try when a sampler's samples saturate or blow up: the setting that drives it there
     (Langevin's step size, Heun's churn), else another sampler: a deterministic solver only
     follows the network's score, and more training is what fixes that."""
-    fix = {"als": "a smaller --step-lr"}.get(name) or ("a smaller --s-churn" if s_churn else None)
+    fix = "a smaller --step-lr" if name == "als" else "a smaller --s-churn" if s_churn else None
     return f"try {fix} or another sampler" if fix else "try another sampler or a longer-trained network"
 
 
