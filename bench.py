@@ -5,8 +5,8 @@
     python bench.py --official ../ncsn                # side by side with ermongroup/ncsn's network (a checkout)
     python bench.py --device cuda --batch-size 128 --compile --json runs/bench/h100.json
 
-Times the training loop's own step (train.train_step: dequantisation, DSM loss, backward,
-Adam) on a fixed synthetic batch, and one sampler step (a network evaluation and the Langevin
+Times the training loop's own step (train.train_step: the DSM or SSM loss of train.OBJECTIVES,
+backward, Adam) on a fixed synthetic batch, and one sampler step (a network evaluation and the Langevin
 update), each the median of --repeats runs after --warmup untimed ones (CUDA is synchronised
 around each; the CPU needs no sync). Peak memory: the CUDA allocator's peak, or on the CPU the
 process's peak resident memory (reset before each measurement). FLOPs: torch's flop counter.
@@ -20,10 +20,11 @@ from types import SimpleNamespace
 
 import torch
 
+import checkpoints
 import common
-import samplers
 import data
 import sample
+import samplers
 import train
 import utils
 
@@ -36,24 +37,27 @@ REPEATS = 5           # timed steps; the median is reported
 
 
 def build(config, impl, args, device):
-    """The network to time, and its noise levels: a checkpoint's (--checkpoint: its conditioning and
-    levels), the paper's for the data set, or the official implementation's."""
+    """The checkpoint record (checkpoints.Checkpoint) of the network to time: a checkpoint's
+    (--checkpoint: its conditioning and levels), the paper's for the data set, or the official
+    implementation's, on `device` in training mode."""
     spec = data.DATASETS[config]                  # the paper's network for the data set
     channels, size, ngf = spec["channels"], spec["image_size"], spec["ngf"]
-    sigmas, info = common.geometric_sigmas(), {}
+    levels = dict(dataset=config, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END,
+                  num_levels=common.NUM_LEVELS)
     if args.checkpoint:
-        net, info = common.load_score_net(args.checkpoint)
-        sigmas = common.levels_of(info)
+        ck = checkpoints.load(args.checkpoint)
     elif impl == "ours":
-        net = common.RefineNet(channels, ngf, common.NUM_LEVELS, size)
+        ck = checkpoints.record(common.RefineNet(channels, ngf, common.NUM_LEVELS, size), levels, "bench")
     else:   # the official network, imported from a checkout of ermongroup/ncsn
         sys.path.insert(0, args.official)
         from models.cond_refinenet_dilated import CondRefineNetDilated
         net = CondRefineNetDilated(SimpleNamespace(data=SimpleNamespace(logit_transform=False, channels=channels,
                                                                         image_size=size),
                                                    model=SimpleNamespace(ngf=ngf, num_classes=common.NUM_LEVELS)))
-    net = net.train().to(device)
-    return (net.to(memory_format=torch.channels_last) if args.channels_last else net), sigmas.to(device), info
+        net.model_args = dict(in_channels=channels, ngf=ngf, num_classes=common.NUM_LEVELS, image_size=size)
+        ck = checkpoints.record(net, levels, "bench")
+    ck.model = ck.model.train().to(device, memory_format=torch.channels_last if args.channels_last else None)
+    return ck
 
 
 def reset_peak(device):
@@ -95,63 +99,51 @@ def flops(fn):
     return counter.get_total_flops()
 
 
-def sampler_rows(net, sigmas, info, B, device, amp):
+def sampler_rows(ck, B, device, amp):
     """Per sampler of samplers.SAMPLERS: its default setting's NFE for this network (the checkpoint's
-    own sampler: at its recipe's --nfe), and seconds per
-    image: a run of the setting's first 2 levels (T = 1) timed per network evaluation, times its NFE."""
+    own sampler: at its recipe's --nfe), and seconds per image: a run of the setting's first 2
+    levels (T = 1) timed per network evaluation, times its NFE."""
     rows = {}
-    x = torch.rand(B, *net_shape(info), device=device)
+    x = torch.rand(B, *ck.shape, device=device)
     for name, spec in samplers.SAMPLERS.items():
         try:
-            default = sample.sampler_settings(name, info, 0, info.get("nfe") if name == info.get("sampler") else None)
+            default = sample.sampler_settings(name, ck, 0, ck.nfe if name == ck.sampler else None)
         except sample.Inapplicable:
             continue
         levels = torch.tensor(default.sigmas[:2], device=device)
         kwargs = {k: (1 if k == "n_steps_each" else v) for k, v in default.kwargs.items()}
-        score = samplers.level_score(net, levels, sigmas)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            t = median_seconds(lambda: spec.run(score, x, levels, **kwargs), device, 1, 3) / spec.nfe(2, **kwargs)
+            t = median_seconds(lambda: spec.run(ck.model, x, levels, **kwargs), device, 1, 3) / spec.nfe(2, **kwargs)
         rows[name] = dict(nfe=default.nfe, seconds_per_image=t * default.nfe / B)
     return rows
 
 
-def net_shape(info):
-    spec = data.DATASETS[info["dataset"]]
-    return spec["channels"], spec["image_size"], spec["image_size"]
-
-
 def bench_one(config, impl, args, device):
     torch.manual_seed(0)
-    spec = data.DATASETS[config]
-    channels, size = spec["channels"], spec["image_size"]
     B = args.batch_size
-    net, sigmas, ckpt = build(config, impl, args, device)
+    ck = build(config, impl, args, device)
+    net, model = ck.model.net, ck.model
     params = sum(p.numel() for p in net.parameters())
-    model = torch.compile(net) if args.compile else net
+    compiled = torch.compile(model) if args.compile else model
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    images = torch.randint(0, 256, (B, channels, size, size), dtype=torch.uint8, device=device)
-    cfg = train.TrainConfig(dataset=config, batch_size=B, amp=args.amp, objective=args.objective,
-                            dequantize=True, sigma_dist="uniform")
-    step = lambda net: train.train_step(net, opt, images, sigmas, 0, cfg)
-    x = torch.rand(B, channels, size, size, device=device)
-    labels = torch.zeros(B, dtype=torch.long, device=device)
-    forward = lambda: net(x, labels)
+    x = torch.rand(B, *ck.shape, device=device)
+    loss = getattr(train, args.objective)            # train.OBJECTIVES' dsm or ssm, at its defaults
+    draws = train.step_draws(0, 0, x.shape, ck.sigmas.to(device), train.OBJECTIVES[args.objective].needs)
+    step = lambda m: train.train_step(m, opt, x, draws, loss, amp=args.amp == "bf16")
+    forward = lambda: model(x, draws["sigma"])
     def sample_step():   # one network evaluation and one Langevin update
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            samplers.annealed_langevin_dynamics(model, x, sigmas[:1], n_steps_each=1)
+            common.annealed_langevin_dynamics(compiled, x, ck.sigmas[:1], n_steps_each=1)
 
     reset_peak(device)
-    t_train = median_seconds(lambda: step(model), device, args.warmup, args.repeats)
+    t_train = median_seconds(lambda: step(compiled), device, args.warmup, args.repeats)
     peak_train = read_peak_mib(device)
     reset_peak(device)
     t_sample = median_seconds(sample_step, device, args.warmup, args.repeats)
     peak_sample = read_peak_mib(device)
     # counted on the plain network: the flop counter does not see inside compiled code
-    train_flops, forward_flops = flops(lambda: step(net)), flops(lambda: torch.no_grad()(forward)())
-    info = dict(dataset=config, sigma_begin=float(sigmas[0]), sigma_end=float(sigmas[-1]), num_levels=len(sigmas),
-                model_args=dict(conditioning=getattr(net, "conditioning", "norm")), path="bench",
-                **{k: ckpt[k] for k in ("steps_each", "step_lr", "denoise", "sampler", "nfe") if k in ckpt})
-    costs = sampler_rows(net.eval(), sigmas, info, B, device, args.amp) if impl == "ours" else {}
+    train_flops, forward_flops = flops(lambda: step(model)), flops(lambda: torch.no_grad()(forward)())
+    costs = sampler_rows(ck, B, device, args.amp) if impl == "ours" else {}
     return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
                 objective=args.objective, channels_last=args.channels_last, compile=args.compile,
                 train_images_per_s=B / t_train, sample_images_per_s_per_nfe=B / t_sample, train_step_s=t_train,
@@ -180,6 +172,7 @@ def print_rows(rows, args, device):
                                                        for k, v in r["samplers"].items()))
 
 
+@utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--configs", nargs="+", choices=list(data.DATASETS), default=["mnist", "cifar10"],
@@ -212,9 +205,9 @@ def main(argv=None):
         if args.official:
             p.error("--checkpoint and --official: time one or the other")
         try:
-            args.configs = [common.load_score_net(args.checkpoint)[1]["dataset"]]
+            args.configs = [checkpoints.load(args.checkpoint).dataset]
             data.spec(args.configs[0], args.checkpoint)
-        except (common.CheckpointError, data.DataError) as e:
+        except utils.UserError as e:
             p.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,13 +217,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     impls = ["ours", "official"] if args.official else ["ours"]
-    try:
-        rows = [bench_one(c, impl, args, device) for c in args.configs for impl in impls]
-    except RuntimeError as e:
-        if not utils.is_out_of_memory(e):
-            raise
-        raise SystemExit(f"error: out of memory at --batch-size {args.batch_size} on {device} "
-                         f"({utils.first_line(e)[:80]}); use a smaller --batch-size") from None
+    rows = [bench_one(c, impl, args, device) for c in args.configs for impl in impls]
     print_rows(rows, args, device)
     if args.json:
         utils.save_json(dict(torch=torch.__version__, rows=rows), args.json)
@@ -238,4 +225,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

@@ -1,20 +1,21 @@
 """The paper, in one file: Song & Ermon (2019), "Generative Modeling by Estimating Gradients of
-the Data Distribution" (noise conditional score networks, NCSN). Sections, top to bottom, each
-usable on its own (module level imports: torch and the standard library only):
+the Data Distribution" (noise conditional score networks, NCSN). Torch and the standard library
+only, no file I/O: copy it alone into another project. Sections, top to bottom:
     noise levels and the paper's sampler settings (with NCSNv2's techniques 1, 2 and 4); the toy
-    mixture (Figs. 1-2); CondInstanceNorm++ and RefineNet (Sec. 4.3, appendix A); losses: annealed
-    DSM (eq. 5-6) and SSM-VR; checkpoints: writing, and reading ours and ermongroup/ncsn's files.
-The samplers (Algorithms 1 and 2 and their successors) are samplers.py; data sets data.py; files,
-flags, processes and figures utils.py; the training machinery train.py.
+    mixture (Figs. 1-2); CondInstanceNorm++ and RefineNet (Sec. 4.3, appendix A); the contract
+    model(x, sigma) (ScoreModel); losses: annealed DSM (eq. 5-6) and sliced score matching; the
+    samplers: Langevin dynamics (eq. 4), annealed Langevin dynamics (Algorithm 1) and its
+    inpainting (Algorithm 2).
+
+    import torch, common
+    sigmas = common.geometric_sigmas()                           # the paper's 10 levels, 1 to 0.01
+    model = common.ScoreModel(common.RefineNet(1, 64), sigmas)   # model(x, sigma): one float sigma per image
+    x = common.annealed_langevin_dynamics(model, torch.rand(64, 1, 28, 28), sigmas)
+
 tests/test_official.py checks the network and loss against outputs of the official
 implementation on its own checkpoint files.
 """
-import os
-import re
-import secrets
-import contextlib
 import math
-import inspect
 
 import torch
 import torch.nn as nn
@@ -324,11 +325,10 @@ class RefineNet(nn.Module):
     conditioning='norm' is the paper's: CondInstanceNorm++ with parameters per level.
     conditioning='scale' is NCSNv2's technique 3: one unconditional network (InstanceNorm++, a
     single set of parameters) whose output is divided by the noise level, s(x, sigma) =
-    s_theta(x) / sigma. Its `sigmas` buffer maps level labels to sigma; labels may also be the
-    noise levels themselves (a float tensor), so it can be evaluated at any sigma, not only at
-    the training levels.
+    s_theta(x) / sigma; labels are the noise levels themselves (floats), so it can be evaluated at
+    any sigma. Its `sigmas` buffer records the training levels.
     conditioning='continuous' is EDM's raw network F(x; c_noise) (Karras et al. 2022, Sec. 5),
-    to be wrapped by Denoiser: x is the preconditioned input (no 2x - 1 map), labels the float
+    to be wrapped by edm.Denoiser: x is the preconditioned input (no 2x - 1 map), labels the float
     c_noise = ln(sigma) / 4; NOISE_FEATURES positional features of c_noise (EDM's
     PositionalEmbedding) go through one small MLP shared by all norms (two layers, NOISE_EMBED
     wide, SiLU), and each CondInstanceNorm++ maps that embedding linearly to its gamma, alpha,
@@ -373,8 +373,8 @@ class RefineNet(nn.Module):
         self.end_conv = nn.Conv2d(ngf, in_channels, 3, padding=1)
 
     def forward(self, x, labels):
-        if self.conditioning == "scale":
-            sigma = labels.to(x.dtype) if labels.is_floating_point() else self.sigmas[labels]
+        if self.conditioning == "scale":                        # labels: sigma itself, one float per image
+            sigma = labels.to(x.dtype)
             labels = torch.zeros(len(x), dtype=torch.long, device=x.device)     # the one set of norm parameters
         if self.conditioning == "continuous":                   # labels: c_noise; norms take its embedding
             angles = labels.to(x.dtype)[:, None] * self.freqs.to(x.dtype)[None]
@@ -394,88 +394,74 @@ class RefineNet(nn.Module):
         return out / sigma.view(-1, *[1] * (x.dim() - 1)) if self.conditioning == "scale" else out
 
 #----------------------------------------------------------------------------
-# Losses.
+# The contract: every sampler and loss calls model(x, sigma), one float sigma per image (B,).
 
-def dsm_loss(score_net, x, labels, sigmas, anneal_power=2.0, noise=None, reduction="mean"):
-    """Annealed denoising score matching, the paper's eq. (5)-(6) with lambda(sigma) = sigma^2.
+LEVEL_MATCH = 1e-4     # a sigma within this of a trained level, in ln sigma, is that level
 
-        l_i = 1/2 || s(x~, i) + (x~ - x) / sigma_i^2 ||^2 * sigma_i^anneal_power,
-        x~ = x + sigma_i z,  z = noise ~ N(0, I),
-    averaged over the batch (reduction='mean') or returned per example ('none').
-    The target is written -(x~ - x) / sigma^2 as in eq. (5) and the official code.
+
+class ScoreModel(nn.Module):
+    """A network behind the one call: model(x, sigma) -> the score s(x; sigma), shaped like x.
+
+    The paper's norm-conditioned RefineNet knows only its trained `sigmas` (label i means
+    sigmas[i]): each sigma is mapped to its level's index, and any other sigma is refused
+    (k-diffusion's DiscreteSchedule, EDM's round_sigma). Integer levels never leave this wrapper.
+    Any other network (RefineNet conditioning='scale', EDM's Denoiser) takes any sigma (any_sigma).
+    evaluate(x, sigma) gives (score, denoised) from one network evaluation, each exactly from the
+    network's own output: D(x; sigma) = x + sigma^2 s(x; sigma) (Tweedie's formula) for a score
+    network, s = (D - x) / sigma^2 for one that predicts D (predicts = 'denoised').
     """
-    sigmas = sigmas.to(x.device)
-    used = sigmas[labels].view(-1, *([1] * (x.dim() - 1)))          # (B, 1, 1, 1)
+
+    def __init__(self, net, sigmas):
+        super().__init__()
+        self.net = net
+        self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32).clone(), persistent=False)
+        self.any_sigma = getattr(net, "conditioning", "norm") != "norm"
+        self.predicts_denoised = getattr(net, "predicts", "score") == "denoised"
+
+    def distance(self, sigma):
+        """(distance in ln sigma to the nearest trained level, that level's index), per sigma."""
+        return (sigma.double().log()[:, None] - self.sigmas.to(sigma.device).double().log()[None]).abs().min(1)
+
+    def labels(self, sigma):
+        """The network's conditioning input for `sigma`: the level index (norm), else sigma itself."""
+        if self.any_sigma:
+            return sigma
+        d, index = self.distance(sigma)
+        if (d > LEVEL_MATCH).any():
+            raise ValueError(f"sigma {sigma[d.argmax()].item():.4g} is not a trained level of this "
+                             "norm-conditioned network; it knows only its own")
+        return index
+
+    def evaluate(self, x, sigma):
+        """(score, denoised) at `sigma` (a number or one per image) from one network evaluation."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(len(x))
+        out = self.net(x, self.labels(sigma))
+        s2 = sigma.view(-1, *[1] * (x.dim() - 1)) ** 2
+        return ((out - x) / s2, out) if self.predicts_denoised else (out, x + s2 * out)
+
+    def forward(self, x, sigma, denoised=False):
+        return self.evaluate(x, sigma)[1 if denoised else 0]
+
+#----------------------------------------------------------------------------
+# Losses: per image; the training loop reduces them.
+
+def _view(sigma, x):
+    return sigma.to(x).view(-1, *[1] * (x.dim() - 1))                  # (B, 1, 1, 1)
+
+
+def dsm_loss(model, x, sigma, noise=None, anneal_power=2.0):
+    """Annealed denoising score matching, the paper's eq. (5)-(6) with lambda(sigma) = sigma^2, per image:
+
+        l = 1/2 || s(x~, sigma) + (x~ - x) / sigma^2 ||^2 * sigma^anneal_power,
+        x~ = x + sigma z,  z = noise ~ N(0, I),
+    sigma (B,) one level per image (eq. 6 draws it uniformly from the levels). The target is written
+    -(x~ - x) / sigma^2 as in eq. (5) and the official code.
+    """
+    used = _view(sigma, x)
     noise = torch.randn_like(x) if noise is None else noise
     perturbed = x + noise * used
     target = -(perturbed - x) / used ** 2
-    score = score_net(perturbed, labels)
-    per_example = 0.5 * (score - target).flatten(1).pow(2).sum(1) * used.flatten() ** anneal_power
-    return per_example.mean() if reduction == "mean" else per_example
-
-
-def edm_coefficients(sigma, sigma_data):
-    """(c_skip, c_out, c_in, c_noise) of EDM's Table 1 (Karras et al. 2022) for sigmas of any shape."""
-    sd2 = torch.as_tensor(sigma_data).to(sigma) ** 2
-    return sd2 / (sigma ** 2 + sd2), sigma * sd2.sqrt() / (sigma ** 2 + sd2).sqrt(), \
-        1 / (sigma ** 2 + sd2).sqrt(), sigma.log() / 4
-
-
-class Denoiser(nn.Module):
-    """EDM's preconditioning (Karras et al. 2022, Sec. 5 and Table 1) around a continuous RefineNet F,
-    for images in [0, 1] centred on the training set's mean pixel mu:
-        D(x; sigma) = mu + c_skip (x - mu) + c_out F(c_in (x - mu); c_noise),
-        c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2),
-        c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = ln(sigma) / 4,
-    sd = sigma_data, the training pixels' standard deviation (EDM: 0.5 for [-1, 1] images; mu = 0
-    there). F sees unit-variance inputs and has a unit-variance target at every sigma. Called as
-    every score network of this project, score_net(x, labels) with labels level indices into
-    `sigmas` or noise levels (floats), it returns the score s(x, sigma) = (D(x; sigma) - x) / sigma^2
-    (Tweedie), so every sampler of samplers.py works with it unchanged; denoised=True returns D
-    itself (through forward, as DistributedDataParallel needs)."""
-
-    conditioning = "continuous"
-
-    def __init__(self, net, sigma_data, data_mean, sigmas):
-        super().__init__()
-        self.net = net
-        self.register_buffer("sigma_data", torch.tensor(float(sigma_data)))
-        self.register_buffer("data_mean", torch.tensor(float(data_mean)))
-        self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32).clone())
-
-    @property
-    def model_args(self):
-        return self.net.model_args
-
-    def forward(self, x, labels, denoised=False):
-        sigma = (labels if labels.is_floating_point() else self.sigmas[labels]).to(x.dtype)
-        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
-        view = lambda c: c.view(-1, *[1] * (x.dim() - 1))
-        centred = x - self.data_mean.to(x.dtype)
-        d = self.data_mean + view(c_skip) * centred + view(c_out) * self.net(view(c_in) * centred, c_noise)
-        return d if denoised else (d - x) / view(sigma) ** 2
-
-
-def score_network(model_args, sigmas=None, sigma_data=math.nan, data_mean=math.nan):
-    """The network a checkpoint's model_args describe: RefineNet, or for continuous conditioning
-    the Denoiser around it (sigma_data, data_mean: its buffers, as measured on the training set)."""
-    net = RefineNet(**model_args, sigmas=sigmas if model_args.get("conditioning") == "scale" else None)
-    if model_args.get("conditioning") != "continuous":
-        return net
-    levels = torch.full((model_args.get("num_classes", NUM_LEVELS),), math.nan) if sigmas is None else sigmas
-    return Denoiser(net, sigma_data, data_mean, levels)
-
-
-def edm_loss(denoiser, x, sigma, sigma_data, noise=None, reduction="mean"):
-    """EDM's loss (Karras et al. 2022, eq. 8 with Table 1's lambda): per example
-        lambda(sigma) || D(x + sigma n; sigma) - x ||^2,  lambda = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2,
-    summed over pixels (so it equals || F - F_target ||^2, a unit-variance target at every sigma),
-    averaged over the batch. sigma (B,) is drawn by the caller: EDM's ln sigma ~ N(P_mean, P_std^2)."""
-    noise = torch.randn_like(x) if noise is None else noise
-    s = sigma.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
-    weight = 1 / edm_coefficients(s, sigma_data)[1] ** 2
-    per_example = (weight * (denoiser(x + s * noise, sigma, denoised=True) - x) ** 2).flatten(1).sum(1)
-    return per_example.mean() if reduction == "mean" else per_example
+    return 0.5 * (model(perturbed, sigma) - target).flatten(1).pow(2).sum(1) * used.flatten() ** anneal_power
 
 
 def sliced_score_matching_vr(score_fn, x, n_particles=1, vectors=None, reduction="mean"):
@@ -500,178 +486,74 @@ def sliced_score_matching_vr(score_fn, x, n_particles=1, vectors=None, reduction
     return per_example.mean() if reduction == "mean" else per_example
 
 
-def annealed_ssm_loss(score_net, x, labels, sigmas, noise=None, vectors=None, n_particles=1, reduction="mean"):
+def annealed_ssm_loss(model, x, sigma, noise=None, vectors=None, n_particles=1):
     """Annealed sliced score matching (the official anneal_sliced_score_estimation_vr, training.algo
-    ssm): SSM-VR of s(., i) at x~ = x + sigma_i z, weighted by sigma_i^2 as DSM's lambda,
-        l_i = sigma_i^2 E_v [ v^T grad_x~ s(x~, i) v + 1/2 ||s(x~, i)||^2 ].
+    ssm), per image: SSM-VR of s(., sigma) at x~ = x + sigma z, weighted by sigma^2 as DSM's lambda,
+        l = sigma^2 E_v [ v^T grad_x~ s(x~, sigma) v + 1/2 ||s(x~, sigma)||^2 ].
     It needs no knowledge of the noise (unlike DSM), at the cost of a second backward pass."""
-    used = sigmas.to(x.device)[labels]
-    perturbed = x + (torch.randn_like(x) if noise is None else noise) * used.view(-1, *[1] * (x.dim() - 1))
-    score_fn = lambda xs: score_net(xs, labels.repeat(n_particles))
-    per_example = sliced_score_matching_vr(score_fn, perturbed, n_particles, vectors, reduction="none") * used ** 2
-    return per_example.mean() if reduction == "mean" else per_example
+    perturbed = x + (torch.randn_like(x) if noise is None else noise) * _view(sigma, x)
+    score_fn = lambda xs: model(xs, sigma.repeat(n_particles))
+    return sliced_score_matching_vr(score_fn, perturbed, n_particles, vectors, reduction="none") * sigma.to(x) ** 2
 
 #----------------------------------------------------------------------------
-# Checkpoints: reading ours or the official implementation's files.
+# The paper's samplers. Each runs without autograd and keeps no trajectory (memory O(batch));
+# randn_like draws every noise (a seeded one makes samples reproducible); callback(i, step, x,
+# score) sees every update (its last call of level i is that level's end state).
 
-class CheckpointError(ValueError):
-    """A file that is not a usable NCSN checkpoint; the message names the file and the problem."""
-
-
-TMP_PREFIX = ".tmp-"     # atomic_path's temporary files: TMP_PREFIX + 8 hex digits + "-" + final name
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path` (same extension); when the block succeeds it replaces
-    `path`, when it fails it is removed: a crash never leaves half a file. Created with the umask."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{secrets.token_hex(4)}-{name}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:    # a full disk says "No space left on device" without a file name: name it
-        if e.filename:
-            raise
-        raise OSError(e.errno, e.strerror or str(e), path) from e
-    except RuntimeError as e:   # torch.save's writer reports a failed write as a RuntimeError
-        if "write" not in str(e):
-            raise
-        raise OSError(getattr(e, "errno", None) or 5, f"write failed ({str(e).splitlines()[0][:60]})", path) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+@torch.no_grad()
+def langevin_dynamics(score_fn, x, step_size, n_steps, *, randn_like=torch.randn_like):
+    """Langevin dynamics, the paper's eq. (4): x <- x + step_size/2 * s(x) + sqrt(step_size) z.
+    score_fn(x) is called under torch.no_grad(). Returns the final x (a new tensor)."""
+    for _ in range(n_steps):
+        x = x + 0.5 * step_size * score_fn(x) + math.sqrt(step_size) * randn_like(x)
+    return x
 
 
-def write_checkpoint(obj, path):
-    """torch.save atomically (temporary file, synced, then renamed): read_checkpoint's counterpart."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+@torch.no_grad()
+def annealed_langevin_dynamics(model, x, sigmas, *, randn_like=torch.randn_like, callback=None,
+                               n_steps_each=STEPS_EACH, step_lr=STEP_LR, denoise=False):
+    """Annealed Langevin dynamics (the paper's Algorithm 1), as the official sampler.
 
-
-def full_model_args(model_args):
-    """model_args with RefineNet's defaults filled in (files of older versions lack newer settings)."""
-    defaults = {k: p.default for k, p in inspect.signature(RefineNet).parameters.items() if k != "sigmas"
-                and p.default is not inspect.Parameter.empty}
-    return {**defaults, **model_args}
-
-
-def official_to_ours(state_dict):
-    """Rename an official CondRefineNetDilated state dict: strip 'module.', and turn the
-    RCU names '{i}_{j}_norm' / '{i}_{j}_conv' (1-based, 2 stages a block) into list indices."""
-    out = {}
-    for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
-        key = re.sub(r"\.(\d+)_(\d+)_(norm|conv)\.",
-                     lambda m: f".{m.group(3)}s.{(int(m.group(1)) - 1) * 2 + int(m.group(2)) - 1}.", key)
-        out[key] = value
-    return out
-
-
-def _fit_state_dict(net, state_dict, path):
-    """Load with strict=True after checking names and shapes, so a mismatch is one clear line."""
-    expected = net.state_dict()
-    what = "RefineNet(" + ", ".join(f"{k}={v}" for k, v in net.model_args.items()) + ")"
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensors do not fit {what}: {len(missing)} missing (e.g. {missing[:1]}), "
-                              f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
-    for k, v in expected.items():
-        if not torch.is_tensor(state_dict[k]) or state_dict[k].shape != v.shape:
-            got = tuple(state_dict[k].shape) if torch.is_tensor(state_dict[k]) else type(state_dict[k]).__name__
-            raise CheckpointError(f"{path}: tensor '{k}' has shape {got} but {what} expects {tuple(v.shape)}")
-    net.load_state_dict(state_dict, strict=True)
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True, turning every failure into one CheckpointError line."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file" + (" (it is a folder)" if os.path.isdir(path) else ""))
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by cause
-        msg = str(e)
-        if re.search(r"Unsupported (global|class)|GLOBAL ", msg):   # a pickled reference to code
-            raise CheckpointError(f"{path}: refused: the file holds pickled Python objects, not just tensors "
-                                  "(loading it could run code); re-save a plain state_dict") from None
-        why = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
-        why = why.group(1).strip() if why else f"{type(e).__name__}: {(msg.strip().splitlines() or [''])[0]}"
-        why = why if len(why) <= 100 else why[:why.rfind(" ", 0, 100)] + " ..."
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint, or truncated or damaged ({why})"
-                              + _snapshot_hint(path)) from None
-
-
-def _snapshot_hint(path):
-    """Where a training run left whole copies beside a damaged checkpoint: its numbered snapshots."""
-    snaps = [(int(m.group(1)), name) for name in os.listdir(os.path.dirname(os.path.abspath(path)))
-             if (m := re.fullmatch(r"checkpoint_(\d+)\.pt", name)) and name != os.path.basename(path)]
-    if not snaps:
-        return "; use another file"
-    step, name = max(snaps)
-    return f"; {name} beside it is a whole snapshot of step {step} (to resume from it, copy it to checkpoint.pt)"
-
-
-def levels_of(info):
-    """The training levels of a checkpoint (load_score_net's info): geometric_sigmas of its settings."""
-    return geometric_sigmas(info["sigma_begin"], info["sigma_end"], info["num_levels"])
-
-
-def load_score_net(path, map_location="cpu", ema=None):
-    """Load a RefineNet from this project's checkpoint or an official ermongroup/ncsn file.
-
-    Official files are torch.save([state_dict, optimizer_state]) with keys prefixed 'module.';
-    their in_channels, ngf and num_classes are read off the tensors (image size is not stored:
-    28 is assumed for 1 channel, 32 otherwise, the official configs). Our files are dicts with
-    'model', optional 'ema', 'model_args' and 'config'. ema: None uses the EMA weights when the
-    file has them, True requires them, False takes the raw weights.
-    A file that names no data set is taken as MNIST (1 channel) or CIFAR-10 (3), the official pair.
-    Returns (net in eval mode, info dict: format, model_args, sigma settings, dataset, step, ema).
+    For each level i = 0, ..., L-1 (sigma descending) and n_steps_each steps:
+        alpha_i = step_lr * (sigma_i / sigma_L)^2
+        x <- x + alpha_i * s(x, sigma_i) + sqrt(2 alpha_i) z
+    which is Algorithm 1 of arXiv:1907.05600 (alpha_i = eps sigma_i^2 / sigma_L^2, x <- x +
+    alpha_i/2 s + sqrt(alpha_i) z) with eps = 2 * step_lr. The paper prints eps = 2e-5; its
+    official code, which made its samples, runs this update with step_lr = 2e-5 (eps = 4e-5), the
+    default here. With denoise, one last step x <- x + sigma_L^2 s(x, sigma_L) removes the remaining
+    noise (NCSNv2's technique 5). Network evaluations: L * n_steps_each (+ 1 with denoise).
+    x: the start, U(0, 1) images in the paper. Returns the final x.
     """
-    ckpt = read_checkpoint(path, map_location)
-    info = {"path": os.fspath(path)}
-    if isinstance(ckpt, (list, tuple)) and len(ckpt) >= 1 and isinstance(ckpt[0], dict):
-        state = official_to_ours(ckpt[0])
-        if "begin_conv.weight" not in state or "normalizer.embed.weight" not in state:
-            raise CheckpointError(f"{path}: a list, but not an official NCSN checkpoint "
-                                  "(no begin_conv / normalizer tensors)")
-        c_in, ngf = state["begin_conv.weight"].shape[1], state["begin_conv.weight"].shape[0]
-        model_args = dict(in_channels=c_in, ngf=ngf, num_classes=state["normalizer.embed.weight"].shape[0],
-                          image_size=28 if c_in == 1 else 32)
-        info.update(format="official", step=None, ema=False, dataset="mnist" if c_in == 1 else "cifar10",
-                    sigma_begin=SIGMA_BEGIN, sigma_end=SIGMA_END, num_levels=model_args["num_classes"])
-    elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("model_args"), dict):
-        model_args = full_model_args(ckpt["model_args"])
-        use_ema = ckpt.get("ema") is not None if ema is None else ema
-        if use_ema and ckpt.get("ema") is None:
-            raise CheckpointError(f"{path}: EMA weights asked for, but the checkpoint has none (trained with --ema 0)")
-        state = ckpt["ema"] if use_ema else ckpt["model"]
-        config = ckpt.get("config") or {}
-        info.update(format="ncsn-repro", step=ckpt.get("step"), ema=bool(use_ema),
-                    **{k: config[k] for k in ("sigma_begin", "sigma_end", "num_levels", "dataset", "recipe",
-                                              "steps_each", "step_lr", "denoise", "sampler", "nfe", "s_churn")
-                       if k in config})
-    else:
-        raise CheckpointError(f"{path}: not an NCSN checkpoint (expected this project's dict with 'model' and "
-                              "'model_args', or the official [state_dict, optimizer_state] list)")
-    try:
-        net = score_network(model_args)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad model settings {model_args}: {e}") from None
-    _fit_state_dict(net, state, path)
-    if not all(k in info for k in ("sigma_begin", "sigma_end", "num_levels")):
-        raise CheckpointError(f"{path}: no noise levels stored (config sigma_begin, sigma_end, num_levels)")
-    levels = [info[k] for k in ("sigma_begin", "sigma_end", "num_levels")]
-    if not (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels)
-            and levels[0] > levels[1] > 0 and levels[2] == int(levels[2]) >= 2):
-        raise CheckpointError(f"{path}: its noise levels (sigma_begin, sigma_end, num_levels = {levels}) are not "
-                              "numbers sigma_begin > sigma_end > 0 and num_levels >= 2; it was not saved by a run")
-    info.setdefault("dataset", "mnist" if model_args.get("in_channels") == 1 else "cifar10")
-    info["model_args"] = net.model_args
-    return net.to(map_location).eval(), info
+    sigmas = [float(s) for s in sigmas]
+    for i, sigma in enumerate(sigmas):
+        level = x.new_full((len(x),), sigma)
+        alpha = step_lr * (sigma / sigmas[-1]) ** 2
+        for step in range(n_steps_each):
+            score = model(x, level)
+            x = x + alpha * score + math.sqrt(2 * alpha) * randn_like(x)
+            if callback is not None:
+                callback(i, step, x, score)
+    if denoise:
+        x = x + sigmas[-1] ** 2 * model(x, x.new_full((len(x),), sigmas[-1]))
+    return x
+
+
+@torch.no_grad()
+def annealed_langevin_inpainting(model, x, known, mask, sigmas, *, randn_like=torch.randn_like,
+                                 n_steps_each=STEPS_EACH, step_lr=STEP_LR):
+    """Inpainting with annealed Langevin dynamics (the paper's Algorithm 2; the official
+    anneal_Langevin_dynamics_inpainting). mask (bool, broadcastable to x) marks the known pixels,
+    whose values are `known`. At each level i they are set to y_i = known + sigma_i z (one draw
+    per level) before every step and after it; the other pixels follow annealed_langevin_dynamics'
+    update. Returns the final x.
+    """
+    sigmas = [float(s) for s in sigmas]
+    for sigma in sigmas:
+        level = x.new_full((len(x),), sigma)
+        alpha = step_lr * (sigma / sigmas[-1]) ** 2
+        y = known + sigma * randn_like(known)                          # the known pixels at this level's noise
+        x = torch.where(mask, y, x)
+        for _ in range(n_steps_each):
+            x = x + alpha * model(x, level) + math.sqrt(2 * alpha) * randn_like(x)
+            x = torch.where(mask, y, x)
+    return x

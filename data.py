@@ -8,7 +8,7 @@ import os
 
 import torch
 
-import common
+import checkpoints
 import utils
 
 DATASETS = {  # the official configs: channels, image size, random horizontal flips, RefineNet width
@@ -21,7 +21,7 @@ DATA_ROOT = "./data"     # where torchvision's data sets are looked for, and dow
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class DataError(RuntimeError):
+class DataError(utils.UserError):
     """A data set that cannot be found or read; the message says what to put where."""
 
 
@@ -126,12 +126,12 @@ def load_celeba(data_root, train):
     key = utils.digest(list(ds.filename), CELEBA_CROP, size)[:12]
     cache = os.path.join(data_root, "celeba", f"ncsn_{split}_{len(ds)}_{key}.pt")
     if os.path.exists(cache):
-        return common.read_checkpoint(cache)["images"]
+        return checkpoints.read_checkpoint(cache)["images"]
     images = torch.empty(len(ds), 3, size, size, dtype=torch.uint8)
     for i in tqdm(range(len(ds)), desc=f"CelebA {split}: crop {CELEBA_CROP}, resize {size}", unit="img", mininterval=2):
         with ds[i][0] as img:
             images[i] = TF.pil_to_tensor(TF.resize(TF.center_crop(to_8bit(img, 3), CELEBA_CROP), size))
-    common.write_checkpoint(dict(images=images), cache)
+    checkpoints.write_checkpoint(dict(images=images), cache)
     return images
 
 

@@ -21,7 +21,6 @@ import os
 import time
 
 
-import common
 import samplers
 import data
 import metrics
@@ -52,18 +51,18 @@ def existing_only(jobs, n):
 def make_scorers(args, jobs, device):
     """{(metric, data set): score} for every metric asked and data set planned, ready before any sampling."""
     return {(name, d): metrics.SCORERS[name].make(args, d, device)
-            for name in args.metrics for d in dict.fromkeys(j.info["dataset"] for j in jobs)}
+            for name in args.metrics for d in dict.fromkeys(j.ck.dataset for j in jobs)}
 
 
 def level_losses(jobs, args, device):
     """{checkpoint path: metrics.level_losses} on --level-loss test images, the images read once per data set."""
     done, held_out = {}, {}
     for j in jobs:
-        key, dataset = j.info["path"], j.info["dataset"]
+        key, dataset = j.ck.path, j.ck.dataset
         if key not in done:
             if dataset not in held_out:
                 held_out[dataset] = data.load_images(dataset, False, args.data_root)[:args.level_loss]
-            done[key] = metrics.level_losses(j.net, j.info, held_out[dataset], args.batch_size, device,
+            done[key] = metrics.level_losses(j.ck, held_out[dataset], args.batch_size, device,
                                              args.level_sigmas)
     return done
 
@@ -75,12 +74,12 @@ def evaluate_one(args, job, scorers, device, losses):
     if args.nearest:
         inc = metrics.inception(args.inception_weights, device) if "inception" in args.metrics else None
         samples = sample.collect(job.folder, min(10, args.n), job.fp)
-        train_images = data.load_images(job.info["dataset"], True, args.data_root, folder_flag="--ref")
+        train_images = data.load_images(job.ck.dataset, True, args.data_root, folder_flag="--ref")
         metrics.save_nearest(os.path.join(job.folder, "nearest.png"), samples, train_images, args.nearest, inc, device)
-    if job.info["path"] in losses:
-        result["test_dsm_loss_per_" + ("sigma" if args.level_sigmas else "level")] = losses[job.info["path"]]
+    if job.ck.path in losses:
+        result["test_dsm_loss_per_" + ("sigma" if args.level_sigmas else "level")] = losses[job.ck.path]
     for name in args.metrics:
-        result.update(scorers[name, job.info["dataset"]](sample.read_shards(job.folder, args.n, job.fp)))
+        result.update(scorers[name, job.ck.dataset](sample.read_shards(job.folder, args.n, job.fp)))
     result["seconds"] = round(time.time() - t0, 1)
     path = os.path.join(job.folder, "metrics.json")
     if os.path.exists(path):                   # the same samples: keep the scores an earlier run made of them
@@ -109,7 +108,7 @@ def print_table(results):
     best = min(scored, key=lambda r: r["fid"]) if len(scored) > 1 else None
     for r in results:
         s = r["sampler"]
-        step_lr, T = (format(s["step_lr"], ".2g"), s["steps_each"]) if s["step_lr"] else ("-", "-")
+        step_lr, T = (format(s["step_lr"], ".2g"), s["n_steps_each"]) if "step_lr" in s else ("-", "-")
         print(f"{'*' if r is best else ' ':<2}{label(r):<46} {s.get('name', 'als'):>9} {step_lr:>8} "
               f"{T:>4} "
               f"{r['nfe']:>5} {r['n']:>6} " + " ".join(f"{cell(r):>16}" for _, cell in columns))
@@ -128,11 +127,11 @@ def save_level_loss_figure(path, jobs, losses):
     """--level-loss: each checkpoint's test DSM loss against sigma (log-log), a line per checkpoint."""
     plt = utils.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for j in {j.info["path"]: j for j in jobs if j.info["path"] in losses}.values():
-        loss, trained = losses[j.info["path"]], common.levels_of(j.info)
+    for j in {j.ck.path: j for j in jobs if j.ck.path in losses}.values():
+        loss, trained = losses[j.ck.path], j.ck.sigmas
         sig = [float(trained[k - 1]) if isinstance(k, int) else k for k in loss]
         ax.plot(sig, list(loss.values()), "o-", ms=3,
-                label=run_name(j.info["path"]) + (" (EMA)" if j.info["ema"] else ""))
+                label=run_name(j.ck.path) + (" (EMA)" if j.ck.ema else ""))
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("noise level sigma")
     ax.set_ylabel("test DSM loss (eq. 5, lambda = sigma^2)"), ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
     utils.save_figure(fig, path)
@@ -163,6 +162,7 @@ def save_sweep_figure(path, results):
     utils.save_figure(fig, path)
 
 
+@utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     sample.add_flags(p)
@@ -184,22 +184,19 @@ def main(argv=None):
     metrics.check_flags(p, args, args.out or sample.OUT)          # a bad --ref stops us before any folder is made
     sample.check_flags(p, args)
     device = utils.get_device(args.device)
-    ckpts = sample.checkpoints(p, args.checkpoint)
+    ckpts = sample.checkpoints_of(p, args.checkpoint)
 
-    def body():
-        jobs = sample.plan(args, ckpts)
-        if args.existing:
-            jobs = existing_only(jobs, args.n)
-        scorers = make_scorers(args, jobs, device)
-        losses = level_losses(jobs, args, device) if args.level_loss else {}
-        results = []
-        for j in jobs:
-            with utils.folder_lock(j.folder):                   # one writer per folder
-                results.append(evaluate_one(args, j, scorers, device, losses))
-        if losses:
-            save_level_loss_figure(os.path.join(args.out or sample.OUT, "level_loss.png"), jobs, losses)
-        return results
-    results = sample.run_cli(body)
+    jobs = sample.plan(args, ckpts)
+    if args.existing:
+        jobs = existing_only(jobs, args.n)
+    scorers = make_scorers(args, jobs, device)
+    losses = level_losses(jobs, args, device) if args.level_loss else {}
+    results = []
+    for j in jobs:
+        with utils.folder_lock(j.folder):                   # one writer per folder
+            results.append(evaluate_one(args, j, scorers, device, losses))
+    if losses:
+        save_level_loss_figure(os.path.join(args.out or sample.OUT, "level_loss.png"), jobs, losses)
     print_table(results)
     if len(results) > 1:
         save_sweep_figure(os.path.join(args.out or sample.OUT, "sweep.png"), results)
@@ -208,4 +205,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

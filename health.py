@@ -38,15 +38,10 @@ def health_means(covered):
     number of samples that were not finite."""
     sums, count, non_finite = 0, 0, 0
     for a, b, path, first in covered:
-        with np.load(path) as f:
-            if "health" in f:                   # per sample: exactly the samples of [0, n)
-                sums = sums + f["health"][:, first:first + b - a].sum(1)
-                non_finite += int(f["non_finite_each"][first:first + b - a].sum())
-                count += b - a
-            else:                               # a shard of an older version: its sums, whole
-                sums = sums + np.stack([f[k] for k in ("score_norm_sum", "out_of_range_sum", "far_out_sum")])
-                non_finite += int(f["non_finite"]) if "non_finite" in f else 0
-                count += int(f["images"].shape[0])
+        with np.load(path) as f:                # per sample: exactly the samples of [0, n)
+            sums = sums + f["health"][:, first:first + b - a].sum(1)
+            non_finite += int(f["non_finite_each"][first:first + b - a].sum())
+            count += b - a
     return [*(sums / count), non_finite]
 
 

@@ -8,12 +8,10 @@ images (the paper's Algorithm 2; the official anneal_Langevin_dynamics_inpaintin
     python inpaint.py --checkpoint runs/mnist/checkpoint.pt --classifier --n-images 100 --completions 4
 
 At each noise level the known pixels are set to the image plus that level's noise and the others
-follow the Langevin update (samplers.annealed_langevin_inpainting), with the checkpoint's sampler
-settings (either recipe) unless --steps-each / --step-lr say otherwise. Only this sampler inpaints:
-the family's call (samplers.SAMPLERS) has no known pixels, and the deterministic ODE solvers give the
-family's worst digits from about 20 evaluations on (docs/samplers.md: IS 3.85 on the ncsnv2 network,
-against Langevin's 4.85 at 286 evaluations), so no ODE form of Algorithm 2 is offered; a form with
-Heun's churn or ancestral steps is neither built nor measured. Completion j of image i
+follow the Langevin update (common.annealed_langevin_inpainting), with the checkpoint's sampler
+settings (any recipe) unless --steps-each / --step-lr say otherwise. Only this sampler inpaints: the
+family's call (samplers.SAMPLERS) has no known pixels (why no other form is offered: docs/samplers.md).
+Completion j of image i
 draws its noise from its own generator, seeded by (--seed, i, j): results do not depend on
 --batch-size. Each image's completions are written as they are made, in a folder named after a
 fingerprint of the weights, settings, mask and images: a rerun makes only the missing ones.
@@ -29,9 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import common
-import samplers
 import data
+import samplers
 import metrics
 import utils
 
@@ -71,7 +70,7 @@ def make_mask(kind, size, fraction=FRACTION, seed=SEED):
 
 
 @torch.no_grad()
-def inpaint(net, images, known, settings, seed, batch_size, device, folder, first_index=0):
+def inpaint(model, images, known, settings, seed, batch_size, device, folder, first_index=0):
     """Completions of each image (uint8 (N, C, H, W)) where `known` is False; image i's are written
     to image_<i>.npz as soon as they are made, and an existing file is not made again."""
     sigmas = torch.tensor(settings["sigmas"], device=device)
@@ -87,7 +86,7 @@ def inpaint(net, images, known, settings, seed, batch_size, device, folder, firs
         x_known = (images[idx].to(device).float() / 255).repeat_interleave(K, 0)       # (len(idx) K, C, H, W)
         noise = utils.SampleNoise([(seed, first_index + i, j) for i in idx for j in range(K)], device)
         x0 = noise.rand(*x_known.shape[1:])
-        x = samplers.annealed_langevin_inpainting(net, x0, x_known, known.to(device), sigmas,
+        x = common.annealed_langevin_inpainting(model, x0, x_known, known.to(device), sigmas,
                                                   randn_like=noise.randn_like, n_steps_each=settings["steps_each"],
                                                   step_lr=settings["step_lr"])
         out = (torch.nan_to_num(x).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().view(len(idx), K, *x.shape[1:])
@@ -156,6 +155,7 @@ def write_outputs(args, folder, images, known, completions, device):
     return result
 
 
+@utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="a checkpoint of either recipe, or an official one")
@@ -185,38 +185,33 @@ def main(argv=None):
     if args.fraction >= 1:
         p.error(f"--fraction is the share of pixels to fill, below 1; got {args.fraction}")
     device = utils.get_device(args.device)
-    try:
-        net, info = common.load_score_net(args.checkpoint, map_location=device, ema=args.ema)
-        dataset = info["dataset"]
-        spec = data.spec(dataset, args.checkpoint)
-        if args.classifier and dataset != "mnist":
-            raise data.DataError("--classifier scores MNIST digits only; drop it for other data sets")
-        images = (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images")
-                  if args.images else data.load_images(dataset, False, args.data_root, folder_flag="--images"))
-        images = images[:args.n_images]
-        known = make_mask(args.mask, spec["image_size"], args.fraction, args.seed)
-        T, step_lr = samplers.sampler_defaults(info, steps_each=args.steps_each, step_lr=args.step_lr)
-        settings = dict(sigmas=common.levels_of(info).tolist(),
-                        steps_each=T, step_lr=step_lr, completions=args.completions, seed=args.seed)
-        settings["fingerprint"] = utils.digest(net.state_dict(), known, images, sorted(settings.items()))
-        name = utils.checkpoint_name(args.checkpoint)
-        mask_name = os.path.splitext(os.path.basename(args.mask))[0]
-        out = args.out or os.path.join(OUT, name)
-        folder = os.path.join(out, f"{mask_name}_T{T}_seed{args.seed}_{settings['fingerprint'][:10]}")
-        if problem := utils.check_out(folder):
-            p.error(problem)
-        print(f"{len(images)} images x {args.completions} completions, mask {args.mask} ({(~known).float().mean():.0%} "
-              f"of the pixels to fill), {len(settings['sigmas'])} levels x T = {T}, step_lr {step_lr:.3g}")
-        with utils.folder_lock(folder):
-            completions = inpaint(net, images, known, settings, args.seed, args.batch_size, device, folder)
-            result = write_outputs(args, folder, images, known, completions, device)
-            result.update(checkpoint=args.checkpoint, dataset=dataset, settings=settings)
-            utils.save_json(result, os.path.join(folder, "metrics.json"))
-    except (common.CheckpointError, data.DataError, utils.FolderBusy) as e:
-        raise SystemExit(f"error: {e}") from None
+    ck = checkpoints.load(args.checkpoint, map_location=device, ema=args.ema)
+    spec = data.spec(ck.dataset, args.checkpoint)
+    if args.classifier and ck.dataset != "mnist":
+        raise data.DataError("--classifier scores MNIST digits only; drop it for other data sets")
+    images = (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images")
+              if args.images else data.load_images(ck.dataset, False, args.data_root, folder_flag="--images"))
+    images = images[:args.n_images]
+    known = make_mask(args.mask, spec["image_size"], args.fraction, args.seed)
+    T, step_lr = samplers.sampler_defaults(ck, steps_each=args.steps_each, step_lr=args.step_lr)
+    settings = dict(sigmas=ck.sigmas.tolist(), steps_each=T, step_lr=step_lr, completions=args.completions,
+                    seed=args.seed)
+    settings["fingerprint"] = utils.digest(ck.model.state_dict(), known, images, sorted(settings.items()))
+    mask_name = os.path.splitext(os.path.basename(args.mask))[0]
+    out = args.out or os.path.join(OUT, utils.checkpoint_name(args.checkpoint))
+    folder = os.path.join(out, f"{mask_name}_T{T}_seed{args.seed}_{settings['fingerprint'][:10]}")
+    if problem := utils.check_out(folder):
+        p.error(problem)
+    print(f"{len(images)} images x {args.completions} completions, mask {args.mask} ({(~known).float().mean():.0%} "
+          f"of the pixels to fill), {len(settings['sigmas'])} levels x T = {T}, step_lr {step_lr:.3g}")
+    with utils.folder_lock(folder):
+        completions = inpaint(ck.model, images, known, settings, args.seed, args.batch_size, device, folder)
+        result = write_outputs(args, folder, images, known, completions, device)
+        result.update(checkpoint=args.checkpoint, dataset=ck.dataset, settings=settings)
+        utils.save_json(result, os.path.join(folder, "metrics.json"))
     print(f"wrote {folder}/inpainting.png, completions.npz, metrics.json")
     return result
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 import common
-import samplers
 import utils
 
 #----------------------------------------------------------------------------
@@ -99,6 +98,7 @@ def plot(path, samples, metrics, settings):
     utils.save_figure(fig, path)
 
 
+@utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--out", default=OUT, help="output folder")
@@ -129,11 +129,10 @@ def main(argv=None):
     with np.errstate(all="ignore"):
         samples = {
             "iid": common.toy_sample(args.n, gen).double(),
-            "langevin": samplers.langevin_dynamics(common.toy_score, x0, args.eps, args.steps, randn_like=randn_like),
-            # Algorithm 1 with eps is the official update with step_lr = eps / 2 (see samplers.py)
-            "annealed": samplers.annealed_langevin_dynamics(lambda x, labels: common.toy_score(x, sigmas[labels]), x0,
-                                                            sigmas, n_steps_each=args.steps_each, step_lr=args.eps / 2,
-                                                            randn_like=randn_like),
+            "langevin": common.langevin_dynamics(common.toy_score, x0, args.eps, args.steps, randn_like=randn_like),
+            # Algorithm 1 with eps is the official update with step_lr = eps / 2 (common.annealed_langevin_dynamics)
+            "annealed": common.annealed_langevin_dynamics(common.toy_score, x0, sigmas, n_steps_each=args.steps_each,
+                                                          step_lr=args.eps / 2, randn_like=randn_like),
         }
     metrics = {name: mode_fractions(x) for name, x in samples.items()}
     for name, m in metrics.items():
@@ -149,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

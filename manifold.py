@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import checkpoints
 import common
 import data
 import utils
@@ -118,12 +119,12 @@ def resumable(state, args):
     settings (all but MAY_CHANGE's) with at most --iters iterations done."""
     path = os.path.join(args.out, "manifold.pt")
     if not (isinstance(state, dict) and {"iteration", "settings", "noise", "no_noise"} <= set(state)):
-        raise common.CheckpointError(f"{path}: not a state of manifold.py (or of a version before its settings "
+        raise checkpoints.CheckpointError(f"{path}: not a state of manifold.py (or of a version before its settings "
                                      "were stored); use another --out")
     if changed := utils.changed_settings(state["settings"], vars(args), MAY_CHANGE):
-        raise common.CheckpointError(f"{path} was made with {', '.join(changed)}; resume with the same values")
+        raise checkpoints.CheckpointError(f"{path} was made with {', '.join(changed)}; resume with the same values")
     if state["iteration"] > args.iters:
-        raise common.CheckpointError(f"{path} has {state['iteration']} iterations done, more than --iters "
+        raise checkpoints.CheckpointError(f"{path} has {state['iteration']} iterations done, more than --iters "
                                      f"{args.iters}; give at least that many")
     return state
 
@@ -146,9 +147,10 @@ def train_runs(runs, losses, images, start, args, device, state_path):
         if (it + 1) % args.save_every == 0 or it + 1 == args.iters:
             state = {name: dict(model=net.state_dict(), optimizer=opt.state_dict(),
                                 losses=torch.from_numpy(losses[name])) for name, (net, opt) in runs.items()}
-            common.write_checkpoint({"iteration": it + 1, "settings": vars(args), **state}, state_path)
+            checkpoints.write_checkpoint({"iteration": it + 1, "settings": vars(args), **state}, state_path)
 
 
+@utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--dataset", choices=["mnist", "cifar10"], default=DATASET, help="training images")
@@ -175,11 +177,8 @@ def main(argv=None):
         p.error(f"--resume: {state_path} does not exist; check --out, or drop --resume to start")
     if problem := utils.check_out(args.out):
         p.error(problem)
-    try:
-        state = resumable(common.read_checkpoint(state_path), args) if args.resume else None
-        images = load_data(args)
-    except (data.DataError, common.CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    state = resumable(checkpoints.read_checkpoint(state_path), args) if args.resume else None
+    images = load_data(args)
     torch.manual_seed(args.seed)
     init = ResScore(images.shape[1], args.nef)
     runs = {name: copy_of(init, device, args.lr) for name in ("no_noise", "noise")}
@@ -215,4 +214,4 @@ def copy_of(net, device, lr):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

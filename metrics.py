@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import common
 import data
 import health
 import sample
-import samplers
 import utils
 
 #----------------------------------------------------------------------------
@@ -62,13 +62,13 @@ def inception(weights, device):
     """torch-fidelity's TF-Inception port; `weights` None downloads the released file."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     if weights is not None:
-        common.read_checkpoint(weights)          # weights_only=True first: refuse a file that carries code
+        checkpoints.read_checkpoint(weights)          # weights_only=True first: refuse a file that carries code
     try:
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                           feature_extractor_weights_path=weights)
     except Exception as e:
         if weights is not None:
-            raise common.CheckpointError(f"{weights}: not torch-fidelity Inception weights "
+            raise checkpoints.CheckpointError(f"{weights}: not torch-fidelity Inception weights "
                                          f"({utils.first_line(e)[:100]})")
         raise data.DataError(f"could not download the Inception weights ({utils.first_line(e)[:80]}); pass "
                              "--inception-weights weights-inception-2015-12-05-6726825d.pth (torch-fidelity v0.2.0)")
@@ -230,12 +230,12 @@ def load_or_train(data_root, device, cache=CLASSIFIER_CACHE):
     path = os.path.join(cache, f"classifier_{len(tr_x)}_{utils.digest(tr_x, tr_y, HOLD_OUT, EPOCHS, SEED)[:16]}.pt")
     net = DigitNet()
     if os.path.exists(path):
-        net.load_state_dict(common.read_checkpoint(path)["model"])
+        net.load_state_dict(checkpoints.read_checkpoint(path)["model"])
         net = net.to(device).eval()
     else:
         print(f"training the MNIST classifier on {len(tr_x):,} digits ({EPOCHS} epochs), once: cached as {path}")
         net = train_classifier(tr_x, tr_y, device)
-        common.write_checkpoint(dict(model=net.state_dict(), train_digits=len(tr_x)), path)
+        checkpoints.write_checkpoint(dict(model=net.state_dict(), train_digits=len(tr_x)), path)
     accuracy = (predict(net, ho_x, device)[0].argmax(1) == ho_y).double().mean().item()
     return net, ho_x, ho_y, accuracy
 
@@ -334,46 +334,43 @@ def save_nearest(path, samples, train_images, k, inception_net=None, device="cpu
 
 
 @torch.no_grad()
-def level_losses(net, info, images, batch_size, device, at=None):
+def level_losses(ck, images, batch_size, device, at=None):
     """{level: test DSM loss} at about 20 of the checkpoint's training levels (keys 1-based level
     numbers), or at the noise levels `at` ({sigma: loss}; a norm-conditioned network: those it was
     trained at): eq. (5) with lambda = sigma^2 on `images` (uint8, / 255), the same noise z at every
     level (seeded). How well the network fits each level, apart from any sampler; the loss of a
     perfect score is not 0 but the level's irreducible part, so compare checkpoints level by level
     (`at` puts networks with different ladders on the same levels)."""
-    trained = common.levels_of(info)
-    shown = health.shown_levels(len(trained))
-    keys = [i + 1 for i in shown] if at is None else known_levels(net, trained, at, info["path"])
-    sigmas = trained[shown] if at is None else torch.tensor(keys)
-    score = samplers.level_score(net, sigmas, trained)
+    shown = health.shown_levels(len(ck.sigmas))
+    keys = [i + 1 for i in shown] if at is None else known_levels(ck, at)
+    sigmas = ck.sigmas[shown] if at is None else torch.tensor(keys)
     x_all = images.float() / 255
     z_all = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(utils.stable_seed(SEED, -2)))
-    net, losses = net.to(device), {}
-    for k, key in enumerate(keys):
+    model, losses = ck.model.to(device), {}
+    for key, sigma in zip(keys, sigmas.tolist()):
         total = 0.0
         for lo in range(0, len(x_all), batch_size):
             x, z = x_all[lo:lo + batch_size].to(device), z_all[lo:lo + batch_size].to(device)
-            labels = torch.full((len(x),), k, dtype=torch.long, device=device)
-            total += common.dsm_loss(score, x, labels, sigmas, noise=z, reduction="none").sum().item()
+            total += common.dsm_loss(model, x, x.new_full((len(x),), sigma), z).sum().item()
         losses[key] = total / len(x_all)
-    net.cpu()
-    print(f"test DSM loss per {'training ' if at is None else ''}level ({info['path']}, "
-          f"{'EMA' if info['ema'] else 'raw'} weights, {len(x_all)} held-out images, the same noise at every level):")
+    model.cpu()
+    print(f"test DSM loss per {'training ' if at is None else ''}level ({ck.path}, "
+          f"{'EMA' if ck.ema else 'raw'} weights, {len(x_all)} held-out images, the same noise at every level):")
     print("  " + "  ".join((f"{k:>2} {float(s):.3g}: " if at is None else f"{k:.3g}: ") + f"{v:.4g}"
                            for (k, v), s in zip(losses.items(), sigmas)))
     return losses
 
 
-def known_levels(net, trained, at, path):
-    """The levels of `at` the network can be scored at: all for a scale- or continuous-conditioned
-    one, a norm-conditioned one's trained levels only (samplers.LEVEL_MATCH); none is an error."""
-    if getattr(net, "conditioning", "norm") in ("scale", "continuous"):
+def known_levels(ck, at):
+    """The levels of `at` the network can be scored at: all for one that takes any sigma, a
+    norm-conditioned one's trained levels only (common.LEVEL_MATCH); none is an error."""
+    if ck.any_sigma:
         return list(at)
-    distance = samplers.nearest_trained(torch.tensor(at, dtype=torch.float64), trained.double().log()).values
-    known = [s for s, d in zip(at, distance) if d <= samplers.LEVEL_MATCH]
+    distance = ck.model.distance(torch.tensor(at, dtype=torch.float64)).values
+    known = [s for s, d in zip(at, distance) if d <= common.LEVEL_MATCH]
     if not known:
-        raise data.DataError(f"{path}: none of --level-sigmas is a trained level of this norm-conditioned network (it "
-                             f"knows {', '.join(f'{float(s):.4g}' for s in trained)})")
+        raise data.DataError(f"{ck.path}: none of --level-sigmas is a trained level of this norm-conditioned network "
+                             f"(it knows {', '.join(f'{float(s):.4g}' for s in ck.sigmas)})")
     return known
 
 #----------------------------------------------------------------------------
@@ -428,6 +425,7 @@ def read_images(path, dataset):
     return data.load_image_folder(path, spec["channels"], spec["image_size"], flag="--images")
 
 
+@utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     add_flags(p, images=True)
@@ -436,13 +434,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     check_flags(p, args, "runs/metrics")
     device = utils.get_device(args.device)
-    try:
-        images = read_images(args.images, args.dataset)
-        results = dict(images=args.images, n=len(images))
-        for name in args.metrics:
-            results.update(SCORERS[name].make(args, args.dataset, device)([images]))
-    except (common.CheckpointError, data.DataError) as e:
-        raise SystemExit(f"error: {e}") from None
+    images = read_images(args.images, args.dataset)
+    results = dict(images=args.images, n=len(images))
+    for name in args.metrics:
+        results.update(SCORERS[name].make(args, args.dataset, device)([images]))
     for k, v in results.items():
         print(f"{k:<22} {v}")
     if args.json:
@@ -451,4 +446,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

@@ -20,6 +20,7 @@ import metrics
 import utils
 
 
+@utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--data-root", default=data.DATA_ROOT, help="torchvision data folder holding MNIST")
@@ -29,10 +30,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = utils.get_device(args.device)
     opts = argparse.Namespace(data_root=args.data_root, classifier_cache=args.cache)
-    try:
-        scorer = metrics.DigitScorer(opts, "mnist", device)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    scorer = metrics.DigitScorer(opts, "mnist", device)
     print(f"held-out accuracy {scorer.accuracy:.4f}; {len(scorer.held_out)} held-out digits kept for the ceiling")
     if not 2 <= args.n <= len(scorer.held_out):
         p.error(f"--n is between 2 and {len(scorer.held_out)}, the held-out digits kept for the ceiling")
@@ -47,4 +45,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

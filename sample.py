@@ -23,16 +23,15 @@ import json
 import math
 import os
 import re
-import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import common
-import samplers
+import checkpoints
 import data
 import health
+import samplers
 import utils
 
 #----------------------------------------------------------------------------
@@ -51,7 +50,7 @@ FLAGS = dict(steps_each="n_steps_each", step_lr="step_lr", denoise="denoise", s_
 #----------------------------------------------------------------------------
 # Sampler settings: one record per setting; its `record()` is what the fingerprint hashes.
 
-class Inapplicable(data.DataError):
+class Inapplicable(utils.UserError):
     """A sampler setting that this checkpoint cannot run; skipped with a line within a grid."""
 
 
@@ -73,14 +72,8 @@ class SamplerSettings:
         return samplers.SAMPLERS[self.name].nfe(len(self.sigmas), **self.kwargs)
 
     def record(self):
-        """The plain dict of this setting (samples.json, metrics.json, the fingerprint); the paper's
-        sampler and the ancestral one keep the keys they had, so existing shards stay valid."""
-        spec, kw = samplers.SAMPLERS[self.name], self.kwargs
-        start = "uniform start" if spec.budget == "steps" else "start U(0, 1) + sigma_1 z"
-        legacy = dict(steps_each=kw.pop("n_steps_each", 1), step_lr=kw.pop("step_lr", None),
-                      denoise=kw.pop("denoise", False))
-        return dict(sampler=f"{spec.run.__name__}, {start}", sigmas=list(self.sigmas), seed=self.seed,
-                    shape=list(self.shape), **legacy, **kw)
+        """The plain dict of this setting (samples.json, metrics.json, the fingerprint): values only."""
+        return dict(name=self.name, sigmas=list(self.sigmas), seed=self.seed, shape=list(self.shape), **self.kwargs)
 
     def tag(self):
         """The folder name's start: steplr<e>_T<T>[_denoise] (the paper's), else <name>_L<levels>[_<setting><v>]."""
@@ -98,55 +91,52 @@ def settings_of(run):
             if p.kind == p.KEYWORD_ONLY and k not in ("randn_like", "callback")}
 
 
-def sampler_settings(name, info, seed, nfe=None, sigma_max=None, **given):
-    """The SamplerSettings of sampler `name` for a checkpoint (load_score_net's info) at an --nfe
+def sampler_settings(name, ck, seed, nfe=None, sigma_max=None, **given):
+    """The SamplerSettings of sampler `name` for a checkpoint (checkpoints.Checkpoint) at an --nfe
     budget: its recipe's unless `given` (flags; None = not given) says otherwise; the levels from
     sigma_max (default: the checkpoint's sigma_1) down to its sigma_L. Raises Inapplicable for a
     setting the sampler lacks, a budget it cannot meet, or levels the network does not know."""
-    spec, trained = samplers.SAMPLERS[name], common.levels_of(info)
-    ds = data.spec(info["dataset"], info["path"])
-    shape = (ds["channels"], ds["image_size"], ds["image_size"])
-    scale = info["model_args"].get("conditioning", "norm") in ("scale", "continuous")    # any sigma
+    spec = samplers.SAMPLERS[name]
     own = settings_of(spec.run)
     if extra := [k for k, v in given.items() if v is not None and k not in own]:
         raise Inapplicable(f"--sampler {name} has no setting {', '.join(extra)}")
     params = {k: v for k, v in given.items() if v is not None}
-    if sigma_max is not None and (spec.budget == "steps" or not scale or sigma_max <= info["sigma_end"]):
-        raise Inapplicable(f"{info['path']}: --sigma-max {sigma_max:g} needs --sampler heun, dpmpp2m or ancestral "
+    if sigma_max is not None and (spec.budget == "steps" or not ck.any_sigma or sigma_max <= ck.sigma_end):
+        raise Inapplicable(f"{ck.path}: --sigma-max {sigma_max:g} needs --sampler heun, dpmpp2m or ancestral "
                            f"on a scale- or continuous-conditioned network, and a value above its sigma_L "
-                           f"{info['sigma_end']:g}")
+                           f"{ck.sigma_end:g}")
     if spec.budget == "steps":                      # the paper's sampler: T steps on each trained level
-        denoise = info.get("denoise", False) if params.get("denoise") is None else params["denoise"]
-        T, step_lr = samplers.sampler_defaults(info, nfe, params.get("n_steps_each"), params.get("step_lr"), denoise)
-        params, sigmas = dict(params, n_steps_each=T, step_lr=step_lr, denoise=denoise), trained
+        denoise = ck.settings.get("denoise", False) if params.get("denoise") is None else params["denoise"]
+        T, step_lr = samplers.sampler_defaults(ck, nfe, params.get("n_steps_each"), params.get("step_lr"), denoise)
+        params, sigmas = dict(params, n_steps_each=T, step_lr=step_lr, denoise=denoise), ck.sigmas
     else:                                           # one or two evaluations a level: the budget buys levels
         params = {k: v for k, v in params.items() if v != own[k]}    # a default given is the default's folder
-        n = max([k for k in range(1, (nfe or 0) + 1) if spec.nfe(k, **params) <= nfe] or [1]) if nfe else len(trained)
-        if not scale and (n > len(trained) or params.get("s_churn")):
+        n = max([k for k in range(1, (nfe or 0) + 1) if spec.nfe(k, **params) <= nfe] or [1]) if nfe else len(ck.sigmas)
+        if not ck.any_sigma and (n > len(ck.sigmas) or params.get("s_churn")):
             what = "with churn" if params.get("s_churn") else f"on {n} levels"
-            raise Inapplicable(f"{info['path']}: --sampler {name} {what} needs a scale-conditioned network "
-                               f"(--recipe ncsnv2); this one knows its {len(trained)} levels only")
-        sigmas = (spec.schedule(n, info["sigma_end"], sigma_max or info["sigma_begin"]) if scale
-                  else samplers.trained_subset(trained, n))
-    settings = SamplerSettings(name, tuple(torch.as_tensor(sigmas).tolist()), seed, shape, tuple(params.items()))
+            raise Inapplicable(f"{ck.path}: --sampler {name} {what} needs a scale-conditioned network "
+                               f"(--recipe ncsnv2); this one knows its {len(ck.sigmas)} levels only")
+        sigmas = (spec.schedule(n, ck.sigma_end, sigma_max or ck.sigma_begin) if ck.any_sigma
+                  else samplers.trained_subset(ck.sigmas, n))
+    settings = SamplerSettings(name, tuple(torch.as_tensor(sigmas).tolist()), seed, ck.shape, tuple(params.items()))
     if nfe and settings.nfe > nfe:
-        raise Inapplicable(f"--nfe {nfe} is too few for --sampler {name} on {info['path']}: it spends at least "
+        raise Inapplicable(f"--nfe {nfe} is too few for --sampler {name} on {ck.path}: it spends at least "
                            f"{settings.nfe}")
     return settings
 
 
-def fingerprint(net, settings):
-    """The key of a set of samples: the weights actually used and every sampler setting."""
-    return utils.digest(net.state_dict(), json.dumps(settings.record(), sort_keys=True))
+def fingerprint(ck, settings):
+    """The key of a set of samples: the weights actually used and every sampler setting's value."""
+    return utils.digest(ck.model.state_dict(), json.dumps(settings.record(), sort_keys=True))
 
 #----------------------------------------------------------------------------
 # A folder of samples: shards keyed by the fingerprint, made where missing.
 
-class StaleSamples(data.DataError):
+class StaleSamples(utils.UserError):
     """A folder or shard holding samples of other weights or settings."""
 
 
-def open_folder(folder, fp, settings, info):
+def open_folder(folder, fp, settings, ck):
     """Create the samples folder or check that it holds samples of this fingerprint; remove the
     temporary files of a killed writer and set a damaged samples.json aside."""
     meta = os.path.join(folder, "samples.json")
@@ -164,8 +154,7 @@ def open_folder(folder, fp, settings, info):
     os.makedirs(folder, exist_ok=True)
     utils.remove_temporaries(folder)
     if old is None:
-        utils.save_json(dict(fingerprint=fp, settings=record, checkpoint=info["path"], ema=info["ema"],
-                             step=info["step"]), meta)
+        utils.save_json(dict(fingerprint=fp, settings=record, checkpoint=ck.path, ema=ck.ema, step=ck.step), meta)
 
 
 def shards(folder, fp=None, verify=False):
@@ -208,11 +197,11 @@ def missing_runs(folder, n, batch_size, fp):
 
 
 @torch.no_grad()
-def sample(net, info, settings, folder, n, batch_size, device, fp, stop=None):
-    """Make the images of [0, n) that no shard holds yet with settings' sampler from U(0, 1); each
-    batch becomes shard_<start>_<end>.npz, stamped with the fingerprint. Returns how many were made."""
+def sample(model, settings, folder, n, batch_size, device, fp, stop=None):
+    """Make the images of [0, n) that no shard holds yet with settings' sampler from U(0, 1), with
+    model(x, sigma) on `device`; each batch becomes shard_<start>_<end>.npz, stamped with the
+    fingerprint. Returns how many were made."""
     sigmas = torch.tensor(settings.sigmas, device=device)
-    score_net = samplers.level_score(net, sigmas, common.levels_of(info).to(device))
     run = samplers.SAMPLERS[settings.name].run
     made, runs = missing_runs(folder, n, batch_size, fp)
     bar = tqdm(total=n, initial=n - made, desc="sampling", unit="img", dynamic_ncols=True)
@@ -220,7 +209,7 @@ def sample(net, info, settings, folder, n, batch_size, device, fp, stop=None):
         noise = utils.SampleNoise([(settings.seed, i) for i in range(start, end)], device)   # image i: (seed, i)
         monitor = health.Health(sigmas, end - start, device, keep_states=start == 0)
         callback = monitor if stop is None else (lambda *a: (stop.check(), monitor(*a)))
-        x = run(score_net, noise.rand(*settings.shape), sigmas, randn_like=noise.randn_like, callback=callback,
+        x = run(model, noise.rand(*settings.shape), sigmas, randn_like=noise.randn_like, callback=callback,
                 **settings.kwargs)
         non_finite = (~torch.isfinite(x)).flatten(1).any(1)
         images = (torch.nan_to_num(x, nan=0.0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
@@ -265,11 +254,9 @@ def save_process(folder, settings, fp):
     """process.png: the first health.PROCESS_ROWS samples at the end of each level, as the first shard kept them."""
     first = [path for (a, b), path in shards(folder, fp).items() if a == 0]
     with np.load(first[0]) as f:
-        if "levels" not in f:                   # a shard of an older version: no states were kept
-            return
         levels = list(torch.from_numpy(f["levels"]))
     utils.save_process_figure(os.path.join(folder, "process.png"), levels, list(settings.sigmas),
-                              title=f"{samplers.SAMPLERS[settings.name].run.__name__}: state at the end of each level")
+                              title=f"{settings.name}: state at the end of each level")
 
 
 def save_pngs(folder, n, fp):
@@ -290,8 +277,7 @@ def save_pngs(folder, n, fp):
 
 @dataclasses.dataclass
 class Job:
-    net: torch.nn.Module
-    info: dict
+    ck: checkpoints.Checkpoint
     settings: SamplerSettings
     folder: str
     fp: str
@@ -330,7 +316,7 @@ def add_flags(p):
     p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
 
 
-def checkpoints(p, patterns):
+def checkpoints_of(p, patterns):
     """The checkpoint files of --checkpoint's names and globs, in order, each once."""
     found = []
     for pattern in patterns:
@@ -357,34 +343,34 @@ def auto_sampler(conditioning, nfe):
 def plan(args, ckpts):
     """Load every checkpoint (on the CPU) and name each setting's folder, before any work."""
     jobs, skipped = [], []
-    for ckpt in ckpts:
-        net, info = common.load_score_net(ckpt, ema=args.ema)
-        name = utils.checkpoint_name(ckpt)
+    for path in ckpts:
+        ck = checkpoints.load(path, ema=args.ema)
+        data.spec(ck.dataset, ck.path)
+        name = utils.checkpoint_name(path)
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
-        conditioning = info["model_args"].get("conditioning", "norm")
         recipes = args.sampler is None      # the checkpoint's recipe's sampler, at its budget and churn
-        grid = itertools.product(args.sampler or [info.get("sampler", "als")],
-                                 args.nfe or [info.get("nfe") if recipes else None],
+        grid = itertools.product(args.sampler or [ck.sampler], args.nfe or [ck.nfe if recipes else None],
                                  args.steps_each or [None], args.step_lr or [None],
-                                 args.s_churn or [info.get("s_churn") if recipes else None])
+                                 args.s_churn or [ck.settings.get("s_churn") if recipes else None])
         for sampler, nfe, steps_each, step_lr, s_churn in grid:
-            sampler, chosen = auto_sampler(conditioning, nfe) if sampler == "auto" else (sampler, {})
+            sampler, chosen = (auto_sampler(ck.model_args.get("conditioning", "norm"), nfe) if sampler == "auto"
+                               else (sampler, {}))
             given = dict(n_steps_each=steps_each, step_lr=step_lr, denoise=args.denoise, s_churn=s_churn,
                          s_noise=args.s_noise)
             given.update((k, v) for k, v in chosen.items() if given.get(k) is None)
             own = settings_of(samplers.SAMPLERS[sampler].run)   # a sampler's own flags apply to it alone
             try:
-                settings = sampler_settings(sampler, info, args.seed, nfe, args.sigma_max,
+                settings = sampler_settings(sampler, ck, args.seed, nfe, args.sigma_max,
                                             **{k: v for k, v in given.items() if k in own})
             except Inapplicable as e:               # fine in a grid of several, an error alone
                 skipped.append(e)
                 continue
-            fp = fingerprint(net, settings)
+            fp = fingerprint(ck, settings)
             folder = os.path.join(base, f"{settings.tag()}_seed{args.seed}_{fp[:10]}")
             if all(j.folder != folder for j in jobs):
-                jobs.append(Job(net, info, settings, folder, fp))
+                jobs.append(Job(ck, settings, folder, fp))
     if skipped and not jobs:
-        raise common.CheckpointError(str(skipped[0]))
+        raise skipped[0]
     for e in dict.fromkeys(str(e) for e in skipped):
         print(f"skipped: {e}")
     return jobs
@@ -393,44 +379,26 @@ def plan(args, ckpts):
 def make(job, args, device, stop=None):
     """A job's samples (what is missing), grid.png, process.png, png/ and the health report;
     returns what describes them (the start of metrics.json)."""
-    open_folder(job.folder, job.fp, job.settings, job.info)
-    made = sample(job.net.to(device), job.info, job.settings, job.folder, args.n, args.batch_size, device, job.fp, stop)
-    job.net.cpu()
+    ck, settings = job.ck, job.settings
+    open_folder(job.folder, job.fp, settings, ck)
+    made = sample(ck.model.to(device), settings, job.folder, args.n, args.batch_size, device, job.fp, stop)
+    ck.model.cpu()
     *means, non_finite = health.health_means(covering(job.folder, args.n, job.fp))
     grid = collect(job.folder, min(100, args.n), job.fp)
     utils.save_image_grid(os.path.join(job.folder, "grid.png"), grid.float() / 255,
                           nrow=int(math.ceil(math.sqrt(len(grid)))))
-    save_process(job.folder, job.settings, job.fp)
+    save_process(job.folder, settings, job.fp)
     if args.png:
         save_pngs(job.folder, args.n, job.fp)
-    rows, bad = health.health_report(job.settings.sigmas, *means, int(np.prod(job.settings.shape)))
-    record = job.settings.record()
-    health.print_health(rows, bad, non_finite, args.n, f"{job.info['path']}, {job.settings.name}, {job.settings.tag()}",
-                        health.remedy(job.settings.name, job.settings.kwargs.get("s_churn", 0.0)))
-    described = dict(checkpoint=job.info["path"], dataset=job.info["dataset"], n=args.n, nfe=job.settings.nfe,
-                     sampler=dict(record, name=job.settings.name, ema=job.info["ema"]), fingerprint=job.fp,
+    rows, bad = health.health_report(settings.sigmas, *means, int(np.prod(settings.shape)))
+    health.print_health(rows, bad, non_finite, args.n, f"{ck.path}, {settings.name}, {settings.tag()}",
+                        health.remedy(settings.name, settings.kwargs.get("s_churn", 0.0)))
+    described = dict(checkpoint=ck.path, dataset=ck.dataset, n=args.n, nfe=settings.nfe,
+                     sampler=dict(settings.record(), ema=ck.ema), fingerprint=job.fp,
                      folder=job.folder, health=rows, saturating_level=bad, non_finite_samples=non_finite,
                      samples_made_now=made)
     utils.save_json(described, os.path.join(job.folder, "health.json"))
     return described
-
-
-def run_cli(main_body):
-    """Run a sampling command's body with its one-line errors and exit statuses."""
-    try:
-        return main_body()
-    except (common.CheckpointError, data.DataError, utils.FolderBusy) as e:
-        raise SystemExit(f"error: {e}") from None
-    except OSError as e:
-        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}; samples written before are kept") from None
-    except KeyboardInterrupt:
-        print("\ninterrupted: the shards written so far are kept; the same command continues from them",
-              file=sys.stderr)
-        raise SystemExit(130) from None
-    except RuntimeError as e:
-        if not utils.is_out_of_memory(e):
-            raise
-        raise SystemExit(f"error: out of memory ({utils.first_line(e)[:80]}); use a smaller --batch-size") from None
 
 
 def check_flags(p, args):
@@ -453,21 +421,20 @@ def check_out(p, args):
         p.error(problem)
 
 
+@utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     add_flags(p)
     args = p.parse_args(argv)
     check_flags(p, args)
     device = utils.get_device(args.device)
-    ckpts = checkpoints(p, args.checkpoint)
-    def body():
-        results = []
-        for job in plan(args, ckpts):
-            with utils.folder_lock(job.folder):
-                results.append(make(job, args, device))
-        return results
-    return run_cli(body)
+    ckpts = checkpoints_of(p, args.checkpoint)
+    results = []
+    for job in plan(args, ckpts):
+        with utils.folder_lock(job.folder):
+            results.append(make(job, args, device))
+    return results
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

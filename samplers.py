@@ -1,21 +1,21 @@
-"""The sampler family: every way this project turns a score network into images, one call each,
-    sampler(score_net, x, sigmas, *, randn_like, callback, **settings) -> x,
-and one table, SAMPLERS, naming each with the network evaluations (NFE) it spends. The paper's
-annealed Langevin dynamics (Algorithm 1) and its inpainting (Algorithm 2); reverse diffusion (the
-ancestral sampler of Song et al. 2021); EDM's Heun sampler (Karras et al. 2022, Algorithm 2) and
-DPM-Solver++(2M) (Lu et al. 2022) on EDM's schedule. Schedules apart from samplers, as k-diffusion;
-the network the samplers call is level_score's. Module level imports: torch, the standard library
-and common.py (the paper).
+"""The sampler family beyond the paper: every way this project turns a model into images, one call each,
+    sampler(model, x, sigmas, *, randn_like, callback, **settings) -> x,
+model(x, sigma) -> score with one float sigma per image (common.ScoreModel), and one table, SAMPLERS,
+naming each with the network evaluations (NFE) it spends. The paper's annealed Langevin dynamics
+(Algorithm 1, common.py); reverse diffusion (the ancestral sampler of Song et al. 2021); EDM's Heun
+sampler (Karras et al. 2022, Algorithm 2) and DPM-Solver++(2M) (Lu et al. 2022) on EDM's schedule.
+Schedules apart from samplers, as k-diffusion. Module level imports: torch, the standard library and
+common.py (the paper).
 """
 import math
 from typing import Callable, NamedTuple
 
 import torch
 
-from common import STEPS_EACH, STEP_LR, auto_step_lr, geometric_sigmas
+from common import STEPS_EACH, STEP_LR, annealed_langevin_dynamics, auto_step_lr, geometric_sigmas
 
 #----------------------------------------------------------------------------
-# Sampler schedules, and a network as the samplers call it (schedules apart from samplers, as k-diffusion).
+# Sampler schedules (apart from samplers, as k-diffusion).
 
 def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
     """EDM's time steps (Karras et al. 2022, eq. 5), then 0:
@@ -38,85 +38,21 @@ def trained_subset(trained, n):
     return trained[[round(k * (L - 1) / max(n - 1, 1)) for k in range(n)]] if n > 1 else trained[-1:]
 
 
-LEVEL_MATCH = 1e-4     # a sigma within this of a trained level, in ln sigma, is that level
-
-
-def nearest_trained(sigmas, log_trained):
-    """(values, indices): each sigma's distance in ln sigma to its nearest trained level, and that level."""
-    return (sigmas.log()[:, None] - log_trained[None]).abs().min(1)
-
-
-def level_score(net, sigmas, trained=None):
-    """net as the samplers call it, score_net(x, labels): labels index `sigmas` (long) or are noise
-    levels themselves (float). A scale-conditioned RefineNet (technique 3) or a continuous one
-    (common.Denoiser) takes any sigma; the paper's norm-conditioned one only its `trained` levels,
-    so any other sigma is refused."""
-    copies = {}                         # the levels on each device, copied once (not once per evaluation)
-    def on(t, device):
-        if (id(t), device) not in copies:
-            copies[id(t), device] = t.to(device)
-        return copies[id(t), device]
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-    if getattr(net, "conditioning", "norm") in ("scale", "continuous"):
-        return lambda x, labels: net(x, labels if labels.is_floating_point() else on(sigmas, x.device)[labels])
-    log_trained = torch.as_tensor(trained, dtype=torch.float32).log()
-    def score(x, labels):
-        s = labels if labels.is_floating_point() else on(sigmas, x.device)[labels]
-        index = nearest_trained(s, on(log_trained, s.device))
-        if (index.values > LEVEL_MATCH).any():
-            raise ValueError(f"sigma {s[index.values.argmax()].item():.4g} is not a trained level of this "
-                             "norm-conditioned network; it knows only its own")
-        return net(x, index.indices)
-    return score
+def evaluate(model, x, sigma):
+    """(score, denoised) at the float `sigma` from one evaluation: the model's own pair
+    (common.ScoreModel.evaluate), or for a plain callable model(x, sigma) -> score, D = x + sigma^2 s."""
+    if hasattr(model, "evaluate"):
+        return model.evaluate(x, sigma)
+    score = model(x, x.new_full((len(x),), sigma))
+    return score, x + sigma ** 2 * score
 
 #----------------------------------------------------------------------------
-# Samplers: one family with one call,
-#     sampler(score_net, x, sigmas, *, randn_like, callback, **settings) -> x,
-# score_net(x, labels) with labels indexing sigmas (descending); x the start, U(0, 1) images (the
-# paper's); callback(i, step, x, score) after each update (its last call of level i is that level's
-# end state). Each runs without autograd and keeps no trajectory: memory O(batch). SAMPLERS (below
-# them) names each with the network evaluations it spends.
+# Samplers: one family with one call (the module's docstring); x the start, U(0, 1) images (the
+# paper's); callback(i, step, x, score) after each update. Each runs without autograd and keeps no
+# trajectory: memory O(batch). SAMPLERS (below them) names each with the network evaluations it spends.
 
 @torch.no_grad()
-def langevin_dynamics(score_fn, x, step_size, n_steps, *, randn_like=torch.randn_like):
-    """Langevin dynamics, the paper's eq. (4): x <- x + step_size/2 * s(x) + sqrt(step_size) z.
-    score_fn(x) is called under torch.no_grad(). Returns the final x (a new tensor)."""
-    for _ in range(n_steps):
-        x = x + 0.5 * step_size * score_fn(x) + math.sqrt(step_size) * randn_like(x)
-    return x
-
-
-@torch.no_grad()
-def annealed_langevin_dynamics(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None,
-                               n_steps_each=STEPS_EACH, step_lr=STEP_LR, denoise=False):
-    """Annealed Langevin dynamics (the paper's Algorithm 1), as the official sampler.
-
-    For each level i = 0, ..., L-1 (sigma descending) and n_steps_each steps:
-        alpha_i = step_lr * (sigma_i / sigma_L)^2
-        x <- x + alpha_i * s(x, i) + sqrt(2 alpha_i) z
-    which is Algorithm 1 of arXiv:1907.05600 (alpha_i = eps sigma_i^2 / sigma_L^2, x <- x +
-    alpha_i/2 s + sqrt(alpha_i) z) with eps = 2 * step_lr. The paper prints eps = 2e-5; its
-    official code, which made its samples, runs this update with step_lr = 2e-5 (eps = 4e-5), the
-    default here. With denoise, one last step x <- x + sigma_L^2 s(x, L-1) removes the remaining
-    noise (NCSNv2's technique 5). Network evaluations: L * n_steps_each (+ 1 with denoise).
-    """
-    sigmas = [float(s) for s in sigmas]
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i, sigma in enumerate(sigmas):
-        labels.fill_(i)
-        alpha = step_lr * (sigma / sigmas[-1]) ** 2
-        for step in range(n_steps_each):
-            score = score_net(x, labels)
-            x = x + alpha * score + math.sqrt(2 * alpha) * randn_like(x)
-            if callback is not None:
-                callback(i, step, x, score)
-    if denoise:
-        x = x + sigmas[-1] ** 2 * score_net(x, labels)
-    return x
-
-
-@torch.no_grad()
-def reverse_diffusion(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None):
+def reverse_diffusion(model, x, sigmas, *, randn_like=torch.randn_like, callback=None):
     """Ancestral sampling down the noise levels, one network evaluation per level: the reverse
     diffusion predictor of Song et al. (2021, "Score-Based Generative Modeling through SDEs",
     eq. 47) for NCSN's perturbations (their VE SDE). From x + sigma_1 z:
@@ -127,10 +63,8 @@ def reverse_diffusion(score_net, x, sigmas, *, randn_like=torch.randn_like, call
     """
     sigmas = [float(s) for s in sigmas]
     x = x + sigmas[0] * randn_like(x)
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for i, sigma in enumerate(sigmas):
-        labels.fill_(i)
-        score = score_net(x, labels)
+        score = model(x, x.new_full((len(x),), sigma))
         d = sigma ** 2 - (sigmas[i + 1] ** 2 if i + 1 < len(sigmas) else 0.0)
         x = x + d * score + (math.sqrt(d) * randn_like(x) if i + 1 < len(sigmas) else 0.0)
         if callback is not None:
@@ -139,7 +73,7 @@ def reverse_diffusion(score_net, x, sigmas, *, randn_like=torch.randn_like, call
 
 
 @torch.no_grad()
-def heun(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None,
+def heun(model, x, sigmas, *, randn_like=torch.randn_like, callback=None,
          s_churn=0.0, s_min=0.0, s_max=math.inf, s_noise=1.0):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2; s_churn = 0 is their Algorithm 1,
     Heun's method on the probability-flow ODE dx/dsigma = -sigma s(x, sigma)). From x + t_0 z, for
@@ -149,25 +83,22 @@ def heun(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None,
         d = -t^_i s(x^, t^_i);  x' = x^ + (t_{i+1} - t^_i) d                        # Euler step
         x = x^ + (t_{i+1} - t^_i) (d + d') / 2,  d' = -t_{i+1} s(x', t_{i+1})       # 2nd order, if t_{i+1} > 0
     The last step, to sigma = 0, stays an Euler step (EDM's). Network evaluations: 2N - 1. With
-    churn the network is evaluated at t^_i, which only a scale-conditioned one knows.
+    churn the network is evaluated at t^_i, which only a network that takes any sigma knows.
     """
     sigmas = [float(s) for s in sigmas] + [0.0]
     N = len(sigmas) - 1
     x = x + sigmas[0] * randn_like(x)
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for i in range(N):
         t, t_next = sigmas[i], sigmas[i + 1]
         gamma = min(s_churn / N, math.sqrt(2) - 1) if s_min <= t <= s_max else 0.0
+        t_hat = t * (1 + gamma)
         if gamma > 0:
-            t_hat = t * (1 + gamma)
             x = x + math.sqrt(t_hat ** 2 - t ** 2) * s_noise * randn_like(x)
-            score = score_net(x, torch.full(labels.shape, t_hat, dtype=x.dtype, device=x.device))
-        else:
-            t_hat, score = t, score_net(x, labels.fill_(i))
+        score = model(x, x.new_full((len(x),), t_hat))
         d = -t_hat * score
         x_next = x + (t_next - t_hat) * d
         if t_next > 0:
-            d_next = -t_next * score_net(x_next, labels.fill_(i + 1))
+            d_next = -t_next * model(x_next, x.new_full((len(x),), t_next))
             x_next = x + (t_next - t_hat) * (0.5 * d + 0.5 * d_next)
         x = x_next
         if callback is not None:
@@ -176,10 +107,10 @@ def heun(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None,
 
 
 @torch.no_grad()
-def dpmpp_2m(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None):
+def dpmpp_2m(model, x, sigmas, *, randn_like=torch.randn_like, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2): the multistep
-    second-order solver of the probability-flow ODE in data prediction, D(x; sigma) = x + sigma^2
-    s(x, sigma), and lambda = -log sigma (NCSN's VE perturbations: alpha = 1). From x + t_0 z, with
+    second-order solver of the probability-flow ODE in data prediction, D(x; sigma) (the model's
+    own, `evaluate`), and lambda = -log sigma (NCSN's VE perturbations: alpha = 1). From x + t_0 z, with
     h_i = lambda_{i+1} - lambda_i, r_i = h_{i-1} / h_i, t_N = 0:
         D' = (1 + 1/(2 r_i)) D_i - 1/(2 r_i) D_{i-1}            (D' = D_i at the first and last step)
         x <- (t_{i+1} / t_i) x - (exp(-h_i) - 1) D'             (= D' when t_{i+1} = 0)
@@ -187,12 +118,10 @@ def dpmpp_2m(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None
     """
     sigmas = [float(s) for s in sigmas] + [0.0]
     x = x + sigmas[0] * randn_like(x)
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     old = None
     for i in range(len(sigmas) - 1):
         t, t_next = sigmas[i], sigmas[i + 1]
-        score = score_net(x, labels.fill_(i))
-        denoised = x + t ** 2 * score
+        score, denoised = evaluate(model, x, t)
         if t_next == 0:
             x = denoised
         else:
@@ -228,37 +157,17 @@ SAMPLERS = {  # name: the sampler, what it spends, where it steps
 }
 
 
-@torch.no_grad()
-def annealed_langevin_inpainting(score_net, x, known, mask, sigmas, *, randn_like=torch.randn_like,
-                                 n_steps_each=STEPS_EACH, step_lr=STEP_LR):
-    """Inpainting with annealed Langevin dynamics (the paper's Algorithm 2; the official
-    anneal_Langevin_dynamics_inpainting). mask (bool, broadcastable to x) marks the known pixels,
-    whose values are `known`. At each level i they are set to y_i = known + sigma_i z (one draw
-    per level) before every step and after it; the other pixels follow annealed_langevin_dynamics'
-    update. Returns the final x.
-    """
-    sigmas = [float(s) for s in sigmas]
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i, sigma in enumerate(sigmas):
-        labels.fill_(i)
-        alpha = step_lr * (sigma / sigmas[-1]) ** 2
-        y = known + sigma * randn_like(known)                          # the known pixels at this level's noise
-        x = torch.where(mask, y, x)
-        for _ in range(n_steps_each):
-            x = x + alpha * score_net(x, labels) + math.sqrt(2 * alpha) * randn_like(x)
-            x = torch.where(mask, y, x)
-    return x
-
 #----------------------------------------------------------------------------
 # The paper's sampler settings for a checkpoint.
 
-def sampler_defaults(info, nfe=None, steps_each=None, step_lr=None, denoise=False):
-    """(T, step_lr) of annealed Langevin dynamics for a checkpoint (load_score_net's info): its
+def sampler_defaults(ck, nfe=None, steps_each=None, step_lr=None, denoise=False):
+    """(T, step_lr) of annealed Langevin dynamics for a checkpoint (checkpoints.Checkpoint): its
     recipe's unless given. An nfe budget sets T = (nfe - denoise) // L; step_lr 'auto' is technique
     4's for T, as is the default when the checkpoint's own step_lr was technique 4's for its T."""
-    levels = (info["sigma_begin"], info["sigma_end"], info["num_levels"])
-    T = max(1, (nfe - denoise) // levels[2]) if nfe else steps_each or info.get("steps_each", STEPS_EACH)
+    levels = ck.levels
+    trained_T = ck.settings.get("n_steps_each", STEPS_EACH)
+    T = max(1, (nfe - denoise) // levels[2]) if nfe else steps_each or trained_T
     if step_lr is None:
-        step_lr, trained_T = info.get("step_lr", STEP_LR), info.get("steps_each", STEPS_EACH)
+        step_lr = ck.settings.get("step_lr", STEP_LR)
         step_lr = "auto" if math.isclose(step_lr, auto_step_lr(*levels, trained_T), rel_tol=1e-9) else step_lr
     return T, auto_step_lr(*levels, T) if step_lr == "auto" else step_lr

@@ -1,6 +1,6 @@
 """Imported first by every script, before torch: Ctrl-C or SIGTERM (a cluster's pre-emption) while
 the imports run ends the process with one line and status 130 instead of a traceback or 143.
-utils.run_main takes the signals over once the script's main() starts. Standard library only;
+utils.command takes the signals over once the script's main() starts. Standard library only;
 it changes nothing when the program is not one of this project's scripts (tests, a notebook)."""
 import os
 import signal

@@ -53,7 +53,7 @@ def train(net, iters, batch_size, lr, generator):
         opt.step()
         losses[it] = loss.item()
         if not np.isfinite(losses[it]):
-            raise FloatingPointError(f"the SSM loss is {losses[it]} at iteration {it + 1}: training diverged; "
+            raise utils.UserError(f"the SSM loss is {losses[it]} at iteration {it + 1}: training diverged; "
                                      "use a smaller --lr (nothing was written)")
         if it % 200 == 0:
             bar.set_postfix(loss=f"{losses[max(0, it - 199):it + 1].mean():.3f}", refresh=False)
@@ -125,6 +125,7 @@ def plot(path, net, losses, metrics):
     utils.save_figure(fig, path)
 
 
+@utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--out", default=OUT, help="output folder")
@@ -140,15 +141,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     net = make_mlp()
-    try:
-        losses = train(net, args.iters, args.batch_size, args.lr, gen)
-    except FloatingPointError as e:
-        raise SystemExit(f"error: {e}") from None
-    except RuntimeError as e:
-        if not utils.is_out_of_memory(e):
-            raise
-        raise SystemExit(f"error: out of memory at --batch-size {args.batch_size} ({utils.first_line(e)[:80]}); "
-                         "use a smaller --batch-size") from None
+    losses = train(net, args.iters, args.batch_size, args.lr, gen)
     metrics, xg, err = score_errors(net, torch.Generator().manual_seed(args.seed + 1))
     metrics.update(final_loss=float(losses[-min(100, len(losses)):].mean()), seconds=round(time.time() - t0, 1),
                    settings=vars(args))
@@ -166,4 +159,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

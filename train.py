@@ -16,17 +16,19 @@ import startup  # noqa: F401  (first: a signal during the imports is one line an
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import os
-import sys
 import types
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
 
 import common
-import samplers
 import data
+import edm
+import samplers
 import train_io
 import utils
 from train_io import LOG_EVERY, TrainError  # noqa: F401  (train.TrainError, train.LOG_EVERY)
@@ -94,7 +96,8 @@ class TrainConfig:
                                  choices=["norm", "scale", "continuous"])
     objective: str = _setting(None, "dsm: denoising score matching (eq. 5-6); ssm: annealed sliced score matching "
                               "(SSM-VR per level, weighted by sigma^2); edm: EDM's loss, ln sigma ~ N(--p-mean, "
-                              "--p-std^2), continuous conditioning only", choices=["dsm", "ssm", "edm"])
+                              "--p-std^2), continuous conditioning only (train.OBJECTIVES)",
+                              choices=lambda: list(OBJECTIVES))
     sigma_data: float = _setting(None, "continuous conditioning: the data's standard deviation in the "
                                  "preconditioning; auto: measured on the training set",
                                  type=utils.number_or_auto(utils.positive_float))
@@ -114,7 +117,7 @@ class TrainConfig:
     snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=utils.positive_int)
     sample_every: int = _setting(5_000, "steps between sample figures", type=utils.positive_int)
     n_samples: int = _setting(64, "images in each sample grid", type=utils.positive_int)
-    sampler: str = _setting(None, "the figures' sampler (samplers.SAMPLERS)", choices=list(samplers.SAMPLERS))
+    sampler: str = _setting(None, "the figures' sampler (samplers.SAMPLERS)", choices=lambda: list(samplers.SAMPLERS))
     steps_each: int = _setting(None, "sampler steps per noise level (T)", type=utils.positive_int)
     step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T",
                               type=utils.number_or_auto(utils.positive_float))
@@ -152,8 +155,9 @@ def parser(fixed=()):
             action = argparse.BooleanOptionalAction if f.default is None else "store_true"
             p.add_argument(flag, action=action, default=f.default, help=help)
         else:
-            p.add_argument(flag, type=meta.get("type", f.type), choices=meta.get("choices"), default=f.default,
-                           help=help)
+            choices = meta.get("choices")          # a table's keys (train.OBJECTIVES, SAMPLERS): read now
+            p.add_argument(flag, type=meta.get("type", f.type), choices=choices() if callable(choices) else choices,
+                           default=f.default, help=help)
     return p
 
 
@@ -237,82 +241,110 @@ def level_probs(sigmas, dist, p_mean=P_MEAN, p_std=P_STD):
     return (p / p.sum()).float()
 
 
-def step_draws(seed, step, shape, num_levels, device, stream=0, vectors=False, probs=None, normals=False):
-    """Noise-level labels (uniform over num_levels, or with level_probs' `probs`), dequantisation
-    noise u, noise z, flips (and, for ssm, the projections v; for edm, one N(0, 1) per image) of a
-    global batch of `shape`, fixed by (seed, step, stream) through utils.stable_seed: the same
-    whatever the number of processes, accumulation steps or restarts."""
+def step_draws(seed, step, shape, sigmas, needs=(), probs=None, stream=0):
+    """The random draws of a global batch of `shape` at `step`, fixed by (seed, step, stream) through
+    utils.stable_seed, the same whatever the number of processes, accumulation steps or restarts: a
+    dict of 'sigma' (B,) (one of the levels `sigmas` each: uniform, or with level_probs' `probs`),
+    'u' (dequantisation noise), 'noise' z, 'flip' (B,) and the objective's `needs`: 'vectors'
+    (shaped like the images: ssm's projections) or 'normal' (B,: edm's N(0, 1) per image)."""
+    device = sigmas.device
     g = torch.Generator(device=device).manual_seed(utils.stable_seed(seed, step, stream))
-    labels = (torch.randint(num_levels, (shape[0],), generator=g, device=device) if probs is None  # one level each
+    labels = (torch.randint(len(sigmas), (shape[0],), generator=g, device=device) if probs is None  # one level each
               else torch.multinomial(probs.to(device), shape[0], replacement=True, generator=g))
-    u = torch.rand(shape, generator=g, device=device)
-    z = torch.randn(shape, generator=g, device=device)
-    flip = torch.rand(shape[0], generator=g, device=device) < 0.5
-    v = (torch.randn(shape, generator=g, device=device),) if vectors else ()
-    return (labels, u, z, flip) + v + ((torch.randn(shape[0], generator=g, device=device),) if normals else ())
+    out = dict(sigma=sigmas[labels], u=torch.rand(shape, generator=g, device=device),
+               noise=torch.randn(shape, generator=g, device=device),
+               flip=torch.rand(shape[0], generator=g, device=device) < 0.5)
+    for name in needs:
+        out[name] = torch.randn(shape if name == "vectors" else shape[:1], generator=g, device=device)
+    return out
+
+#----------------------------------------------------------------------------
+# Objectives (EDM's loss.py): loss(model, x, draws, **options) -> per-image losses, model behind the
+# contract model(x, sigma); `draws` as step_draws makes them; `needs` the draws beyond sigma and noise;
+# `options` the TrainConfig fields passed to it as keywords.
+
+def dsm(model, x, draws, anneal_power=2.0):
+    """Annealed DSM (eq. 5-6): the level drawn per image, lambda = sigma^anneal_power."""
+    return common.dsm_loss(model, x, draws["sigma"], draws["noise"], anneal_power)
 
 
-def draws(cfg, seed, step, shape, sigmas, device, stream=0):
-    """step_draws for cfg's objective: (labels, u, z, flips, extra), extra the ssm projections or
-    the edm normals (None for dsm)."""
-    labels, u, z, flips, *extra = step_draws(seed, step, shape, len(sigmas), device, stream, cfg.objective == "ssm",
-                                             level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std),
-                                             cfg.objective == "edm")
-    return labels, u, z, flips, extra[0] if extra else None
+def ssm(model, x, draws):
+    """Annealed sliced score matching (SSM-VR per level, weighted by sigma^2)."""
+    return common.annealed_ssm_loss(model, x, draws["sigma"], draws["noise"], draws["vectors"])
 
 
-def objective_loss(net, x, labels, sigmas, z, extra, cfg):
-    """The mean training loss of a batch: annealed DSM (eq. 6), annealed SSM-VR (extra: the
-    projections) or EDM's (extra: N(0, 1) draws; ln sigma = --p-mean + --p-std extra, any sigma)."""
-    if cfg.objective == "ssm":
-        return common.annealed_ssm_loss(net, x, labels, sigmas, noise=z, vectors=extra)
-    if cfg.objective == "edm":
-        return common.edm_loss(net, x, torch.exp(cfg.p_mean + cfg.p_std * extra), cfg.sigma_data, noise=z)
-    return common.dsm_loss(net, x, labels, sigmas, cfg.anneal_power, noise=z)
+def edm_objective(model, x, draws, p_mean=P_MEAN, p_std=P_STD, sigma_data=0.5):
+    """EDM's loss at ln sigma = p_mean + p_std n, n ~ N(0, 1): any sigma, not the levels."""
+    return edm.edm_loss(model, x, torch.exp(p_mean + p_std * draws["normal"]), sigma_data, draws["noise"])
 
+
+class Objective(NamedTuple):
+    loss: Callable
+    needs: tuple = ()
+    options: tuple = ()
+
+
+OBJECTIVES = {
+    "dsm": Objective(dsm, (), ("anneal_power",)),
+    "ssm": Objective(ssm, ("vectors",)),
+    "edm": Objective(edm_objective, ("normal",), ("p_mean", "p_std", "sigma_data")),
+}
+
+
+def objective(cfg):
+    """(loss(model, x, draws) of cfg's --objective with its options bound, the draws it needs)."""
+    spec = OBJECTIVES[cfg.objective]
+    return functools.partial(spec.loss, **{k: getattr(cfg, k) for k in spec.options}), spec.needs
+
+
+def batch(cfg, images, step, sigmas, rank=0, world=1):
+    """This process's share of a global batch at `step`: the images in [0, 1] (dequantised and
+    flipped as cfg says) and their draws (step_draws; the others' shares are drawn too, unused)."""
+    needs = OBJECTIVES[cfg.objective].needs
+    probs = level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std)
+    lo, n = rank * len(images), len(images)
+    draws = {k: v[lo:lo + n] for k, v in step_draws(cfg.seed, step, (n * world, *images.shape[1:]), sigmas, needs,
+                                                       probs).items()}
+    x = data.to_unit(images, draws["u"] if cfg.dequantize else None)
+    if data.DATASETS[cfg.dataset]["flip"]:
+        x = torch.where(draws["flip"][:, None, None, None], x.flip(3), x)
+    return x, draws
 
 #----------------------------------------------------------------------------
 # One optimizer step, the test loss, the EMA.
 
-def train_step(model, optimizer, images, sigmas, step, cfg):
-    """One Adam step of annealed DSM (eq. 6; or --objective ssm) as `cfg` (a resolved TrainConfig)
-    says, on a global batch of cfg.batch_size images of which `images` (uint8, on the device) are
-    this process's share. Gradients build up over cfg.grad_accum micro-batches and are all-reduced
-    once (EDM's ddp_sync). Returns this process's mean loss as a device scalar (no host sync)."""
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
-    device, per_rank = images.device, len(images)
-    micro, lo = per_rank // cfg.grad_accum, rank * per_rank
-    labels, u, z, flips, extra = draws(cfg, cfg.seed, step, (cfg.batch_size, *images.shape[1:]), sigmas, device)
-    x = data.to_unit(images, u[lo:lo + per_rank] if cfg.dequantize else None)
-    if data.DATASETS[cfg.dataset]["flip"]:
-        x = torch.where(flips[lo:lo + per_rank, None, None, None], x.flip(3), x)
+def train_step(model, optimizer, x, draws, loss, grad_accum=1, amp=False):
+    """One Adam step on `x` (this process's images in [0, 1]) with their `draws`: loss(model, x,
+    draws) per image, averaged. Gradients build up over grad_accum micro-batches and are all-reduced
+    once (EDM's ddp_sync); amp: bf16 autocast. Returns this process's mean loss as a device scalar
+    (no host sync)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    micro = len(x) // grad_accum
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=x.device)
     ddp = getattr(model, "_orig_mod", model)             # the DDP module under torch.compile
-    for k in range(cfg.grad_accum):
-        mine, glob = slice(k * micro, (k + 1) * micro), slice(lo + k * micro, lo + (k + 1) * micro)
-        last = world == 1 or k == cfg.grad_accum - 1
-        with contextlib.nullcontext() if last else ddp.no_sync():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                loss = objective_loss(model, x[mine], labels[glob], sigmas, z[glob],
-                                      extra if extra is None else extra[glob], cfg) / cfg.grad_accum
-            loss.backward()
-        total += loss.detach()
+    for k in range(grad_accum):
+        part = slice(k * micro, (k + 1) * micro)
+        with contextlib.nullcontext() if world == 1 or k == grad_accum - 1 else ddp.no_sync():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+                value = loss(model, x[part], {name: d[part] for name, d in draws.items()}).mean() / grad_accum
+            value.backward()
+        total += value.detach()
     optimizer.step()
     return total
 
 
 @torch.no_grad()
-def test_loss(net, test_images, sigmas, step, cfg, device):
-    """The loss of one test batch (a different batch each time, draws of stream 1)."""
+def test_loss(model, test_images, sigmas, step, cfg, device):
+    """The loss of one test batch (a different batch each time, draws of stream 1, no flips)."""
     B = min(cfg.batch_size, len(test_images))
     t = (step // TEST_EVERY) % max(1, len(test_images) // B)
     images = test_images[t * B:(t + 1) * B].to(device)
-    labels, u, z, _, extra = draws(cfg, cfg.seed, step, images.shape, sigmas, device, stream=1)
+    loss, needs = objective(cfg)
+    draws = step_draws(cfg.seed, step, images.shape, sigmas, needs,
+                       level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std), stream=1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-        x = data.to_unit(images, u if cfg.dequantize else None)
-        return objective_loss(net, x, labels, sigmas, z, extra, cfg).item()
+        return loss(model, data.to_unit(images, draws["u"] if cfg.dequantize else None), draws).mean().item()
 
 
 @torch.no_grad()
@@ -379,6 +411,7 @@ def start(cfg):
         f"{total_steps:,} ({limit}); {world} process(es) on {device}; " + describe(cfg, raw))
     return types.SimpleNamespace(
         cfg=cfg, rank=rank, world=world, device=device, say=say, resumed=state is not None, sigmas=sigmas,
+        loss=objective(cfg)[0],
         train_images=train_images, test_images=test_images, raw=raw, model=model, ema=ema, opt=opt, log=log,
         step=step, epoch=epoch, pos=pos, total_steps=total_steps,
         parts=dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg))    # of every checkpoint
@@ -400,14 +433,16 @@ def train(cfg):
             while step < r.total_steps and not stopped:
                 # Optimizer step, EMA, test loss.
                 epoch, pos, images = next(stream)
-                loss = train_step(r.model, r.opt, images, sigmas, step, cfg)
+                x, draws = batch(cfg, images, step, sigmas, rank, world)
+                loss = train_step(r.model, r.opt, x, draws, r.loss, cfg.grad_accum, cfg.amp == "bf16")
                 if r.ema is not None:
                     ema_update(r.ema, r.raw, ema_rate(cfg, step + 1))
                 step += 1
                 log.add(step, epoch, loss)
                 bar.update(1)
                 if rank == 0 and step % TEST_EVERY == 0:
-                    log.tests[step] = test_loss(r.raw, r.test_images, sigmas, step, cfg, device)
+                    log.tests[step] = test_loss(common.ScoreModel(r.raw, sigmas), r.test_images, sigmas, step, cfg,
+                                                device)
                 # Snapshot and figures (a stop signal cuts the figures short).
                 if step % cfg.snapshot_every == 0:
                     log.flush(step, B, world)
@@ -416,7 +451,7 @@ def train(cfg):
                     last_saved = step
                 if rank == 0 and step % cfg.sample_every == 0:
                     log.flush(step, B, world)
-                    train_io.save_sample_figures(r.ema or r.raw, sigmas, cfg, step, log.rows, device, stop)
+                    train_io.save_sample_figures(r.ema or r.raw, cfg, step, log.rows, device, stop)
                 # Stop? Alone, at once; with several processes, every LOG_EVERY steps, all at one step.
                 if world == 1 or step % LOG_EVERY == 0:
                     stopped = stop.agreed(world, device)
@@ -435,7 +470,7 @@ def train(cfg):
             return step, stop.name
         figures = os.path.join(cfg.out, f"samples_{step}.png")        # the last step's, unless the loop drew them
         if rank == 0 and not os.path.exists(figures) and \
-                not train_io.save_sample_figures(r.ema or r.raw, sigmas, cfg, step, log.rows, device, stop):
+                not train_io.save_sample_figures(r.ema or r.raw, cfg, step, log.rows, device, stop):
             r.say(f"stopped by {stop.name} while drawing the figures of step {step}: {cfg.out}/checkpoint.pt is "
                   "complete; --resume draws them")
             return step, stop.name
@@ -444,6 +479,7 @@ def train(cfg):
     return step, None
 
 
+@utils.command()
 def main(argv=None, **fixed):
     """The command line of train.py; train_mnist.py and train_cifar.py fix `dataset`.
     Returns the final step; exits with EXIT_STOPPED when a signal stopped the run."""
@@ -457,17 +493,15 @@ def main(argv=None, **fixed):
     if problem := utils.check_out(cfg.out):
         p.error(problem)
     lead = int(os.environ.get("RANK", "0")) == 0                   # torchrun: rank 0 holds the folder
-    try:
-        with utils.folder_lock(cfg.out) if lead else contextlib.nullcontext():      # one writer per --out
+    with utils.folder_lock(cfg.out) if lead else contextlib.nullcontext():      # one writer per --out
+        try:
             step, stopped = train(cfg)
-    except (TrainError, data.DataError, common.CheckpointError, OSError, RuntimeError) as e:
-        message = train_io.one_line_error(e, cfg)
-        if message is None:
-            raise
-        if torch.distributed.is_initialized():      # the other ranks meet the same error, or time out
-            print(message, file=sys.stderr)
-            utils.dist_exit(1, barrier=False)
-        raise SystemExit(message) from None
+        except RuntimeError as e:
+            if not utils.is_out_of_memory(e):
+                raise
+            raise TrainError(f"out of memory with --ngf {cfg.ngf} and --batch-size {cfg.batch_size} on {cfg.device} "
+                             f"({utils.first_line(e)[:80]}); use a smaller --ngf or --batch-size, or --grad-accum, "
+                             "then --resume") from None
     if torch.distributed.is_initialized():
         utils.dist_exit(EXIT_STOPPED if stopped else 0)
     if stopped:
@@ -476,4 +510,4 @@ def main(argv=None, **fixed):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

@@ -13,7 +13,6 @@ setting is train.TrainConfig's, as CIFAR-10's.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import train
-import utils
 
 
 def main(argv=None):
@@ -21,4 +20,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

@@ -11,7 +11,6 @@ is train.train.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import train
-import utils
 
 
 def main(argv=None):
@@ -19,4 +18,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

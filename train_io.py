@@ -1,6 +1,6 @@
 """A training run's set-up and files: metrics.csv, checkpoints (written; read back, checked and
-restored for --resume), the network and optimizer, config.json, the figures (Figs. 3-5), the
-command line's error lines. train.py's loop calls these; nothing here trains. Rank 0 alone writes.
+restored for --resume), the network and optimizer, config.json, the figures (Figs. 3-5). train.py's
+loop calls these; nothing here trains. Rank 0 alone writes.
 """
 import copy
 import csv
@@ -12,10 +12,11 @@ import time
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import common
-import samplers
 import data
 import sample
+import samplers
 import utils
 
 LOG_EVERY = 10       # steps between host syncs: metrics rows, finiteness and stop checks
@@ -23,7 +24,7 @@ LOG_EVERY = 10       # steps between host syncs: metrics rows, finiteness and st
 #----------------------------------------------------------------------------
 # Errors, the metrics log.
 
-class TrainError(RuntimeError):
+class TrainError(utils.UserError):
     """A run that cannot start or go on; the message says why and what to do."""
 
 
@@ -97,9 +98,10 @@ def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_arg
     the same bytes (a hard link; a copy where links are not supported)."""
     path = os.path.join(out, "checkpoint.pt")
     try:
-        common.write_checkpoint(dict(model=net.state_dict(), ema=ema and ema.state_dict(), optimizer=opt.state_dict(),
-                                step=step, epoch=epoch, pos=pos, model_args=model_args, config=dataclasses.asdict(cfg),
-                                rng=dict(torch=torch.get_rng_state())), path)
+        checkpoints.write_checkpoint(dict(model=net.state_dict(), ema=ema and ema.state_dict(),
+                                          optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
+                                          model_args=model_args, config=dataclasses.asdict(cfg),
+                                          rng=dict(torch=torch.get_rng_state())), path)
         if numbered:
             with utils.atomic_path(os.path.join(out, f"checkpoint_{step}.pt")) as tmp:
                 os.remove(tmp)
@@ -132,29 +134,36 @@ def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
     utils.save_figure(fig, path)
 
 
-def figure_settings(cfg):
+def figure_record(cfg, net=None):
+    """The figures' checkpoint record (checkpoints.record) of a resolved config; without `net`, of
+    the network the config describes (to check the figures' sampler before training)."""
+    spec = data.DATASETS[cfg.dataset]
+    net = net or checkpoints.build_network(dict(in_channels=spec["channels"], ngf=2, num_classes=cfg.num_levels,
+                                                image_size=spec["image_size"], conditioning=cfg.conditioning))
+    return checkpoints.record(net, dataclasses.asdict(cfg), cfg.out)
+
+
+def figure_settings(cfg, ck=None):
     """The figures' SamplerSettings (--sampler, --nfe, --s-churn and the Langevin flags) on a resolved
     config; raises TrainError, naming the flags, where the sampler cannot run them."""
-    info = dict(path=cfg.out, dataset=cfg.dataset, model_args=dict(conditioning=cfg.conditioning),
-                sigma_begin=cfg.sigma_begin, sigma_end=cfg.sigma_end, num_levels=cfg.num_levels,
-                steps_each=cfg.steps_each, step_lr=cfg.step_lr, denoise=cfg.denoise)
+    ck = ck or figure_record(cfg)
     churn = dict(s_churn=cfg.s_churn) if "s_churn" in sample.settings_of(samplers.SAMPLERS[cfg.sampler].run) else {}
     try:
-        return sample.sampler_settings(cfg.sampler, info, cfg.seed, cfg.nfe, **churn)
+        return sample.sampler_settings(cfg.sampler, ck, cfg.seed, cfg.nfe, **churn)
     except sample.Inapplicable as e:
         raise TrainError(f"the figures' sampler: {e}; change --sampler, --nfe or --s-churn") from None
 
 
-def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
+def save_sample_figures(net, cfg, step, rows, device, stop):
     """samples_<step>.png and process_<step>.png (Figs. 4, 5) with the recipe's sampler (--sampler)
     from the same start every time, and loss.png (Fig. 3). Returns False, writing nothing, when a
     stop signal cut sampling short."""
-    spec = data.DATASETS[cfg.dataset]
-    settings = figure_settings(cfg)
+    ck = figure_record(cfg, net)
+    settings = figure_settings(cfg, ck)
     tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({cfg.sampler}, {settings.nfe} "
                "network evaluations each)")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    x0 = torch.rand(cfg.n_samples, spec["channels"], spec["image_size"], spec["image_size"], generator=g, device=device)
+    x0 = torch.rand(cfg.n_samples, *ck.shape, generator=g, device=device)
     levels = {}
     def keep(i, _, x, score):          # the state at each level's end: its last call
         stop.check()
@@ -162,7 +171,7 @@ def save_sample_figures(net, sigmas, cfg, step, rows, device, stop):
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             x = samplers.SAMPLERS[cfg.sampler].run(
-                samplers.level_score(net, settings.sigmas, sigmas), x0, torch.tensor(settings.sigmas, device=device),
+                ck.model.to(device), x0, torch.tensor(settings.sigmas, device=device),
                 randn_like=lambda t: torch.randn(t.shape, generator=g, device=device), callback=keep, **settings.kwargs)
     except utils.Stopped:
         return False
@@ -200,7 +209,7 @@ def resume_state(cfg):
     if not cfg.resume:
         raise TrainError(f"{cfg.out} already holds checkpoint.pt; pass --resume to continue it, "
                          "or choose another --out")
-    state = common.read_checkpoint(path, map_location="cpu")
+    state = checkpoints.read_checkpoint(path, map_location="cpu")
     lacking = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
     if lacking:
         raise TrainError(f"{path} lacks {', '.join(lacking)}: not a training checkpoint of this project; "
@@ -211,7 +220,7 @@ def resume_state(cfg):
 def check_resume(state, cfg, model_args, may_change, default):
     """Refuse to continue a checkpoint of another model or of other settings (all but `may_change`;
     default(name): a setting's value when the checkpoint predates it)."""
-    path, old = os.path.join(cfg.out, "checkpoint.pt"), common.full_model_args(state["model_args"])
+    path, old = os.path.join(cfg.out, "checkpoint.pt"), checkpoints.full_model_args(state["model_args"])
     if old != model_args:
         diff = ", ".join(f"{k} {old.get(k)} (flags: {v})" for k, v in model_args.items() if old.get(k) != v)
         raise TrainError(f"{path} holds a different model: {diff}; resume with the same settings or another --out")
@@ -222,10 +231,10 @@ def check_resume(state, cfg, model_args, may_change, default):
 
 def build(cfg, model_args, sigmas, state, world, data_mean=math.nan):
     """The network (for continuous conditioning EDM's Denoiser, with cfg.sigma_data and the data's
-    mean pixel), the module that trains it (DDP and torch.compile as asked), its EMA copy (None
-    when off) and Adam, restored from `state` when resuming."""
+    mean pixel), the module that trains it (behind the contract, common.ScoreModel; DDP and
+    torch.compile as asked), its EMA copy (None when off) and Adam, restored from `state` when resuming."""
     torch.manual_seed(cfg.seed)
-    net = common.score_network(model_args, sigmas, cfg.sigma_data, data_mean)
+    net = checkpoints.build_network(model_args, sigmas, cfg.sigma_data, data_mean)
     net = net.to(sigmas.device, memory_format=torch.channels_last if cfg.channels_last else None)
     ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema > 0 else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
@@ -238,8 +247,9 @@ def build(cfg, model_args, sigmas, state, world, data_mean=math.nan):
             ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         torch.set_rng_state(state["rng"]["torch"])
     device = sigmas.device
-    model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = common.ScoreModel(net, sigmas)
+    model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     model = torch.compile(model) if cfg.compile else model    # checkpoints save net's state dict all the same
     return net, model, ema, opt
 
@@ -252,15 +262,3 @@ def save_config(cfg, path, **found):
     versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                     numpy=numpy.__version__)
     utils.save_json(dict(dataclasses.asdict(cfg), **found, versions=versions), path)
-
-
-def one_line_error(e, cfg):
-    """The command line's message for an error, or None for an unexpected one (a traceback)."""
-    if isinstance(e, (TrainError, data.DataError, common.CheckpointError, utils.FolderBusy)):
-        return f"error: {e}"
-    if isinstance(e, OSError):
-        return f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
-    if utils.is_out_of_memory(e):
-        return (f"error: out of memory with --ngf {cfg.ngf} and --batch-size {cfg.batch_size} on {cfg.device} "
-                f"({utils.first_line(e)[:80]}); use a smaller --ngf or --batch-size, or --grad-accum")
-    return None

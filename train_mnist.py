@@ -10,7 +10,6 @@ them) with the data set's from data.DATASETS; the loop is train.train.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import train
-import utils
 
 
 def main(argv=None):
@@ -18,4 +17,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    main()

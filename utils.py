@@ -1,7 +1,7 @@
-"""What every script needs around the paper: devices, files written atomically (common's
-atomic_path, JSON), flag types, stable seeds and per-sample noise, processes (torchrun) and stop
-signals, figures. Module level imports: torch, common and the standard library (PIL and
-matplotlib are imported on use). The paper is common.py; data sets data.py; training train.py.
+"""What every script needs around the paper: devices, files written atomically, flag types, stable
+seeds and per-sample noise, processes (torchrun), the one wrapper of every script's main (stop
+signals, one-line errors, exit statuses), figures. Module level imports: torch and the standard
+library (PIL and matplotlib are imported on use). The paper is common.py; data sets data.py.
 """
 import os
 import re
@@ -12,14 +12,58 @@ import argparse
 import datetime
 import signal
 import sys
+import secrets
 import tempfile
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from common import TMP_PREFIX, atomic_path  # noqa: F401  (the scripts' atomic writes)
 from startup import EXIT_INTERRUPTED       # 130: a script stopped by Ctrl-C or SIGTERM outside training's loop
+
+#----------------------------------------------------------------------------
+# Errors a user can fix, and files written atomically.
+
+class UserError(Exception):
+    """Bad input or a state of the files that the user can fix: every script turns it into one line
+    ("error: <message>") and exit status 1. The message names the problem and the fix."""
+
+
+class FolderBusy(UserError):
+    """An output folder that another process is writing; the message names it."""
+
+
+class Damaged(UserError):
+    """A stored file that cannot be read back whole (truncated, flipped bytes, not its format)."""
+
+
+TMP_PREFIX = ".tmp-"     # atomic_path's temporary files: TMP_PREFIX + 8 hex digits + "-" + final name
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` (same extension); when the block succeeds it replaces
+    `path`, when it fails it is removed: a crash never leaves half a file. Created with the umask."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{secrets.token_hex(4)}-{name}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:    # a full disk says "No space left on device" without a file name: name it
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+    except RuntimeError as e:   # torch.save's writer reports a failed write as a RuntimeError
+        if "write" not in str(e):
+            raise
+        raise OSError(getattr(e, "errno", None) or 5, f"write failed ({str(e).splitlines()[0][:60]})", path) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 #----------------------------------------------------------------------------
 # Small helpers.
@@ -36,10 +80,6 @@ def get_device(name="auto"):
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
-
-
-class FolderBusy(RuntimeError):
-    """An output folder that another process is writing; the message names it."""
 
 
 @contextlib.contextmanager
@@ -121,10 +161,6 @@ def save_json(obj, path):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-
-
-class Damaged(ValueError):
-    """A stored file that cannot be read back whole (truncated, flipped bytes, not its format)."""
 
 
 def read_npz(path, keys=None):
@@ -346,21 +382,49 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def run_main(main):
-    """A script's entry point: SIGTERM (a cluster's, a `timeout`'s) is met like Ctrl-C, and either one
-    outside the script's own handling (start-up, data loading, sampling) ends it with one line and
-    status 130 instead of a traceback or 143. Every file is written atomically, so what was written
-    before is whole."""
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)       # startup.py's quiet exit until now
-    try:
-        main()
-    except KeyboardInterrupt as e:
-        name = str(e) or "SIGINT"
-        print(f"\ninterrupted by {name}: files written before are whole; the same command continues where "
-              "it can", file=sys.stderr)
-        sys.stdout.flush()
-        raise SystemExit(EXIT_INTERRUPTED) from None
+def command(oom="use a smaller --batch-size"):
+    """The one wrapper of every script's main(argv=None). SIGTERM (a cluster's pre-emption, a
+    `timeout`) is met like Ctrl-C, and either one that the script does not handle itself ends it with
+    one line and status 130; a UserError or a failed write (OSError) is one line and status 1, as is
+    running out of memory, with `oom` as the fix. Flag errors stay argparse's (status 2); a stopped
+    training exits 3 itself. Every file is written atomically, so what was written before is whole.
+    Under torchrun the process leaves its group before it exits. The signal handlers are restored
+    when main returns (tests call main in-process)."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            import threading
+            signals = threading.current_thread() is threading.main_thread()
+            old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if signals else {}
+            if signals:
+                signal.signal(signal.SIGTERM, _interrupt)
+                signal.signal(signal.SIGINT, signal.default_int_handler)     # startup.py's quiet exit until now
+            code = 1
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt as e:
+                message, code = (f"interrupted by {str(e) or 'SIGINT'}: files written before are whole; the same "
+                                 "command continues where it can"), EXIT_INTERRUPTED
+            except UserError as e:
+                message = f"error: {e}"
+            except OSError as e:
+                message = f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                message = f"error: out of memory ({first_line(e)[:80]}); {oom}"
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+            if torch.distributed.is_initialized():      # the other ranks meet the same error, or time out
+                print(message, file=sys.stderr)
+                dist_exit(code, barrier=False)
+            if code == 1:
+                raise SystemExit(message)               # printed by Python; the message stays on the exception
+            print("\n" + message, file=sys.stderr, flush=True)
+            raise SystemExit(code)
+        return run
+    return wrap
 
 
 class Stopped(Exception):

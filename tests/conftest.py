@@ -12,6 +12,29 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+SCIENCE = {"test_losses", "test_model", "test_samplers", "test_official", "test_edm", "test_common_alone",
+           "test_checkpoints"}   # the paper's pieces against known values; every other file runs the scripts
+
+
+def pytest_collection_modifyitems(items):
+    """Markers by file: `science` (fast: losses, networks, samplers, official equivalence), `cli` (the
+    scripts end to end) and `battery` (bad values on every flag); both of the latter are `slow`.
+    python -m pytest -m "not slow" runs the science alone."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        kind = "science" if module in SCIENCE else "battery" if module == "test_battery" else "cli"
+        item.add_marker(kind)
+        if kind != "science":
+            item.add_marker("slow")
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory):
+    """A tiny MNIST in torchvision's format (write_mnist), 500 training and 20 test digits: the one
+    data folder the tests share."""
+    return write_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=500, n_test=20)
+
+
 @pytest.fixture(scope="session")
 def official_reference():
     """Inputs, scores and DSM losses computed by ermongroup/ncsn on the two ngf-4 fixtures."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import checkpoints
 import common
 from conftest import DATA
 
@@ -52,14 +53,14 @@ def test_bench_refuses_a_folder_without_the_official_network(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["mnist", "cifar"])
 def test_bf16_loss_stays_within_a_few_percent_of_fp32(name, official_reference):
     ref = official_reference[name]
-    net, _ = common.load_score_net(os.path.join(DATA, f"official_{name}_ngf4.pth"))
-    sigmas = official_reference["sigmas"]
+    model = checkpoints.load(os.path.join(DATA, f"official_{name}_ngf4.pth")).model
+    net, sigmas = model.net, official_reference["sigmas"]
     torch.manual_seed(0)
     x = ref["x"].repeat(8, 1, 1, 1)
     labels, noise = torch.randint(0, 10, (len(x),)), torch.randn_like(x)
-    fp32 = common.dsm_loss(net, x, labels, sigmas, noise=noise)
+    fp32 = common.dsm_loss(model, x, sigmas[labels], noise).mean()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = common.dsm_loss(net, x, labels, sigmas, noise=noise)
+        bf16 = common.dsm_loss(model, x, sigmas[labels], noise).mean()
     assert bf16.dtype == torch.float32                            # the loss itself is reduced in fp32
     assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.03
     assert bf16.item() != fp32.item()                             # autocast did change the arithmetic
@@ -94,7 +95,7 @@ def test_bench_counts_a_checkpoint_s_own_sampler_setting(tmp_path):
     config = dict(dataset="mnist", sigma_begin=4.0, sigma_end=0.01, num_levels=6, steps_each=5, step_lr=1e-5,
                   denoise=True, sampler="heun", nfe=7, s_churn=10.0)
     path = tmp_path / "checkpoint.pt"
-    common.write_checkpoint(dict(model=net.state_dict(), model_args=net.model_args, config=config), path)
+    checkpoints.write_checkpoint(dict(model=net.state_dict(), model_args=net.model_args, config=config), path)
     [row] = bench.main(["--checkpoint", str(path), "--batch-size", "1", "--repeats", "1", "--warmup", "1",
                         "--device", "cpu"])
     assert row["samplers"]["als"]["nfe"] == 5 * 6 + 1 and row["samplers"]["heun"]["nfe"] == 7

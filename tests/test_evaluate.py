@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
+import checkpoints
 import common
 import samplers
 import data
@@ -17,7 +18,6 @@ import evaluate
 import metrics
 import health
 import sample
-import utils
 from conftest import DATA, write_mnist
 
 FAST = ["--steps-each", "2", "--device", "cpu"]
@@ -74,7 +74,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     net = common.RefineNet(3, 4)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    common.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
+    checkpoints.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
                             config=dict(dataset="cifar10", sigma_begin=1.0, sigma_end=0.01, num_levels=10)), path)
     return str(path)
 
@@ -141,7 +141,7 @@ def test_samples_do_not_depend_on_batch_size_and_resume_makes_none_twice(tiny_ch
     common_args = ["--checkpoint", tiny_checkpoint, "--n", "9", "--ref", ref_stats,
                    "--inception-weights", inception_weights, *FAST]
     made = []
-    real = samplers.annealed_langevin_dynamics
+    real = common.annealed_langevin_dynamics
     @functools.wraps(real)                                          # the same settings as the real sampler
     def counting(net, x, *a, **k):
         made.append(len(x))
@@ -217,7 +217,7 @@ def test_other_weights_or_settings_never_reuse_samples(tiny_checkpoint, inceptio
     path.parent.mkdir()
     state = torch.load(tiny_checkpoint, weights_only=True)
     ema = {k: v + 0.01 for k, v in state["model"].items()}
-    common.write_checkpoint(dict(state, ema=ema), path)                    # the same run, later, with an EMA
+    checkpoints.write_checkpoint(dict(state, ema=ema), path)                    # the same run, later, with an EMA
     [b] = evaluate.main(["--checkpoint", str(path), *out, *base])
     [c] = evaluate.main(["--checkpoint", str(path), *out, *base, "--no-ema"])
     assert a["samples_made_now"] == b["samples_made_now"] == 3 and b["folder"] != a["folder"]
@@ -241,7 +241,7 @@ def test_two_checkpoints_with_the_same_name_keep_their_own_results(tiny_checkpoi
         path = tmp_path / run / "logs" / "checkpoint.pt"                   # same parent folder and file name
         path.parent.mkdir(parents=True)
         state = torch.load(tiny_checkpoint, weights_only=True)
-        common.write_checkpoint(dict(state, model={k: v + shift for k, v in state["model"].items()}), path)
+        checkpoints.write_checkpoint(dict(state, model={k: v + shift for k, v in state["model"].items()}), path)
         paths.append(str(path))
     results = evaluate.main(["--checkpoint", *paths, "--n", "2", "--batch-size", "2", "--out", str(tmp_path / "e"),
                              "--ref", ref_stats, "--inception-weights", inception_weights, *FAST])
@@ -289,7 +289,7 @@ def test_bad_ref_file_is_refused_before_any_sampling(kind, message, tmp_path, mo
     else:
         np.savez(ref, mu=np.array([object()], dtype=object), sigma=np.eye(2048))
     calls = []
-    fake = functools.wraps(samplers.annealed_langevin_dynamics)(lambda *a, **k: calls.append(1))
+    fake = functools.wraps(common.annealed_langevin_dynamics)(lambda *a, **k: calls.append(1))
     monkeypatch.setitem(samplers.SAMPLERS, "als", samplers.SAMPLERS["als"]._replace(run=fake))
     monkeypatch.setattr(metrics, "inception", lambda *a: calls.append("inception"))
     with pytest.raises(SystemExit) as e:
@@ -352,15 +352,14 @@ def test_health_callback_counts_only_far_pixels_as_saturated(tmp_path):
     """The exact score of a point mass at t perturbed by sigma_i: samples sit at N(t, ~sigma_i^2).
     t = 1.5 saturates from the first level on; t = -0.001 (a dark pixel) never does, although
     about half its pixels end below 0."""
-    info = dict(sigma_begin=0.1, sigma_end=0.01, num_levels=3)
-    sigmas = common.levels_of(info)
+    sigmas = common.geometric_sigmas(0.1, 0.01, 3)
     settings = sample.SamplerSettings("als", tuple(sigmas.tolist()), 0, (1, 8, 8),
                                       (("n_steps_each", 60), ("step_lr", 0.1 * 0.01 ** 2), ("denoise", False)))
     for target, want in [(1.5, 1), (-0.001, None)]:
-        net = lambda x, labels: (target - x) / sigmas[labels].view(-1, 1, 1, 1) ** 2
+        model = lambda x, sigma: (target - x) / sigma.view(-1, 1, 1, 1) ** 2
         folder = tmp_path / str(target)
         folder.mkdir()
-        sample.sample(net, info, settings, str(folder), 4, 4, torch.device("cpu"), "fp")
+        sample.sample(model, settings, str(folder), 4, 4, torch.device("cpu"), "fp")
         norm, out, far, non_finite = health.health_means(sample.covering(str(folder), 4))
         assert non_finite == 0
         _, bad = health.health_report(sigmas.tolist(), norm, out, far, 64)
@@ -368,7 +367,7 @@ def test_health_callback_counts_only_far_pixels_as_saturated(tmp_path):
 
 
 def test_out_of_memory_is_one_line(tiny_checkpoint, inception_weights, ref_stats, tmp_path, monkeypatch):
-    @functools.wraps(samplers.annealed_langevin_dynamics)
+    @functools.wraps(common.annealed_langevin_dynamics)
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setitem(samplers.SAMPLERS, "als", samplers.SAMPLERS["als"]._replace(run=oom))
@@ -408,29 +407,36 @@ def test_level_loss_reports_the_test_dsm_loss_per_training_level(tmp_path, capsy
     # the exact score of each perturbed test image given its clean one, -(x~ - x) / sigma^2: loss 0
     images = data.load_images("mnist", False, root)
     sigmas = common.geometric_sigmas(1.0, 0.01, 95)
-    oracle = lambda x, labels: -(x - images.float() / 255) / sigmas[labels].view(-1, 1, 1, 1) ** 2
-    info = dict(sigma_begin=1.0, sigma_end=0.01, num_levels=95, path="oracle", ema=False)
-    oracle.to, oracle.cpu = (lambda device: oracle), (lambda: oracle)
-    exact = metrics.level_losses(oracle, info, images, 6, torch.device("cpu"))
+    class Oracle(torch.nn.Module):                          # norm-conditioned: it sees level indices
+        def forward(self, x, labels):
+            return -(x - images.float() / 255) / sigmas[labels].view(-1, 1, 1, 1) ** 2
+    config = dict(dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=95)
+    exact = metrics.level_losses(checkpoints.record(Oracle(), config, "oracle"), images, 6, torch.device("cpu"))
     assert list(exact) == [i + 1 for i in range(0, 95, 5)] + [95] and max(exact.values()) < 1e-6
     scale = common.RefineNet(1, 4, 95, 28, conditioning="scale", sigmas=sigmas)    # any sigma: 0.5 is not a level
-    anywhere = metrics.level_losses(scale, dict(info, path="s"), images, 6, torch.device("cpu"), at=[0.5, 0.01])
+    anywhere = metrics.level_losses(checkpoints.record(scale, config, "s"), images, 6, torch.device("cpu"),
+                                    at=[0.5, 0.01])
     assert list(anywhere) == [0.5, 0.01] and all(v > 0 for v in anywhere.values())
     assert health.shown_levels(10) == list(range(10))
 
 
-def test_existing_shards_keep_their_fingerprints_and_folders():
-    """The settings records of the paper's sampler and the ancestral one hash as they did before the sampler
-    family (the dicts evaluate.py built by hand), so folders made then are found again."""
+def test_fingerprints_hash_the_settings_values_not_function_names(monkeypatch):
+    """A sample folder's key is the weights and the setting's values: renaming a sampler's function leaves it
+    unchanged, any setting's value changes it."""
     torch.manual_seed(0)
-    net = common.RefineNet(1, 4, 10, 28)
-    info = dict(path="p", dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=10, model_args=net.model_args)
-    sigmas = common.geometric_sigmas().tolist()
-    old_als = dict(sampler="annealed_langevin_dynamics, uniform start", sigmas=sigmas, step_lr=2e-5, steps_each=100,
-                   denoise=False, seed=0, shape=[1, 28, 28])
-    old_anc = dict(sampler="reverse_diffusion, start U(0, 1) + sigma_1 z", seed=0, shape=[1, 28, 28], step_lr=None,
-                   steps_each=1, denoise=False, sigmas=sigmas)
-    for name, old, tag in [("als", old_als, "steplr2e-05_T100"), ("ancestral", old_anc, "ancestral_L10")]:
-        settings = sample.sampler_settings(name, info, 0)
-        assert settings.record() == old and settings.tag() == tag
-        assert sample.fingerprint(net, settings) == utils.digest(net.state_dict(), json.dumps(old, sort_keys=True))
+    ck = checkpoints.record(common.RefineNet(1, 4, 10, 28), dict(sigma_begin=1.0, sigma_end=0.01, num_levels=10), "p")
+    als = sample.sampler_settings("als", ck, 0)
+    assert als.record() == dict(name="als", sigmas=common.geometric_sigmas().tolist(), seed=0, shape=[1, 28, 28],
+                                n_steps_each=100, step_lr=2e-5, denoise=False) and als.tag() == "steplr2e-05_T100"
+    before = sample.fingerprint(ck, als)
+    @functools.wraps(common.annealed_langevin_dynamics)      # the same settings under another name
+    def renamed(*a, **k):
+        return common.annealed_langevin_dynamics(*a, **k)
+    renamed.__name__ = renamed.__qualname__ = "algorithm_1"
+    monkeypatch.setitem(samplers.SAMPLERS, "als", samplers.SAMPLERS["als"]._replace(run=renamed))
+    assert sample.fingerprint(ck, sample.sampler_settings("als", ck, 0)) == before
+    assert sample.fingerprint(ck, sample.sampler_settings("als", ck, 0, n_steps_each=99)) != before
+    assert sample.fingerprint(ck, sample.sampler_settings("als", ck, 1)) != before
+    with torch.no_grad():
+        ck.model.net.end_conv.bias.add_(1e-3)
+    assert sample.fingerprint(ck, als) != before

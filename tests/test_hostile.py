@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
+import data
 import evaluate
 import manifold
 import metrics
@@ -100,9 +102,9 @@ def test_numbers_describe_exactly_the_samples_named(tmp_path, monkeypatch):
     assert len(sample.collect(r8["folder"], 8)) == 8
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return write_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=32, n_test=8)
+@pytest.fixture
+def digits(mnist_root):
+    return mnist_root
 
 
 def test_resume_refuses_a_different_run_and_allows_the_documented_changes(digits, tmp_path, capsys):
@@ -147,7 +149,7 @@ def test_manifold_resume_refuses_other_settings_and_foreign_files(digits, tmp_pa
 def tiny_checkpoint(path, **config):
     import common
     net = common.RefineNet(1, 4, 10, 28)
-    common.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
+    checkpoints.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
                                  config=dict(dict(dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=10),
                                              **config)), path)
     return str(path)
@@ -185,10 +187,10 @@ def test_bench_and_toy_refuse_in_one_line(tmp_path, capsys, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
     monkeypatch.setattr(toy_gmm, "train", oom)
-    with pytest.raises(SystemExit, match="out of memory at --batch-size 10000000.*smaller --batch-size"):
+    with pytest.raises(SystemExit, match="out of memory .*; use a smaller --batch-size"):
         toy_gmm.main(["--batch-size", "10000000", "--out", str(tmp_path / "t")])
     monkeypatch.setattr(bench, "bench_one", oom)
-    with pytest.raises(SystemExit, match="out of memory at --batch-size 4"):
+    with pytest.raises(SystemExit, match="out of memory .*; use a smaller --batch-size"):
         bench.main(["--batch-size", "4", "--device", "cpu", "--configs", "mnist"])
 
 
@@ -208,14 +210,34 @@ def test_a_signal_outside_a_script_s_own_handling_is_one_line_and_130(sig, digit
         [f"interrupted by {sig.name}: files written before are whole; the same command continues where it can"]
 
 
-def test_run_main_meets_sigterm_like_ctrl_c():
+def test_the_one_wrapper_meets_sigterm_like_ctrl_c_and_user_errors_in_one_line(capsys):
+    """utils.command runs every script's main: SIGTERM as Ctrl-C (130, one line, the handlers restored after),
+    every user error class is one utils.UserError (one line, status 1), anything else stays a traceback."""
     old = signal.getsignal(signal.SIGTERM)
-    try:
+    @utils.command()
+    def stopped():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    with pytest.raises(SystemExit) as e:
+        stopped()
+    assert e.value.code == 130 and signal.getsignal(signal.SIGTERM) is old
+    assert capsys.readouterr().err.strip().startswith("interrupted by SIGTERM: files written before are whole")
+    import inpaint
+    for cls in (data.DataError, checkpoints.CheckpointError, train.TrainError, sample.Inapplicable,
+                sample.StaleSamples, utils.FolderBusy, utils.Damaged):
+        @utils.command()
+        def bad():
+            raise cls("what is wrong; what to do")
         with pytest.raises(SystemExit) as e:
-            utils.run_main(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)))
-        assert e.value.code == 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
+            bad()
+        assert issubclass(cls, utils.UserError) and str(e.value) == "error: what is wrong; what to do"
+    @utils.command()
+    def bug():
+        raise KeyError("a bug")
+    with pytest.raises(KeyError):
+        bug()
+    scripts = [evaluate, inpaint, manifold, metrics, sample, train]
+    assert all(m.main.__wrapped__ for m in scripts)          # each script's main is wrapped once
 
 
 def test_damaged_stored_files_are_set_aside_and_made_again(tmp_path, monkeypatch, capsys):

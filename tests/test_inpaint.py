@@ -3,20 +3,14 @@ The sampler itself is tested in test_samplers.py."""
 import os
 
 import numpy as np
-import pytest
 import torch
 
+import common
 import inpaint
-import samplers
 import train_mnist
-from conftest import DATA, write_mnist
+from conftest import DATA
 
 FAST = ["--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    return write_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=200, n_test=20)
 
 
 def test_masks():
@@ -50,7 +44,7 @@ def test_inpaint_script_completes_resumes_and_scores(mnist_root, tmp_path, monke
     comp2 = np.load(os.path.join(m2["folder"], "completions.npz"))["completions"]
     assert np.abs(comp.astype(int) - comp2.astype(int)).max() <= 1
     calls = []
-    monkeypatch.setattr(samplers, "annealed_langevin_inpainting", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(common, "annealed_langevin_inpainting", lambda *a, **k: calls.append(1))
     inpaint.main([*args, "--batch-size", "2"])
     assert calls == [] and os.path.exists(os.path.join(m["folder"], "inpainting.png"))
 

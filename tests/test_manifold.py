@@ -3,14 +3,8 @@ import numpy as np
 import pytest
 
 import manifold
-from conftest import write_mnist
 
 FAST = ["--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    return write_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=200, n_test=20)
 
 
 def test_manifold_runs_resumes_and_summarises(mnist_root, tmp_path):

@@ -9,14 +9,9 @@ import torch
 import evaluate
 import metrics
 import sample
-from conftest import DATA, write_mnist
+from conftest import DATA
 
 FAST = ["--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    return write_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=200, n_test=20)
 
 
 def test_samples_without_metrics_need_no_inception(mnist_root, tmp_path, monkeypatch):

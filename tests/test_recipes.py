@@ -7,21 +7,17 @@ import os
 import pytest
 import torch
 
+import checkpoints
 import common
+import edm
 import data
 import evaluate
 import sample
 import mnist_classifier
 import train
 import train_mnist
-from conftest import write_mnist
 
 TINY = ["--ngf", "4", "--num-workers", "0", "--n-samples", "4", "--device", "cpu", "--batch-size", "16"]
-
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    return write_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=500, n_test=20)
 
 
 def test_technique_2_and_4_solvers_give_the_known_values():
@@ -63,7 +59,8 @@ def test_scale_conditioned_network_is_s_over_sigma_at_any_sigma():
         base = at(1.0)
         for s in (0.01, 0.37, 2.5, 40.0):                          # 0.37 and 40 are not training levels
             assert torch.allclose(at(s) * s, base, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(net(x, torch.tensor([0, 5, 11])), base / sigmas[[0, 5, 11]].view(3, 1, 1, 1), rtol=1e-5)
+        model = common.ScoreModel(net, sigmas)                     # behind the contract it takes any sigma too
+        assert model.any_sigma and torch.allclose(model(x, torch.tensor([0.37, 0.37, 0.37])) * 0.37, base, rtol=1e-5)
     # one set of InstanceNorm++ parameters whatever L; the norm-conditioned network has L of them
     norm = common.RefineNet(1, 4, num_classes=12, image_size=28)
     assert net.normalizer.embed.weight.shape[0] == 1 and norm.normalizer.embed.weight.shape[0] == 12
@@ -99,9 +96,11 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
     assert (cfg["conditioning"], cfg["dequantize"], cfg["ema"], cfg["denoise"]) == ("scale", False, 0.999, True)
     a, b = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (out, full))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])           # resumed exactly
-    net, info = common.load_score_net(out / "checkpoint.pt")
-    assert info["model_args"]["conditioning"] == "scale" and info["num_levels"] == L and info["ema"]
-    assert torch.allclose(net.sigmas, common.geometric_sigmas(cfg["sigma_begin"], 0.01, L))
+    ck = checkpoints.load(out / "checkpoint.pt")
+    assert ck.model_args["conditioning"] == "scale" and len(ck.sigmas) == L and ck.ema and ck.any_sigma
+    assert torch.allclose(ck.model.net.sigmas, common.geometric_sigmas(cfg["sigma_begin"], 0.01, L))
+    assert (ck.recipe, ck.sampler, ck.nfe, ck.settings["s_churn"], ck.settings["n_steps_each"]) == \
+        ("ncsnv2", "heun", 35, 10.0, 5)
     # evaluate.py needs no flags: the recipe's sampler (issue 18's best: Heun, S_churn 10, 35 NFE), as the figures
     assert (cfg["sampler"], cfg["nfe"], cfg["s_churn"]) == ("heun", 35, 10.0)
     assert "(heun, 35 network evaluations each)" in capsys.readouterr().out
@@ -114,13 +113,13 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
                          "--metrics", "none", "--sampler", "als",
                          "--out", str(tmp_path / "e"), "--device", "cpu"])
     s = r["sampler"]
-    assert (s["steps_each"], s["denoise"], r["nfe"]) == (5, True, 5 * L + 1)
+    assert (s["n_steps_each"], s["denoise"], r["nfe"]) == (5, True, 5 * L + 1)
     assert s["step_lr"] == pytest.approx(cfg["step_lr"])
     # an --nfe budget: T = (NFE - 1) // L, with technique 4's step for that T
     [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--batch-size", "2",
                          "--metrics", "none", "--sampler", "als",
                          "--out", str(tmp_path / "e2"), "--device", "cpu", "--nfe", str(3 * L + 1)])
-    assert r["sampler"]["steps_each"] == 3 and r["sampler"]["step_lr"] == pytest.approx(
+    assert r["sampler"]["n_steps_each"] == 3 and r["sampler"]["step_lr"] == pytest.approx(
         common.step_lr_for(common.level_ratio(cfg["sigma_begin"], 0.01, L), 0.01, 3))
 
 
@@ -131,10 +130,12 @@ def test_lognormal_levels_follow_edm_s_density_and_uniform_stays_the_paper_s():
     assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert sigmas[p.argmax()].item() == pytest.approx(math.exp(-1.2), rel=0.05)    # the mode of N(-1.2, 1.2^2)
     assert p[sigmas > 1].sum().item() == pytest.approx(0.16, abs=0.01)  # P(ln sigma > 0) = 1 - Phi(1)
-    labels = torch.cat([train.step_draws(0, s, (512, 1, 2, 2), 95, torch.device("cpu"), probs=p)[0] for s in range(40)])
+    drawn = torch.cat([train.step_draws(0, s, (512, 1, 2, 2), sigmas, probs=p)["sigma"] for s in range(40)])
+    labels = (drawn[:, None] == sigmas[None]).float().argmax(1)          # each draw is one of the levels
+    assert torch.equal(sigmas[labels], drawn)
     freq = torch.bincount(labels, minlength=95).float() / len(labels)
     assert (freq - p).abs().max().item() < 0.01 and freq[sigmas > 1].sum().item() == pytest.approx(0.16, abs=0.01)
-    a, b = (train.step_draws(3, 7, (64, 1, 2, 2), 95, torch.device("cpu"), probs=p)[0] for _ in range(2))
+    a, b = (train.step_draws(3, 7, (64, 1, 2, 2), sigmas, probs=p)["sigma"] for _ in range(2))
     assert torch.equal(a, b)                                             # fixed by (seed, step)
 
 
@@ -178,7 +179,7 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
                              "--classifier-cache", str(tmp_path / "clf"),
                              "--out", str(tmp_path / "e"), "--device", "cpu"])
     # ncsnv2 spends L x T + 1 (denoising): --nfe 4 buys no T on its 4 levels and is skipped with a line, not overspent
-    assert [(r["sampler"]["steps_each"], r["nfe"]) for r in results] == [(1, 4), (2, 8), (2, 9)]
+    assert [(r["sampler"]["n_steps_each"], r["nfe"]) for r in results] == [(1, 4), (2, 8), (2, 9)]
     assert "--nfe 4 is too few for --sampler als" in capsys.readouterr().out
     for r in results:
         c = r
@@ -196,8 +197,8 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
     anc = evaluate.main(["--checkpoint", *paths, "--n", "4", "--batch-size", "4", "--metrics", "none",
                          "--sampler", "ancestral",
                          "--out", str(tmp_path / "a"), "--device", "cpu"])
-    assert [(len(r["sampler"]["sigmas"]), r["nfe"], r["sampler"]["sampler"][:7]) for r in anc] == \
-        [(4, 4, "reverse")] * 2
+    assert [(len(r["sampler"]["sigmas"]), r["nfe"], r["sampler"]["name"]) for r in anc] == \
+        [(4, 4, "ancestral")] * 2
     [r] = evaluate.main(["--checkpoint", paths[1], "--n", "4", "--metrics", "none", "--sampler", "ancestral",
                          "--nfe", "7",
                          "--out", str(tmp_path / "a7"), "--device", "cpu"])
@@ -211,8 +212,8 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
     grid = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "als", "ancestral",
                           "--nfe", "7",
                           "--out", str(tmp_path / "a"), "--device", "cpu"])
-    assert [(r["checkpoint"] == paths[1], r["sampler"]["sampler"][:7]) for r in grid] == [
-        (False, "anneale"), (True, "anneale"), (True, "reverse")]
+    assert [(r["checkpoint"] == paths[1], r["sampler"]["name"]) for r in grid] == [
+        (False, "als"), (True, "als"), (True, "ancestral")]
     assert "skipped: " in capsys.readouterr().out
     auto = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "auto", "--nfe", "7",
                           "--out", str(tmp_path / "a"), "--device", "cpu"])        # each network's better sampler
@@ -251,9 +252,9 @@ def test_edm_recipe_trains_measures_sigma_data_resumes_and_samples_with_heun(mni
                                                                                           "heun")
     a, b = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (out, full))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])           # resumed exactly
-    net, info = common.load_score_net(out / "checkpoint.pt")
-    assert isinstance(net, common.Denoiser) and info["sampler"] == "heun"
-    assert float(net.sigma_data) == pytest.approx(sd) and float(net.data_mean) == pytest.approx(mean)
+    ck = checkpoints.load(out / "checkpoint.pt")
+    assert isinstance(ck.model.net, edm.Denoiser) and ck.sampler == "heun" and ck.model.predicts_denoised
+    assert ck.sigma_data == pytest.approx(sd) and ck.data_mean == pytest.approx(mean)
     [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--batch-size", "2",
                          "--metrics", "none", "--level-loss", "4", "--data-root", mnist_root,
                          "--out", str(tmp_path / "e"), "--device", "cpu"])

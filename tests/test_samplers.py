@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 
+import checkpoints
 import common
 import samplers
 import sample
@@ -19,7 +20,7 @@ def test_langevin_dynamics_reaches_a_gaussian():
     torch.manual_seed(0)
     mu, var, h = torch.tensor([2.0, -1.0]), 0.5, 0.01
     x = torch.rand(20000, 2) * 16 - 8
-    x = samplers.langevin_dynamics(lambda x: -(x - mu) / var, x, step_size=h, n_steps=2000)
+    x = common.langevin_dynamics(lambda x: -(x - mu) / var, x, step_size=h, n_steps=2000)
     # x' = x + h/2 s(x) + sqrt(h) z is an AR(1) chain with variance var / (1 - h / (4 var))
     want_var = var / (1 - h / (4 * var))
     assert torch.allclose(x.mean(0), mu, atol=0.02)
@@ -31,11 +32,11 @@ def test_annealed_langevin_reaches_the_last_level_gaussian():
     torch.manual_seed(0)
     mu, s2 = 0.3, 1.0
     sigmas = common.geometric_sigmas(1.0, 0.1, 5)
-    score = lambda x, labels: -(x - mu) / (s2 + sigmas[labels].view(-1, 1) ** 2)
+    score = lambda x, sigma: -(x - mu) / (s2 + sigma.view(-1, 1) ** 2)
     x0 = torch.rand(20000, 2) * 16 - 8
     step_lr = 0.02                              # alpha_0 = 2 < 2 v_0 = 4: stable at every level
     ends = {}
-    x = samplers.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=300, step_lr=step_lr,
+    x = common.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=300, step_lr=step_lr,
                                           callback=lambda i, step, x, s: ends.__setitem__(i, x))
     levels = [ends[i] for i in range(5)]
     v = s2 + sigmas[-1].item() ** 2
@@ -57,7 +58,7 @@ def test_reverse_diffusion_follows_the_exact_variance_recursion():
     torch.manual_seed(0)
     mu, s2 = 0.3, 0.04
     sigmas = common.geometric_sigmas(5.0, 0.01, 200)
-    score = lambda x, labels: -(x - mu) / (s2 + sigmas[labels].view(-1, 1) ** 2)
+    score = lambda x, sigma: -(x - mu) / (s2 + sigma.view(-1, 1) ** 2)
     x0 = mu + math.sqrt(s2) * torch.randn(40000, 2)           # data; the sampler adds sigma_1 z
     seen = []
     x = samplers.reverse_diffusion(score, x0, sigmas, callback=lambda i, step, x, s: seen.append((i, step)))
@@ -73,9 +74,10 @@ def test_reverse_diffusion_follows_the_exact_variance_recursion():
     assert x_ode.var().item() < 0.5 * s2
 
 
-def test_annealed_langevin_steps_labels_and_denoising():
+def test_annealed_langevin_steps_levels_and_denoising():
     sigmas = torch.tensor([1.0, 0.5, 0.1])
-    score = lambda x, labels: torch.full_like(x, float(labels[0]) + 1)
+    level = {1.0: 0, 0.5: 1, 0.1: 2}
+    score = lambda x, sigma: torch.full_like(x, level[round(float(sigma[0]), 4)] + 1.0)
     calls = []
     x0 = torch.zeros(3, 1)
     zero_noise = torch.zeros_like
@@ -83,24 +85,24 @@ def test_annealed_langevin_steps_labels_and_denoising():
     def callback(i, t, x, s):
         calls.append((i, t))
         ends[i] = x
-    x = samplers.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01, randn_like=zero_noise,
+    x = common.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01, randn_like=zero_noise,
                                           callback=callback)
     assert calls == [(i, t) for i in range(3) for t in range(4)]
     # with no noise each step adds alpha_i * (i + 1), alpha_i = 0.01 (sigma_i / 0.1)^2
     want = sum(4 * 0.01 * (s / 0.1) ** 2 * (i + 1) for i, s in enumerate([1.0, 0.5, 0.1]))
     assert torch.allclose(x, torch.full_like(x, want), rtol=1e-5)
     assert torch.allclose(ends[0], torch.full_like(x, 4 * 0.01 * 100 * 1), rtol=1e-5)
-    xd = samplers.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01,
+    xd = common.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01,
                                            randn_like=zero_noise, denoise=True)
     assert torch.allclose(xd, x + 0.1 ** 2 * 3, rtol=1e-5)   # x + sigma_L^2 s(x, L-1)
 
 
 def test_annealed_langevin_is_reproducible_with_a_generator():
-    net = lambda x, labels: -x
+    net = lambda x, sigma: -x
     def run(seed):
         g = torch.Generator().manual_seed(seed)
         rl = lambda x: torch.randn(x.shape, generator=g)
-        return samplers.annealed_langevin_dynamics(net, torch.zeros(4, 3), [1.0, 0.1], n_steps_each=5, step_lr=0.01,
+        return common.annealed_langevin_dynamics(net, torch.zeros(4, 3), [1.0, 0.1], n_steps_each=5, step_lr=0.01,
                                                  randn_like=rl)
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
 
@@ -109,22 +111,22 @@ def test_annealed_langevin_keeps_no_trajectory():
     """Every input the sampler hands the network must be freed: live states stay O(1)."""
     def live_inputs(n_steps_each):
         refs = []
-        def score(x, labels):
+        def score(x, sigma):
             refs.append(weakref.ref(x))
             return -x
-        samplers.annealed_langevin_dynamics(score, torch.rand(8, 1, 4, 4), [1.0, 0.5, 0.1], n_steps_each=n_steps_each,
+        common.annealed_langevin_dynamics(score, torch.rand(8, 1, 4, 4), [1.0, 0.5, 0.1], n_steps_each=n_steps_each,
                                           step_lr=1e-3)
         return sum(r() is not None for r in refs)
     assert live_inputs(5) == live_inputs(200) <= 2
 
 
 MEMORY_SCRIPT = """
-import resource, sys, torch, samplers
+import resource, sys, torch, common
 torch.set_num_threads(1)
 n = int(sys.argv[1])
-x = torch.rand(2_000_000)                            # 8 MB a state
+x = torch.rand(2, 1_000_000)                         # 8 MB a state: 2 images
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-samplers.annealed_langevin_dynamics(lambda x, l: -x, x, [1.0, 0.5], n_steps_each=n, step_lr=1e-3)
+common.annealed_langevin_dynamics(lambda x, s: -x, x, [1.0, 0.5], n_steps_each=n, step_lr=1e-3)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
 
@@ -142,10 +144,9 @@ def test_sampler_peak_memory_does_not_grow_with_steps():
 #----------------------------------------------------------------------------
 # EDM's Heun and DPM-Solver++(2M): the probability-flow ODE of a Gaussian has a closed form.
 
-def gaussian_score(mu, s2, sigmas):
-    """score_net of data N(mu, s2) perturbed by sigma: -(x - mu) / (s2 + sigma^2); labels index sigmas or are sigmas."""
-    sigma = lambda labels: labels if labels.is_floating_point() else sigmas[labels]
-    return lambda x, labels: -(x - mu) / (s2 + sigma(labels).view(-1, 1) ** 2)
+def gaussian_score(mu, s2):
+    """model(x, sigma) of data N(mu, s2) perturbed by sigma: -(x - mu) / (s2 + sigma^2)."""
+    return lambda x, sigma: -(x - mu) / (s2 + sigma.view(-1, 1) ** 2)
 
 
 @pytest.mark.parametrize("name", ["heun", "dpmpp2m"])
@@ -161,7 +162,7 @@ def test_ode_solvers_are_second_order_on_a_gaussian(name):
             sigmas = samplers.karras_sigmas(n, 0.01, 10.0)[:-1].double()
             exact = mu + (x + sigmas[0] * z - mu) * s / math.sqrt(s ** 2 + sigmas[0] ** 2)
             draws = iter([z])
-            out = samplers.SAMPLERS[name].run(gaussian_score(mu, s * s, sigmas), x, sigmas,
+            out = samplers.SAMPLERS[name].run(gaussian_score(mu, s * s), x, sigmas,
                                             randn_like=lambda t: next(draws))
             errors.append((out - exact).abs().max().item())
         assert errors[-1] < 5e-3 and all(3.5 < a / b < 6 for a, b in zip(errors, errors[1:])), errors
@@ -169,8 +170,6 @@ def test_ode_solvers_are_second_order_on_a_gaussian(name):
         torch.set_default_dtype(torch.float32)
 
 
-def toy_score_net(sigmas):
-    return lambda x, labels: common.toy_score(x, labels if labels.is_floating_point() else sigmas[labels])
 
 
 @pytest.mark.parametrize("name, n, churn, nfe, tol", [("heun", 18, 0.0, 35, 0.1), ("dpmpp2m", 35, 0.0, 35, 0.1),
@@ -184,7 +183,7 @@ def test_fast_samplers_recover_the_toy_mixture(name, n, churn, nfe, tol):
     spec = samplers.SAMPLERS[name]
     kwargs = dict(s_churn=churn) if churn else {}
     assert spec.nfe(n, **kwargs) == nfe
-    x = spec.run(toy_score_net(sigmas), common.toy_sample(20000), sigmas, **kwargs)
+    x = spec.run(common.toy_score, common.toy_sample(20000), sigmas, **kwargs)
     big = x.sum(1) > 0
     assert abs(big.float().mean().item() - 0.8) < 0.02
     for mode, mean in [(big, 5.0), (~big, -5.0)]:
@@ -205,27 +204,33 @@ def test_norm_conditioned_networks_step_only_on_their_trained_levels():
     sub = samplers.trained_subset(trained, 4)
     assert sub[0] == trained[0] and sub[-1] == trained[-1] and len(sub) == 4
     seen = []
-    net = lambda x, labels: (seen.append(labels.clone()), torch.zeros_like(x))[1]
-    score = samplers.level_score(net, sub, trained)
-    score(torch.zeros(2, 1), torch.tensor([1, 2]))
+    class Net(torch.nn.Module):                            # a norm-conditioned network sees level indices only
+        def forward(self, x, labels):
+            seen.append(labels.clone())
+            return torch.zeros_like(x)
+    model = common.ScoreModel(Net(), trained)
+    assert not model.any_sigma
+    model(torch.zeros(2, 1), sub[[1, 2]])
     assert seen[-1].tolist() == [3, 6]                     # indices of the trained levels
+    model(torch.zeros(2, 1), torch.tensor([0.01, 1.0]) * (1 + 1e-6))     # within LEVEL_MATCH of a level: that level
+    assert seen[-1].tolist() == [9, 0]
     with pytest.raises(ValueError, match="not a trained level"):
-        score(torch.zeros(1, 1), torch.tensor([0.5]))
-    info = dict(path="p", dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=10, model_args={})
-    heun = sample.sampler_settings("heun", info, 0)
+        model(torch.zeros(1, 1), torch.tensor([0.5]))
+    assert len(seen) == 2                                  # refused before the network ran
+    ck = checkpoints.record(common.RefineNet(1, 4, 10, 28), dict(sigma_begin=1.0, sigma_end=0.01, num_levels=10), "p")
+    heun = sample.sampler_settings("heun", ck, 0)
     assert heun.nfe == 19 and heun.sigmas == tuple(trained.tolist())        # Heun over the 10 levels: 19 NFE
-    assert sample.sampler_settings("heun", info, 0, nfe=9).nfe == 9           # 5 of them
+    assert sample.sampler_settings("heun", ck, 0, nfe=9).nfe == 9             # 5 of them
     for name, nfe, churn in [("heun", 35, None), ("heun", 19, 10.0), ("als", 5, None)]:
         with pytest.raises(sample.Inapplicable):
-            sample.sampler_settings(name, info, 0, nfe=nfe, s_churn=churn)
+            sample.sampler_settings(name, ck, 0, nfe=nfe, s_churn=churn)
 
 
 def test_a_new_sampler_is_one_function_and_one_table_entry(monkeypatch, tmp_path):
     """Register a toy sampler (x -> x + sum of scores, one NFE a level) and run it through sample.py."""
-    def toy(score_net, x, sigmas, *, randn_like=torch.randn_like, callback=None, scale=1.0):
-        labels = torch.zeros(len(x), dtype=torch.long)
+    def toy(model, x, sigmas, *, randn_like=torch.randn_like, callback=None, scale=1.0):
         for i in range(len(sigmas)):
-            score = score_net(x, labels.fill_(i))
+            score = model(x, sigmas[i].expand(len(x)))
             x = x + scale * 0 * score
             if callback:
                 callback(i, 0, x, score)
@@ -234,7 +239,7 @@ def test_a_new_sampler_is_one_function_and_one_table_entry(monkeypatch, tmp_path
                                                                samplers.SAMPLERS["ancestral"].schedule))
     net = common.RefineNet(1, 4, 10, 28)
     ck = tmp_path / "ck" / "checkpoint.pt"
-    common.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
+    checkpoints.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
                                  config=dict(dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=10)), ck)
     [r] = sample.main(["--checkpoint", str(ck), "--sampler", "toy", "--n", "3", "--device", "cpu",
                        "--out", str(tmp_path / "s")])
@@ -250,19 +255,19 @@ def test_inpainting_samples_the_conditional_of_a_gaussian():
     r, a = 0.8, 1.5
     S = torch.tensor([[1.0, r], [r, 1.0]], dtype=torch.float64)
     sigmas = common.geometric_sigmas(1.0, 0.01, 8).double()
-    def score(x, labels):                                     # of the data perturbed by sigma_i: -(S + sigma^2 I)^-1 x
-        s2 = sigmas[labels[0]] ** 2
+    def score(x, sigma):                                      # of the data perturbed by sigma_i: -(S + sigma^2 I)^-1 x
+        s2 = sigma[0] ** 2
         return -x @ torch.linalg.inv(S + s2 * torch.eye(2, dtype=torch.float64))
     n = 20000
     known = torch.full((n, 2), a, dtype=torch.float64)
     mask = torch.tensor([True, False])
-    x = samplers.annealed_langevin_inpainting(score, torch.rand(n, 2, dtype=torch.float64), known, mask, sigmas,
+    x = common.annealed_langevin_inpainting(score, torch.rand(n, 2, dtype=torch.float64), known, mask, sigmas,
                                             n_steps_each=200, step_lr=2e-5 * 2)
     assert torch.allclose(x[:, 0], torch.full((n,), a, dtype=torch.float64), atol=0.05)   # a + sigma_L z
     assert abs(x[:, 1].mean().item() - r * a) < 0.02 and abs(x[:, 1].var().item() - (1 - r * r)) < 0.02
     # with no noise the known pixels are exactly the known values
     zero = lambda t: torch.zeros_like(t)
-    x = samplers.annealed_langevin_inpainting(score, torch.rand(4, 2, dtype=torch.float64), known[:4], mask, sigmas,
+    x = common.annealed_langevin_inpainting(score, torch.rand(4, 2, dtype=torch.float64), known[:4], mask, sigmas,
                                             n_steps_each=3, step_lr=1e-4, randn_like=zero)
     assert torch.equal(x[:, 0], known[:4, 0])
 
@@ -272,12 +277,12 @@ def test_a_sampler_s_own_flags_apply_to_it_alone(tmp_path, capsys):
     sampler asked for takes is refused before any work, naming the flag."""
     net = common.RefineNet(1, 4, 10, 28)
     ck = tmp_path / "ck" / "checkpoint.pt"
-    common.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
+    checkpoints.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
                                  config=dict(dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=10)), ck)
     base = ["--checkpoint", str(ck), "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]
     results = sample.main([*base, "--sampler", "als", "heun", "--steps-each", "1", "--s-churn", "0"])
     assert [(r["sampler"]["name"], r["nfe"]) for r in results] == [("als", 10), ("heun", 19)]
-    assert results[0]["sampler"]["steps_each"] == 1 and "s_churn" not in results[1]["sampler"]
+    assert results[0]["sampler"]["n_steps_each"] == 1 and "s_churn" not in results[1]["sampler"]
     [plain] = sample.main([*base, "--sampler", "heun"])              # --s-churn 0 is the default: the same folder
     assert plain["folder"] == results[1]["folder"] and plain["samples_made_now"] == 0
     with pytest.raises(SystemExit) as e:

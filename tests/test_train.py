@@ -12,6 +12,7 @@ import urllib.error
 import pytest
 import torch
 
+import checkpoints
 import common
 import data
 import utils
@@ -67,8 +68,8 @@ def test_mnist_end_to_end_writes_every_output(mnist_root, tmp_path, monkeypatch)
     assert [int(r["epoch"]) for r in rows] == [0] * 4 + [1] * 4 + [2] * 2
     assert rows[4]["test_loss"] and rows[9]["test_loss"] and not rows[3]["test_loss"]
     assert float(rows[-1]["images_per_s"]) > 0
-    net, info = common.load_score_net(out / "checkpoint.pt")
-    assert info["step"] == 10 and info["model_args"]["ngf"] == 4 and info["sigma_end"] == 0.01
+    ck = checkpoints.load(out / "checkpoint.pt")
+    assert ck.step == 10 and ck.model_args["ngf"] == 4 and ck.sigma_end == pytest.approx(0.01)
 
 
 def test_cifar_end_to_end_through_torchvision(cifar_root, tmp_path):
@@ -80,8 +81,8 @@ def test_cifar_end_to_end_through_torchvision(cifar_root, tmp_path):
     from PIL import Image
     grid = Image.open(out / "samples_3.png")                   # 2 x 2 tiles of 32 px, enlarged to 64, 2 px apart
     assert grid.mode == "RGB" and grid.size == (2 * 64 + 3 * 2,) * 2
-    net, info = common.load_score_net(out / "checkpoint.pt")
-    assert info["model_args"] == dict(in_channels=3, ngf=4, num_classes=10, image_size=32, conditioning="norm")
+    assert checkpoints.load(out / "checkpoint.pt").model_args == dict(in_channels=3, ngf=4, num_classes=10,
+                                                                      image_size=32, conditioning="norm")
     torch.manual_seed(0)
     init = common.RefineNet(3, 4).state_dict()
     trained = weights(out / "checkpoint.pt")
@@ -94,15 +95,20 @@ def test_train_step_is_annealed_dsm_on_dequantised_flipped_images():
     net, sigmas = common.RefineNet(3, 4), common.geometric_sigmas()
     opt = torch.optim.SGD(net.parameters(), lr=0.0)              # the network stays as it is
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    cfg = train.TrainConfig(dataset="cifar10", batch_size=6, seed=3, dequantize=True)      # CIFAR-10 flips
-    loss = train.train_step(net, opt, images, sigmas, 5, cfg)
-    labels, u, z, flips = train.step_draws(3, 5, images.shape, 10, torch.device("cpu"))
-    x = (images.float() + u) / 256
-    x[flips] = x[flips].flip(3)
-    assert 0 < flips.sum() < 6 and (u < 1).all() and (u >= 0).all()
+    model = common.ScoreModel(net, sigmas)
+    cfg = train.resolve(train.TrainConfig(dataset="cifar10", batch_size=6, seed=3, dequantize=True))
+    x_step, draws = train.batch(cfg, images, 5, sigmas)                                      # CIFAR-10 flips
+    loss = train.train_step(model, opt, x_step, draws, train.dsm)
+    d = train.step_draws(3, 5, images.shape, sigmas)
+    x = (images.float() + d["u"]) / 256
+    x[d["flip"]] = x[d["flip"]].flip(3)
+    assert 0 < d["flip"].sum() < 6 and (d["u"] < 1).all() and (d["u"] >= 0).all() and torch.equal(x, x_step)
+    assert set(d["sigma"].tolist()) <= set(sigmas.tolist())                   # one of the levels each
     with torch.no_grad():
-        assert loss.item() == pytest.approx(common.dsm_loss(net, x, labels, sigmas, noise=z).item(), rel=1e-6)
-    unflipped = train.train_step(net, opt, images, sigmas, 5, dataclasses.replace(cfg, dataset="mnist"))  # no flips
+        want = common.dsm_loss(model, x, d["sigma"], d["noise"]).mean()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    x_mnist, _ = train.batch(dataclasses.replace(cfg, dataset="mnist"), images, 5, sigmas)       # no flips
+    unflipped = train.train_step(model, opt, x_mnist, draws, train.dsm)
     assert abs(unflipped.item() - loss.item()) > 1e-4 * loss.item()
     # the derivation is BLAKE2b of the integers, not Python's hash(): the same on every interpreter
     import hashlib
@@ -167,8 +173,8 @@ def test_ema_follows_its_formula(mnist_root, tmp_path):
     k = "res2.0.conv1.weight"
     assert not torch.equal(ck["model"][k], init[k])
     assert torch.allclose(ck["ema"][k], 0.75 * init[k] + 0.25 * ck["model"][k], atol=1e-7)
-    net, info = common.load_score_net(out / "checkpoint.pt")                 # evaluation takes the EMA
-    assert info["ema"] and torch.equal(net.state_dict()[k], ck["ema"][k])
+    loaded = checkpoints.load(out / "checkpoint.pt")                          # evaluation takes the EMA
+    assert loaded.ema and torch.equal(loaded.model.net.state_dict()[k], ck["ema"][k])
 
 
 def test_ema_update_keeps_no_autograd_history():
@@ -219,8 +225,7 @@ def test_sigterm_writes_a_loadable_checkpoint(mnist_root, tmp_path):
     assert "stopped by SIGTERM" in output
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] >= 3 and ck["step"] == len(losses(out))
-    net, info = common.load_score_net(out / "checkpoint.pt")
-    assert info["step"] == ck["step"]
+    assert checkpoints.load(out / "checkpoint.pt").step == ck["step"]
 
 
 def test_sigterm_under_torchrun_stops_every_rank_at_one_step(mnist_root, tmp_path):
@@ -449,7 +454,7 @@ def test_failures_give_one_line_and_lose_nothing(mnist_root, tmp_path, capsys, m
     assert "No space left on device" in msg and "checkpoint.pt is the last complete one" in msg
     assert (out / "checkpoint.pt").read_bytes() == before
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
-    assert common.load_score_net(out / "checkpoint.pt")[1]["step"] == 2
+    assert checkpoints.load(out / "checkpoint.pt").step == 2
 
 
 def test_non_finite_loss_message_reads_well(mnist_root, tmp_path, monkeypatch):
@@ -509,3 +514,27 @@ def test_a_signal_during_the_last_figures_is_no_success(mnist_root, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     assert run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--resume") == 2
     assert (out / "samples_2.png").exists() and (out / "process_2.png").exists()
+
+
+def test_a_new_objective_is_one_callable_and_one_table_entry(mnist_root, tmp_path, monkeypatch):
+    """Register a toy loss (the score's squared norm at the drawn sigma, weighted by a draw it declares) and
+    train 2 steps with it through train_mnist.py: its flag exists, it gets its draws, its values are the loss
+    column, and the run resumes with it."""
+    seen = []
+    def toy(model, x, draws, anneal_power=2.0):
+        per_image = draws["normal"].abs() * model(x, draws["sigma"]).flatten(1).pow(2).mean(1) ** (anneal_power / 2)
+        seen.append((sorted(draws), anneal_power, per_image.mean().item()))
+        return per_image
+    monkeypatch.setitem(train.OBJECTIVES, "toy", train.Objective(toy, ("normal",), ("anneal_power",)))
+    out = tmp_path / "toy"
+    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--objective", "toy", "--anneal-power",
+        "3")
+    assert [(keys, power) for keys, power, _ in seen[:2]] == [(["flip", "noise", "normal", "sigma", "u"], 3.0)] * 2
+    assert losses(out) == pytest.approx([v for _, _, v in seen[:2]], rel=1e-5)
+    assert json.loads((out / "config.json").read_text())["objective"] == "toy"
+    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "3", "--objective", "toy", "--anneal-power",
+        "3", "--resume")
+    assert len(losses(out)) == 3
+    with pytest.raises(SystemExit) as e:                  # the table's keys are the flag's choices
+        run(train_mnist, mnist_root, tmp_path / "x", "--objective", "nope")
+    assert e.value.code == 2
