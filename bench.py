@@ -111,7 +111,7 @@ def sampler_rows(ck, B, device, amp):
         except sample.Inapplicable:
             continue
         levels = torch.tensor(default.sigmas[:2], device=device)
-        kwargs = {k: (1 if k == "n_steps_each" else v) for k, v in default.kwargs.items()}
+        kwargs = {k: (1 if k == "steps_each" else v) for k, v in default.kwargs.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             t = median_seconds(lambda: spec.run(ck.model, x, levels, **kwargs), device, 1, 3) / spec.nfe(2, **kwargs)
         rows[name] = dict(nfe=default.nfe, seconds_per_image=t * default.nfe / B)
@@ -133,7 +133,7 @@ def bench_one(config, impl, args, device):
     forward = lambda: model(x, draws["sigma"])
     def sample_step():   # one network evaluation and one Langevin update
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            common.annealed_langevin_dynamics(compiled, x, ck.sigmas[:1], n_steps_each=1)
+            common.annealed_langevin_dynamics(compiled, x, ck.sigmas[:1], steps_each=1)
 
     reset_peak(device)
     t_train = median_seconds(lambda: step(compiled), device, args.warmup, args.repeats)

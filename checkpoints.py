@@ -12,6 +12,7 @@ import torch
 
 import common
 import edm
+import samplers
 import utils
 
 
@@ -108,9 +109,6 @@ def fit_state_dict(net, state_dict, path):
 #----------------------------------------------------------------------------
 # The record every tool gets.
 
-LANGEVIN = dict(steps_each="n_steps_each", step_lr="step_lr", denoise="denoise")   # config key: sampler keyword
-
-
 @dataclasses.dataclass
 class Checkpoint:
     """A loaded checkpoint. `model` is behind the contract, model(x, sigma) -> score (common.ScoreModel);
@@ -165,7 +163,8 @@ def record(net, config, path, **found):
         raise CheckpointError(f"{path}: its noise levels (sigma_begin, sigma_end, num_levels = {levels}) are not "
                               "numbers sigma_begin > sigma_end > 0 and num_levels >= 2; it was not saved by a run")
     sigmas = common.geometric_sigmas(*levels)
-    settings = {key: config[k] for k, key in {**LANGEVIN, "s_churn": "s_churn"}.items() if config.get(k) is not None}
+    known = {k for entry in samplers.SAMPLERS.values() for k in samplers.settings(entry.run)}
+    settings = {k: v for k, v in config.items() if k in known and v is not None}        # the recipe's
     mean_and_sd = dict(sigma_data=float(net.sigma_data), data_mean=float(net.data_mean)) \
         if isinstance(net, edm.Denoiser) else {}
     return Checkpoint(common.ScoreModel(net, sigmas), os.fspath(path),

@@ -96,16 +96,16 @@ def num_levels_for(sigma_begin, sigma_end, gamma):
     return math.ceil(math.log(sigma_begin / sigma_end) / math.log(gamma) - 1e-9) + 1
 
 
-def step_lr_for(gamma, sigma_end, n_steps_each):
+def step_lr_for(gamma, sigma_end, steps_each):
     """Technique 4: the step_lr e of annealed_langevin_dynamics (alpha_i = e sigma_i^2 / sigma_L^2)
     that brings (1 - e/s^2)^(2T) (gamma^2 - 2e/(s^2 - s^2 (1 - e/s^2)^2)) + 2e/(s^2 - s^2 (1 - e/s^2)^2)
-    closest to 1, s = sigma_L, T = n_steps_each. The expression exceeds 1 for every e in (0, s^2),
+    closest to 1, s = sigma_L, T = steps_each. The expression exceeds 1 for every e in (0, s^2),
     so this is its minimum (golden-section search on log e)."""
     s2 = sigma_end ** 2
     def f(log_e):
         e = math.exp(log_e)
         c = 2 * e / (s2 - s2 * (1 - e / s2) ** 2)
-        return (1 - e / s2) ** (2 * n_steps_each) * (gamma ** 2 - c) + c
+        return (1 - e / s2) ** (2 * steps_each) * (gamma ** 2 - c) + c
     lo, hi, r = math.log(s2) - 40, math.log(s2), (math.sqrt(5) - 1) / 2
     for _ in range(200):
         a, b = hi - r * (hi - lo), lo + r * (hi - lo)
@@ -113,9 +113,9 @@ def step_lr_for(gamma, sigma_end, n_steps_each):
     return math.exp((lo + hi) / 2)
 
 
-def auto_step_lr(sigma_begin, sigma_end, num_levels, n_steps_each):
-    """Technique 4's step_lr for T = n_steps_each on geometric_sigmas(sigma_begin, sigma_end, num_levels)."""
-    return step_lr_for(level_ratio(sigma_begin, sigma_end, num_levels), sigma_end, n_steps_each)
+def auto_step_lr(sigma_begin, sigma_end, num_levels, steps_each):
+    """Technique 4's step_lr for T = steps_each on geometric_sigmas(sigma_begin, sigma_end, num_levels)."""
+    return step_lr_for(level_ratio(sigma_begin, sigma_end, num_levels), sigma_end, steps_each)
 
 
 #----------------------------------------------------------------------------
@@ -511,24 +511,24 @@ def langevin_dynamics(score_fn, x, step_size, n_steps, *, randn_like=torch.randn
 
 @torch.no_grad()
 def annealed_langevin_dynamics(model, x, sigmas, *, randn_like=torch.randn_like, callback=None,
-                               n_steps_each=STEPS_EACH, step_lr=STEP_LR, denoise=False):
+                               steps_each=STEPS_EACH, step_lr=STEP_LR, denoise=False):
     """Annealed Langevin dynamics (the paper's Algorithm 1), as the official sampler.
 
-    For each level i = 0, ..., L-1 (sigma descending) and n_steps_each steps:
+    For each level i = 0, ..., L-1 (sigma descending) and steps_each steps:
         alpha_i = step_lr * (sigma_i / sigma_L)^2
         x <- x + alpha_i * s(x, sigma_i) + sqrt(2 alpha_i) z
     which is Algorithm 1 of arXiv:1907.05600 (alpha_i = eps sigma_i^2 / sigma_L^2, x <- x +
     alpha_i/2 s + sqrt(alpha_i) z) with eps = 2 * step_lr. The paper prints eps = 2e-5; its
     official code, which made its samples, runs this update with step_lr = 2e-5 (eps = 4e-5), the
     default here. With denoise, one last step x <- x + sigma_L^2 s(x, sigma_L) removes the remaining
-    noise (NCSNv2's technique 5). Network evaluations: L * n_steps_each (+ 1 with denoise).
+    noise (NCSNv2's technique 5). Network evaluations: L * steps_each (+ 1 with denoise).
     x: the start, U(0, 1) images in the paper. Returns the final x.
     """
     sigmas = [float(s) for s in sigmas]
     for i, sigma in enumerate(sigmas):
         level = x.new_full((len(x),), sigma)
         alpha = step_lr * (sigma / sigmas[-1]) ** 2
-        for step in range(n_steps_each):
+        for step in range(steps_each):
             score = model(x, level)
             x = x + alpha * score + math.sqrt(2 * alpha) * randn_like(x)
             if callback is not None:
@@ -540,7 +540,7 @@ def annealed_langevin_dynamics(model, x, sigmas, *, randn_like=torch.randn_like,
 
 @torch.no_grad()
 def annealed_langevin_inpainting(model, x, known, mask, sigmas, *, randn_like=torch.randn_like,
-                                 n_steps_each=STEPS_EACH, step_lr=STEP_LR):
+                                 steps_each=STEPS_EACH, step_lr=STEP_LR):
     """Inpainting with annealed Langevin dynamics (the paper's Algorithm 2; the official
     anneal_Langevin_dynamics_inpainting). mask (bool, broadcastable to x) marks the known pixels,
     whose values are `known`. At each level i they are set to y_i = known + sigma_i z (one draw
@@ -553,7 +553,7 @@ def annealed_langevin_inpainting(model, x, known, mask, sigmas, *, randn_like=to
         alpha = step_lr * (sigma / sigmas[-1]) ** 2
         y = known + sigma * randn_like(known)                          # the known pixels at this level's noise
         x = torch.where(mask, y, x)
-        for _ in range(n_steps_each):
+        for _ in range(steps_each):
             x = x + alpha * model(x, level) + math.sqrt(2 * alpha) * randn_like(x)
             x = torch.where(mask, y, x)
     return x

@@ -108,7 +108,7 @@ def print_table(results):
     best = min(scored, key=lambda r: r["fid"]) if len(scored) > 1 else None
     for r in results:
         s = r["sampler"]
-        step_lr, T = (format(s["step_lr"], ".2g"), s["n_steps_each"]) if "step_lr" in s else ("-", "-")
+        step_lr, T = (format(s["step_lr"], ".2g"), s["steps_each"]) if "step_lr" in s else ("-", "-")
         print(f"{'*' if r is best else ' ':<2}{label(r):<46} {s.get('name', 'als'):>9} {step_lr:>8} "
               f"{T:>4} "
               f"{r['nfe']:>5} {r['n']:>6} " + " ".join(f"{cell(r):>16}" for _, cell in columns))

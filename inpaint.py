@@ -87,7 +87,7 @@ def inpaint(model, images, known, settings, seed, batch_size, device, folder, fi
         noise = utils.SampleNoise([(seed, first_index + i, j) for i in idx for j in range(K)], device)
         x0 = noise.rand(*x_known.shape[1:])
         x = common.annealed_langevin_inpainting(model, x0, x_known, known.to(device), sigmas,
-                                                  randn_like=noise.randn_like, n_steps_each=settings["steps_each"],
+                                                  randn_like=noise.randn_like, steps_each=settings["steps_each"],
                                                   step_lr=settings["step_lr"])
         out = (torch.nan_to_num(x).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().view(len(idx), K, *x.shape[1:])
         for i, completions in zip(idx, out):

@@ -131,7 +131,7 @@ def main(argv=None):
             "iid": common.toy_sample(args.n, gen).double(),
             "langevin": common.langevin_dynamics(common.toy_score, x0, args.eps, args.steps, randn_like=randn_like),
             # Algorithm 1 with eps is the official update with step_lr = eps / 2 (common.annealed_langevin_dynamics)
-            "annealed": common.annealed_langevin_dynamics(common.toy_score, x0, sigmas, n_steps_each=args.steps_each,
+            "annealed": common.annealed_langevin_dynamics(common.toy_score, x0, sigmas, steps_each=args.steps_each,
                                                           step_lr=args.eps / 2, randn_like=randn_like),
         }
     metrics = {name: mode_fractions(x) for name, x in samples.items()}

@@ -44,8 +44,6 @@ SEED = 0                 # image i uses a generator seeded by (SEED, i)
 AUTO = {"norm": ((None, "als", {}),),          # --sampler auto: per conditioning, (largest --nfe, sampler, its
         "scale": ((100, "heun", {"s_churn": 10.0}), (None, "als", {})),        # settings unless given), the first
         "continuous": ((None, "heun", {}),)}     # that covers the budget; measured on real digits: docs/samplers.md
-FLAGS = dict(steps_each="n_steps_each", step_lr="step_lr", denoise="denoise", s_churn="s_churn",
-             s_noise="s_noise")                  # the sampler-specific flags and the settings they give
 
 #----------------------------------------------------------------------------
 # Sampler settings: one record per setting; its `record()` is what the fingerprint hashes.
@@ -80,45 +78,33 @@ class SamplerSettings:
         kw = self.kwargs
         parts = [] if self.name == "als" else [self.name]
         parts += [f"steplr{kw.pop('step_lr'):.4g}"] if "step_lr" in kw else []
-        parts += [f"T{kw.pop('n_steps_each')}"] if "n_steps_each" in kw else [f"L{len(self.sigmas)}"]
+        parts += [f"T{kw.pop('steps_each')}"] if "steps_each" in kw else [f"L{len(self.sigmas)}"]
         parts += ["denoise"] if kw.pop("denoise", False) else []
         return "_".join(parts + [f"{k}{v:g}" for k, v in kw.items()])
 
 
-def settings_of(run):
-    """{keyword: default} of the settings a sampler function takes beyond the family's call."""
-    return {k: p.default for k, p in inspect.signature(run).parameters.items()
-            if p.kind == p.KEYWORD_ONLY and k not in ("randn_like", "callback")}
+def all_settings():
+    """{setting: (default, the samplers that take it)} over samplers.SAMPLERS: each is a flag."""
+    found = {}
+    for name, entry in samplers.SAMPLERS.items():
+        for k, default in samplers.settings(entry.run).items():
+            found.setdefault(k, (default, []))[1].append(name)
+    return found
 
 
 def sampler_settings(name, ck, seed, nfe=None, sigma_max=None, **given):
     """The SamplerSettings of sampler `name` for a checkpoint (checkpoints.Checkpoint) at an --nfe
-    budget: its recipe's unless `given` (flags; None = not given) says otherwise; the levels from
-    sigma_max (default: the checkpoint's sigma_1) down to its sigma_L. Raises Inapplicable for a
-    setting the sampler lacks, a budget it cannot meet, or levels the network does not know."""
-    spec = samplers.SAMPLERS[name]
-    own = settings_of(spec.run)
-    if extra := [k for k, v in given.items() if v is not None and k not in own]:
+    budget: its recipe's unless `given` (flags; None = not given) says otherwise, on the levels its
+    table entry's plan buys. Raises Inapplicable for a setting the sampler lacks, a budget it cannot
+    meet, or levels the network does not know."""
+    entry = samplers.SAMPLERS[name]
+    if extra := [k for k, v in given.items() if v is not None and k not in samplers.settings(entry.run)]:
         raise Inapplicable(f"--sampler {name} has no setting {', '.join(extra)}")
-    params = {k: v for k, v in given.items() if v is not None}
-    if sigma_max is not None and (spec.budget == "steps" or not ck.any_sigma or sigma_max <= ck.sigma_end):
-        raise Inapplicable(f"{ck.path}: --sigma-max {sigma_max:g} needs --sampler heun, dpmpp2m or ancestral "
-                           f"on a scale- or continuous-conditioned network, and a value above its sigma_L "
-                           f"{ck.sigma_end:g}")
-    if spec.budget == "steps":                      # the paper's sampler: T steps on each trained level
-        denoise = ck.settings.get("denoise", False) if params.get("denoise") is None else params["denoise"]
-        T, step_lr = samplers.sampler_defaults(ck, nfe, params.get("n_steps_each"), params.get("step_lr"), denoise)
-        params, sigmas = dict(params, n_steps_each=T, step_lr=step_lr, denoise=denoise), ck.sigmas
-    else:                                           # one or two evaluations a level: the budget buys levels
-        params = {k: v for k, v in params.items() if v != own[k]}    # a default given is the default's folder
-        n = max([k for k in range(1, (nfe or 0) + 1) if spec.nfe(k, **params) <= nfe] or [1]) if nfe else len(ck.sigmas)
-        if not ck.any_sigma and (n > len(ck.sigmas) or params.get("s_churn")):
-            what = "with churn" if params.get("s_churn") else f"on {n} levels"
-            raise Inapplicable(f"{ck.path}: --sampler {name} {what} needs a scale-conditioned network "
-                               f"(--recipe ncsnv2); this one knows its {len(ck.sigmas)} levels only")
-        sigmas = (spec.schedule(n, ck.sigma_end, sigma_max or ck.sigma_begin) if ck.any_sigma
-                  else samplers.trained_subset(ck.sigmas, n))
-    settings = SamplerSettings(name, tuple(torch.as_tensor(sigmas).tolist()), seed, ck.shape, tuple(params.items()))
+    try:
+        levels, params = entry.plan(entry, ck, nfe, sigma_max, {k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise Inapplicable(str(e).replace("this sampler", f"--sampler {name}")) from None
+    settings = SamplerSettings(name, tuple(torch.as_tensor(levels).tolist()), seed, ck.shape, tuple(params.items()))
     if nfe and settings.nfe > nfe:
         raise Inapplicable(f"--nfe {nfe} is too few for --sampler {name} on {ck.path}: it spends at least "
                            f"{settings.nfe}")
@@ -301,15 +287,17 @@ def add_flags(p):
     p.add_argument("--nfe", type=utils.positive_int, nargs="+", default=None,
                    help="network evaluations per sample: als: T = (NFE - denoise) // L; the others: as many levels "
                         "as the budget buys (a norm-conditioned network: a subset of its own)")
-    p.add_argument("--steps-each", type=utils.positive_int, nargs="+", default=None,
-                   help="als: steps per noise level, T (default: the checkpoint's recipe's)")
-    p.add_argument("--step-lr", type=utils.number_or_auto(utils.positive_float), nargs="+", default=None,
-                   help="als: step_lr value(s); auto: technique 4's for T (default: the checkpoint's recipe's)")
-    p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
-                   help="als: end with x + sigma_L^2 s(x, L) (default: the checkpoint's recipe's)")
-    p.add_argument("--s-churn", type=utils.nonnegative_float, nargs="+", default=None,
-                   help="heun: EDM's S_churn (0: the deterministic ODE; needs a scale-conditioned network otherwise)")
-    p.add_argument("--s-noise", type=utils.positive_float, default=None, help="heun: EDM's S_noise (default 1)")
+    for k, (default, names) in all_settings().items():      # every keyword setting of every sampler function
+        flag, auto = "--" + k.replace("_", "-"), any(k in samplers.SAMPLERS[n].auto for n in names)
+        what = f"{', '.join(names)}: {k}" + (" (or auto: technique 4's step for T)" if auto else "")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{what} (default: the checkpoint's recipe's, else {default})")
+        else:
+            parse = utils.positive_int if isinstance(default, int) else utils.nonnegative_float
+            p.add_argument(flag, type=utils.number_or_auto(parse) if auto else parse, nargs="+", default=None,
+                           help=f"{what}; several values form a grid (default: the checkpoint's recipe's, else "
+                                f"{default:g})")
     p.add_argument("--sigma-max", type=utils.positive_float, default=None,
                    help="heun, dpmpp2m, ancestral: the first noise level (EDM's sigma_max; default: the checkpoint's "
                         "sigma_1); a scale- or continuous-conditioned network")
@@ -348,17 +336,19 @@ def plan(args, ckpts):
         data.spec(ck.dataset, ck.path)
         name = utils.checkpoint_name(path)
         base = args.out if (args.out and len(ckpts) == 1) else os.path.join(args.out or OUT, name)
-        recipes = args.sampler is None      # the checkpoint's recipe's sampler, at its budget and churn
+        recipes = args.sampler is None      # the checkpoint's recipe's sampler, at its budget and settings
+        names = list(all_settings())
         grid = itertools.product(args.sampler or [ck.sampler], args.nfe or [ck.nfe if recipes else None],
-                                 args.steps_each or [None], args.step_lr or [None],
-                                 args.s_churn or [ck.settings.get("s_churn") if recipes else None])
-        for sampler, nfe, steps_each, step_lr, s_churn in grid:
+                                 *[getattr(args, k) if isinstance(getattr(args, k), list) else [getattr(args, k)]
+                                   for k in names])
+        for sampler, nfe, *values in grid:
             sampler, chosen = (auto_sampler(ck.model_args.get("conditioning", "norm"), nfe) if sampler == "auto"
                                else (sampler, {}))
-            given = dict(n_steps_each=steps_each, step_lr=step_lr, denoise=args.denoise, s_churn=s_churn,
-                         s_noise=args.s_noise)
-            given.update((k, v) for k, v in chosen.items() if given.get(k) is None)
-            own = settings_of(samplers.SAMPLERS[sampler].run)   # a sampler's own flags apply to it alone
+            given = dict(zip(names, values))
+            entry = samplers.SAMPLERS[sampler]        # the recipe's settings; one that takes 'auto' is the plan's
+            recipe = {k: v for k, v in ck.settings.items() if recipes and k not in entry.auto}
+            given.update((k, v) for k, v in {**recipe, **chosen}.items() if given.get(k) is None)
+            own = samplers.settings(entry.run)          # a sampler's own flags apply to it alone
             try:
                 settings = sampler_settings(sampler, ck, args.seed, nfe, args.sigma_max,
                                             **{k: v for k, v in given.items() if k in own})
@@ -408,10 +398,10 @@ def check_flags(p, args):
     if args.sampler is None:                        # each checkpoint's recipe's: checked per checkpoint (plan)
         return check_out(p, args)
     names = [[s for rows in AUTO.values() for _, s, _ in rows] if name == "auto" else [name] for name in args.sampler]
-    taken = {k for group in names for name in group for k in settings_of(samplers.SAMPLERS[name].run)}
-    for flag, key in FLAGS.items():
-        if getattr(args, flag) is not None and key not in taken:
-            p.error(f"--{flag.replace('_', '-')} is a setting of no sampler asked for (--sampler "
+    taken = {k for group in names for name in group for k in samplers.settings(samplers.SAMPLERS[name].run)}
+    for k in all_settings():
+        if getattr(args, k) is not None and k not in taken:
+            p.error(f"--{k.replace('_', '-')} is a setting of no sampler asked for (--sampler "
                     f"{' '.join(args.sampler)}); drop it or add a sampler that takes it")
     check_out(p, args)
 

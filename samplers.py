@@ -7,6 +7,7 @@ sampler (Karras et al. 2022, Algorithm 2) and DPM-Solver++(2M) (Lu et al. 2022) 
 Schedules apart from samplers, as k-diffusion. Module level imports: torch, the standard library and
 common.py (the paper).
 """
+import inspect
 import math
 from typing import Callable, NamedTuple
 
@@ -137,25 +138,70 @@ def dpmpp_2m(model, x, sigmas, *, randn_like=torch.randn_like, callback=None):
     return x
 
 
+def settings(run):
+    """{keyword: default} of the settings a sampler function takes beyond the family's call: its
+    keyword-only arguments. They are the flags of sample.py and evaluate.py and the keys of a
+    setting's fingerprint."""
+    return {k: p.default for k, p in inspect.signature(run).parameters.items()
+            if p.kind == p.KEYWORD_ONLY and k not in ("randn_like", "callback")}
+
+
 class Sampler(NamedTuple):
-    """A SAMPLERS entry: the function; its network evaluations for n levels and its settings; and
-    what an evaluation budget buys: 'steps' per level on the trained levels, or 'levels' (any, on
-    `schedule(n, sigma_min, sigma_max)`; a norm-conditioned network steps on trained_subset)."""
+    """A SAMPLERS entry: the function; nfe(n, **settings), its network evaluations per sample on n
+    levels; plan(entry, ck, nfe, sigma_max, settings) -> (levels, settings), what an evaluation
+    budget buys on a checkpoint (ValueError where it cannot run); the settings that also take the
+    word 'auto' (an NCSNv2 technique chooses the value)."""
     run: Callable
     nfe: Callable
-    budget: str
-    schedule: Callable = None
+    plan: Callable
+    auto: tuple = ()
 
 
-SAMPLERS = {  # name: the sampler, what it spends, where it steps
-    "als": Sampler(annealed_langevin_dynamics, lambda n, n_steps_each=STEPS_EACH, denoise=False, **_:
-                   n * n_steps_each + bool(denoise), "steps"),
-    "ancestral": Sampler(reverse_diffusion, lambda n, **_: n, "levels",
-                         lambda n, lo, hi: geometric_sigmas(hi, lo, n) if n > 1 else torch.tensor([lo])),
-    "heun": Sampler(heun, lambda n, **_: 2 * n - 1, "levels", lambda n, lo, hi: karras_sigmas(n, lo, hi)[:-1]),
-    "dpmpp2m": Sampler(dpmpp_2m, lambda n, **_: n, "levels", lambda n, lo, hi: karras_sigmas(n, lo, hi)[:-1]),
+def _sigma_max_refused(ck, sigma_max):
+    return ValueError(f"{ck.path}: --sigma-max {sigma_max:g} needs --sampler heun, dpmpp2m or ancestral on a scale- "
+                      f"or continuous-conditioned network, and a value above its sigma_L {ck.sigma_end:g}")
+
+
+def langevin_plan(entry, ck, nfe, sigma_max, given):
+    """Annealed Langevin dynamics: T steps on each trained level, the checkpoint's recipe's T, step_lr
+    and denoising step unless given; an nfe budget sets T (sampler_defaults)."""
+    if sigma_max is not None:
+        raise _sigma_max_refused(ck, sigma_max)
+    denoise = ck.settings.get("denoise", False) if given.get("denoise") is None else given["denoise"]
+    T, step_lr = sampler_defaults(ck, nfe, given.get("steps_each"), given.get("step_lr"), denoise)
+    return ck.sigmas, dict(given, steps_each=T, step_lr=step_lr, denoise=denoise)
+
+
+def levels_bought(schedule):
+    """The plan of a sampler of one or two evaluations a level: an nfe budget buys as many levels as it
+    pays for (all the trained ones without a budget), on schedule(n, sigma_min, sigma_max) for a
+    network that takes any sigma, else on n of its trained levels (trained_subset; no churn there)."""
+    def plan(entry, ck, nfe, sigma_max, given):
+        defaults = settings(entry.run)
+        given = {k: v for k, v in given.items() if v != defaults[k]}    # a default given is the default's setting
+        n = max([k for k in range(1, nfe + 1) if entry.nfe(k, **given) <= nfe] or [1]) if nfe else len(ck.sigmas)
+        if sigma_max is not None and (not ck.any_sigma or sigma_max <= ck.sigma_end):
+            raise _sigma_max_refused(ck, sigma_max)
+        if not ck.any_sigma and (n > len(ck.sigmas) or given.get("s_churn")):
+            what = "with churn" if given.get("s_churn") else f"on {n} levels"
+            raise ValueError(f"{ck.path}: this sampler {what} needs a scale-conditioned network (--recipe ncsnv2); "
+                             f"this one knows its {len(ck.sigmas)} levels only")
+        levels = (schedule(n, ck.sigma_end, sigma_max or ck.sigma_begin) if ck.any_sigma
+                  else trained_subset(ck.sigmas, n))
+        return levels, given
+    return plan
+
+
+geometric = lambda n, lo, hi: geometric_sigmas(hi, lo, n) if n > 1 else torch.tensor([lo])    # the paper's spacing
+karras = lambda n, lo, hi: karras_sigmas(n, lo, hi)[:-1]                                       # EDM's, without the 0
+
+SAMPLERS = {  # name: the sampler, what it spends, what a budget buys
+    "als": Sampler(annealed_langevin_dynamics, lambda n, steps_each=STEPS_EACH, denoise=False, **_:
+                   n * steps_each + bool(denoise), langevin_plan, auto=("step_lr",)),
+    "ancestral": Sampler(reverse_diffusion, lambda n, **_: n, levels_bought(geometric)),
+    "heun": Sampler(heun, lambda n, **_: 2 * n - 1, levels_bought(karras)),
+    "dpmpp2m": Sampler(dpmpp_2m, lambda n, **_: n, levels_bought(karras)),
 }
-
 
 #----------------------------------------------------------------------------
 # The paper's sampler settings for a checkpoint.
@@ -165,7 +211,7 @@ def sampler_defaults(ck, nfe=None, steps_each=None, step_lr=None, denoise=False)
     recipe's unless given. An nfe budget sets T = (nfe - denoise) // L; step_lr 'auto' is technique
     4's for T, as is the default when the checkpoint's own step_lr was technique 4's for its T."""
     levels = ck.levels
-    trained_T = ck.settings.get("n_steps_each", STEPS_EACH)
+    trained_T = ck.settings.get("steps_each", STEPS_EACH)
     T = max(1, (nfe - denoise) // levels[2]) if nfe else steps_each or trained_T
     if step_lr is None:
         step_lr = ck.settings.get("step_lr", STEP_LR)

@@ -22,7 +22,8 @@ def pytest_collection_modifyitems(items):
     python -m pytest -m "not slow" runs the science alone."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
-        kind = "science" if module in SCIENCE else "battery" if module == "test_battery" else "cli"
+        kind = "battery" if module == "test_battery" else "science" if module in SCIENCE else "cli"
+        kind = "cli" if item.get_closest_marker("cli") else kind       # a script run in a science file
         item.add_marker(kind)
         if kind != "science":
             item.add_marker("slow")

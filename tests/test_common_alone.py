@@ -14,14 +14,14 @@ assert common.__file__.startswith(sys.argv[1]), common.__file__      # the copy,
 torch.manual_seed(0)
 sigmas = common.geometric_sigmas(1.0, 0.01, 4)
 model = common.ScoreModel(common.RefineNet(1, 4, num_classes=4, image_size=8), sigmas)
-x = common.annealed_langevin_dynamics(model, torch.rand(3, 1, 8, 8), sigmas, n_steps_each=2)
+x = common.annealed_langevin_dynamics(model, torch.rand(3, 1, 8, 8), sigmas, steps_each=2)
 loss = common.dsm_loss(model, torch.rand(3, 1, 8, 8), sigmas[:3]).mean()
 known = torch.zeros(8, 8, dtype=torch.bool)
 known[:, :4] = True
 y = common.annealed_langevin_inpainting(model, torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8), known, sigmas,
-                                        n_steps_each=1)
+                                        steps_each=1)
 toy = common.annealed_langevin_dynamics(common.toy_score, torch.rand(500, 2) * 16 - 8,
-                                        common.geometric_sigmas(20.0, 1.0, 10), n_steps_each=100, step_lr=0.05)
+                                        common.geometric_sigmas(20.0, 1.0, 10), steps_each=100, step_lr=0.05)
 print(tuple(x.shape), bool(torch.isfinite(x).all()), loss.item() > 0, tuple(y.shape),
       float((toy.sum(1) > 0).float().mean()))
 """

@@ -354,7 +354,7 @@ def test_health_callback_counts_only_far_pixels_as_saturated(tmp_path):
     about half its pixels end below 0."""
     sigmas = common.geometric_sigmas(0.1, 0.01, 3)
     settings = sample.SamplerSettings("als", tuple(sigmas.tolist()), 0, (1, 8, 8),
-                                      (("n_steps_each", 60), ("step_lr", 0.1 * 0.01 ** 2), ("denoise", False)))
+                                      (("steps_each", 60), ("step_lr", 0.1 * 0.01 ** 2), ("denoise", False)))
     for target, want in [(1.5, 1), (-0.001, None)]:
         model = lambda x, sigma: (target - x) / sigma.view(-1, 1, 1, 1) ** 2
         folder = tmp_path / str(target)
@@ -391,7 +391,7 @@ def test_level_loss_reports_the_test_dsm_loss_per_training_level(tmp_path, capsy
     assert list(losses) == list(range(1, 11)) and max(losses.values()) == pytest.approx(min(losses.values()), rel=1e-6)
     assert losses[1] == pytest.approx(784 / 2, rel=0.1)
     assert "test DSM loss per training level" in capsys.readouterr().out
-    saved = json.loads((tmp_path / "z" / os.listdir(tmp_path / "z")[0] / "metrics.json").read_text())
+    saved = json.loads(open(os.path.join(r["folder"], "metrics.json")).read())
     assert saved["test_dsm_loss_per_level"] == pytest.approx({str(k): v for k, v in losses.items()})
     # --level-sigmas: the same levels for every network; a norm-conditioned one is scored at those it knows
     [r] = evaluate.main(["--checkpoint", ck, "--out", str(tmp_path / "s"), *args, "--level-sigmas", "1", "0.5", "0.01"])
@@ -427,7 +427,7 @@ def test_fingerprints_hash_the_settings_values_not_function_names(monkeypatch):
     ck = checkpoints.record(common.RefineNet(1, 4, 10, 28), dict(sigma_begin=1.0, sigma_end=0.01, num_levels=10), "p")
     als = sample.sampler_settings("als", ck, 0)
     assert als.record() == dict(name="als", sigmas=common.geometric_sigmas().tolist(), seed=0, shape=[1, 28, 28],
-                                n_steps_each=100, step_lr=2e-5, denoise=False) and als.tag() == "steplr2e-05_T100"
+                                steps_each=100, step_lr=2e-5, denoise=False) and als.tag() == "steplr2e-05_T100"
     before = sample.fingerprint(ck, als)
     @functools.wraps(common.annealed_langevin_dynamics)      # the same settings under another name
     def renamed(*a, **k):
@@ -435,7 +435,7 @@ def test_fingerprints_hash_the_settings_values_not_function_names(monkeypatch):
     renamed.__name__ = renamed.__qualname__ = "algorithm_1"
     monkeypatch.setitem(samplers.SAMPLERS, "als", samplers.SAMPLERS["als"]._replace(run=renamed))
     assert sample.fingerprint(ck, sample.sampler_settings("als", ck, 0)) == before
-    assert sample.fingerprint(ck, sample.sampler_settings("als", ck, 0, n_steps_each=99)) != before
+    assert sample.fingerprint(ck, sample.sampler_settings("als", ck, 0, steps_each=99)) != before
     assert sample.fingerprint(ck, sample.sampler_settings("als", ck, 1)) != before
     with torch.no_grad():
         ck.model.net.end_conv.bias.add_(1e-3)

@@ -99,7 +99,7 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
     ck = checkpoints.load(out / "checkpoint.pt")
     assert ck.model_args["conditioning"] == "scale" and len(ck.sigmas) == L and ck.ema and ck.any_sigma
     assert torch.allclose(ck.model.net.sigmas, common.geometric_sigmas(cfg["sigma_begin"], 0.01, L))
-    assert (ck.recipe, ck.sampler, ck.nfe, ck.settings["s_churn"], ck.settings["n_steps_each"]) == \
+    assert (ck.recipe, ck.sampler, ck.nfe, ck.settings["s_churn"], ck.settings["steps_each"]) == \
         ("ncsnv2", "heun", 35, 10.0, 5)
     # evaluate.py needs no flags: the recipe's sampler (issue 18's best: Heun, S_churn 10, 35 NFE), as the figures
     assert (cfg["sampler"], cfg["nfe"], cfg["s_churn"]) == ("heun", 35, 10.0)
@@ -113,13 +113,13 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
                          "--metrics", "none", "--sampler", "als",
                          "--out", str(tmp_path / "e"), "--device", "cpu"])
     s = r["sampler"]
-    assert (s["n_steps_each"], s["denoise"], r["nfe"]) == (5, True, 5 * L + 1)
+    assert (s["steps_each"], s["denoise"], r["nfe"]) == (5, True, 5 * L + 1)
     assert s["step_lr"] == pytest.approx(cfg["step_lr"])
     # an --nfe budget: T = (NFE - 1) // L, with technique 4's step for that T
     [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--batch-size", "2",
                          "--metrics", "none", "--sampler", "als",
                          "--out", str(tmp_path / "e2"), "--device", "cpu", "--nfe", str(3 * L + 1)])
-    assert r["sampler"]["n_steps_each"] == 3 and r["sampler"]["step_lr"] == pytest.approx(
+    assert r["sampler"]["steps_each"] == 3 and r["sampler"]["step_lr"] == pytest.approx(
         common.step_lr_for(common.level_ratio(cfg["sigma_begin"], 0.01, L), 0.01, 3))
 
 
@@ -179,7 +179,7 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
                              "--classifier-cache", str(tmp_path / "clf"),
                              "--out", str(tmp_path / "e"), "--device", "cpu"])
     # ncsnv2 spends L x T + 1 (denoising): --nfe 4 buys no T on its 4 levels and is skipped with a line, not overspent
-    assert [(r["sampler"]["n_steps_each"], r["nfe"]) for r in results] == [(1, 4), (2, 8), (2, 9)]
+    assert [(r["sampler"]["steps_each"], r["nfe"]) for r in results] == [(1, 4), (2, 8), (2, 9)]
     assert "--nfe 4 is too few for --sampler als" in capsys.readouterr().out
     for r in results:
         c = r

@@ -11,9 +11,11 @@ import torch
 
 import checkpoints
 import common
+import evaluate
 import samplers
 import sample
-from conftest import ROOT
+import train_mnist
+from conftest import ROOT, write_mnist
 
 
 def test_langevin_dynamics_reaches_a_gaussian():
@@ -36,7 +38,7 @@ def test_annealed_langevin_reaches_the_last_level_gaussian():
     x0 = torch.rand(20000, 2) * 16 - 8
     step_lr = 0.02                              # alpha_0 = 2 < 2 v_0 = 4: stable at every level
     ends = {}
-    x = common.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=300, step_lr=step_lr,
+    x = common.annealed_langevin_dynamics(score, x0, sigmas, steps_each=300, step_lr=step_lr,
                                           callback=lambda i, step, x, s: ends.__setitem__(i, x))
     levels = [ends[i] for i in range(5)]
     v = s2 + sigmas[-1].item() ** 2
@@ -85,14 +87,14 @@ def test_annealed_langevin_steps_levels_and_denoising():
     def callback(i, t, x, s):
         calls.append((i, t))
         ends[i] = x
-    x = common.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01, randn_like=zero_noise,
+    x = common.annealed_langevin_dynamics(score, x0, sigmas, steps_each=4, step_lr=0.01, randn_like=zero_noise,
                                           callback=callback)
     assert calls == [(i, t) for i in range(3) for t in range(4)]
     # with no noise each step adds alpha_i * (i + 1), alpha_i = 0.01 (sigma_i / 0.1)^2
     want = sum(4 * 0.01 * (s / 0.1) ** 2 * (i + 1) for i, s in enumerate([1.0, 0.5, 0.1]))
     assert torch.allclose(x, torch.full_like(x, want), rtol=1e-5)
     assert torch.allclose(ends[0], torch.full_like(x, 4 * 0.01 * 100 * 1), rtol=1e-5)
-    xd = common.annealed_langevin_dynamics(score, x0, sigmas, n_steps_each=4, step_lr=0.01,
+    xd = common.annealed_langevin_dynamics(score, x0, sigmas, steps_each=4, step_lr=0.01,
                                            randn_like=zero_noise, denoise=True)
     assert torch.allclose(xd, x + 0.1 ** 2 * 3, rtol=1e-5)   # x + sigma_L^2 s(x, L-1)
 
@@ -102,19 +104,19 @@ def test_annealed_langevin_is_reproducible_with_a_generator():
     def run(seed):
         g = torch.Generator().manual_seed(seed)
         rl = lambda x: torch.randn(x.shape, generator=g)
-        return common.annealed_langevin_dynamics(net, torch.zeros(4, 3), [1.0, 0.1], n_steps_each=5, step_lr=0.01,
+        return common.annealed_langevin_dynamics(net, torch.zeros(4, 3), [1.0, 0.1], steps_each=5, step_lr=0.01,
                                                  randn_like=rl)
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
 
 
 def test_annealed_langevin_keeps_no_trajectory():
     """Every input the sampler hands the network must be freed: live states stay O(1)."""
-    def live_inputs(n_steps_each):
+    def live_inputs(steps_each):
         refs = []
         def score(x, sigma):
             refs.append(weakref.ref(x))
             return -x
-        common.annealed_langevin_dynamics(score, torch.rand(8, 1, 4, 4), [1.0, 0.5, 0.1], n_steps_each=n_steps_each,
+        common.annealed_langevin_dynamics(score, torch.rand(8, 1, 4, 4), [1.0, 0.5, 0.1], steps_each=steps_each,
                                           step_lr=1e-3)
         return sum(r() is not None for r in refs)
     assert live_inputs(5) == live_inputs(200) <= 2
@@ -126,7 +128,7 @@ torch.set_num_threads(1)
 n = int(sys.argv[1])
 x = torch.rand(2, 1_000_000)                         # 8 MB a state: 2 images
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-common.annealed_langevin_dynamics(lambda x, s: -x, x, [1.0, 0.5], n_steps_each=n, step_lr=1e-3)
+common.annealed_langevin_dynamics(lambda x, s: -x, x, [1.0, 0.5], steps_each=n, step_lr=1e-3)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
 
@@ -226,25 +228,40 @@ def test_norm_conditioned_networks_step_only_on_their_trained_levels():
             sample.sampler_settings(name, ck, 0, nfe=nfe, s_churn=churn)
 
 
+@pytest.mark.cli
 def test_a_new_sampler_is_one_function_and_one_table_entry(monkeypatch, tmp_path):
-    """Register a toy sampler (x -> x + sum of scores, one NFE a level) and run it through sample.py."""
-    def toy(model, x, sigmas, *, randn_like=torch.randn_like, callback=None, scale=1.0):
+    """Register a toy sampler with a setting no other sampler has (x -> x + shrink * score, one NFE a level):
+    with no other change its setting is a flag of sample.py and evaluate.py (a grid of values), each value
+    lands in its own fingerprinted folder, and it draws the training figures."""
+    def toy(model, x, sigmas, *, randn_like=torch.randn_like, callback=None, shrink=0.0):
         for i in range(len(sigmas)):
             score = model(x, sigmas[i].expand(len(x)))
-            x = x + scale * 0 * score
+            x = x + shrink * sigmas[i] ** 2 * score
             if callback:
                 callback(i, 0, x, score)
         return x
-    monkeypatch.setitem(samplers.SAMPLERS, "toy", samplers.Sampler(toy, lambda n, **_: n, "levels",
-                                                               samplers.SAMPLERS["ancestral"].schedule))
+    monkeypatch.setitem(samplers.SAMPLERS, "toy", samplers.Sampler(toy, lambda n, **_: n,
+                                                                   samplers.levels_bought(samplers.geometric)))
     net = common.RefineNet(1, 4, 10, 28)
     ck = tmp_path / "ck" / "checkpoint.pt"
     checkpoints.write_checkpoint(dict(model=net.state_dict(), ema=None, model_args=net.model_args, step=0,
                                  config=dict(dataset="mnist", sigma_begin=1.0, sigma_end=0.01, num_levels=10)), ck)
-    [r] = sample.main(["--checkpoint", str(ck), "--sampler", "toy", "--n", "3", "--device", "cpu",
-                       "--out", str(tmp_path / "s")])
-    assert r["nfe"] == 10 and r["sampler"]["name"] == "toy" and os.path.basename(r["folder"]).startswith("toy_L10")
-    assert len(r["health"]) == 10 and os.path.exists(os.path.join(r["folder"], "grid.png"))
+    base = ["--checkpoint", str(ck), "--sampler", "toy", "--n", "3", "--device", "cpu", "--out", str(tmp_path / "s")]
+    plain, still, moved = sample.main([*base, "--shrink", "0", "0.5"]) + evaluate.main([*base, "--shrink", "1",
+                                                                                         "--metrics", "none"])
+    assert [r["nfe"] for r in (plain, still, moved)] == [10] * 3 and plain["sampler"]["name"] == "toy"
+    assert os.path.basename(plain["folder"]).startswith("toy_L10_seed0") and "shrink" not in plain["sampler"]
+    assert os.path.basename(moved["folder"]).startswith("toy_L10_shrink1_") and moved["sampler"]["shrink"] == 1.0
+    assert len({r["folder"] for r in (plain, still, moved)}) == 3 and len(plain["health"]) == 10
+    assert not torch.equal(sample.collect(plain["folder"], 3), sample.collect(moved["folder"], 3))
+    with pytest.raises(SystemExit):
+        sample.main([*base, "--shrink", "-1"])                               # the flag's type comes from the default
+    root = write_mnist(str(tmp_path / "digits"), n_train=16, n_test=4)
+    out = tmp_path / "run"
+    train_mnist.main(["--data-root", root, "--out", str(out), "--ngf", "4", "--num-workers", "0", "--batch-size", "8",
+                      "--iters", "1", "--n-samples", "2", "--device", "cpu", "--sampler", "toy"])
+    assert (out / "samples_1.png").exists() and (out / "process_1.png").exists()
+
 
 #----------------------------------------------------------------------------
 # Inpainting (Algorithm 2).
@@ -262,16 +279,17 @@ def test_inpainting_samples_the_conditional_of_a_gaussian():
     known = torch.full((n, 2), a, dtype=torch.float64)
     mask = torch.tensor([True, False])
     x = common.annealed_langevin_inpainting(score, torch.rand(n, 2, dtype=torch.float64), known, mask, sigmas,
-                                            n_steps_each=200, step_lr=2e-5 * 2)
+                                            steps_each=200, step_lr=2e-5 * 2)
     assert torch.allclose(x[:, 0], torch.full((n,), a, dtype=torch.float64), atol=0.05)   # a + sigma_L z
     assert abs(x[:, 1].mean().item() - r * a) < 0.02 and abs(x[:, 1].var().item() - (1 - r * r)) < 0.02
     # with no noise the known pixels are exactly the known values
     zero = lambda t: torch.zeros_like(t)
     x = common.annealed_langevin_inpainting(score, torch.rand(4, 2, dtype=torch.float64), known[:4], mask, sigmas,
-                                            n_steps_each=3, step_lr=1e-4, randn_like=zero)
+                                            steps_each=3, step_lr=1e-4, randn_like=zero)
     assert torch.equal(x[:, 0], known[:4, 0])
 
 
+@pytest.mark.cli
 def test_a_sampler_s_own_flags_apply_to_it_alone(tmp_path, capsys):
     """In a grid of samplers each takes its own settings (--steps-each: als; --s-churn: heun); a flag that no
     sampler asked for takes is refused before any work, naming the flag."""
@@ -282,7 +300,7 @@ def test_a_sampler_s_own_flags_apply_to_it_alone(tmp_path, capsys):
     base = ["--checkpoint", str(ck), "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]
     results = sample.main([*base, "--sampler", "als", "heun", "--steps-each", "1", "--s-churn", "0"])
     assert [(r["sampler"]["name"], r["nfe"]) for r in results] == [("als", 10), ("heun", 19)]
-    assert results[0]["sampler"]["n_steps_each"] == 1 and "s_churn" not in results[1]["sampler"]
+    assert results[0]["sampler"]["steps_each"] == 1 and "s_churn" not in results[1]["sampler"]
     [plain] = sample.main([*base, "--sampler", "heun"])              # --s-churn 0 is the default: the same folder
     assert plain["folder"] == results[1]["folder"] and plain["samples_made_now"] == 0
     with pytest.raises(SystemExit) as e:
