@@ -5,7 +5,7 @@
     python bench.py --official ../ncsn                # side by side with ermongroup/ncsn's network (a checkout)
     python bench.py --device cuda --batch-size 128 --compile --json runs/bench/h100.json
 
-Times the training loop's own step (train.train_step: the DSM or SSM loss of train.OBJECTIVES,
+Times the training loop's own step (train.train_step: the DSM or SSM loss of losses.OBJECTIVES,
 backward, Adam) on a fixed synthetic batch, and one sampler step (a network evaluation and the Langevin
 update), each the median of --repeats runs after --warmup untimed ones (CUDA is synchronised
 around each; the CPU needs no sync). Peak memory: the CUDA allocator's peak, or on the CPU the
@@ -23,6 +23,7 @@ import torch
 import checkpoints
 import common
 import data
+import losses
 import sample
 import samplers
 import train
@@ -127,8 +128,8 @@ def bench_one(config, impl, args, device):
     compiled = torch.compile(model) if args.compile else model
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     x = torch.rand(B, *ck.shape, device=device)
-    loss = getattr(train, args.objective)            # train.OBJECTIVES' dsm or ssm, at its defaults
-    draws = train.step_draws(0, 0, x.shape, ck.sigmas.to(device), train.OBJECTIVES[args.objective].needs)
+    loss = losses.OBJECTIVES[args.objective].loss      # dsm or ssm, at its defaults
+    draws = losses.step_draws(0, 0, x.shape, ck.sigmas.to(device), losses.OBJECTIVES[args.objective].needs)
     step = lambda m: train.train_step(m, opt, x, draws, loss, amp=args.amp == "bf16")
     forward = lambda: model(x, draws["sigma"])
     def sample_step():   # one network evaluation and one Langevin update

@@ -23,6 +23,7 @@ import time
 
 import samplers
 import data
+import figures
 import metrics
 import sample
 import utils
@@ -125,7 +126,7 @@ def run_name(path):
 
 def save_level_loss_figure(path, jobs, losses):
     """--level-loss: each checkpoint's test DSM loss against sigma (log-log), a line per checkpoint."""
-    plt = utils.pyplot()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for j in {j.ck.path: j for j in jobs if j.ck.path in losses}.values():
         loss, trained = losses[j.ck.path], j.ck.sigmas
@@ -134,7 +135,7 @@ def save_level_loss_figure(path, jobs, losses):
                 label=run_name(j.ck.path) + (" (EMA)" if j.ck.ema else ""))
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("noise level sigma")
     ax.set_ylabel("test DSM loss (eq. 5, lambda = sigma^2)"), ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
-    utils.save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 def save_sweep_figure(path, results):
@@ -142,7 +143,7 @@ def save_sweep_figure(path, results):
     keys = [k for s in metrics.SCORERS.values() for k in s.sweep if any(r.get(k) is not None for r in results)]
     if not keys:
         return
-    plt = utils.pyplot()
+    plt = figures.pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys) + 3, 4.2), squeeze=False)
     groups = {}
     for r in results:
@@ -159,7 +160,7 @@ def save_sweep_figure(path, results):
         ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample"), ax.set_title(metrics.NAMES[k])
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))      # beside the plots, not on them
-    utils.save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 @utils.command()

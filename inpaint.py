@@ -30,6 +30,7 @@ from tqdm import tqdm
 import checkpoints
 import common
 import data
+import figures
 import samplers
 import metrics
 import utils
@@ -118,7 +119,7 @@ def save_figure(path, images, known, completions):
     occluded = torch.where(known, images.float() / 255, torch.full_like(images.float(), 0.5))
     # (N, K + 2, C, H, W): the occluded input, the completions, the original
     rows = torch.cat([occluded[:, None], completions.float() / 255, images[:, None].float() / 255], 1)
-    utils.save_image_grid(path, rows.flatten(0, 1), nrow=rows.shape[1])
+    figures.save_image_grid(path, rows.flatten(0, 1), nrow=rows.shape[1])
 
 
 def label_agreement(images, known, completions, mean_image, data_root, device, cache, seed=SEED):
@@ -144,7 +145,7 @@ def write_outputs(args, folder, images, known, completions, device):
     if args.png:
         for (i, j) in np.ndindex(*completions.shape[:2]):
             png = os.path.join(folder, "png", f"{i:05d}_{j:02d}.png")
-            utils.save_image_grid(png, completions[i, j:j + 1] / 255, 1)
+            figures.save_image_grid(png, completions[i, j:j + 1] / 255, 1)
     result = dict(mask=args.mask, share_to_fill=(~known).float().mean().item(), n_images=len(images), folder=folder)
     if args.classifier:
         mean_image = (data.load_images("mnist", True, args.data_root).float().mean(0) + 0.5).to(torch.uint8)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import common
+import figures
 import utils
 
 #----------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def mode_fractions(x):
 
 
 def plot(path, samples, metrics, settings):
-    plt = utils.pyplot()
+    plt = figures.pyplot()
 
     t = torch.linspace(-BOUND, BOUND, 161)
     yy, xx = torch.meshgrid(t, t, indexing="ij")
@@ -95,7 +96,7 @@ def plot(path, samples, metrics, settings):
         ax.set_title(titles[name], fontsize=13)
     fig.suptitle(f"p = 0.2 N((-5,-5), I) + 0.8 N((5,5), I); eps = {settings['eps']:g}, sigmas "
                  f"{settings['sigma_begin']:g} to {settings['sigma_end']:g}", fontsize=12)
-    utils.save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 @utils.command()

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import checkpoints
 import common
 import data
+import figures
 import utils
 
 #----------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def summary(losses, tail):
 
 
 def save_plot(path, losses, args):
-    plt = utils.pyplot()
+    plt = figures.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     titles = {"no_noise": "data as they are", "noise": f"data + N(0, {args.noise_std ** 2:g})"}
     w = max(1, min(100, len(losses["noise"]) // 20))
@@ -108,7 +109,7 @@ def save_plot(path, losses, args):
                  f"and off it (variance over the last {args.tail:.0%}: no noise "
                  f"{summary(losses['no_noise'], args.tail)['tail_variance'] or float('nan'):.3g}, "
                  f"noise {summary(losses['noise'], args.tail)['tail_variance'] or float('nan'):.3g})")
-    utils.save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 MAY_CHANGE = ("iters", "save_every", "tail", "device", "out", "resume", "data_root")   # on --resume

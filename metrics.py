@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import checkpoints
 import common
 import data
+import figures
 import health
 import sample
 import utils
@@ -330,7 +331,7 @@ def save_nearest(path, samples, train_images, k, inception_net=None, device="cpu
         embed = lambda x: features(inception_net, x, device)[0]
         rows.append(train_images[nearest_neighbours(samples, train_images, k, embed)])
     grid = torch.cat(rows, 1)                                     # (G, 1 + k (+ k), C, H, W)
-    utils.save_image_grid(path, grid.flatten(0, 1).float() / 255, nrow=grid.shape[1])
+    figures.save_image_grid(path, grid.flatten(0, 1).float() / 255, nrow=grid.shape[1])
 
 
 @torch.no_grad()

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import glob
 import itertools
-import inspect
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 import checkpoints
 import data
+import figures
 import health
 import samplers
 import utils
@@ -241,7 +241,7 @@ def save_process(folder, settings, fp):
     first = [path for (a, b), path in shards(folder, fp).items() if a == 0]
     with np.load(first[0]) as f:
         levels = list(torch.from_numpy(f["levels"]))
-    utils.save_process_figure(os.path.join(folder, "process.png"), levels, list(settings.sigmas),
+    figures.save_process_figure(os.path.join(folder, "process.png"), levels, list(settings.sigmas),
                               title=f"{settings.name}: state at the end of each level")
 
 
@@ -375,7 +375,7 @@ def make(job, args, device, stop=None):
     ck.model.cpu()
     *means, non_finite = health.health_means(covering(job.folder, args.n, job.fp))
     grid = collect(job.folder, min(100, args.n), job.fp)
-    utils.save_image_grid(os.path.join(job.folder, "grid.png"), grid.float() / 255,
+    figures.save_image_grid(os.path.join(job.folder, "grid.png"), grid.float() / 255,
                           nrow=int(math.ceil(math.sqrt(len(grid)))))
     save_process(job.folder, settings, job.fp)
     if args.png:

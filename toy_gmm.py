@@ -19,6 +19,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import common
+import figures
 import utils
 
 #----------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def score_errors(net, generator, n_data=10_000, n_grid=101):
 
 
 def plot(path, net, losses, metrics):
-    plt = utils.pyplot()
+    plt = figures.pyplot()
 
     fine = grid(201)
     dens = common.toy_log_prob(fine).exp().reshape(201, 201).numpy()
@@ -122,7 +123,7 @@ def plot(path, net, losses, metrics):
     fig.suptitle(f"Score error under p: {metrics['fisher_divergence']:.3g};  far from the data "
                  f"(red circles: {FAR:g} sd around the modes): {metrics['mse_low_density']:.3g} "
                  f"({metrics['low_to_data_ratio']:.0f}x)", fontsize=13)
-    utils.save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 @utils.command()

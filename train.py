@@ -20,14 +20,13 @@ import functools
 import math
 import os
 import types
-from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
 
 import common
 import data
-import edm
+import losses
 import samplers
 import train_io
 import utils
@@ -38,7 +37,6 @@ from train_io import LOG_EVERY, TrainError  # noqa: F401  (train.TrainError, tra
 # help; the per-data-set defaults (channels, image size, flips, ngf) are data.DATASETS.
 
 ITERS = 200_000      # the paper's optimizer steps, when neither --iters nor --epochs is given
-P_MEAN, P_STD = -1.2, 1.2   # EDM's ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1)
 TEST_EVERY = 100     # steps between test losses (the official code's)
 EXIT_STOPPED = 3     # exit status of a run stopped by a signal: continue it with --resume
 
@@ -53,11 +51,11 @@ RECIPES = {   # what a recipe gives each of these flags when it is not given
                  conditioning="norm", objective="dsm", ema=0.0, ema_warmup=False, dequantize=True,
                  steps_each=common.STEPS_EACH, step_lr=common.STEP_LR, denoise=False, sampler="als", nfe=None,
                  s_churn=0.0),
-    # NCSNv2's techniques 1-5; its figures and evaluate.py: issue 18's best measured sampler (docs/samplers.md)
+    # NCSNv2's techniques 1-5; its figures and evaluate.py: the best measured sampler (docs/samplers.md)
     "ncsnv2": dict(lr=1e-4, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels="auto", conditioning="scale",
                    objective="dsm", ema=0.999, ema_warmup=False, dequantize=False, steps_each=5, step_lr="auto",
                    denoise=True, sampler="heun", nfe=35, s_churn=10.0),
-    # EDM's preconditioning, loss and sampler (issue 19)
+    # EDM's preconditioning, loss and sampler (docs/edm.md)
     "edm": dict(lr=1e-3, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels=18, conditioning="continuous",
                 objective="edm", sigma_data="auto", ema=0.999, ema_warmup=True, dequantize=False, steps_each=1,
                 step_lr="auto", denoise=False, sampler="heun", nfe=None, s_churn=0.0),
@@ -96,14 +94,14 @@ class TrainConfig:
                                  choices=["norm", "scale", "continuous"])
     objective: str = _setting(None, "dsm: denoising score matching (eq. 5-6); ssm: annealed sliced score matching "
                               "(SSM-VR per level, weighted by sigma^2); edm: EDM's loss, ln sigma ~ N(--p-mean, "
-                              "--p-std^2), continuous conditioning only (train.OBJECTIVES)",
-                              choices=lambda: list(OBJECTIVES))
+                              "--p-std^2), continuous conditioning only (losses.OBJECTIVES)",
+                              choices=lambda: list(losses.OBJECTIVES))
     sigma_data: float = _setting(None, "continuous conditioning: the data's standard deviation in the "
                                  "preconditioning; auto: measured on the training set",
                                  type=utils.number_or_auto(utils.positive_float))
-    p_mean: float = _setting(P_MEAN, "EDM's P_mean: ln sigma's mean (--objective edm, --sigma-dist lognormal)",
+    p_mean: float = _setting(losses.P_MEAN, "EDM's P_mean: ln sigma's mean (--objective edm, --sigma-dist lognormal)",
                              type=utils.finite_float)
-    p_std: float = _setting(P_STD, "EDM's P_std: ln sigma's standard deviation", type=utils.positive_float)
+    p_std: float = _setting(losses.P_STD, "EDM's P_std: ln sigma's standard deviation", type=utils.positive_float)
     sigma_dist: str = _setting("uniform", "the noise level of each training image: uniform over the levels (eq. 6), or "
                                "lognormal: EDM's ln sigma ~ N(--p-mean, --p-std^2) on the levels (Karras et al. 2022)",
                                choices=["uniform", "lognormal"])
@@ -228,83 +226,22 @@ def run_length(cfg, steps_per_epoch):
     return min(limits) if limits else (ITERS, f"the paper's {ITERS:,} steps")
 
 #----------------------------------------------------------------------------
-# Noise draws: every random draw is fixed by (seed, step).
-
-def level_probs(sigmas, dist, p_mean=P_MEAN, p_std=P_STD):
-    """Each level's probability in a training draw: None for uniform (the paper's); for lognormal,
-    the N(p_mean, p_std^2) density of ln sigma (EDM's P_mean, P_std), which needs no Jacobian because
-    the levels are evenly spaced in ln sigma. It puts the training where samples take shape
-    (sigma 0.1 to 1 on [0, 1] images) rather than on technique 1's sigma 1 to 16."""
-    if dist == "uniform":
-        return None
-    p = torch.exp(-0.5 * ((torch.log(sigmas.double()) - p_mean) / p_std) ** 2)
-    return (p / p.sum()).float()
-
-
-def step_draws(seed, step, shape, sigmas, needs=(), probs=None, stream=0):
-    """The random draws of a global batch of `shape` at `step`, fixed by (seed, step, stream) through
-    utils.stable_seed, the same whatever the number of processes, accumulation steps or restarts: a
-    dict of 'sigma' (B,) (one of the levels `sigmas` each: uniform, or with level_probs' `probs`),
-    'u' (dequantisation noise), 'noise' z, 'flip' (B,) and the objective's `needs`: 'vectors'
-    (shaped like the images: ssm's projections) or 'normal' (B,: edm's N(0, 1) per image)."""
-    device = sigmas.device
-    g = torch.Generator(device=device).manual_seed(utils.stable_seed(seed, step, stream))
-    labels = (torch.randint(len(sigmas), (shape[0],), generator=g, device=device) if probs is None  # one level each
-              else torch.multinomial(probs.to(device), shape[0], replacement=True, generator=g))
-    out = dict(sigma=sigmas[labels], u=torch.rand(shape, generator=g, device=device),
-               noise=torch.randn(shape, generator=g, device=device),
-               flip=torch.rand(shape[0], generator=g, device=device) < 0.5)
-    for name in needs:
-        out[name] = torch.randn(shape if name == "vectors" else shape[:1], generator=g, device=device)
-    return out
-
-#----------------------------------------------------------------------------
-# Objectives (EDM's loss.py): loss(model, x, draws, **options) -> per-image losses, model behind the
-# contract model(x, sigma); `draws` as step_draws makes them; `needs` the draws beyond sigma and noise;
-# `options` the TrainConfig fields passed to it as keywords.
-
-def dsm(model, x, draws, anneal_power=2.0):
-    """Annealed DSM (eq. 5-6): the level drawn per image, lambda = sigma^anneal_power."""
-    return common.dsm_loss(model, x, draws["sigma"], draws["noise"], anneal_power)
-
-
-def ssm(model, x, draws):
-    """Annealed sliced score matching (SSM-VR per level, weighted by sigma^2)."""
-    return common.annealed_ssm_loss(model, x, draws["sigma"], draws["noise"], draws["vectors"])
-
-
-def edm_objective(model, x, draws, p_mean=P_MEAN, p_std=P_STD, sigma_data=0.5):
-    """EDM's loss at ln sigma = p_mean + p_std n, n ~ N(0, 1): any sigma, not the levels."""
-    return edm.edm_loss(model, x, torch.exp(p_mean + p_std * draws["normal"]), sigma_data, draws["noise"])
-
-
-class Objective(NamedTuple):
-    loss: Callable
-    needs: tuple = ()
-    options: tuple = ()
-
-
-OBJECTIVES = {
-    "dsm": Objective(dsm, (), ("anneal_power",)),
-    "ssm": Objective(ssm, ("vectors",)),
-    "edm": Objective(edm_objective, ("normal",), ("p_mean", "p_std", "sigma_data")),
-}
-
+# A batch and its draws, the objective of a config.
 
 def objective(cfg):
     """(loss(model, x, draws) of cfg's --objective with its options bound, the draws it needs)."""
-    spec = OBJECTIVES[cfg.objective]
+    spec = losses.OBJECTIVES[cfg.objective]
     return functools.partial(spec.loss, **{k: getattr(cfg, k) for k in spec.options}), spec.needs
 
 
 def batch(cfg, images, step, sigmas, rank=0, world=1):
     """This process's share of a global batch at `step`: the images in [0, 1] (dequantised and
     flipped as cfg says) and their draws (step_draws; the others' shares are drawn too, unused)."""
-    needs = OBJECTIVES[cfg.objective].needs
-    probs = level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std)
+    needs = losses.OBJECTIVES[cfg.objective].needs
+    probs = losses.level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std)
     lo, n = rank * len(images), len(images)
-    draws = {k: v[lo:lo + n] for k, v in step_draws(cfg.seed, step, (n * world, *images.shape[1:]), sigmas, needs,
-                                                       probs).items()}
+    everyone = losses.step_draws(cfg.seed, step, (n * world, *images.shape[1:]), sigmas, needs, probs)
+    draws = {k: v[lo:lo + n] for k, v in everyone.items()}
     x = data.to_unit(images, draws["u"] if cfg.dequantize else None)
     if data.DATASETS[cfg.dataset]["flip"]:
         x = torch.where(draws["flip"][:, None, None, None], x.flip(3), x)
@@ -341,8 +278,8 @@ def test_loss(model, test_images, sigmas, step, cfg, device):
     t = (step // TEST_EVERY) % max(1, len(test_images) // B)
     images = test_images[t * B:(t + 1) * B].to(device)
     loss, needs = objective(cfg)
-    draws = step_draws(cfg.seed, step, images.shape, sigmas, needs,
-                       level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std), stream=1)
+    draws = losses.step_draws(cfg.seed, step, images.shape, sigmas, needs,
+                       losses.level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std), stream=1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
         return loss(model, data.to_unit(images, draws["u"] if cfg.dequantize else None), draws).mean().item()
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 import checkpoints
 import common
 import data
+import figures
 import sample
 import samplers
 import utils
@@ -115,25 +116,6 @@ def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_arg
                          "written before are intact (checkpoint.pt is the last complete one): make room, then --resume")
 
 
-def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
-    """The loss against steps, train (per step and smoothed) and test (Fig. 3)."""
-    import numpy as np
-    plt = utils.pyplot()
-    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
-    test = [(r["step"], r["test_loss"]) for r in rows if r["test_loss"] != ""]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(steps, loss, color="0.8", lw=0.5, label="train (per step)")
-    w = max(1, min(len(loss) // 20, 500))
-    if len(loss) >= w > 1:
-        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), color="C0",
-                label=f"train (mean of {w})")
-    if test:
-        ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
-    ax.set_yscale("log" if loss.min() > 0 else "linear"), ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.legend()
-    ax.grid(alpha=0.3)
-    utils.save_figure(fig, path)
-
-
 def figure_record(cfg, net=None):
     """The figures' checkpoint record (checkpoints.record) of a resolved config; without `net`, of
     the network the config describes (to check the figures' sampler before training)."""
@@ -181,10 +163,10 @@ def save_sample_figures(net, cfg, step, rows, device, stop):
             raise
         raise TrainError(f"out of memory sampling the figures' {cfg.n_samples} images at step {step} "
                          f"({utils.first_line(e)[:60]}); use a smaller --n-samples, then --resume") from None
-    utils.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
-    utils.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), [levels[i] for i in sorted(levels)],
+    figures.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
+    figures.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), [levels[i] for i in sorted(levels)],
                               list(settings.sigmas), title=f"{cfg.sampler}: state at the end of each level")
-    save_loss_figure(os.path.join(cfg.out, "loss.png"), rows, f"annealed {cfg.objective.upper()} loss")
+    figures.save_loss_figure(os.path.join(cfg.out, "loss.png"), rows, f"annealed {cfg.objective.upper()} loss")
     return True
 
 #----------------------------------------------------------------------------

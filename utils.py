@@ -18,7 +18,6 @@ import contextlib
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from startup import EXIT_INTERRUPTED       # 130: a script stopped by Ctrl-C or SIGTERM outside training's loop
 
@@ -131,7 +130,7 @@ def check_out(path, flag="--out"):
 
 def slow_bf16(device, cpuinfo=None):
     """Why --amp bf16 would crawl on `device`, or None: a CPU without native bf16 (no avx512_bf16 or
-    amx_bf16 flag, e.g. an AVX2-only EPYC) emulates it, about 12x slower than fp32 (issue 20)."""
+    amx_bf16 flag, e.g. an AVX2-only EPYC) emulates it, about 12x slower than fp32 (docs/speed.md)."""
     if device.type != "cpu":
         return None
     if cpuinfo is None:
@@ -200,57 +199,35 @@ def set_aside(path, why):
     return new
 
 
-def _positive(cast, what):
+def _number(cast, what, ok=lambda v: True):
+    """An argparse type: `text` as a finite number (cast) for which ok(value) holds, else refused with
+    a message naming what was expected and the value given. Integers stay below 2^63 (int64: torch's
+    integers and stable_seed's, and any run's length)."""
     def parse(text):
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text}")
-        if cast is int and value >= 2 ** 63:   # beyond torch's int64 (and any run's length)
-            raise argparse.ArgumentTypeError(f"expected a positive {what} below 2^63, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if cast is int and value >= 2 ** 63:
+            raise argparse.ArgumentTypeError(f"expected {what} below 2^63, got {text}")
+        if not (cast is int or math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return value
     return parse
 
 
-positive_int = _positive(int, "integer")        # argparse types: refused with a message naming the value
-positive_float = _positive(float, "number")     # finite and > 0
+positive_int = _number(int, "a positive integer", lambda v: v > 0)
+count = _number(int, "an integer >= 0", lambda v: v >= 0)
+seed = _number(int, "a seed, an integer from 0 to 2^63 - 1", lambda v: v >= 0)
+positive_float = _number(float, "a positive number", lambda v: v > 0)
+nonnegative_float = _number(float, "a number >= 0", lambda v: v >= 0)
+finite_float = _number(float, "a finite number")
+rate = _number(float, "a rate in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def number_or_auto(parse):
     """argparse type: `parse`'s value, or the word 'auto' (an NCSNv2 technique chooses the value)."""
     return lambda text: "auto" if text == "auto" else parse(text)
-
-
-def seed(text):
-    """argparse type: a seed, an integer in [0, 2^63) (stable_seed hashes it as a signed 64-bit number)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a seed, an integer from 0 to 2^63 - 1, got {text!r}") from None
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2^63 - 1, got {text}")
-    return value
-
-
-def finite_float(text):
-    """argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def nonnegative_float(text):
-    """argparse type: a finite number >= 0."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
 
 
 def device_name(text):
@@ -260,22 +237,6 @@ def device_name(text):
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
-
-
-def rate(text):
-    """argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text}")
-    return value
-
-
-def count(text):
-    """argparse type: an integer >= 0."""
-    return 0 if text.strip() == "0" else positive_int(text)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -481,56 +442,3 @@ class SampleNoise:
 
     def randn_like(self, t):
         return torch.stack([torch.randn(t.shape[1:], generator=g, device=self.device) for g in self.gens])
-
-
-#----------------------------------------------------------------------------
-# Figure helpers shared by the scripts (matplotlib, PIL and torchvision are imported on use).
-
-def save_figure(fig, path, dpi=110):
-    """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-
-
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend (no screen needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_image_grid(path, images, nrow):
-    """images (N, C, H, W) in [0, 1] (clamped) -> one PNG grid, written atomically; tiles under
-    64 pixels are enlarged (nearest neighbour) so that 28x28 digits can be seen."""
-    import torchvision
-    from PIL import Image
-    images = images.detach().float().clamp(0, 1).cpu()
-    scale = max(1, round(64 / images.shape[-1]))
-    images = F.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
-    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    with atomic_path(path) as tmp:
-        Image.fromarray((grid.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()).save(tmp)
-
-
-def save_process_figure(path, levels, sigmas, rows=8, columns=10,
-                        title="Annealed Langevin dynamics: state at the end of each level"):
-    """The generation process (Figs. 4b, 5b): one row per sample, one column per noise level (at
-    most `columns`, evenly spaced, the last level always shown)."""
-    import torchvision
-    plt = pyplot()
-    keep = sorted({len(levels) - 1 - round(k * (len(levels) - 1) / (columns - 1)) for k in range(columns)})
-    levels, sigmas = [levels[i] for i in keep], [sigmas[i] for i in keep]
-    L, n = len(levels), min(rows, len(levels[0]))
-    tiles = torch.stack([lv[:n].float().clamp(0, 1).cpu() for lv in levels], 1).flatten(0, 1)   # (n*L, C, H, W)
-    grid = torchvision.utils.make_grid(tiles, nrow=L, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()
-    w = levels[0].shape[-1] + 2
-    fig, ax = plt.subplots(figsize=(1.0 * L + 0.6, 1.0 * n + 0.8))
-    ax.imshow(grid, cmap="gray" if grid.shape[2] == 1 else None)
-    ax.set_xticks([w * (i + 0.5) for i in range(L)], [f"{float(s):.3g}" for s in sigmas], fontsize=8)
-    ax.set_yticks([]), ax.set_xlabel(r"end of noise level $\sigma_i$")
-    ax.set_title(title)
-    save_figure(fig, path, dpi=100)

@@ -1,4 +1,4 @@
-"""EDM's preconditioning, continuous conditioning and loss (issue 19): the coefficients against their
+"""EDM's preconditioning, continuous conditioning and loss: the coefficients against their
 closed forms, the denoiser's score against the exact score of a Gaussian data set, the loss weight's
 unit-variance target, and the continuous RefineNet."""
 import math

@@ -1,5 +1,5 @@
 """Bad values for flags that every script shares: refused with status 2 and one line, before any file
-is written (issue 20's battery, first part: seeds)."""
+is written (with tests/test_battery.py)."""
 import importlib
 import json
 import os

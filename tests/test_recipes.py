@@ -12,6 +12,7 @@ import common
 import edm
 import data
 import evaluate
+import losses
 import sample
 import mnist_classifier
 import train
@@ -101,7 +102,7 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
     assert torch.allclose(ck.model.net.sigmas, common.geometric_sigmas(cfg["sigma_begin"], 0.01, L))
     assert (ck.recipe, ck.sampler, ck.nfe, ck.settings["s_churn"], ck.settings["steps_each"]) == \
         ("ncsnv2", "heun", 35, 10.0, 5)
-    # evaluate.py needs no flags: the recipe's sampler (issue 18's best: Heun, S_churn 10, 35 NFE), as the figures
+    # evaluate.py needs no flags: the recipe's sampler (the best measured: Heun, S_churn 10, 35 NFE), as the figures
     assert (cfg["sampler"], cfg["nfe"], cfg["s_churn"]) == ("heun", 35, 10.0)
     assert "(heun, 35 network evaluations each)" in capsys.readouterr().out
     [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "3", "--batch-size", "3",
@@ -125,17 +126,17 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
 
 def test_lognormal_levels_follow_edm_s_density_and_uniform_stays_the_paper_s():
     sigmas = common.geometric_sigmas(16.07, 0.01, 95)
-    assert train.level_probs(sigmas, "uniform") is None                 # randint: the paper's draws, unchanged
-    p = train.level_probs(sigmas, "lognormal")
+    assert losses.level_probs(sigmas, "uniform") is None                 # randint: the paper's draws, unchanged
+    p = losses.level_probs(sigmas, "lognormal")
     assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert sigmas[p.argmax()].item() == pytest.approx(math.exp(-1.2), rel=0.05)    # the mode of N(-1.2, 1.2^2)
     assert p[sigmas > 1].sum().item() == pytest.approx(0.16, abs=0.01)  # P(ln sigma > 0) = 1 - Phi(1)
-    drawn = torch.cat([train.step_draws(0, s, (512, 1, 2, 2), sigmas, probs=p)["sigma"] for s in range(40)])
+    drawn = torch.cat([losses.step_draws(0, s, (512, 1, 2, 2), sigmas, probs=p)["sigma"] for s in range(40)])
     labels = (drawn[:, None] == sigmas[None]).float().argmax(1)          # each draw is one of the levels
     assert torch.equal(sigmas[labels], drawn)
     freq = torch.bincount(labels, minlength=95).float() / len(labels)
     assert (freq - p).abs().max().item() < 0.01 and freq[sigmas > 1].sum().item() == pytest.approx(0.16, abs=0.01)
-    a, b = (train.step_draws(3, 7, (64, 1, 2, 2), sigmas, probs=p)["sigma"] for _ in range(2))
+    a, b = (losses.step_draws(3, 7, (64, 1, 2, 2), sigmas, probs=p)["sigma"] for _ in range(2))
     assert torch.equal(a, b)                                             # fixed by (seed, step)
 
 

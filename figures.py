@@ -1,0 +1,76 @@
+"""Figures shared by the scripts, each written atomically: image grids, the generation process
+(Figs. 4b, 5b), the loss curve (Fig. 3). matplotlib, PIL and torchvision are imported on use.
+"""
+import torch
+import torch.nn.functional as F
+
+from utils import atomic_path
+
+
+def save_figure(fig, path, dpi=110):
+    """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no screen needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_image_grid(path, images, nrow):
+    """images (N, C, H, W) in [0, 1] (clamped) -> one PNG grid, written atomically; tiles under
+    64 pixels are enlarged (nearest neighbour) so that 28x28 digits can be seen."""
+    import torchvision
+    from PIL import Image
+    images = images.detach().float().clamp(0, 1).cpu()
+    scale = max(1, round(64 / images.shape[-1]))
+    images = F.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    with atomic_path(path) as tmp:
+        Image.fromarray((grid.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()).save(tmp)
+
+
+def save_process_figure(path, levels, sigmas, rows=8, columns=10,
+                        title="Annealed Langevin dynamics: state at the end of each level"):
+    """The generation process (Figs. 4b, 5b): one row per sample, one column per noise level (at
+    most `columns`, evenly spaced, the last level always shown)."""
+    import torchvision
+    plt = pyplot()
+    keep = sorted({len(levels) - 1 - round(k * (len(levels) - 1) / (columns - 1)) for k in range(columns)})
+    levels, sigmas = [levels[i] for i in keep], [sigmas[i] for i in keep]
+    L, n = len(levels), min(rows, len(levels[0]))
+    tiles = torch.stack([lv[:n].float().clamp(0, 1).cpu() for lv in levels], 1).flatten(0, 1)   # (n*L, C, H, W)
+    grid = torchvision.utils.make_grid(tiles, nrow=L, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()
+    w = levels[0].shape[-1] + 2
+    fig, ax = plt.subplots(figsize=(1.0 * L + 0.6, 1.0 * n + 0.8))
+    ax.imshow(grid, cmap="gray" if grid.shape[2] == 1 else None)
+    ax.set_xticks([w * (i + 0.5) for i in range(L)], [f"{float(s):.3g}" for s in sigmas], fontsize=8)
+    ax.set_yticks([]), ax.set_xlabel(r"end of noise level $\sigma_i$")
+    ax.set_title(title)
+    save_figure(fig, path, dpi=100)
+
+
+def save_loss_figure(path, rows, ylabel="annealed DSM loss"):
+    """The loss against steps, train (per step and smoothed) and test (Fig. 3)."""
+    import numpy as np
+    plt = pyplot()
+    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
+    test = [(r["step"], r["test_loss"]) for r in rows if r["test_loss"] != ""]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(steps, loss, color="0.8", lw=0.5, label="train (per step)")
+    w = max(1, min(len(loss) // 20, 500))
+    if len(loss) >= w > 1:
+        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), color="C0",
+                label=f"train (mean of {w})")
+    if test:
+        ax.plot(*zip(*test), "o-", color="C3", ms=3, lw=1, label="test")
+    ax.set_yscale("log" if loss.min() > 0 else "linear"), ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
