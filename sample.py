@@ -41,9 +41,10 @@ OUT = "runs/eval"        # root of the outputs: <OUT>/<checkpoint name>/<sampler
 N = 50_000               # samples per setting (the usual protocol; model selection can use fewer)
 BATCH_SIZE = 100         # images sampled at once
 SEED = 0                 # image i uses a generator seeded by (SEED, i)
-AUTO = {"norm": ((None, "als", {}),),          # --sampler auto: per conditioning, (largest --nfe, sampler, its
-        "scale": ((100, "heun", {"s_churn": 10.0}), (None, "als", {})),        # settings unless given), the first
-        "continuous": ((None, "heun", {}),)}     # that covers the budget; measured on real digits: docs/samplers.md
+AUTO = {  # --sampler auto, per kind of model (kind): (largest --nfe, sampler, its settings unless given), the first
+    "trained levels only": ((None, "als", {}),),     # that covers the budget; measured on real digits: docs/samplers.md
+    "any sigma": ((100, "heun", {"s_churn": 10.0}), (None, "als", {})),
+    "a denoiser": ((None, "heun", {}),)}
 
 #----------------------------------------------------------------------------
 # Sampler settings: one record per setting; its `record()` is what the fingerprint hashes.
@@ -318,14 +319,20 @@ def checkpoints_of(p, patterns):
 def auto_help():
     """AUTO in words, for --help."""
     name = lambda s, kw: s + "".join(f" --{k.replace('_', '-')} {v:g}" for k, v in kw.items())
-    return "; ".join(f"a {c}-conditioned network: " + ", then ".join(
+    return "; ".join(f"a model of {c}: " + ", then ".join(
         f"{name(s, kw)} up to NFE {m}" if m else name(s, kw) for m, s, kw in rows) for c, rows in AUTO.items())
 
 
-def auto_sampler(conditioning, nfe):
-    """--sampler auto: (name, settings) of the best measured sampler of a network's conditioning at
-    an --nfe budget (AUTO)."""
-    return next((s, kw) for most, s, kw in AUTO[conditioning] if most is None or (nfe is not None and nfe <= most))
+def kind(ck):
+    """A checkpoint's model as AUTO knows it: a denoiser (EDM's), a score network of any sigma, or of its
+    trained levels only (the paper's)."""
+    return "a denoiser" if ck.model.predicts_denoised else "any sigma" if ck.any_sigma else "trained levels only"
+
+
+def auto_sampler(ck, nfe):
+    """--sampler auto: (name, settings) of the best measured sampler of a checkpoint's kind of model at an
+    --nfe budget (AUTO)."""
+    return next((s, kw) for most, s, kw in AUTO[kind(ck)] if most is None or (nfe is not None and nfe <= most))
 
 
 def plan(args, ckpts):
@@ -342,8 +349,7 @@ def plan(args, ckpts):
                                  *[getattr(args, k) if isinstance(getattr(args, k), list) else [getattr(args, k)]
                                    for k in names])
         for sampler, nfe, *values in grid:
-            sampler, chosen = (auto_sampler(ck.model_args.get("conditioning", "norm"), nfe) if sampler == "auto"
-                               else (sampler, {}))
+            sampler, chosen = auto_sampler(ck, nfe) if sampler == "auto" else (sampler, {})
             given = dict(zip(names, values))
             entry = samplers.SAMPLERS[sampler]        # the recipe's settings; one that takes 'auto' is the plan's
             recipe = {k: v for k, v in ck.settings.items() if recipes and k not in entry.auto}
