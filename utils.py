@@ -104,9 +104,8 @@ def folder_lock(folder):
 
 
 def remove_temporaries(folder):
-    """Remove the temporary files that atomic_path left in `folder` when its process was killed (its
-    naming, and the older mkstemp one; call it where this process is the folder's one writer).
-    Returns the bytes freed."""
+    """Remove the temporary files that atomic_path left in `folder` when its process was killed (call
+    it where this process is the folder's one writer). Returns the bytes freed."""
     freed = 0
     for name in os.listdir(folder):
         if re.fullmatch(re.escape(TMP_PREFIX) + r"[A-Za-z0-9_]{8}-.+", name):

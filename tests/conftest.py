@@ -37,6 +37,12 @@ def mnist_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_mnist(tmp_path_factory):
+    """64 training and 16 test digits: 4 steps an epoch in batches of 16 (the training tests count epochs)."""
+    return write_mnist(str(tmp_path_factory.mktemp("mnist64")))
+
+
+@pytest.fixture(scope="session")
 def official_reference():
     """Inputs, scores and DSM losses computed by ermongroup/ncsn on the two ngf-4 fixtures."""
     return torch.load(os.path.join(DATA, "official_reference.pt"), weights_only=True)

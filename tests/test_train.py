@@ -27,11 +27,6 @@ FAST = ["--device", "cpu"]
 TINY = ["--ngf", "4", "--num-workers", "0", "--n-samples", "4", "--steps-each", "2", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    return write_mnist(str(tmp_path_factory.mktemp("mnist")))
-
-
 @pytest.fixture
 def cifar_root(tmp_path, monkeypatch):
     import torchvision.datasets.cifar as cifar
@@ -52,10 +47,10 @@ def run(script, root, out, *extra):
     return script.main(["--data-root", root, "--out", str(out), *TINY, *extra])
 
 
-def test_mnist_end_to_end_writes_every_output(mnist_root, tmp_path, monkeypatch):
+def test_mnist_end_to_end_writes_every_output(small_mnist, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "TEST_EVERY", 5)
     out = tmp_path / "run"
-    assert run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "10", "--snapshot-every", "5",
+    assert run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "10", "--snapshot-every", "5",
                "--sample-every", "5") == 10
     names = set(os.listdir(out))
     assert {"config.json", "metrics.csv", "checkpoint.pt", "checkpoint_5.pt", "checkpoint_10.pt", "loss.png",
@@ -117,23 +112,23 @@ def test_train_step_is_annealed_dsm_on_dequantised_flipped_images():
     assert utils.stable_seed(3, 5, 0) == int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1
 
 
-def test_epochs_or_iters_the_flag_given_wins(mnist_root, tmp_path, capsys):
+def test_epochs_or_iters_the_flag_given_wins(small_mnist, tmp_path, capsys):
     # 64 training images in batches of 16: 4 steps an epoch
-    assert run(train_mnist, mnist_root, tmp_path / "a", "--batch-size", "16", "--epochs", "2") == 8
+    assert run(train_mnist, small_mnist, tmp_path / "a", "--batch-size", "16", "--epochs", "2") == 8
     assert "training to step 8 (--epochs 2 x 4 steps)" in capsys.readouterr().out
-    assert run(train_mnist, mnist_root, tmp_path / "b", "--batch-size", "16", "--epochs", "2", "--iters", "5") == 5
+    assert run(train_mnist, small_mnist, tmp_path / "b", "--batch-size", "16", "--epochs", "2", "--iters", "5") == 5
     assert "training to step 5 (--iters 5)" in capsys.readouterr().out
     assert train.run_length(train.TrainConfig(), 4) == (200_000, "the paper's 200,000 steps")
     assert train.run_length(train.TrainConfig(epochs=500), 500)[0] == 250_000     # the seed report's CIFAR-10 run
 
 
-def test_every_setting_is_one_flag_and_is_saved(mnist_root, tmp_path):
+def test_every_setting_is_one_flag_and_is_saved(small_mnist, tmp_path):
     import dataclasses
     fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
     assert {a.dest for a in train.parser()._actions} - {"help"} == fields
     assert {a.dest for a in train.parser({"dataset"})._actions} - {"help"} == fields - {"dataset"}
     out = tmp_path / "run"
-    train.main(["--dataset", "mnist", "--data-root", mnist_root, "--out", str(out), *TINY, "--batch-size", "16",
+    train.main(["--dataset", "mnist", "--data-root", small_mnist, "--out", str(out), *TINY, "--batch-size", "16",
                 "--iters", "1", "--lr", "2e-4"])
     saved = json.loads((out / "config.json").read_text())
     assert fields <= set(saved) and saved["lr"] == 2e-4 and saved["ngf"] == 4 and saved["iters"] == 1
@@ -149,13 +144,13 @@ def test_loss_goes_down_on_a_fixed_small_batch(tmp_path):
     assert sum(l[-5:]) / 5 < 0.8 * sum(l[:5]) / 5, l
 
 
-def test_resume_continues_exactly(mnist_root, tmp_path, capsys):
+def test_resume_continues_exactly(small_mnist, tmp_path, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
     args = ["--batch-size", "16", "--ema", "0.9", "--snapshot-every", "100", "--sample-every", "100"]
-    run(train_mnist, mnist_root, full, *args, "--iters", "7")
-    run(train_mnist, mnist_root, part, *args, "--iters", "3")                 # stops mid-epoch
+    run(train_mnist, small_mnist, full, *args, "--iters", "7")
+    run(train_mnist, small_mnist, part, *args, "--iters", "3")                 # stops mid-epoch
     capsys.readouterr()
-    run(train_mnist, mnist_root, part, *args, "--iters", "7", "--resume")
+    run(train_mnist, small_mnist, part, *args, "--iters", "7", "--resume")
     assert "at step 3 (epoch 0, batch 3)" in capsys.readouterr().out
     assert loss_column(part) == loss_column(full) and len(loss_column(full)) == 7
     for key in ["model", "ema"]:
@@ -165,9 +160,9 @@ def test_resume_continues_exactly(mnist_root, tmp_path, capsys):
     assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
 
 
-def test_ema_follows_its_formula(mnist_root, tmp_path):
+def test_ema_follows_its_formula(small_mnist, tmp_path):
     out = tmp_path / "run"
-    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "1", "--ema", "0.75")
+    run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "1", "--ema", "0.75")
     torch.manual_seed(0)
     init = common.RefineNet(1, 4).state_dict()
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -187,16 +182,16 @@ def test_ema_update_keeps_no_autograd_history():
         assert torch.allclose(e, 0.9 * b + 0.1 * p.detach(), atol=1e-7)
 
 
-def test_grad_accumulation_equals_the_large_batch(mnist_root, tmp_path):
-    run(train_mnist, mnist_root, tmp_path / "a", "--batch-size", "16", "--iters", "2")
-    run(train_mnist, mnist_root, tmp_path / "b", "--batch-size", "16", "--iters", "2", "--grad-accum", "4")
+def test_grad_accumulation_equals_the_large_batch(small_mnist, tmp_path):
+    run(train_mnist, small_mnist, tmp_path / "a", "--batch-size", "16", "--iters", "2")
+    run(train_mnist, small_mnist, tmp_path / "b", "--batch-size", "16", "--iters", "2", "--grad-accum", "4")
     a, b = weights(tmp_path / "a" / "checkpoint.pt"), weights(tmp_path / "b" / "checkpoint.pt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert loss_column(tmp_path / "a") == pytest.approx(loss_column(tmp_path / "b"), rel=1e-5)
 
 
-def test_ddp_two_processes_equal_one_process(mnist_root, tmp_path):
-    base = [*TINY, "--data-root", mnist_root, "--batch-size", "16", "--iters", "2"]
+def test_ddp_two_processes_equal_one_process(small_mnist, tmp_path):
+    base = [*TINY, "--data-root", small_mnist, "--batch-size", "16", "--iters", "2"]
     subprocess.run([sys.executable, "train_mnist.py", *base, "--out", str(tmp_path / "one")], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -211,9 +206,9 @@ def test_ddp_two_processes_equal_one_process(mnist_root, tmp_path):
     assert loss_column(tmp_path / "one") == pytest.approx(loss_column(tmp_path / "two"), rel=1e-5)
 
 
-def test_sigterm_writes_a_loadable_checkpoint(mnist_root, tmp_path):
+def test_sigterm_writes_a_loadable_checkpoint(small_mnist, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", mnist_root, "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", small_mnist, "--out", str(out),
                              "--batch-size", "16", "--iters", "100000"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -229,11 +224,11 @@ def test_sigterm_writes_a_loadable_checkpoint(mnist_root, tmp_path):
     assert checkpoints.load(out / "checkpoint.pt").step == ck["step"]
 
 
-def test_sigterm_under_torchrun_stops_every_rank_at_one_step(mnist_root, tmp_path):
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step(small_mnist, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_mnist.py",
-               *TINY, "--data-root", mnist_root, "--out", str(out), "--batch-size", "16", "--iters", "100000"]
+               *TINY, "--data-root", small_mnist, "--out", str(out), "--batch-size", "16", "--iters", "100000"]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not ((out / "metrics.csv").exists() and len(loss_column(out)) >= 10):
@@ -246,7 +241,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step(mnist_root, tmp_pat
     assert ck["step"] % train.LOG_EVERY == 0 and ck["step"] == len(loss_column(out)) >= 10
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_mnist, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = common.dsm_loss
     def poisoned(*a, **k):
@@ -256,23 +251,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path,
     monkeypatch.setattr(common, "dsm_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "20", "--snapshot-every", "5")
+        run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "20", "--snapshot-every", "5")
     assert "non-finite loss at step 7" in str(e.value) and "step 5" in str(e.value)
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
     assert not (out / "checkpoint_10.pt").exists()
 
 
-def test_resume_refuses_another_model_and_overwrite(mnist_root, tmp_path):
+def test_resume_refuses_another_model_and_overwrite(small_mnist, tmp_path):
     out = tmp_path / "run"
-    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "1")
+    run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "1")
     before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit, match="already holds checkpoint.pt; pass --resume"):
-        run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2")
+        run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "2")
     with pytest.raises(SystemExit, match=r"different model: ngf 4 \(flags: 8\)"):
-        run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--resume", "--ngf", "8")
+        run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "2", "--resume", "--ngf", "8")
     with pytest.raises(SystemExit, match=r"--batch-size 16 \(flags: 32\)"):
-        run(train_mnist, mnist_root, out, "--batch-size", "32", "--iters", "2", "--resume")
+        run(train_mnist, small_mnist, out, "--batch-size", "32", "--iters", "2", "--resume")
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
@@ -319,16 +314,16 @@ def test_bad_flags_are_refused(bad, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_channels_last_gives_the_same_update(mnist_root, tmp_path):
-    run(train_mnist, mnist_root, tmp_path / "a", "--batch-size", "16", "--iters", "2")
-    run(train_mnist, mnist_root, tmp_path / "b", "--batch-size", "16", "--iters", "2", "--channels-last")
+def test_channels_last_gives_the_same_update(small_mnist, tmp_path):
+    run(train_mnist, small_mnist, tmp_path / "a", "--batch-size", "16", "--iters", "2")
+    run(train_mnist, small_mnist, tmp_path / "b", "--batch-size", "16", "--iters", "2", "--channels-last")
     a, b = weights(tmp_path / "a" / "checkpoint.pt"), weights(tmp_path / "b" / "checkpoint.pt")
     assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
-def test_bf16_autocast_trains_close_to_fp32(mnist_root, tmp_path):
-    run(train_mnist, mnist_root, tmp_path / "a", "--batch-size", "16", "--iters", "3")
-    run(train_mnist, mnist_root, tmp_path / "b", "--batch-size", "16", "--iters", "3", "--amp", "bf16")
+def test_bf16_autocast_trains_close_to_fp32(small_mnist, tmp_path):
+    run(train_mnist, small_mnist, tmp_path / "a", "--batch-size", "16", "--iters", "3")
+    run(train_mnist, small_mnist, tmp_path / "b", "--batch-size", "16", "--iters", "3", "--amp", "bf16")
     fp32, bf16 = loss_column(tmp_path / "a"), loss_column(tmp_path / "b")
     assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.03)          # same draws, other arithmetic
     a, b = weights(tmp_path / "a" / "checkpoint.pt"), weights(tmp_path / "b" / "checkpoint.pt")
@@ -339,11 +334,11 @@ def test_bf16_autocast_trains_close_to_fp32(mnist_root, tmp_path):
 #----------------------------------------------------------------------------
 # Issue 10: nothing promised is lost, every failure one line.
 
-def test_stop_signal_during_figure_sampling_ends_the_run_promptly(mnist_root, tmp_path):
+def test_stop_signal_during_figure_sampling_ends_the_run_promptly(small_mnist, tmp_path):
     """Figures of 10 x 100,000 sampler steps would take an hour; SIGTERM must end the run in seconds
     with checkpoint.pt at the current step and the 'stopped' exit status."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", mnist_root, "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", small_mnist, "--out", str(out),
                              "--batch-size", "16", "--iters", "100", "--sample-every", "3", "--steps-each", "100000"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -362,38 +357,38 @@ def test_stop_signal_during_figure_sampling_ends_the_run_promptly(mnist_root, tm
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
 
-def test_stale_temporary_files_are_removed_and_others_kept(mnist_root, tmp_path, capsys):
+def test_stale_temporary_files_are_removed_and_others_kept(small_mnist, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / ".tmp-a1b2c3d4-checkpoint.pt").write_bytes(b"\0" * 3_000_000)   # a write killed by kill -9
     (out / ".tmp-x_9yz8w7-metrics.csv").write_text("step\n")                 # the older mkstemp naming
     (out / ".tmp-notes.txt").write_text("mine")                               # not this project's naming
     (out / "notes.tmp").write_text("mine")
-    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "1")
+    run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "1")
     names = set(os.listdir(out))
     assert ".tmp-a1b2c3d4-checkpoint.pt" not in names and ".tmp-x_9yz8w7-metrics.csv" not in names
     assert {".tmp-notes.txt", "notes.tmp", "checkpoint.pt"} <= names
     assert "removed the temporary files of an interrupted write" in capsys.readouterr().out
 
 
-def test_torn_metrics_row_does_not_block_resume(mnist_root, tmp_path):
+def test_torn_metrics_row_does_not_block_resume(small_mnist, tmp_path):
     out, full = tmp_path / "run", tmp_path / "full"
     args = ["--batch-size", "16", "--snapshot-every", "100", "--sample-every", "100"]
-    run(train_mnist, mnist_root, full, *args, "--iters", "6")
-    run(train_mnist, mnist_root, out, *args, "--iters", "3")
+    run(train_mnist, small_mnist, full, *args, "--iters", "6")
+    run(train_mnist, small_mnist, out, *args, "--iters", "3")
     with open(out / "metrics.csv", "a") as f:
         f.write("4,1,41.2,,15.1\n1")                             # died mid-row (of step 1x), after the checkpoint
-    run(train_mnist, mnist_root, out, *args, "--iters", "6", "--resume")
+    run(train_mnist, small_mnist, out, *args, "--iters", "6", "--resume")
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == list(range(1, 7)) and loss_column(out) == loss_column(full)
 
 
-def test_outputs_follow_the_umask(mnist_root, tmp_path):
+def test_outputs_follow_the_umask(small_mnist, tmp_path):
     old = os.umask(0o027)
     try:
         out = tmp_path / "run"
-        run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--snapshot-every", "2")
+        run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "2", "--snapshot-every", "2")
     finally:
         os.umask(old)
     for name in ["checkpoint.pt", "checkpoint_2.pt", "metrics.csv", "config.json", "samples_2.png", "loss.png"]:
@@ -419,38 +414,38 @@ def test_out_of_range_settings_are_refused(flags, message, capsys):
     assert message in _one_line_exit(capsys, train_mnist.main, flags)
 
 
-def test_failures_give_one_line_and_lose_nothing(mnist_root, tmp_path, capsys, monkeypatch):
+def test_failures_give_one_line_and_lose_nothing(small_mnist, tmp_path, capsys, monkeypatch):
     # an --ngf that cannot fit in memory
-    msg = _one_line_exit(capsys, run, train_mnist, mnist_root, tmp_path / "big", "--ngf", "200000", "--iters", "1",
+    msg = _one_line_exit(capsys, run, train_mnist, small_mnist, tmp_path / "big", "--ngf", "200000", "--iters", "1",
                          "--batch-size", "16")
     assert "out of memory with --ngf 200000" in msg and "smaller --ngf" in msg
     # --out an existing file, or a folder that cannot be written
     (tmp_path / "file").write_text("keep me")
-    message = _one_line_exit(capsys, run, train_mnist, mnist_root, tmp_path / "file", "--iters", "1")
+    message = _one_line_exit(capsys, run, train_mnist, small_mnist, tmp_path / "file", "--iters", "1")
     assert "is a file, not a folder" in message
     assert (tmp_path / "file").read_text() == "keep me"
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o555)
     target = ro / "run" if not os.access(ro, os.W_OK) else "/sys/ncsn-read-only"    # root ignores file modes
-    assert "cannot write there" in _one_line_exit(capsys, run, train_mnist, mnist_root, target, "--iters", "1")
+    assert "cannot write there" in _one_line_exit(capsys, run, train_mnist, small_mnist, target, "--iters", "1")
     # a resume checkpoint without model_args
     out = tmp_path / "run"
-    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2")
+    run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "2")
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     ck.pop("model_args")
     torch.save(ck, out / "checkpoint.pt")
-    msg = _one_line_exit(capsys, run, train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "3", "--resume")
+    msg = _one_line_exit(capsys, run, train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "3", "--resume")
     assert "lacks model_args" in msg
     # the disk fills while a checkpoint is written: the old one survives, one line, no temporary file
     out = tmp_path / "full"
-    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2")
+    run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "2")
     before = (out / "checkpoint.pt").read_bytes()
     real = torch.save
     def disk_full(obj, f, *a, **k):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    msg = _one_line_exit(capsys, run, train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "4", "--resume")
+    msg = _one_line_exit(capsys, run, train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "4", "--resume")
     monkeypatch.setattr(torch, "save", real)
     assert "No space left on device" in msg and "checkpoint.pt is the last complete one" in msg
     assert (out / "checkpoint.pt").read_bytes() == before
@@ -458,16 +453,16 @@ def test_failures_give_one_line_and_lose_nothing(mnist_root, tmp_path, capsys, m
     assert checkpoints.load(out / "checkpoint.pt").step == 2
 
 
-def test_non_finite_loss_message_reads_well(mnist_root, tmp_path, monkeypatch):
+def test_non_finite_loss_message_reads_well(small_mnist, tmp_path, monkeypatch):
     real = common.dsm_loss
     monkeypatch.setattr(common, "dsm_loss", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(SystemExit) as e:
-        run(train_mnist, mnist_root, tmp_path / "run", "--batch-size", "16", "--iters", "5")
+        run(train_mnist, small_mnist, tmp_path / "run", "--batch-size", "16", "--iters", "5")
     assert str(e.value) == "error: non-finite loss at step 1; stopped; no checkpoint was written"
 
 
-def test_ssm_objective_trains_and_accumulates_like_one_batch(mnist_root, tmp_path):
-    base = ["--data-root", mnist_root, "--ngf", "4", "--num-workers", "0", "--batch-size", "16", "--n-samples", "1",
+def test_ssm_objective_trains_and_accumulates_like_one_batch(small_mnist, tmp_path):
+    base = ["--data-root", small_mnist, "--ngf", "4", "--num-workers", "0", "--batch-size", "16", "--n-samples", "1",
             "--steps-each", "1", *FAST]
     train_mnist.main([*base, "--iters", "2", "--objective", "ssm", "--out", str(tmp_path / "a")])
     train_mnist.main([*base, "--iters", "2", "--objective", "ssm", "--out", str(tmp_path / "b"), "--grad-accum", "4"])
@@ -478,11 +473,11 @@ def test_ssm_objective_trains_and_accumulates_like_one_batch(mnist_root, tmp_pat
         train_mnist.main([*base, "--out", str(tmp_path / "a"), "--resume", "--iters", "3"])
 
 
-def test_sigterm_to_the_process_group_with_loader_workers_loses_nothing(mnist_root, tmp_path):
+def test_sigterm_to_the_process_group_with_loader_workers_loses_nothing(small_mnist, tmp_path):
     """Slurm's scancel, timeout and kill -- -PGID signal every process of the group, the data-loader workers
     too: the workers must not die of it first; the run ends as for a signal to the main process alone."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--num-workers", "2", "--data-root", mnist_root,
+    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--num-workers", "2", "--data-root", small_mnist,
                              "--out", str(out), "--batch-size", "16", "--iters", "100000"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -496,10 +491,10 @@ def test_sigterm_to_the_process_group_with_loader_workers_loses_nothing(mnist_ro
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == len(loss_column(out)) >= 3
 
 
-def test_a_signal_during_the_last_figures_is_no_success(mnist_root, tmp_path):
+def test_a_signal_during_the_last_figures_is_no_success(small_mnist, tmp_path):
     """The run's last step is saved; the figures cut short are not claimed, and --resume draws them."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", mnist_root, "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", small_mnist, "--out", str(out),
                              "--batch-size", "16", "--iters", "2", "--steps-each", "100000"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -513,11 +508,11 @@ def test_a_signal_during_the_last_figures_is_no_success(mnist_root, tmp_path):
     assert proc.returncode == train.EXIT_STOPPED and "while drawing the figures of step 2" in output, output[-2000:]
     assert "done" not in output and not (out / "samples_2.png").exists()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
-    assert run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--resume") == 2
+    assert run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "2", "--resume") == 2
     assert (out / "samples_2.png").exists() and (out / "process_2.png").exists()
 
 
-def test_a_new_objective_is_one_callable_and_one_table_entry(mnist_root, tmp_path, monkeypatch):
+def test_a_new_objective_is_one_callable_and_one_table_entry(small_mnist, tmp_path, monkeypatch):
     """Register a toy loss (the score's squared norm at the drawn sigma, weighted by a draw it declares) and
     train 2 steps with it through train_mnist.py: its flag exists, it gets its draws, its values are the loss
     column, and the run resumes with it."""
@@ -528,14 +523,14 @@ def test_a_new_objective_is_one_callable_and_one_table_entry(mnist_root, tmp_pat
         return per_image
     monkeypatch.setitem(losses.OBJECTIVES, "toy", losses.Objective(toy, ("normal",), ("anneal_power",)))
     out = tmp_path / "toy"
-    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "2", "--objective", "toy", "--anneal-power",
+    run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "2", "--objective", "toy", "--anneal-power",
         "3")
     assert [(keys, power) for keys, power, _ in seen[:2]] == [(["flip", "noise", "normal", "sigma", "u"], 3.0)] * 2
     assert loss_column(out) == pytest.approx([v for _, _, v in seen[:2]], rel=1e-5)
     assert json.loads((out / "config.json").read_text())["objective"] == "toy"
-    run(train_mnist, mnist_root, out, "--batch-size", "16", "--iters", "3", "--objective", "toy", "--anneal-power",
+    run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "3", "--objective", "toy", "--anneal-power",
         "3", "--resume")
     assert len(loss_column(out)) == 3
     with pytest.raises(SystemExit) as e:                  # the table's keys are the flag's choices
-        run(train_mnist, mnist_root, tmp_path / "x", "--objective", "nope")
+        run(train_mnist, small_mnist, tmp_path / "x", "--objective", "nope")
     assert e.value.code == 2
