@@ -404,19 +404,21 @@ class ScoreModel(nn.Module):
 
     The paper's norm-conditioned RefineNet knows only its trained `sigmas` (label i means
     sigmas[i]): each sigma is mapped to its level's index, and any other sigma is refused
-    (k-diffusion's DiscreteSchedule, EDM's round_sigma). Integer levels never leave this wrapper.
+    (k-diffusion's DiscreteSchedule, EDM's round_sigma; strict=False skips that check and its host
+    sync, for training, whose sigmas are drawn from the levels). Integer levels never leave this wrapper.
     Any other network (RefineNet conditioning='scale', EDM's Denoiser) takes any sigma (any_sigma).
     evaluate(x, sigma) gives (score, denoised) from one network evaluation, each exactly from the
     network's own output: D(x; sigma) = x + sigma^2 s(x; sigma) (Tweedie's formula) for a score
     network, s = (D - x) / sigma^2 for one that predicts D (predicts = 'denoised').
     """
 
-    def __init__(self, net, sigmas):
+    def __init__(self, net, sigmas, strict=True):
         super().__init__()
         self.net = net
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32).clone(), persistent=False)
         self.any_sigma = getattr(net, "conditioning", "norm") != "norm"
         self.predicts_denoised = getattr(net, "predicts", "score") == "denoised"
+        self.strict = strict        # False: trust that every sigma is a level (training's draws): no host sync
 
     def distance(self, sigma):
         """(distance in ln sigma to the nearest trained level, that level's index), per sigma."""
@@ -427,7 +429,7 @@ class ScoreModel(nn.Module):
         if self.any_sigma:
             return sigma
         d, index = self.distance(sigma)
-        if (d > LEVEL_MATCH).any():
+        if self.strict and (d > LEVEL_MATCH).any():
             raise ValueError(f"sigma {sigma[d.argmax()].item():.4g} is not a trained level of this "
                              "norm-conditioned network; it knows only its own")
         return index

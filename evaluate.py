@@ -84,11 +84,7 @@ def evaluate_one(args, job, scorers, device, losses):
     result["seconds"] = round(time.time() - t0, 1)
     path = os.path.join(job.folder, "metrics.json")
     if os.path.exists(path):                   # the same samples: keep the scores an earlier run made of them
-        try:
-            old = utils.read_json(path)
-        except utils.Damaged as e:
-            old = {}
-            utils.set_aside(path, f"{e}: damaged")
+        old = utils.whole_or_none(utils.read_json, path) or {}
         if old.get("fingerprint") == job.fp and old.get("n") == args.n:
             result = {**{k: v for k, v in old.items() if k not in result}, **result}
     utils.save_json(result, path)

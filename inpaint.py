@@ -103,10 +103,8 @@ def inpaint(model, images, known, settings, seed, batch_size, device, folder, fi
 def stored(path, fp):
     """The completions an earlier run stored in `path`: refused when they are of another run (its
     fingerprint), None (and the file set aside) when the file is damaged."""
-    try:
-        f = utils.read_npz(path)
-    except utils.Damaged as e:
-        utils.set_aside(path, f"{e}: damaged")
+    f = utils.whole_or_none(utils.read_npz, path)
+    if f is None:
         return None
     if str(f.get("fingerprint")) != fp or "completions" not in f:
         raise data.DataError(f"{path} holds completions of other weights, images, mask or settings; "
@@ -197,7 +195,7 @@ def main(argv=None):
     T, step_lr = samplers.sampler_defaults(ck, steps_each=args.steps_each, step_lr=args.step_lr)
     settings = dict(sigmas=ck.sigmas.tolist(), steps_each=T, step_lr=step_lr, completions=args.completions,
                     seed=args.seed)
-    settings["fingerprint"] = utils.digest(ck.model.state_dict(), known, images, sorted(settings.items()))
+    settings["fingerprint"] = utils.digest(ck.model.net.state_dict(), known, images, sorted(settings.items()))
     mask_name = os.path.splitext(os.path.basename(args.mask))[0]
     out = args.out or os.path.join(OUT, utils.checkpoint_name(args.checkpoint))
     folder = os.path.join(out, f"{mask_name}_T{T}_seed{args.seed}_{settings['fingerprint'][:10]}")

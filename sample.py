@@ -114,7 +114,7 @@ def sampler_settings(name, ck, seed, nfe=None, sigma_max=None, **given):
 
 def fingerprint(ck, settings):
     """The key of a set of samples: the weights actually used and every sampler setting's value."""
-    return utils.digest(ck.model.state_dict(), json.dumps(settings.record(), sort_keys=True))
+    return utils.digest(ck.model.net.state_dict(), json.dumps(settings.record(), sort_keys=True))
 
 #----------------------------------------------------------------------------
 # A folder of samples: shards keyed by the fingerprint, made where missing.
@@ -128,12 +128,7 @@ def open_folder(folder, fp, settings, ck):
     temporary files of a killed writer and set a damaged samples.json aside."""
     meta = os.path.join(folder, "samples.json")
     record = settings.record()
-    old = None
-    if os.path.exists(meta):
-        try:
-            old = utils.read_json(meta)
-        except utils.Damaged as e:
-            utils.set_aside(meta, f"{e}: damaged")
+    old = utils.whole_or_none(utils.read_json, meta) if os.path.exists(meta) else None
     if old is not None and old.get("fingerprint") != fp:
         what = [k for k in record if old.get("settings", {}).get(k) != record[k]] or ["the weights"]
         raise StaleSamples(f"{folder} holds samples made with other {', '.join(what)}; "
@@ -153,12 +148,10 @@ def shards(folder, fp=None, verify=False):
         if not m:
             continue
         if fp is not None:
-            try:
-                stamp = utils.read_npz(path, None if verify else ["fingerprint"]).get("fingerprint")
-            except utils.Damaged as e:
-                utils.set_aside(path, f"{e}: damaged")
+            stored = utils.whole_or_none(utils.read_npz, path, None if verify else ["fingerprint"])
+            if stored is None:
                 continue
-            if stamp is None or str(stamp) != fp:
+            if str(stored.get("fingerprint")) != fp:
                 raise StaleSamples(f"{path} was made by other weights or sampler settings; "
                                    "delete it or use another --out")
         found[int(m.group(1)), int(m.group(2))] = path
@@ -184,7 +177,7 @@ def missing_runs(folder, n, batch_size, fp):
 
 
 @torch.no_grad()
-def sample(model, settings, folder, n, batch_size, device, fp, stop=None):
+def sample(model, settings, folder, n, batch_size, device, fp):
     """Make the images of [0, n) that no shard holds yet with settings' sampler from U(0, 1), with
     model(x, sigma) on `device`; each batch becomes shard_<start>_<end>.npz, stamped with the
     fingerprint. Returns how many were made."""
@@ -195,8 +188,7 @@ def sample(model, settings, folder, n, batch_size, device, fp, stop=None):
     for start, end in runs:
         noise = utils.SampleNoise([(settings.seed, i) for i in range(start, end)], device)   # image i: (seed, i)
         monitor = health.Health(sigmas, end - start, device, keep_states=start == 0)
-        callback = monitor if stop is None else (lambda *a: (stop.check(), monitor(*a)))
-        x = run(model, noise.rand(*settings.shape), sigmas, randn_like=noise.randn_like, callback=callback,
+        x = run(model, noise.rand(*settings.shape), sigmas, randn_like=noise.randn_like, callback=monitor,
                 **settings.kwargs)
         non_finite = (~torch.isfinite(x)).flatten(1).any(1)
         images = (torch.nan_to_num(x, nan=0.0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
@@ -294,8 +286,9 @@ def add_flags(p):
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{what} (default: the checkpoint's recipe's, else {default})")
-        else:
-            parse = utils.positive_int if isinstance(default, int) else utils.nonnegative_float
+        else:                                                # > 0 where the default is, else >= 0
+            parse = ((utils.positive_int if default > 0 else utils.count) if isinstance(default, int)
+                     else utils.positive_float if default > 0 else utils.nonnegative_float)
             p.add_argument(flag, type=utils.number_or_auto(parse) if auto else parse, nargs="+", default=None,
                            help=f"{what}; several values form a grid (default: the checkpoint's recipe's, else "
                                 f"{default:g})")
@@ -372,12 +365,12 @@ def plan(args, ckpts):
     return jobs
 
 
-def make(job, args, device, stop=None):
+def make(job, args, device):
     """A job's samples (what is missing), grid.png, process.png, png/ and the health report;
     returns what describes them (the start of metrics.json)."""
     ck, settings = job.ck, job.settings
     open_folder(job.folder, job.fp, settings, ck)
-    made = sample(ck.model.to(device), settings, job.folder, args.n, args.batch_size, device, job.fp, stop)
+    made = sample(ck.model.to(device), settings, job.folder, args.n, args.batch_size, device, job.fp)
     ck.model.cpu()
     *means, non_finite = health.health_means(covering(job.folder, args.n, job.fp))
     grid = collect(job.folder, min(100, args.n), job.fp)

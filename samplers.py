@@ -42,9 +42,10 @@ def trained_subset(trained, n):
 def evaluate(model, x, sigma):
     """(score, denoised) at the float `sigma` from one evaluation: the model's own pair
     (common.ScoreModel.evaluate), or for a plain callable model(x, sigma) -> score, D = x + sigma^2 s."""
+    level = x.new_full((len(x),), sigma)            # made on x's device: no blocking copy from the host
     if hasattr(model, "evaluate"):
-        return model.evaluate(x, sigma)
-    score = model(x, x.new_full((len(x),), sigma))
+        return model.evaluate(x, level)
+    score = model(x, level)
     return score, x + sigma ** 2 * score
 
 #----------------------------------------------------------------------------

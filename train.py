@@ -153,7 +153,7 @@ def parser(fixed=()):
             action = argparse.BooleanOptionalAction if f.default is None else "store_true"
             p.add_argument(flag, action=action, default=f.default, help=help)
         else:
-            choices = meta.get("choices")          # a table's keys (train.OBJECTIVES, SAMPLERS): read now
+            choices = meta.get("choices")          # a table's keys (losses.OBJECTIVES, SAMPLERS): read now
             p.add_argument(flag, type=meta.get("type", f.type), choices=choices() if callable(choices) else choices,
                            default=f.default, help=help)
     return p
@@ -317,7 +317,7 @@ def start(cfg):
     spec = data.DATASETS[cfg.dataset]
     if cfg.amp == "bf16" and (slow := utils.slow_bf16(device)):
         say(slow)
-    if rank == 0 and (freed := train_io.prepare_out(cfg.out)):
+    if rank == 0 and (freed := utils.remove_temporaries(cfg.out)):      # main() made --out a writable folder
         say(f"removed the temporary files of an interrupted write in {cfg.out} ({freed / 2**20:.1f} MiB)")
     state = train_io.resume_state(cfg)
     train_images, test_images = data.train_and_test(cfg.dataset, cfg.data_root, cfg.dataset_path, cfg.batch_size,
@@ -378,8 +378,8 @@ def train(cfg):
                 log.add(step, epoch, loss)
                 bar.update(1)
                 if rank == 0 and step % TEST_EVERY == 0:
-                    log.tests[step] = test_loss(common.ScoreModel(r.raw, sigmas), r.test_images, sigmas, step, cfg,
-                                                device)
+                    log.tests[step] = test_loss(common.ScoreModel(r.raw, sigmas, strict=False), r.test_images, sigmas,
+                                                step, cfg, device)
                 # Snapshot and figures (a stop signal cuts the figures short).
                 if step % cfg.snapshot_every == 0:
                     log.flush(step, B, world)

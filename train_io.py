@@ -172,15 +172,6 @@ def save_sample_figures(net, cfg, step, rows, device, stop):
 #----------------------------------------------------------------------------
 # The output folder, resume, config.json.
 
-def prepare_out(out):
-    """Make --out a writable folder and remove the temporary files of writes that a killed run
-    left (utils.atomic_path's naming only). Returns how many bytes that freed."""
-    problem = utils.check_out(out)
-    if problem:
-        raise TrainError(problem)
-    return utils.remove_temporaries(out)
-
-
 RESUME_KEYS = ("model", "optimizer", "model_args", "config", "step", "epoch", "pos", "rng")
 
 
@@ -230,7 +221,7 @@ def build(cfg, model_args, sigmas, state, world, data_mean=math.nan):
             ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         torch.set_rng_state(state["rng"]["torch"])
     device = sigmas.device
-    model = common.ScoreModel(net, sigmas)
+    model = common.ScoreModel(net, sigmas, strict=False)     # the draws are levels: no host sync a step
     model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     model = torch.compile(model) if cfg.compile else model    # checkpoints save net's state dict all the same

@@ -186,6 +186,16 @@ def read_json(path):
     return obj
 
 
+def whole_or_none(read, path, *args):
+    """read(path, *args) (read_json, read_npz), or None when the file is damaged: then it is set aside
+    (set_aside), to be made again."""
+    try:
+        return read(path, *args)
+    except Damaged as e:
+        set_aside(path, f"{e}: damaged")
+        return None
+
+
 def set_aside(path, why):
     """Rename a damaged file to <path>.damaged (or .damaged-2, ...) so that it is made again and
     nothing is deleted; says so in one line."""
