@@ -158,6 +158,8 @@ def record(net, config, path, **found):
     """The Checkpoint of a network `net` (build_network's) trained with `config` (a TrainConfig as a
     dict, or any dict with its keys): what training and bench.py hand the samplers."""
     levels = [config.get(k) for k in ("sigma_begin", "sigma_end", "num_levels")]
+    if None in levels:
+        raise CheckpointError(f"{path}: no noise levels stored (config sigma_begin, sigma_end, num_levels)")
     if not (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels)
             and levels[0] > levels[1] > 0 and levels[2] == int(levels[2]) >= 2):
         raise CheckpointError(f"{path}: its noise levels (sigma_begin, sigma_end, num_levels = {levels}) are not "

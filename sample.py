@@ -93,6 +93,14 @@ def all_settings():
     return found
 
 
+def recipe_settings(ck, name):
+    """The checkpoint's recipe's values of sampler `name`'s settings, less those that take the word
+    'auto': the sampler's plan knows whether the recipe's value was the technique's."""
+    entry = samplers.SAMPLERS[name]
+    own = samplers.settings(entry.run)
+    return {k: v for k, v in ck.settings.items() if k in own and k not in entry.auto}
+
+
 def sampler_settings(name, ck, seed, nfe=None, sigma_max=None, **given):
     """The SamplerSettings of sampler `name` for a checkpoint (checkpoints.Checkpoint) at an --nfe
     budget: its recipe's unless `given` (flags; None = not given) says otherwise, on the levels its
@@ -103,8 +111,8 @@ def sampler_settings(name, ck, seed, nfe=None, sigma_max=None, **given):
         raise Inapplicable(f"--sampler {name} has no setting {', '.join(extra)}")
     try:
         levels, params = entry.plan(entry, ck, nfe, sigma_max, {k: v for k, v in given.items() if v is not None})
-    except ValueError as e:
-        raise Inapplicable(str(e).replace("this sampler", f"--sampler {name}")) from None
+    except samplers.Refused as e:
+        raise Inapplicable(f"{ck.path}: --sampler {name} {e}") from None
     settings = SamplerSettings(name, tuple(torch.as_tensor(levels).tolist()), seed, ck.shape, tuple(params.items()))
     if nfe and settings.nfe > nfe:
         raise Inapplicable(f"--nfe {nfe} is too few for --sampler {name} on {ck.path}: it spends at least "
@@ -344,10 +352,9 @@ def plan(args, ckpts):
         for sampler, nfe, *values in grid:
             sampler, chosen = auto_sampler(ck, nfe) if sampler == "auto" else (sampler, {})
             given = dict(zip(names, values))
-            entry = samplers.SAMPLERS[sampler]        # the recipe's settings; one that takes 'auto' is the plan's
-            recipe = {k: v for k, v in ck.settings.items() if recipes and k not in entry.auto}
+            recipe = recipe_settings(ck, sampler) if recipes else {}
             given.update((k, v) for k, v in {**recipe, **chosen}.items() if given.get(k) is None)
-            own = samplers.settings(entry.run)          # a sampler's own flags apply to it alone
+            own = samplers.settings(samplers.SAMPLERS[sampler].run)     # a sampler's own flags apply to it alone
             try:
                 settings = sampler_settings(sampler, ck, args.seed, nfe, args.sigma_max,
                                             **{k: v for k, v in given.items() if k in own})

@@ -150,7 +150,7 @@ def settings(run):
 class Sampler(NamedTuple):
     """A SAMPLERS entry: the function; nfe(n, **settings), its network evaluations per sample on n
     levels; plan(entry, ck, nfe, sigma_max, settings) -> (levels, settings), what an evaluation
-    budget buys on a checkpoint (ValueError where it cannot run); the settings that also take the
+    budget buys on a checkpoint (Refused where it cannot run); the settings that also take the
     word 'auto' (an NCSNv2 technique chooses the value)."""
     run: Callable
     nfe: Callable
@@ -158,9 +158,13 @@ class Sampler(NamedTuple):
     auto: tuple = ()
 
 
+class Refused(ValueError):
+    """A plan that cannot run on a checkpoint; the message completes "<checkpoint>: --sampler <name> ..."."""
+
+
 def _sigma_max_refused(ck, sigma_max):
-    return ValueError(f"{ck.path}: --sigma-max {sigma_max:g} needs --sampler heun, dpmpp2m or ancestral on a scale- "
-                      f"or continuous-conditioned network, and a value above its sigma_L {ck.sigma_end:g}")
+    return Refused(f"with --sigma-max {sigma_max:g}: it needs --sampler heun, dpmpp2m or ancestral on a scale- or "
+                   f"continuous-conditioned network, and a value above its sigma_L {ck.sigma_end:g}")
 
 
 def langevin_plan(entry, ck, nfe, sigma_max, given):
@@ -185,8 +189,8 @@ def levels_bought(schedule):
             raise _sigma_max_refused(ck, sigma_max)
         if not ck.any_sigma and (n > len(ck.sigmas) or given.get("s_churn")):
             what = "with churn" if given.get("s_churn") else f"on {n} levels"
-            raise ValueError(f"{ck.path}: this sampler {what} needs a scale-conditioned network (--recipe ncsnv2); "
-                             f"this one knows its {len(ck.sigmas)} levels only")
+            raise Refused(f"{what} needs a scale-conditioned network (--recipe ncsnv2); this one knows its "
+                          f"{len(ck.sigmas)} levels only")
         levels = (schedule(n, ck.sigma_end, sigma_max or ck.sigma_begin) if ck.any_sigma
                   else trained_subset(ck.sigmas, n))
         return levels, given

@@ -229,19 +229,22 @@ def run_length(cfg, steps_per_epoch):
 # A batch and its draws, the objective of a config.
 
 def objective(cfg):
-    """(loss(model, x, draws) of cfg's --objective with its options bound, the draws it needs)."""
+    """loss(model, x, draws) of cfg's --objective, its options bound."""
     spec = losses.OBJECTIVES[cfg.objective]
-    return functools.partial(spec.loss, **{k: getattr(cfg, k) for k in spec.options}), spec.needs
+    return functools.partial(spec.loss, **{k: getattr(cfg, k) for k in spec.options})
+
+
+def batch_draws(cfg, shape, step, sigmas, stream=0):
+    """losses.step_draws of a global batch of `shape` for cfg's objective and level distribution."""
+    return losses.step_draws(cfg.seed, step, shape, sigmas, losses.OBJECTIVES[cfg.objective].needs,
+                             losses.level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std), stream)
 
 
 def batch(cfg, images, step, sigmas, rank=0, world=1):
     """This process's share of a global batch at `step`: the images in [0, 1] (dequantised and
-    flipped as cfg says) and their draws (step_draws; the others' shares are drawn too, unused)."""
-    needs = losses.OBJECTIVES[cfg.objective].needs
-    probs = losses.level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std)
+    flipped as cfg says) and their draws (the others' shares are drawn too, unused)."""
     lo, n = rank * len(images), len(images)
-    everyone = losses.step_draws(cfg.seed, step, (n * world, *images.shape[1:]), sigmas, needs, probs)
-    draws = {k: v[lo:lo + n] for k, v in everyone.items()}
+    draws = {k: v[lo:lo + n] for k, v in batch_draws(cfg, (n * world, *images.shape[1:]), step, sigmas).items()}
     x = data.to_unit(images, draws["u"] if cfg.dequantize else None)
     if data.DATASETS[cfg.dataset]["flip"]:
         x = torch.where(draws["flip"][:, None, None, None], x.flip(3), x)
@@ -277,11 +280,9 @@ def test_loss(model, test_images, sigmas, step, cfg, device):
     B = min(cfg.batch_size, len(test_images))
     t = (step // TEST_EVERY) % max(1, len(test_images) // B)
     images = test_images[t * B:(t + 1) * B].to(device)
-    loss, needs = objective(cfg)
-    draws = losses.step_draws(cfg.seed, step, images.shape, sigmas, needs,
-                       losses.level_probs(sigmas, cfg.sigma_dist, cfg.p_mean, cfg.p_std), stream=1)
+    draws = batch_draws(cfg, images.shape, step, sigmas, stream=1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-        return loss(model, data.to_unit(images, draws["u"] if cfg.dequantize else None), draws).mean().item()
+        return objective(cfg)(model, data.to_unit(images, draws["u"] if cfg.dequantize else None), draws).mean().item()
 
 
 @torch.no_grad()
@@ -348,7 +349,7 @@ def start(cfg):
         f"{total_steps:,} ({limit}); {world} process(es) on {device}; " + describe(cfg, raw))
     return types.SimpleNamespace(
         cfg=cfg, rank=rank, world=world, device=device, say=say, resumed=state is not None, sigmas=sigmas,
-        loss=objective(cfg)[0],
+        loss=objective(cfg),
         train_images=train_images, test_images=test_images, raw=raw, model=model, ema=ema, opt=opt, log=log,
         step=step, epoch=epoch, pos=pos, total_steps=total_steps,
         parts=dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg))    # of every checkpoint

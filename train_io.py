@@ -129,10 +129,8 @@ def figure_settings(cfg, ck=None):
     """The figures' SamplerSettings (--sampler, --nfe, --s-churn and the Langevin flags) on a resolved
     config; raises TrainError, naming the flags, where the sampler cannot run them."""
     ck = ck or figure_record(cfg)
-    entry = samplers.SAMPLERS[cfg.sampler]        # its settings that are TrainConfig fields (the recipe's)
-    given = {k: getattr(cfg, k) for k in samplers.settings(entry.run) if hasattr(cfg, k) and k not in entry.auto}
     try:
-        return sample.sampler_settings(cfg.sampler, ck, cfg.seed, cfg.nfe, **given)
+        return sample.sampler_settings(cfg.sampler, ck, cfg.seed, cfg.nfe, **sample.recipe_settings(ck, cfg.sampler))
     except sample.Inapplicable as e:
         raise TrainError(f"the figures' sampler: {e}; change --sampler, --nfe or --s-churn") from None
 
