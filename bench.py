@@ -5,11 +5,10 @@
     python bench.py --official ../ncsn                # side by side with ermongroup/ncsn's network (a checkout)
     python bench.py --device cuda --batch-size 128 --compile --json runs/bench/h100.json
 
-Times the training loop's own step (train.train_step: the DSM or SSM loss of losses.OBJECTIVES,
-backward, Adam) on a fixed synthetic batch, and one sampler step (a network evaluation and the Langevin
-update), each the median of --repeats runs after --warmup untimed ones (CUDA is synchronised
-around each; the CPU needs no sync). Peak memory: the CUDA allocator's peak, or on the CPU the
-process's peak resident memory (reset before each measurement). FLOPs: torch's flop counter.
+Times the training loop's own step (train.train_step: DSM or SSM, backward, Adam) on a fixed synthetic
+batch and one Langevin step, each the median of --repeats runs after --warmup untimed ones (CUDA
+synchronised around each). Peak memory: the CUDA allocator's, or on the CPU the process's peak resident
+size (reset before each measurement). FLOPs: torch's flop counter.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import os
@@ -38,57 +37,48 @@ REPEATS = 5           # timed steps; the median is reported
 
 
 def build(config, impl, args, device):
-    """The checkpoint record (checkpoints.Checkpoint) of the network to time: a checkpoint's
-    (--checkpoint: its conditioning and levels), the paper's for the data set, or the official
-    implementation's, on `device` in training mode."""
-    spec = data.DATASETS[config]                  # the paper's network for the data set
+    """The checkpoint record (checkpoints.Checkpoint) of the network to time, on `device` in training mode:
+    --checkpoint's (its conditioning and levels), the paper's for the data set, or the official one's."""
+    spec, L = data.DATASETS[config], common.NUM_LEVELS
     channels, size, ngf = spec["channels"], spec["image_size"], spec["ngf"]
-    levels = dict(dataset=config, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END,
-                  num_levels=common.NUM_LEVELS)
+    levels = dict(dataset=config, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END, num_levels=L)
     if args.checkpoint:
         ck = checkpoints.load(args.checkpoint)
     elif impl == "ours":
-        ck = checkpoints.record(common.RefineNet(channels, ngf, common.NUM_LEVELS, size), levels, "bench")
+        ck = checkpoints.record(common.RefineNet(channels, ngf, L, size), levels, "bench")
     else:   # the official network, imported from a checkout of ermongroup/ncsn
         sys.path.insert(0, args.official)
         from models.cond_refinenet_dilated import CondRefineNetDilated
         net = CondRefineNetDilated(SimpleNamespace(data=SimpleNamespace(logit_transform=False, channels=channels,
                                                                         image_size=size),
-                                                   model=SimpleNamespace(ngf=ngf, num_classes=common.NUM_LEVELS)))
-        net.model_args = dict(in_channels=channels, ngf=ngf, num_classes=common.NUM_LEVELS, image_size=size)
+                                                   model=SimpleNamespace(ngf=ngf, num_classes=L)))
+        net.model_args = dict(in_channels=channels, ngf=ngf, num_classes=L, image_size=size)
         ck = checkpoints.record(net, levels, "bench")
     ck.model = ck.model.train().to(device, memory_format=torch.channels_last if args.channels_last else None)
     ck.model.strict = False         # it is given trained levels only: time the network, not a host sync
     return ck
 
 
-def reset_peak(device):
-    if device.type == "cuda":
+def measure(fn, device, warmup, repeats):
+    """(median seconds of `repeats` calls of fn after `warmup` untimed ones, the peak memory in MiB over them)."""
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         with open("/proc/self/clear_refs", "w") as f:   # Linux: "5" resets the peak resident size
             f.write("5")
-
-
-def read_peak_mib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
-def median_seconds(fn, device, warmup, repeats):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+    sync, times = torch.cuda.synchronize if cuda else (lambda: None), []
+    for _ in range(warmup + repeats):
         sync()
         t0 = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    seconds = statistics.median(times[warmup:])
+    if cuda:
+        return seconds, torch.cuda.max_memory_allocated(device) / 2 ** 20
+    with open("/proc/self/status") as f:
+        return seconds, next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def flops(fn):
@@ -101,12 +91,10 @@ def flops(fn):
     return counter.get_total_flops()
 
 
-def sampler_rows(ck, B, device, amp):
-    """Per sampler of samplers.SAMPLERS: its default setting's NFE for this network (the checkpoint's
-    own sampler: at its recipe's --nfe), and seconds per image: a run of the setting's first 2
-    levels (T = 1) timed per network evaluation, times its NFE."""
+def sampler_rows(ck, x, device, amp):
+    """Per sampler of samplers.SAMPLERS: its default setting's NFE for this network (the checkpoint's own sampler:
+    its recipe's --nfe), and seconds per image: its first 2 levels (T = 1) timed per network evaluation, x NFE."""
     rows = {}
-    x = torch.rand(B, *ck.shape, device=device)
     for name, spec in samplers.SAMPLERS.items():
         try:
             default = sample.sampler_settings(name, ck, 0, ck.nfe if name == ck.sampler else None)
@@ -115,45 +103,37 @@ def sampler_rows(ck, B, device, amp):
         levels = torch.tensor(default.sigmas[:2], device=device)
         kwargs = {k: (1 if k == "steps_each" else v) for k, v in default.kwargs.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            t = median_seconds(lambda: spec.run(ck.model, x, levels, **kwargs), device, 1, 3) / spec.nfe(2, **kwargs)
-        rows[name] = dict(nfe=default.nfe, seconds_per_image=t * default.nfe / B)
+            t = measure(lambda: spec.run(ck.model, x, levels, **kwargs), device, 1, 3)[0] / spec.nfe(2, **kwargs)
+        rows[name] = dict(nfe=default.nfe, seconds_per_image=t * default.nfe / len(x))
     return rows
 
 
 def bench_one(config, impl, args, device):
     torch.manual_seed(0)
-    B = args.batch_size
-    ck = build(config, impl, args, device)
-    net, model = ck.model.net, ck.model
-    params = sum(p.numel() for p in net.parameters())
+    B, ck = args.batch_size, build(config, impl, args, device)
+    model = ck.model
     compiled = torch.compile(model) if args.compile else model
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    x = torch.rand(B, *ck.shape, device=device)
-    loss = losses.OBJECTIVES[args.objective].loss      # dsm or ssm, at its defaults
-    sigmas, needs = ck.sigmas.to(device), losses.OBJECTIVES[args.objective].needs
-    step = lambda m: train.train_step(m, opt, x, losses.step_draws(0, 0, x.shape, sigmas, needs), loss,
-                                      amp=args.amp == "bf16")                # the draws, loss, backward, Adam
-    forward = lambda: model(x, sigmas[:1].expand(len(x)))
+    opt = torch.optim.Adam(model.net.parameters(), lr=1e-3)
+    x, sigmas = torch.rand(B, *ck.shape, device=device), ck.sigmas.to(device)
+    objective = losses.OBJECTIVES[args.objective]      # dsm or ssm, at its defaults
+    step = lambda m: train.train_step(m, opt, x, losses.step_draws(0, 0, x.shape, sigmas, objective.needs),
+                                      objective.loss, amp=args.amp == "bf16")      # the draws, loss, backward, Adam
     def sample_step():   # one network evaluation and one Langevin update
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             common.annealed_langevin_dynamics(compiled, x, ck.sigmas[:1], steps_each=1)
-
-    reset_peak(device)
-    t_train = median_seconds(lambda: step(compiled), device, args.warmup, args.repeats)
-    peak_train = read_peak_mib(device)
-    reset_peak(device)
-    t_sample = median_seconds(sample_step, device, args.warmup, args.repeats)
-    peak_sample = read_peak_mib(device)
+    t_train, peak_train = measure(lambda: step(compiled), device, args.warmup, args.repeats)
+    t_sample, peak_sample = measure(sample_step, device, args.warmup, args.repeats)
     # counted on the plain network: the flop counter does not see inside compiled code
-    train_flops, forward_flops = flops(lambda: step(model)), flops(lambda: torch.no_grad()(forward)())
-    costs = sampler_rows(ck, B, device, args.amp) if impl == "ours" else {}
-    return dict(config=config, impl=impl, params=params, device=str(device), batch_size=B, amp=args.amp,
-                objective=args.objective, channels_last=args.channels_last, compile=args.compile,
-                train_images_per_s=B / t_train, sample_images_per_s_per_nfe=B / t_sample, train_step_s=t_train,
-                sample_step_s=t_sample, train_gflop_per_image=train_flops and train_flops / B / 1e9,
-                forward_gflop_per_image=forward_flops / B / 1e9,
+    train_flops = flops(lambda: step(model))
+    forward_flops = flops(torch.no_grad()(lambda: model(x, sigmas[:1].expand(len(x)))))
+    return dict(config=config, impl=impl, params=sum(p.numel() for p in model.net.parameters()), device=str(device),
+                batch_size=B, amp=args.amp, objective=args.objective, channels_last=args.channels_last,
+                compile=args.compile, train_images_per_s=B / t_train, sample_images_per_s_per_nfe=B / t_sample,
+                train_step_s=t_train, sample_step_s=t_sample, forward_gflop_per_image=forward_flops / B / 1e9,
+                train_gflop_per_image=train_flops and train_flops / B / 1e9,
                 train_gflops_per_s=train_flops and train_flops / t_train / 1e9,
-                peak_train_mib=peak_train, peak_sample_mib=peak_sample, samplers=costs)
+                peak_train_mib=peak_train, peak_sample_mib=peak_sample,
+                samplers=sampler_rows(ck, x, device, args.amp) if impl == "ours" else {})
 
 
 def print_rows(rows, args, device):
@@ -187,10 +167,8 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--official", default=None, help="a checkout of ermongroup/ncsn: also measure its network")
-    p.add_argument("--checkpoint", default=None,
-                   help="time this checkpoint's network instead (its conditioning and levels)")
-    p.add_argument("--objective", choices=["dsm", "ssm"], default="dsm",
-                   help="training loss: annealed DSM or sliced SM")
+    p.add_argument("--checkpoint", help="time this checkpoint's network instead (its conditioning and levels)")
+    p.add_argument("--objective", choices=["dsm", "ssm"], default="dsm", help="training loss: annealed DSM or SSM")
     p.add_argument("--warmup", type=utils.positive_int, default=WARMUP, help="untimed steps")
     p.add_argument("--repeats", type=utils.positive_int, default=REPEATS, help="timed steps (median reported)")
     p.add_argument("--threads", type=utils.positive_int, default=None, help="CPU threads (default: torch's)")
@@ -202,8 +180,7 @@ def main(argv=None):
     if args.json and (problem := utils.check_out(os.path.dirname(os.path.abspath(args.json)), "--json's folder")):
         p.error(problem)
     if args.official and not os.path.isfile(os.path.join(args.official, "models", "cond_refinenet_dilated.py")):
-        p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py there "
-                "(a checkout of ermongroup/ncsn)")
+        p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py (a checkout of ermongroup/ncsn)")
     if args.checkpoint:
         if args.official:
             p.error("--checkpoint and --official: time one or the other")
@@ -217,8 +194,7 @@ def main(argv=None):
     args.batch_size = args.batch_size or (128 if device.type == "cuda" else 16)
     if args.amp == "bf16" and (slow := utils.slow_bf16(device)):
         print(slow, file=sys.stderr)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     impls = ["ours", "official"] if args.official else ["ours"]
     rows = [bench_one(c, impl, args, device) for c in args.configs for impl in impls]
     print_rows(rows, args, device)

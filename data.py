@@ -1,7 +1,6 @@
-"""Image data sets as whole uint8 tensors (N, C, H, W): torchvision's MNIST, CIFAR-10 and CelebA
-(downloaded when missing, with the official preprocessing) and folders of images; the checks
-that name a damaged file; a training run's batches, in an order fixed by (seed, epoch). MNIST and
-CIFAR-10 fit in memory. torchvision and PIL are imported on use.
+"""Image data sets as whole uint8 tensors (N, C, H, W): torchvision's MNIST, CIFAR-10 and CelebA (downloaded
+when missing, with the official preprocessing) and folders of images; the checks that name a damaged file;
+a training run's batches, in an order fixed by (seed, epoch). torchvision and PIL are imported on use.
 """
 import math
 import os
@@ -26,9 +25,8 @@ class DataError(utils.UserError):
 
 
 def to_8bit(img, channels):
-    """A PIL image of any mode as 8-bit 'L' (channels 1) or 'RGB' (3). 16- and 32-bit integer
-    greys (PNG's I;16, I) are scaled from 0-65535, palettes expanded, alpha dropped, CMYK and
-    other colour spaces converted; floating-point images are refused (their range is unknown)."""
+    """A PIL image of any mode as 8-bit 'L' (channels 1) or 'RGB' (3): integer greys (I;16, I) scaled from 0-65535,
+    palettes expanded, alpha dropped, colour spaces converted; floating-point ones refused (range unknown)."""
     import numpy as np
     from PIL import Image
     if img.mode.startswith("I;16") or img.mode == "I":
@@ -44,9 +42,8 @@ def to_8bit(img, channels):
 
 
 def load_image_folder(path, channels, image_size, split=None, flag="--dataset-path"):
-    """uint8 (N, C, H, W) of every image under `path` (recursively, sorted), made 8-bit L or RGB
-    (to_8bit) and, if their size differs, resized and centre-cropped. split='train' / 'test'
-    keeps all but every 20th image / every 20th image. An unreadable file stops it, named."""
+    """uint8 (N, C, H, W) of every image under `path` (recursively, sorted; to_8bit; resized and centre-cropped if
+    of another size); split='train' / 'test': all but every 20th / every 20th. An unreadable file stops it, named."""
     from PIL import Image
     import torchvision.transforms.functional as TF
     if not os.path.isdir(path):
@@ -71,8 +68,8 @@ def load_image_folder(path, channels, image_size, split=None, flag="--dataset-pa
 
 
 def idx_problem(path):
-    """What is wrong with an uncompressed MNIST IDX file (None when nothing): a header that is not
-    IDX's (bytes 0, 0, type 0x08 for uint8, 1 or 3 dimensions), or a size other than the header's."""
+    """What is wrong with an uncompressed MNIST IDX file (None when nothing): a header that is not IDX's
+    (bytes 0, 0, type 0x08 for uint8, 1 or 3 dimensions), or a size other than the header's."""
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) < 8 or head[:3] != b"\x00\x00\x08" or head[3] not in (1, 3):
@@ -85,38 +82,33 @@ def idx_problem(path):
 
 
 def damaged_files(dataset, data_root):
-    """Files of torchvision's layout under data_root that are present but damaged (an MD5 other
-    than torchvision's, or an IDX file shorter than its header says), as messages."""
-    import torchvision
+    """Messages for the files of torchvision's layout under data_root that are present but damaged (an MD5
+    other than torchvision's, or an IDX file of another size than its header says)."""
+    import torchvision.datasets as tvd
     from torchvision.datasets.utils import calculate_md5
-    found = []
-    def check_md5(path, md5):
-        if os.path.isfile(path) and calculate_md5(path) != md5:
-            found.append(f"{path} is present but damaged (MD5 {calculate_md5(path)}, expected {md5}: truncated or "
-                         "another file); delete it to download it again, or copy a good one")
     if dataset == "mnist":
-        raw = os.path.join(data_root, "MNIST", "raw")
-        for name, md5 in torchvision.datasets.MNIST.resources:
-            check_md5(os.path.join(raw, name), md5)
-            idx = os.path.join(raw, name[:-3])
-            if os.path.isfile(idx) and (why := idx_problem(idx)):
-                found.append(f"{idx} is present but {why}; delete it (and its .gz) to download it again, "
-                             "or copy a good one")
+        files = [(os.path.join(data_root, "MNIST", "raw", name), md5) for name, md5 in tvd.MNIST.resources]
     elif dataset == "cifar10":
-        cls = torchvision.datasets.CIFAR10
-        check_md5(os.path.join(data_root, cls.filename), cls.tgz_md5)
-        for name, md5 in cls.train_list + cls.test_list:
-            check_md5(os.path.join(data_root, cls.base_folder, name), md5)
+        files = [(os.path.join(data_root, tvd.CIFAR10.filename), tvd.CIFAR10.tgz_md5)] + [
+            (os.path.join(data_root, tvd.CIFAR10.base_folder, name), md5)
+            for name, md5 in tvd.CIFAR10.train_list + tvd.CIFAR10.test_list]
     else:
-        for _, md5, name in torchvision.datasets.CelebA.file_list:
-            check_md5(os.path.join(data_root, "celeba", name), md5)
+        files = [(os.path.join(data_root, "celeba", name), md5) for _, md5, name in tvd.CelebA.file_list]
+    found = []
+    for path, md5 in files:
+        if os.path.isfile(path) and (actual := calculate_md5(path)) != md5:
+            found.append(f"{path} is present but damaged (MD5 {actual}, expected {md5}: truncated or another file); "
+                         "delete it to download it again, or copy a good one")
+        idx = path[:-3]         # MNIST's uncompressed .gz
+        if dataset == "mnist" and os.path.isfile(idx) and (why := idx_problem(idx)):
+            found.append(f"{idx} is present but {why}; delete it (and its .gz) to download it again, or copy a good "
+                         "one")
     return found
 
 
 def load_celeba(data_root, train):
-    """torchvision's CelebA split with the official preprocessing (centre crop 140, resize to 32),
-    uint8 (N, 3, 32, 32). Decoding 162,770 JPEGs takes minutes, so the result is cached beside
-    them under a key of the file names (celeba/ncsn_<split>_<N>_<key>.pt)."""
+    """torchvision's CelebA split with the official preprocessing, uint8 (N, 3, 32, 32). Decoding 162,770 JPEGs
+    takes minutes: cached beside them under a key of the file names (celeba/ncsn_<split>_<N>_<key>.pt)."""
     import torchvision
     import torchvision.transforms.functional as TF
     from tqdm import tqdm
@@ -143,8 +135,8 @@ def spec(dataset, where="the checkpoint"):
 
 
 def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_flag=None):
-    """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 / CelebA
-    under data_root (downloaded when missing), or a folder of images (dataset_path)."""
+    """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 / CelebA under
+    data_root (downloaded when missing), or a folder of images (dataset_path)."""
     spec = DATASETS[dataset]
     if dataset_path:
         return load_image_folder(dataset_path, spec["channels"], spec["image_size"], "train" if train else "test")
@@ -157,8 +149,7 @@ def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_f
         data = torchvision.datasets.CIFAR10(data_root, train=train, download=True).data      # (N, 32, 32, 3)
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
     except Exception as e:
-        damaged = damaged_files(dataset, data_root)
-        if damaged:
+        if damaged := damaged_files(dataset, data_root):
             raise DataError(damaged[0] + (f" ({len(damaged) - 1} more damaged)" if len(damaged) > 1 else "")) from None
         where = {"mnist": f"{os.path.join(data_root, 'MNIST', 'raw')}: train-images-idx3-ubyte.gz, "
                           "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
@@ -173,8 +164,7 @@ def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_f
 
 
 def train_and_test(dataset, data_root, dataset_path, batch_size, rank=0, world=1):
-    """(train, test) uint8 images for a training run of `world` processes: rank 0 first, as it
-    alone downloads a missing data set."""
+    """(train, test) uint8 images for a run of `world` processes: rank 0 first, as it alone downloads."""
     if rank != 0:
         torch.distributed.barrier()
     images = [load_images(dataset, split, data_root, dataset_path, "--dataset-path") for split in (True, False)]
@@ -185,23 +175,16 @@ def train_and_test(dataset, data_root, dataset_path, batch_size, rank=0, world=1
     return images
 
 #----------------------------------------------------------------------------
-# Training batches: the training set is one uint8 tensor; the order is fixed by (seed, epoch).
-
-def epoch_batches(n, batch_size, seed, epoch, start, rank=0, world_size=1):
-    """Index lists of one epoch from batch `start` on: a permutation fixed by (seed, epoch),
-    cut into global batches (the last partial one dropped), each rank taking its slice."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(utils.stable_seed(seed, epoch, -1)))
-    per_rank = batch_size // world_size
-    for b in range(start, n // batch_size):
-        lo = b * batch_size + rank * per_rank
-        yield perm[lo:lo + per_rank].tolist()
-
+# Training batches of the training set (one uint8 tensor), in an order fixed by (seed, epoch).
 
 def batches(images, batch_size, seed, num_workers, epoch, pos, rank, world, device):
-    """Yield (epoch, batches done in it, this rank's uint8 batch on the device), from batch `pos`
-    of `epoch` on, epoch after epoch."""
+    """Yield (epoch, batches done in it, this rank's uint8 batch on the device) from batch `pos` of `epoch` on: each
+    epoch a permutation fixed by (seed, epoch) in global batches (no partial one), each rank taking its slice."""
+    per_rank = batch_size // world
     while True:
-        order = list(epoch_batches(len(images), batch_size, seed, epoch, pos, rank, world))
+        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(utils.stable_seed(seed, epoch, -1)))
+        first = (b * batch_size + rank * per_rank for b in range(pos, len(images) // batch_size))
+        order = [perm[lo:lo + per_rank].tolist() for lo in first]
         # a tensor is a map-style data set: images[list of indices] is a batch, gathered in the workers
         loader = torch.utils.data.DataLoader(images, batch_size=None, sampler=order, num_workers=num_workers,
                                              pin_memory=device.type == "cuda", worker_init_fn=utils.ignore_stop_signals)
@@ -222,6 +205,6 @@ def pixel_stats(images, chunk=4096):
 
 
 def to_unit(images, u=None):
-    """uint8 images to [0, 1]: with u ~ U(0, 1), uniform dequantisation as the official code,
-    x = x_01 * 255/256 + U(0, 1/256) = (x_uint8 + u) / 256; without, x_uint8 / 255 (NCSNv2's default)."""
+    """uint8 images to [0, 1]: with u ~ U(0, 1), the official code's uniform dequantisation x = x_01 * 255/256 +
+    U(0, 1/256) = (x_uint8 + u) / 256; without, x_uint8 / 255 (NCSNv2's default)."""
     return (images.float() + u) / 256.0 if u is not None else images.float() / 255.0

@@ -10,22 +10,19 @@ checkpoints, samplers and metrics: sample.py makes the samples, metrics.py score
     python evaluate.py --checkpoint runs/cifar10/checkpoint.pt --n 100 --nearest 5            # memorisation check
     python evaluate.py --checkpoint runs/ncsnv2/checkpoint.pt --sampler als heun --nfe 35 100   # two samplers
 
-flags -> plan (every checkpoint x sampler setting, sample.plan) -> scorers ready (reference
-statistics before any sampling) -> per setting: samples (sample.make: shards, health report,
-grid.png, process.png) and scores (metrics.SCORERS) into metrics.json -> the table -> sweep.png
-(each metric against network evaluations) when several settings are compared. A rerun with other
---metrics keeps the scores an earlier run made of the same samples.
+flags -> plan (checkpoints x sampler settings) -> scorers (reference statistics before any sampling) -> per
+setting: samples (sample.make) and scores (metrics.SCORERS) into metrics.json, which keeps an earlier run's
+scores of the same samples -> the table -> sweep.png (each metric against network evaluations).
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import os
 import time
 
-
-import samplers
 import data
 import figures
 import metrics
 import sample
+import samplers
 import utils
 
 #----------------------------------------------------------------------------
@@ -49,23 +46,12 @@ def existing_only(jobs, n):
     return kept
 
 
-def make_scorers(args, jobs, device):
-    """{(metric, data set): score} for every metric asked and data set planned, ready before any sampling."""
-    return {(name, d): metrics.SCORERS[name].make(args, d, device)
-            for name in args.metrics for d in dict.fromkeys(j.ck.dataset for j in jobs)}
-
-
 def level_losses(jobs, args, device):
     """{checkpoint path: metrics.level_losses} on --level-loss test images, the images read once per data set."""
-    done, held_out = {}, {}
-    for j in jobs:
-        key, dataset = j.ck.path, j.ck.dataset
-        if key not in done:
-            if dataset not in held_out:
-                held_out[dataset] = data.load_images(dataset, False, args.data_root)[:args.level_loss]
-            done[key] = metrics.level_losses(j.ck, held_out[dataset], args.batch_size, device,
-                                             args.level_sigmas)
-    return done
+    held_out = {d: data.load_images(d, False, args.data_root)[:args.level_loss]
+                for d in dict.fromkeys(j.ck.dataset for j in jobs)}
+    return {ck.path: metrics.level_losses(ck, held_out[ck.dataset], args.batch_size, device, args.level_sigmas)
+            for ck in {j.ck.path: j.ck for j in jobs}.values()}
 
 
 def evaluate_one(args, job, scorers, device, losses):
@@ -83,10 +69,9 @@ def evaluate_one(args, job, scorers, device, losses):
         result.update(scorers[name, job.ck.dataset](sample.read_shards(job.folder, args.n, job.fp)))
     result["seconds"] = round(time.time() - t0, 1)
     path = os.path.join(job.folder, "metrics.json")
-    if os.path.exists(path):                   # the same samples: keep the scores an earlier run made of them
-        old = utils.whole_or_none(utils.read_json, path) or {}
-        if old.get("fingerprint") == job.fp and old.get("n") == args.n:
-            result = {**{k: v for k, v in old.items() if k not in result}, **result}
+    old = (os.path.exists(path) and utils.whole_or_none(utils.read_json, path)) or {}
+    if old.get("fingerprint") == job.fp and old.get("n") == args.n:    # the same samples: keep their earlier scores
+        result = {**{k: v for k, v in old.items() if k not in result}, **result}
     utils.save_json(result, path)
     return result
 
@@ -106,8 +91,7 @@ def print_table(results):
     for r in results:
         s = r["sampler"]
         step_lr, T = (format(s["step_lr"], ".2g"), s["steps_each"]) if "step_lr" in s else ("-", "-")
-        print(f"{'*' if r is best else ' ':<2}{label(r):<46} {s.get('name', 'als'):>9} {step_lr:>8} "
-              f"{T:>4} "
+        print(f"{'*' if r is best else ' ':<2}{label(r):<46} {s.get('name', 'als'):>9} {step_lr:>8} {T:>4} "
               f"{r['nfe']:>5} {r['n']:>6} " + " ".join(f"{cell(r):>16}" for _, cell in columns))
     if best:
         print("* lowest FID")
@@ -115,20 +99,18 @@ def print_table(results):
         print(f"MNIST: the paper reports no Inception score or FID; FID here is against the {ref}")
 
 
-def run_name(path):
-    """A checkpoint's run: the name of its folder."""
-    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+def run_name(path, ema):
+    """A checkpoint's run, for a legend: the name of its folder, and whether its EMA weights were used."""
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) + (" (EMA)" if ema else "")
 
 
 def save_level_loss_figure(path, jobs, losses):
     """--level-loss: each checkpoint's test DSM loss against sigma (log-log), a line per checkpoint."""
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for j in {j.ck.path: j for j in jobs if j.ck.path in losses}.values():
-        loss, trained = losses[j.ck.path], j.ck.sigmas
-        sig = [float(trained[k - 1]) if isinstance(k, int) else k for k in loss]
-        ax.plot(sig, list(loss.values()), "o-", ms=3,
-                label=run_name(j.ck.path) + (" (EMA)" if j.ck.ema else ""))
+    for ck in {j.ck.path: j.ck for j in jobs if j.ck.path in losses}.values():
+        sig = [float(ck.sigmas[k - 1]) if isinstance(k, int) else k for k in losses[ck.path]]     # level -> sigma
+        ax.plot(sig, list(losses[ck.path].values()), "o-", ms=3, label=run_name(ck.path, ck.ema))
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("noise level sigma")
     ax.set_ylabel("test DSM loss (eq. 5, lambda = sigma^2)"), ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
     figures.save_figure(fig, path)
@@ -151,8 +133,8 @@ def save_sweep_figure(path, results):
         for c, ((ckpt, ema, name, churn), rs) in enumerate(groups.items()):
             rs = sorted(rs, key=lambda r: r["nfe"])
             ax.plot([r["nfe"] for r in rs], [r.get(k) for r in rs], markers.get(name, "o") + ("--" if churn else "-"),
-                    color=colours(c % colours.N), label=f"{run_name(ckpt)}{' (EMA)' if ema else ''}, {name}"
-                    + (f" S_churn {churn:g}" if churn else ""))
+                    color=colours(c % colours.N),
+                    label=f"{run_name(ckpt, ema)}, {name}" + (f" S_churn {churn:g}" if churn else ""))
         ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample"), ax.set_title(metrics.NAMES[k])
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))      # beside the plots, not on them
@@ -165,39 +147,35 @@ def main(argv=None):
     sample.add_flags(p)
     metrics.add_flags(p)
     p.add_argument("--existing", action="store_true",
-                   help="score only the settings whose samples are all made; skip the others with a line (a sweep "
-                        "figure of what exists, without sampling)")
-    p.add_argument("--level-loss", type=utils.positive_int, default=None, metavar="N",
-                   help="also the test DSM loss of about 20 training levels on N held-out images (the network's "
-                        "fit per level, apart from the sampler)")
-    p.add_argument("--level-sigmas", type=utils.positive_float, nargs="+", default=None, metavar="SIGMA",
-                   help="--level-loss at these noise levels instead, to compare networks trained on different "
-                        "ladders (a norm-conditioned network: those it was trained at)")
-    p.add_argument("--nearest", type=utils.positive_int, default=None,
+                   help="score only the settings whose samples are all made, skip the rest with a line (no sampling)")
+    p.add_argument("--level-loss", type=utils.positive_int, metavar="N",
+                   help="also the test DSM loss of about 20 levels on N held-out images: the fit apart from a sampler")
+    p.add_argument("--level-sigmas", type=utils.positive_float, nargs="+", metavar="SIGMA",
+                   help="--level-loss at these sigmas, to compare ladders (a norm-conditioned network: those it knows)")
+    p.add_argument("--nearest", type=utils.positive_int,
                    help="nearest.png: the K nearest training images of 10 samples (pixels; Inception features too)")
     args = p.parse_args(argv)
     if args.level_sigmas and not args.level_loss:
         p.error("--level-sigmas sets the levels of --level-loss N: give --level-loss too")
-    metrics.check_flags(p, args, args.out or sample.OUT)          # a bad --ref stops us before any folder is made
+    out = args.out or sample.OUT
+    metrics.check_flags(p, args, out)          # a bad --ref stops us before any folder is made
     sample.check_flags(p, args)
     device = utils.get_device(args.device)
-    ckpts = sample.checkpoints_of(p, args.checkpoint)
-
-    jobs = sample.plan(args, ckpts)
+    jobs = sample.plan(args, sample.checkpoints_of(p, args.checkpoint))
     if args.existing:
         jobs = existing_only(jobs, args.n)
-    scorers = make_scorers(args, jobs, device)
+    scorers = {(name, d): metrics.SCORERS[name].make(args, d, device)     # ready before any sampling
+               for name in args.metrics for d in dict.fromkeys(j.ck.dataset for j in jobs)}
     losses = level_losses(jobs, args, device) if args.level_loss else {}
     results = []
     for j in jobs:
         with utils.folder_lock(j.folder):                   # one writer per folder
             results.append(evaluate_one(args, j, scorers, device, losses))
     if losses:
-        save_level_loss_figure(os.path.join(args.out or sample.OUT, "level_loss.png"), jobs, losses)
+        save_level_loss_figure(os.path.join(out, "level_loss.png"), jobs, losses)
     print_table(results)
     if len(results) > 1:
-        save_sweep_figure(os.path.join(args.out or sample.OUT, "sweep.png"), results)
-
+        save_sweep_figure(os.path.join(out, "sweep.png"), results)
     return results
 
 

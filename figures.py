@@ -37,10 +37,9 @@ def save_image_grid(path, images, nrow):
         Image.fromarray((grid.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()).save(tmp)
 
 
-def save_process_figure(path, levels, sigmas, rows=8, columns=10,
-                        title="Annealed Langevin dynamics: state at the end of each level"):
-    """The generation process (Figs. 4b, 5b): one row per sample, one column per noise level (at
-    most `columns`, evenly spaced, the last level always shown)."""
+def save_process_figure(path, levels, sigmas, title, rows=8, columns=10):
+    """The generation process (Figs. 4b, 5b): a row per sample, a column per noise level (at most
+    `columns`, evenly spaced, the last always shown)."""
     import torchvision
     plt = pyplot()
     keep = sorted({len(levels) - 1 - round(k * (len(levels) - 1) / (columns - 1)) for k in range(columns)})
@@ -52,8 +51,7 @@ def save_process_figure(path, levels, sigmas, rows=8, columns=10,
     fig, ax = plt.subplots(figsize=(1.0 * L + 0.6, 1.0 * n + 0.8))
     ax.imshow(grid, cmap="gray" if grid.shape[2] == 1 else None)
     ax.set_xticks([w * (i + 0.5) for i in range(L)], [f"{float(s):.3g}" for s in sigmas], fontsize=8)
-    ax.set_yticks([]), ax.set_xlabel(r"end of noise level $\sigma_i$")
-    ax.set_title(title)
+    ax.set_yticks([]), ax.set_xlabel(r"end of noise level $\sigma_i$"), ax.set_title(title)
     save_figure(fig, path, dpi=100)
 
 

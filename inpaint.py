@@ -7,17 +7,13 @@ images (the paper's Algorithm 2; the official anneal_Langevin_dynamics_inpaintin
     python inpaint.py --checkpoint C --mask holes.png --images my_folder # white pixels of holes.png are filled
     python inpaint.py --checkpoint runs/mnist/checkpoint.pt --classifier --n-images 100 --completions 4
 
-At each noise level the known pixels are set to the image plus that level's noise and the others
-follow the Langevin update (common.annealed_langevin_inpainting), with the checkpoint's sampler
-settings (any recipe) unless --steps-each / --step-lr say otherwise. Only this sampler inpaints: the
-family's call (samplers.SAMPLERS) has no known pixels (why no other form is offered: docs/samplers.md).
-Completion j of image i
-draws its noise from its own generator, seeded by (--seed, i, j): results do not depend on
---batch-size. Each image's completions are written as they are made, in a folder named after a
-fingerprint of the weights, settings, mask and images: a rerun makes only the missing ones.
-Writes under --out: inpainting.png (a row per image: occluded input, completions, original),
-completions.npz, png/ (with --png), metrics.json (with --classifier, MNIST: how often the
-classifier gives the completion the original's label, against filling with noise or the mean image).
+At each level the known pixels are the image plus that level's noise and the others follow the Langevin
+update (common.annealed_langevin_inpainting; samplers.SAMPLERS's call has no known pixels: docs/samplers.md),
+with the checkpoint's sampler settings (any recipe) unless --steps-each / --step-lr say otherwise. Completion
+j of image i is seeded by (--seed, i, j), whatever --batch-size; each image's are written as made, in a folder
+named after a fingerprint of the weights, settings, mask and images: a rerun makes only the missing ones.
+Writes inpainting.png, completions.npz, png/ (--png), metrics.json (--classifier, MNIST: how often the
+classifier gives a completion the original's label, against filling with noise or the mean image).
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
@@ -54,10 +50,8 @@ def make_mask(kind, size, fraction=FRACTION, seed=SEED):
     if kind == "right":
         return torch.arange(size).expand(size, size) < size // 2
     if kind == "centre":
-        lo, hi = size // 4, size // 4 + size // 2
-        known = torch.ones(size, size, dtype=torch.bool)
-        known[lo:hi, lo:hi] = False
-        return known
+        inside = (torch.arange(size) >= size // 4) & (torch.arange(size) < size // 4 + size // 2)
+        return ~(inside[:, None] & inside)
     if kind == "random":
         return torch.rand(size, size, generator=torch.Generator().manual_seed(seed)) >= fraction
     from PIL import Image
@@ -71,13 +65,12 @@ def make_mask(kind, size, fraction=FRACTION, seed=SEED):
 
 
 @torch.no_grad()
-def inpaint(model, images, known, settings, seed, batch_size, device, folder, first_index=0):
+def inpaint(model, images, known, settings, seed, batch_size, device, folder):
     """Completions of each image (uint8 (N, C, H, W)) where `known` is False; image i's are written
     to image_<i>.npz as soon as they are made, and an existing file is not made again."""
-    sigmas = torch.tensor(settings["sigmas"], device=device)
-    K = settings["completions"]
+    sigmas, K = torch.tensor(settings["sigmas"], device=device), settings["completions"]
     per_batch = max(1, batch_size // K)
-    path = lambda i: os.path.join(folder, f"image_{first_index + i:05d}.npz")
+    path = lambda i: os.path.join(folder, f"image_{i:05d}.npz")
     utils.remove_temporaries(folder)
     done = {i: stored(path(i), settings["fingerprint"]) for i in range(len(images)) if os.path.exists(path(i))}
     todo = [i for i in range(len(images)) if done.get(i) is None]
@@ -85,7 +78,7 @@ def inpaint(model, images, known, settings, seed, batch_size, device, folder, fi
     for b in range(0, len(todo), per_batch):
         idx = todo[b:b + per_batch]
         x_known = (images[idx].to(device).float() / 255).repeat_interleave(K, 0)       # (len(idx) K, C, H, W)
-        noise = utils.SampleNoise([(seed, first_index + i, j) for i in idx for j in range(K)], device)
+        noise = utils.SampleNoise([(seed, i, j) for i in idx for j in range(K)], device)
         x0 = noise.rand(*x_known.shape[1:])
         x = common.annealed_langevin_inpainting(model, x0, x_known, known.to(device), sigmas,
                                                   randn_like=noise.randn_like, steps_each=settings["steps_each"],
@@ -112,18 +105,11 @@ def stored(path, fp):
     return f["completions"]
 
 
-def save_figure(path, images, known, completions):
-    """A row per image: the occluded input (unknown pixels grey), its completions, the original."""
-    occluded = torch.where(known, images.float() / 255, torch.full_like(images.float(), 0.5))
-    # (N, K + 2, C, H, W): the occluded input, the completions, the original
-    rows = torch.cat([occluded[:, None], completions.float() / 255, images[:, None].float() / 255], 1)
-    figures.save_image_grid(path, rows.flatten(0, 1), nrow=rows.shape[1])
-
-
-def label_agreement(images, known, completions, mean_image, data_root, device, cache, seed=SEED):
+def label_agreement(images, known, completions, data_root, device, cache, seed=SEED):
     """How often the MNIST classifier gives the completions (and two baselines: the unknown pixels
     as uniform noise, as the mean training image) the label it gives the original."""
     net = metrics.load_or_train(data_root, device, cache)[0]
+    mean_image = (data.load_images("mnist", True, data_root).float().mean(0) + 0.5).to(torch.uint8)
     label = lambda x: metrics.predict(net, x, device)[0].argmax(1)
     want = label(images)
     noise = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
@@ -135,9 +121,11 @@ def label_agreement(images, known, completions, mean_image, data_root, device, c
 
 
 def write_outputs(args, folder, images, known, completions, device):
-    """inpainting.png, completions.npz, png/ (--png); returns what metrics.json says of them
-    (with --classifier, the label agreement of the completions and of the two baselines)."""
-    save_figure(os.path.join(folder, "inpainting.png"), images, known, completions)
+    """inpainting.png (a row per image: the occluded input, its completions, the original), completions.npz,
+    png/ (--png); returns what metrics.json says of them (--classifier: their and two baselines' label agreement)."""
+    occluded = torch.where(known, images.float() / 255, torch.full_like(images.float(), 0.5))     # unknown: grey
+    rows = torch.cat([occluded[:, None], completions.float() / 255, images[:, None].float() / 255], 1)  # (N, K + 2)
+    figures.save_image_grid(os.path.join(folder, "inpainting.png"), rows.flatten(0, 1), nrow=rows.shape[1])
     with utils.atomic_path(os.path.join(folder, "completions.npz")) as tmp:
         np.savez(tmp, completions=completions.numpy(), originals=images.numpy(), known=known.numpy())
     if args.png:
@@ -146,11 +134,9 @@ def write_outputs(args, folder, images, known, completions, device):
             figures.save_image_grid(png, completions[i, j:j + 1] / 255, 1)
     result = dict(mask=args.mask, share_to_fill=(~known).float().mean().item(), n_images=len(images), folder=folder)
     if args.classifier:
-        mean_image = (data.load_images("mnist", True, args.data_root).float().mean(0) + 0.5).to(torch.uint8)
-        result["label_agreement"] = label_agreement(images, known, completions, mean_image, args.data_root, device,
-                                                    args.classifier_cache, args.seed)
-        print("the classifier gives the original's label to: " +
-              ", ".join(f"{k} {v:.1%}" for k, v in result["label_agreement"].items()))
+        agreed = label_agreement(images, known, completions, args.data_root, device, args.classifier_cache, args.seed)
+        print("the classifier gives the original's label to: " + ", ".join(f"{k} {v:.1%}" for k, v in agreed.items()))
+        result["label_agreement"] = agreed
     return result
 
 
@@ -158,27 +144,24 @@ def write_outputs(args, folder, images, known, completions, device):
 def main(argv=None):
     p = utils.arg_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="a checkpoint of either recipe, or an official one")
-    p.add_argument("--images", default=None,
-                   help="a folder of images (default: the test split of the checkpoint's data set)")
+    p.add_argument("--images", help="a folder of images (default: the test split of the checkpoint's data set)")
     p.add_argument("--data-root", default=data.DATA_ROOT, help="torchvision data folder")
     p.add_argument("--mask", default=MASK, help="right, centre, random, or a mask image (white = fill)")
     p.add_argument("--fraction", type=utils.positive_float, default=FRACTION,
                    help="--mask random: share of pixels to fill")
     p.add_argument("--n-images", type=utils.positive_int, default=N_IMAGES, help="images to complete")
     p.add_argument("--completions", type=utils.positive_int, default=COMPLETIONS, help="completions per image")
-    p.add_argument("--steps-each", type=utils.positive_int, default=None,
-                   help="steps per level (default: the checkpoint's)")
-    p.add_argument("--step-lr", type=utils.number_or_auto(utils.positive_float), default=None,
+    p.add_argument("--steps-each", type=utils.positive_int, help="steps per level (default: the checkpoint's)")
+    p.add_argument("--step-lr", type=utils.number_or_auto(utils.positive_float),
                    help="step_lr, or auto (technique 4) (default: the checkpoint's)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="EMA weights (default: if present)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, help="EMA weights (default: if present)")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="completions sampled at once")
     p.add_argument("--seed", type=utils.seed, default=SEED, help="completion j of image i is seeded by (seed, i, j)")
     p.add_argument("--classifier", action="store_true", help="MNIST: label agreement of completions and baselines")
     p.add_argument("--classifier-cache", default=metrics.CLASSIFIER_CACHE,
                    help="folder of the MNIST classifier's weights")
     p.add_argument("--png", action="store_true", help="also write every completion as a PNG file")
-    p.add_argument("--out", default=None, help=f"output folder (default {OUT}/<checkpoint name>)")
+    p.add_argument("--out", help=f"output folder (default {OUT}/<checkpoint name>)")
     p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     if args.fraction >= 1:

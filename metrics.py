@@ -6,13 +6,10 @@ scorers (SCORERS); each makes a callable from batches of uint8 images to a flat 
     python metrics.py --images samples.npz --metrics classifier --data-root .mnist   # digit scores of an .npz
     python metrics.py --images runs/eval/mnist_checkpoint/steplr2e-05_T100_seed0_0123456789 --metrics classifier
 
---images takes a folder of images, an .npz of uint8 images (N, H, W, C) or (N, C, H, W) under
-'images' or 'arr_0' (EDM's layout), or a folder of sample.py's shards. Inception metrics use
-torch-fidelity's port of the TensorFlow Inception network the paper used (OpenAI's Inception
-score, 10 splits; TTUR's FID) against statistics of the training set, cached under a key of the
-images' content and the weights. The digit classifier (trained once here, cached) gives MNIST,
-where Inception knows nothing of digits, a classifier Inception score, a confident share and a
-Frechet distance in its features to held-out real digits.
+--images: a folder of images, an .npz of uint8 (N, H, W, C) or (N, C, H, W) under 'images' or 'arr_0'
+(EDM's), or sample.py's shards. IS (10 splits) and FID use torch-fidelity's port of the paper's TF
+Inception, against cached training-set statistics. MNIST, where Inception knows nothing of digits, gets
+the digit classifier's IS, confident share and Frechet distance to held-out real digits.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import functools
@@ -47,15 +44,12 @@ SEED = 0                          # the classifier's training, and the per-level
 #----------------------------------------------------------------------------
 # Inception features, the Inception score and FID.
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians of features (TTUR's
-    FID formula), via torch-fidelity."""
+def fid(mu1, sigma1, mu2, sigma2):
+    """The Frechet distance ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two Gaussians of features (TTUR's
+    formula, via torch-fidelity): FID on Inception pool features, the digit FD on the classifier's."""
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     m = fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)
     return m["frechet_inception_distance"]
-
-
-fid = frechet_distance       # on Inception pool features: FID
 
 
 @functools.lru_cache(maxsize=2)
@@ -70,29 +64,28 @@ def inception(weights, device):
     except Exception as e:
         if weights is not None:
             raise checkpoints.CheckpointError(f"{weights}: not torch-fidelity Inception weights "
-                                         f"({utils.first_line(e)[:100]})")
+                                              f"({utils.first_line(e)[:100]})")
         raise data.DataError(f"could not download the Inception weights ({utils.first_line(e)[:80]}); pass "
                              "--inception-weights weights-inception-2015-12-05-6726825d.pth (torch-fidelity v0.2.0)")
     return net.to(device)
 
 
+def batched(run, images, batch_size):
+    """run(batch) over `images` in batches; each of its outputs concatenated, float64 on the CPU."""
+    outs = [[o.double().cpu() for o in run(images[i:i + batch_size])] for i in range(0, len(images), batch_size)]
+    return tuple(torch.cat(o) for o in zip(*outs))
+
+
 @torch.no_grad()
 def features(net, images, device, batch_size=100):
     """Pool features (N, 2048) and unbiased logits (N, 1008), float64, of uint8 images (N, C, H, W)."""
-    pool, logits = [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x        # MNIST: digits repeated to 3 channels
-        p, l = net(x)
-        pool.append(p.double().cpu()), logits.append(l.double().cpu())
-    return torch.cat(pool), torch.cat(logits)
+    return batched(lambda x: net(x.to(device).expand(-1, 3, -1, -1)), images, batch_size)   # MNIST: 1 -> 3 channels
 
 
 @torch.no_grad()
 def streamed_stats(net, batches, device):
-    """mu, sigma of the pool features and all logits, over an iterable of uint8 batches. Sums of
-    features and of their outer products build up in float64 (as EDM's fid.py): memory is one
-    batch plus 2048^2, whatever the number of images."""
+    """mu, sigma of the pool features and all logits, over uint8 batches. Float64 sums of features and
+    their outer products (EDM's fid.py): memory is one batch plus 2048^2, whatever the number of images."""
     n, s1, s2, logits = 0, 0, 0, []
     for images in batches:
         pool, l = features(net, images, device)
@@ -131,10 +124,8 @@ def read_stats(path):
 
 
 def reference_stats(opts, dataset, net, device):
-    """(mu, sigma, label) of --ref: a stats .npz, a folder of images, or the data set's training
-    set. Computed statistics are cached in --ref-cache under a key of the images' bytes, the
-    Inception weights and the feature path (resize and channel handling), so that other images
-    or weights never reuse them."""
+    """(mu, sigma, label) of --ref: a stats .npz, a folder of images, or the training set. Computed ones are
+    cached in --ref-cache under a key of the images' bytes, the weights and the feature path (resize, channels)."""
     spec = data.DATASETS[dataset]
     if opts.ref and opts.ref.endswith(".npz"):
         return (*read_stats(opts.ref), f"statistics {opts.ref}")
@@ -190,20 +181,12 @@ class DigitNet(nn.Module):
         return self.fc2(F.dropout(feats, 0.5, self.training)), feats
 
 
-def mnist_with_labels(data_root):
-    """uint8 digits (N, 1, 28, 28) and labels of torchvision's MNIST training split under data_root."""
-    import torchvision
-    data.load_images("mnist", True, data_root, folder_flag=None)     # downloads, or says what is missing
-    digits = torchvision.datasets.MNIST(data_root, train=True, download=False)
-    return digits.data[:, None].contiguous(), digits.targets.clone()
-
-
-def train_classifier(images, labels, device, epochs=EPOCHS, seed=SEED):
+def train_classifier(images, labels, device):
     """Adam on cross-entropy, batches of 128, dropout on; returns the network in eval mode."""
-    torch.manual_seed(seed)
-    net, g = DigitNet().to(device), torch.Generator().manual_seed(seed)
+    torch.manual_seed(SEED)
+    net, g = DigitNet().to(device), torch.Generator().manual_seed(SEED)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(epochs):
+    for _ in range(EPOCHS):
         for idx in torch.randperm(len(images), generator=g).split(128):
             loss = F.cross_entropy(net(images[idx].to(device).float() / 255)[0], labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
@@ -215,24 +198,22 @@ def train_classifier(images, labels, device, epochs=EPOCHS, seed=SEED):
 @torch.no_grad()
 def predict(net, images, device, batch_size=500):
     """(p(y|x) (N, 10), features (N, 128)), float64 on the CPU, of uint8 digits."""
-    probs, feats = [], []
-    for i in range(0, len(images), batch_size):
-        logits, f = net(images[i:i + batch_size].to(device).float() / 255)
-        probs.append(logits.double().softmax(1).cpu()), feats.append(f.double().cpu())
-    return torch.cat(probs), torch.cat(feats)
+    logits, feats = batched(lambda x: net(x.to(device).float() / 255), images, batch_size)
+    return logits.softmax(1), feats
 
 
 def load_or_train(data_root, device, cache=CLASSIFIER_CACHE):
-    """(classifier, held-out digits, held-out labels, its held-out accuracy), trained once per set of
-    training digits (every HOLD_OUT-th held out) and cached under a digest of them."""
-    images, labels = mnist_with_labels(data_root)
+    """(classifier, held-out digits, held-out labels, its held-out accuracy) on MNIST's training split less
+    every HOLD_OUT-th digit; trained once and cached under a digest of those training digits."""
+    import torchvision
+    images = data.load_images("mnist", True, data_root)      # (N, 1, 28, 28); downloads, or says what is missing
+    labels = torchvision.datasets.MNIST(data_root, train=True, download=False).targets
     held = torch.arange(len(images)) % HOLD_OUT == 0
     tr_x, tr_y, ho_x, ho_y = images[~held], labels[~held], images[held], labels[held]
     path = os.path.join(cache, f"classifier_{len(tr_x)}_{utils.digest(tr_x, tr_y, HOLD_OUT, EPOCHS, SEED)[:16]}.pt")
-    net = DigitNet()
     if os.path.exists(path):
+        net = DigitNet().to(device).eval()
         net.load_state_dict(checkpoints.read_checkpoint(path)["model"])
-        net = net.to(device).eval()
     else:
         print(f"training the MNIST classifier on {len(tr_x):,} digits ({EPOCHS} epochs), once: cached as {path}")
         net = train_classifier(tr_x, tr_y, device)
@@ -242,10 +223,9 @@ def load_or_train(data_root, device, cache=CLASSIFIER_CACHE):
 
 
 class DigitScorer:
-    """The classifier Inception score exp E KL(p(y|x) || p(y)) (one split, at most 10), the share
-    classified with p > CONFIDENT, the class histogram, and the Frechet distance in the classifier's
-    128 features to held-out real digits (those it never trained on, less the first PROBE, kept as
-    `held_out` for the ceiling)."""
+    """The classifier Inception score exp E KL(p(y|x) || p(y)) (one split, at most 10), the share with
+    p > CONFIDENT, the class histogram, and the Frechet distance in its 128 features to held-out digits
+    (never trained on), less the first PROBE, kept as `held_out` for the ceiling."""
 
     def __init__(self, opts, dataset, device):
         if dataset != "mnist":
@@ -265,7 +245,7 @@ class DigitScorer:
         py = probs.mean(0, keepdim=True)
         kl = (probs * (probs.clamp_min(1e-30).log() - py.clamp_min(1e-30).log())).sum(1).mean()
         f = feats.numpy()
-        fd = frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma)
+        fd = fid(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma)
         return dict(classifier_is=kl.exp().item(),
                     confident_share=(probs.max(1).values > CONFIDENT).double().mean().item(),
                     class_histogram=torch.bincount(probs.argmax(1), minlength=10).tolist(), frechet_distance=float(fd))
@@ -281,12 +261,12 @@ class Scorer(NamedTuple):
     sweep: tuple
 
 
-def _number(key, spec=".2f", spread=None):
-    """A table cell: result[key] formatted (+- result[spread]), '-' when absent."""
+def _number(key, spread=None):
+    """A table cell: result[key] (+- result[spread]) to 2 decimals, '-' when absent."""
     def cell(r):
         if r.get(key) is None:
             return "-"
-        return f"{r[key]:{spec}}" + (f" +- {r[spread]:{spec}}" if spread and r.get(spread) is not None else "")
+        return f"{r[key]:.2f}" + (f" +- {r[spread]:.2f}" if r.get(spread) is not None else "")
     return cell
 
 
@@ -323,8 +303,8 @@ def nearest_neighbours(samples, train_images, k, embed, chunk=1000):
 
 
 def save_nearest(path, samples, train_images, k, inception_net=None, device="cpu"):
-    """A row per sample: it, then its k nearest training images in pixels (and, with an Inception
-    network, in its pool features): a memorisation check, as NCSNv2's."""
+    """A row per sample: it, then its k nearest training images in pixels (and in the Inception network's
+    pool features, if given): a memorisation check, as NCSNv2's."""
     pixels = lambda x: x.flatten(1).double()
     rows = [samples[:, None], train_images[nearest_neighbours(samples, train_images, k, pixels)]]
     if inception_net is not None:
@@ -336,12 +316,10 @@ def save_nearest(path, samples, train_images, k, inception_net=None, device="cpu
 
 @torch.no_grad()
 def level_losses(ck, images, batch_size, device, at=None):
-    """{level: test DSM loss} at about 20 of the checkpoint's training levels (keys 1-based level
-    numbers), or at the noise levels `at` ({sigma: loss}; a norm-conditioned network: those it was
-    trained at): eq. (5) with lambda = sigma^2 on `images` (uint8, / 255), the same noise z at every
-    level (seeded). How well the network fits each level, apart from any sampler; the loss of a
-    perfect score is not 0 but the level's irreducible part, so compare checkpoints level by level
-    (`at` puts networks with different ladders on the same levels)."""
+    """{1-based level: test DSM loss} (eq. 5, lambda = sigma^2) on uint8 `images` at about 20 training levels,
+    or {sigma: loss} at the levels `at` (known_levels), with one seeded noise z for all: the network's fit per
+    level, apart from any sampler. A perfect score's loss is the level's irreducible part, not 0, so compare
+    checkpoints level by level (`at` puts different ladders on the same levels)."""
     shown = health.shown_levels(len(ck.sigmas))
     keys = [i + 1 for i in shown] if at is None else known_levels(ck, at)
     sigmas = ck.sigmas[shown] if at is None else torch.tensor(keys)
@@ -350,8 +328,7 @@ def level_losses(ck, images, batch_size, device, at=None):
     model, losses = ck.model.to(device), {}
     for key, sigma in zip(keys, sigmas.tolist()):
         total = 0.0
-        for lo in range(0, len(x_all), batch_size):
-            x, z = x_all[lo:lo + batch_size].to(device), z_all[lo:lo + batch_size].to(device)
+        for x, z in zip(x_all.to(device).split(batch_size), z_all.to(device).split(batch_size)):
             total += common.dsm_loss(model, x, x.new_full((len(x),), sigma), z).sum().item()
         losses[key] = total / len(x_all)
     model.cpu()
@@ -380,17 +357,14 @@ def known_levels(ck, at):
 def add_flags(p, images=False):
     """The scoring flags, shared with evaluate.py (which takes its images from the samples)."""
     if images:
-        p.add_argument("--images", required=True,
-                       help="a folder of images, an .npz of uint8 images, or sample.py's folder")
+        p.add_argument("--images", required=True, help="a folder of images or of sample.py's shards, or a uint8 .npz")
         p.add_argument("--dataset", choices=list(data.DATASETS), default="mnist",
                        help="whose reference and image size (channels, size) to use")
     p.add_argument("--metrics", nargs="+", choices=[*SCORERS, "none"], default=["inception"],
                    help="inception: IS and FID (the paper's); classifier: the digit classifier's scores; none")
-    p.add_argument("--ref", default=None,
-                   help="FID reference: a folder of images or a stats .npz (default: the training set)")
-    p.add_argument("--ref-cache", default=None, help="folder of cached reference statistics (default: <out>/ref_stats)")
-    p.add_argument("--inception-weights", default=None,
-                   help="torch-fidelity Inception weights file (default: download)")
+    p.add_argument("--ref", help="FID reference: a folder of images or a stats .npz (default: the training set)")
+    p.add_argument("--ref-cache", help="folder of cached reference statistics (default: <out>/ref_stats)")
+    p.add_argument("--inception-weights", help="torch-fidelity Inception weights file (default: download)")
     p.add_argument("--classifier-cache", default=CLASSIFIER_CACHE, help="folder of the digit classifier's weights")
     p.add_argument("--data-root", default=data.DATA_ROOT, help="torchvision data folder")
 
@@ -431,7 +405,7 @@ def main(argv=None):
     p = utils.arg_parser(__doc__)
     add_flags(p, images=True)
     p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args(argv)
     check_flags(p, args, "runs/metrics")
     device = utils.get_device(args.device)

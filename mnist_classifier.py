@@ -4,11 +4,10 @@ scorer): train it once (cached), print its held-out accuracy and the scores' cei
     python mnist_classifier.py --data-root .mnist          # train (or load) it; print the ceiling and floor
     python evaluate.py --checkpoint runs/mnist/checkpoint.pt --metrics classifier --data-root .mnist
 
-The paper reports no numbers for MNIST, and the Inception network knows nothing of digits. The
-classifier trains on the training split under --data-root except every metrics.HOLD_OUT-th
-image; those held-out digits are the reference of the Frechet distance (all but the first
-metrics.PROBE) and the ceiling's samples (the others). Its weights are cached under --cache in a
-file named after a digest of the training digits, so other data never reuses them.
+The paper reports no numbers for MNIST, and Inception knows nothing of digits. The classifier trains on
+MNIST's training split less every metrics.HOLD_OUT-th digit; those held-out digits are the Frechet
+distance's reference (all but the first metrics.PROBE) and the ceiling's samples (the others). Its weights
+are cached under --cache, named after a digest of the training digits, so other data never reuses them.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse

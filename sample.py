@@ -401,18 +401,13 @@ def check_flags(p, args):
     """Refuse what no single sampling flag can check; make --out (sample.py and evaluate.py)."""
     if args.nfe and args.steps_each:
         p.error("--nfe and --steps-each both set T; give one")
-    if args.sampler is None:                        # each checkpoint's recipe's: checked per checkpoint (plan)
-        return check_out(p, args)
-    names = [[s for rows in AUTO.values() for _, s, _ in rows] if name == "auto" else [name] for name in args.sampler]
-    taken = {k for group in names for name in group for k in samplers.settings(samplers.SAMPLERS[name].run)}
-    for k in all_settings():
-        if getattr(args, k) is not None and k not in taken:
-            p.error(f"--{k.replace('_', '-')} is a setting of no sampler asked for (--sampler "
-                    f"{' '.join(args.sampler)}); drop it or add a sampler that takes it")
-    check_out(p, args)
-
-
-def check_out(p, args):
+    if args.sampler is not None:                    # else each checkpoint's recipe's: checked per checkpoint (plan)
+        names = [[s for rows in AUTO.values() for _, s, _ in rows] if n == "auto" else [n] for n in args.sampler]
+        taken = {k for group in names for name in group for k in samplers.settings(samplers.SAMPLERS[name].run)}
+        for k in all_settings():
+            if getattr(args, k) is not None and k not in taken:
+                p.error(f"--{k.replace('_', '-')} is a setting of no sampler asked for (--sampler "
+                        f"{' '.join(args.sampler)}); drop it or add a sampler that takes it")
     if problem := utils.check_out(args.out or OUT):
         p.error(problem)
 

@@ -6,11 +6,9 @@
     python train.py --dataset cifar10 --resume            # continue runs/cifar10/checkpoint.pt
     torchrun --nproc_per_node 2 train.py --dataset cifar10
 
-Every setting is a field of TrainConfig and a flag of the same name; train() is the set-up and
-one loop; train_io.py writes its files. Under --out: config.json, metrics.csv, checkpoint.pt (the latest, resumable),
-checkpoint_<step>.pt (snapshots), loss.png, samples_<step>.png and process_<step>.png.
-Exit status: 0 finished, 3 stopped by SIGINT/SIGTERM (continue with --resume), 1 an error,
-2 a bad flag.
+Every setting is a TrainConfig field and a flag of the same name. Under --out: config.json, metrics.csv,
+checkpoint.pt (the latest), checkpoint_<step>.pt, loss.png, samples_<step>.png and process_<step>.png.
+Exit status: 0 finished, 3 stopped by SIGINT/SIGTERM (continue with --resume), 1 an error, 2 a bad flag.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
@@ -33,8 +31,7 @@ import utils
 from train_io import LOG_EVERY, TrainError  # noqa: F401  (train.TrainError, train.LOG_EVERY)
 
 #----------------------------------------------------------------------------
-# Settings. Each TrainConfig field is a flag (--batch-size for batch_size) with its default and
-# help; the per-data-set defaults (channels, image size, flips, ngf) are data.DATASETS.
+# Settings: each TrainConfig field is a flag (--batch-size for batch_size); the data sets' are data.DATASETS.
 
 ITERS = 200_000      # the paper's optimizer steps, when neither --iters nor --epochs is given
 TEST_EVERY = 100     # steps between test losses (the official code's)
@@ -48,9 +45,8 @@ def _setting(default, help, **kw):
 RECIPES = {   # what a recipe gives each of these flags when it is not given
     # the paper's (Sec. 5, appendix B.1; the official configs)
     "ncsn": dict(lr=1e-3, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END, num_levels=common.NUM_LEVELS,
-                 conditioning="norm", objective="dsm", ema=0.0, ema_warmup=False, dequantize=True,
-                 steps_each=common.STEPS_EACH, step_lr=common.STEP_LR, denoise=False, sampler="als", nfe=None,
-                 s_churn=0.0),
+                 conditioning="norm", objective="dsm", ema=0.0, ema_warmup=False, dequantize=True, s_churn=0.0,
+                 steps_each=common.STEPS_EACH, step_lr=common.STEP_LR, denoise=False, sampler="als", nfe=None),
     # NCSNv2's techniques 1-5; its figures and evaluate.py: the best measured sampler (docs/samplers.md)
     "ncsnv2": dict(lr=1e-4, sigma_begin="auto", sigma_end=common.SIGMA_END, num_levels="auto", conditioning="scale",
                    objective="dsm", ema=0.999, ema_warmup=False, dequantize=False, steps_each=5, step_lr="auto",
@@ -76,14 +72,11 @@ class TrainConfig:
                            "continuous conditioning, loss and Heun sampler", choices=list(RECIPES))
     # training
     batch_size: int = _setting(128, "global batch per optimizer step", type=utils.positive_int)
-    iters: int = _setting(None, f"stop after this many optimizer steps (default {ITERS:,} if --epochs is not given)",
-                          type=utils.positive_int)
-    epochs: int = _setting(None, "stop after this many epochs (with --iters too: whichever comes first)",
-                           type=utils.positive_int)
+    iters: int = _setting(None, f"optimizer steps (default {ITERS:,} without --epochs)", type=utils.positive_int)
+    epochs: int = _setting(None, "epochs (with --iters too: whichever ends first)", type=utils.positive_int)
     lr: float = _setting(None, "Adam learning rate", type=utils.positive_float)
     beta1: float = _setting(0.9, "Adam beta1 (beta2 is 0.999)", type=utils.rate)
-    ngf: int = _setting(None, "RefineNet width (default: the data set's, 64 MNIST, 128 CIFAR-10)",
-                        type=utils.positive_int)
+    ngf: int = _setting(None, "RefineNet width (default: 64 for MNIST, 128 for the others)", type=utils.positive_int)
     sigma_begin: float = _setting(None, "sigma_1, the largest noise level; auto: the largest distance between two "
                                   "training images (technique 1)", type=utils.number_or_auto(utils.positive_float))
     sigma_end: float = _setting(None, "sigma_L, the smallest", type=utils.positive_float)
@@ -96,9 +89,8 @@ class TrainConfig:
                               "(SSM-VR per level, weighted by sigma^2); edm: EDM's loss, ln sigma ~ N(--p-mean, "
                               "--p-std^2), continuous conditioning only (losses.OBJECTIVES)",
                               choices=lambda: list(losses.OBJECTIVES))
-    sigma_data: float = _setting(None, "continuous conditioning: the data's standard deviation in the "
-                                 "preconditioning; auto: measured on the training set",
-                                 type=utils.number_or_auto(utils.positive_float))
+    sigma_data: float = _setting(None, "continuous conditioning: the data's standard deviation in the preconditioning; "
+                                 "auto: measured on the training set", type=utils.number_or_auto(utils.positive_float))
     p_mean: float = _setting(losses.P_MEAN, "EDM's P_mean: ln sigma's mean (--objective edm, --sigma-dist lognormal)",
                              type=utils.finite_float)
     p_std: float = _setting(losses.P_STD, "EDM's P_std: ln sigma's standard deviation", type=utils.positive_float)
@@ -120,10 +112,9 @@ class TrainConfig:
     step_lr: float = _setting(None, "sampler step_lr (eps / 2); auto: technique 4's for T",
                               type=utils.number_or_auto(utils.positive_float))
     denoise: bool = _setting(None, "end the sampler with x + sigma_L^2 s(x, L)")
-    nfe: int = _setting(None, "the figures' network evaluations per image (None: the sampler's own on the "
-                        "trained levels)", type=utils.positive_int)
-    s_churn: float = _setting(None, "heun: EDM's S_churn for the figures (0: the deterministic ODE)",
-                              type=utils.nonnegative_float)
+    nfe: int = _setting(None, "the figures' network evaluations per image (None: the sampler's own on the trained "
+                        "levels)", type=utils.positive_int)
+    s_churn: float = _setting(None, "heun: EDM's S_churn in the figures (0: the ODE)", type=utils.nonnegative_float)
     # machinery
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N", type=utils.device_name)
     num_workers: int = _setting(2, "data loader processes", type=utils.count)
@@ -142,20 +133,15 @@ MAY_CHANGE = ("out", "resume", "data_root",                                # whe
 def parser(fixed=()):
     """argparse flags generated from TrainConfig, less the `fixed` fields."""
     p = utils.arg_parser(__doc__)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in fixed:
-            continue
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        help = meta["help"]
+    for f in (f for f in dataclasses.fields(TrainConfig) if f.name not in fixed):
+        help, choices = f.metadata["help"], f.metadata.get("choices")
         if any(f.name in r for r in RECIPES.values()):
             help += " (default: the recipe's, " + ", ".join(f"{r} {v.get(f.name)}" for r, v in RECIPES.items()) + ")"
         if f.type is bool:
-            action = argparse.BooleanOptionalAction if f.default is None else "store_true"
-            p.add_argument(flag, action=action, default=f.default, help=help)
-        else:
-            choices = meta.get("choices")          # a table's keys (losses.OBJECTIVES, SAMPLERS): read now
-            p.add_argument(flag, type=meta.get("type", f.type), choices=choices() if callable(choices) else choices,
-                           default=f.default, help=help)
+            kind = dict(action=argparse.BooleanOptionalAction if f.default is None else "store_true")
+        else:       # callable choices: a table's keys (losses.OBJECTIVES, SAMPLERS), read now
+            kind = dict(type=f.metadata.get("type", f.type), choices=choices() if callable(choices) else choices)
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=help, **kind)
     return p
 
 
@@ -173,8 +159,7 @@ def resolve(cfg):
 
 def check_config(cfg):
     """The settings that no single flag can check (on a resolved config); returns the error or None."""
-    numbers = all(isinstance(v, (int, float)) for v in (cfg.sigma_begin, cfg.sigma_end))
-    if numbers and cfg.sigma_begin <= cfg.sigma_end:
+    if cfg.sigma_begin != "auto" and cfg.sigma_begin <= cfg.sigma_end:       # sigma_end is always a number
         return f"--sigma-begin ({cfg.sigma_begin}) must be larger than --sigma-end ({cfg.sigma_end})"
     if cfg.num_levels != "auto" and cfg.num_levels < 2:
         return "--num-levels must be at least 2"
@@ -186,36 +171,34 @@ def check_config(cfg):
     if cfg.batch_size % parts:
         return (f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum ({parts}); "
                 f"e.g. --batch-size {parts * max(1, cfg.batch_size // parts)}")
+    if cfg.resume and not os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
+        return f"--resume: {cfg.out} holds no checkpoint.pt to continue; check --out, or drop --resume to start"
     return None
 
 
-def resolve_auto(cfg, train_images, device, state, say, pixels=None):
-    """The 'auto' settings as numbers: from the checkpoint when resuming, else by NCSNv2's techniques
-    (and sigma_data from `pixels`, data.pixel_stats of the training images)."""
+def resolve_auto(cfg, train_images, device, state, say, pixels):
+    """(cfg with its 'auto' settings as numbers, their names): the checkpoint's, else NCSNv2's techniques'."""
     auto = [k for k in ("sigma_begin", "num_levels", "step_lr", "sigma_data") if getattr(cfg, k) == "auto"]
     if state is not None:
         return dataclasses.replace(cfg, **{k: state["config"][k] for k in auto}), auto
-    found = {}
-    if "sigma_begin" in auto:
-        found["sigma_begin"] = common.max_pairwise_distance(train_images.to(device).float() / 255)
-        say(f"--sigma-begin auto: {found['sigma_begin']:.4g}, the largest distance between two of the "
+    if "sigma_begin" in auto:        # a number was checked against --sigma-end by check_config
+        cfg = dataclasses.replace(cfg, sigma_begin=common.max_pairwise_distance(train_images.to(device).float() / 255))
+        say(f"--sigma-begin auto: {cfg.sigma_begin:.4g}, the largest distance between two of the "
             f"{min(len(train_images), common.MAX_DISTANCE_IMAGES):,} training images (technique 1)")
-    sigma_begin = found.get("sigma_begin", cfg.sigma_begin)
-    if sigma_begin <= cfg.sigma_end:
-        raise TrainError(f"sigma_begin {sigma_begin:.4g} must be larger than --sigma-end {cfg.sigma_end}")
+        if cfg.sigma_begin <= cfg.sigma_end:
+            raise TrainError(f"sigma_begin {cfg.sigma_begin:.4g} must be larger than --sigma-end {cfg.sigma_end}")
     if "num_levels" in auto:
-        gamma = common.ratio_for_dimension(train_images[0].numel())
-        found["num_levels"] = common.num_levels_for(sigma_begin, cfg.sigma_end, gamma)
-        say(f"--num-levels auto: {found['num_levels']} levels (ratio at most {gamma:.4f} for D = "
-            f"{train_images[0].numel()}, technique 2)")
+        D, gamma = train_images[0].numel(), common.ratio_for_dimension(train_images[0].numel())
+        cfg = dataclasses.replace(cfg, num_levels=common.num_levels_for(cfg.sigma_begin, cfg.sigma_end, gamma))
+        say(f"--num-levels auto: {cfg.num_levels} levels (ratio at most {gamma:.4f} for D = {D}, technique 2)")
     if "sigma_data" in auto:
-        found["sigma_data"] = pixels[1]
-        say(f"--sigma-data auto: {found['sigma_data']:.4f}, the standard deviation of the training pixels (EDM)")
-    L = found.get("num_levels", cfg.num_levels)
+        cfg = dataclasses.replace(cfg, sigma_data=pixels[1])
+        say(f"--sigma-data auto: {cfg.sigma_data:.4f}, the standard deviation of the training pixels (EDM)")
     if "step_lr" in auto:
-        found["step_lr"] = common.auto_step_lr(sigma_begin, cfg.sigma_end, L, cfg.steps_each)
-        say(f"--step-lr auto: {found['step_lr']:.4g} for T = {cfg.steps_each} (technique 4)")
-    return dataclasses.replace(cfg, **found), auto
+        step_lr = common.auto_step_lr(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels, cfg.steps_each)
+        cfg = dataclasses.replace(cfg, step_lr=step_lr)
+        say(f"--step-lr auto: {step_lr:.4g} for T = {cfg.steps_each} (technique 4)")
+    return cfg, auto
 
 
 def run_length(cfg, steps_per_epoch):
@@ -226,7 +209,7 @@ def run_length(cfg, steps_per_epoch):
     return min(limits) if limits else (ITERS, f"the paper's {ITERS:,} steps")
 
 #----------------------------------------------------------------------------
-# A batch and its draws, the objective of a config.
+# The objective, a batch and its draws, one optimizer step, the test loss, the EMA.
 
 def objective(cfg):
     """loss(model, x, draws) of cfg's --objective, its options bound."""
@@ -241,8 +224,7 @@ def batch_draws(cfg, shape, step, sigmas, stream=0):
 
 
 def batch(cfg, images, step, sigmas, rank=0, world=1):
-    """This process's share of a global batch at `step`: the images in [0, 1] (dequantised and
-    flipped as cfg says) and their draws (the others' shares are drawn too, unused)."""
+    """This process's share of the global batch at `step`, (images in [0, 1], their draws); all shares are drawn."""
     lo, n = rank * len(images), len(images)
     draws = {k: v[lo:lo + n] for k, v in batch_draws(cfg, (n * world, *images.shape[1:]), step, sigmas).items()}
     x = data.to_unit(images, draws["u"] if cfg.dequantize else None)
@@ -250,14 +232,11 @@ def batch(cfg, images, step, sigmas, rank=0, world=1):
         x = torch.where(draws["flip"][:, None, None, None], x.flip(3), x)
     return x, draws
 
-#----------------------------------------------------------------------------
-# One optimizer step, the test loss, the EMA.
 
 def train_step(model, optimizer, x, draws, loss, grad_accum=1, amp=False):
-    """One Adam step on `x` (this process's images in [0, 1]) with their `draws`: loss(model, x,
-    draws) per image, averaged. Gradients build up over grad_accum micro-batches and are all-reduced
-    once (EDM's ddp_sync); amp: bf16 autocast. Returns this process's mean loss as a device scalar
-    (no host sync)."""
+    """One Adam step on `x` (this process's images in [0, 1]) and their `draws`: loss(model, x, draws) per image,
+    averaged. Gradients build up over grad_accum micro-batches, all-reduced once (EDM's ddp_sync); amp: bf16
+    autocast. Returns this process's mean loss as a device scalar (no host sync)."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     micro = len(x) // grad_accum
     optimizer.zero_grad(set_to_none=True)
@@ -275,35 +254,29 @@ def train_step(model, optimizer, x, draws, loss, grad_accum=1, amp=False):
 
 
 @torch.no_grad()
-def test_loss(model, test_images, sigmas, step, cfg, device):
+def test_loss(model, test_images, sigmas, step, cfg):
     """The loss of one test batch (a different batch each time, draws of stream 1, no flips)."""
     B = min(cfg.batch_size, len(test_images))
     t = (step // TEST_EVERY) % max(1, len(test_images) // B)
-    images = test_images[t * B:(t + 1) * B].to(device)
+    images = test_images[t * B:(t + 1) * B].to(sigmas.device)
     draws = batch_draws(cfg, images.shape, step, sigmas, stream=1)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+    with torch.autocast(sigmas.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
         return objective(cfg)(model, data.to_unit(images, draws["u"] if cfg.dequantize else None), draws).mean().item()
 
 
 @torch.no_grad()
 def ema_update(ema, net, rate):
-    """Exponential moving average of the weights (NCSNv2): ema <- rate * ema + (1 - rate) * net.
-    Under no_grad, so the average never carries autograd history from one step to the next."""
+    """NCSNv2's EMA, ema <- rate * ema + (1 - rate) * net, under no_grad: it never carries autograd history."""
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - rate)
 
-
-def ema_rate(cfg, n):
-    """The EMA rate of update n = 1, 2, ...: --ema, or with --ema-warmup min(--ema, (1 + n) / (10 + n))."""
-    return min(cfg.ema, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema
 
 #----------------------------------------------------------------------------
 # The training loop.
 
 def describe(cfg, net):
     """The recipe and the network, for the start-of-run line."""
-    return (f"recipe {cfg.recipe}: RefineNet({net.model_args['in_channels']}, {cfg.ngf}, "
-            f"{cfg.conditioning}-conditioned, "
-            f"{cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}"
+    return (f"recipe {cfg.recipe}: RefineNet({net.model_args['in_channels']}, {cfg.ngf}, {cfg.conditioning}-"
+            f"conditioned, {cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}"
             + (", log-normal training levels" if cfg.sigma_dist == "lognormal" and cfg.objective != "edm" else "")
             + (f", EDM's loss, ln sigma ~ N({cfg.p_mean:g}, {cfg.p_std:g}^2), sigma_data {cfg.sigma_data:.4f}, "
                f"mean pixel {float(net.data_mean):.4f}" if cfg.objective == "edm" else "")
@@ -311,8 +284,7 @@ def describe(cfg, net):
 
 
 def start(cfg):
-    """The set-up of a run: processes, the run to continue, data, network, the metrics log, config.json.
-    Returns everything the loop needs, as a namespace."""
+    """The set-up of a run (processes, the run to continue, data, network, metrics log, config.json) as a namespace."""
     rank, world, device = utils.dist_init(cfg.device)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     spec = data.DATASETS[cfg.dataset]
@@ -328,9 +300,9 @@ def start(cfg):
     cfg, auto = resolve_auto(cfg, train_images, device, state, say, pixels)
     model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels,
                       image_size=spec["image_size"], conditioning=cfg.conditioning)
-    if state is not None:
-        fields = {f.name: f for f in dataclasses.fields(cfg)}       # a setting newer than the checkpoint: its default
-        train_io.check_resume(state, cfg, model_args, MAY_CHANGE, lambda k: RECIPES["ncsn"].get(k, fields[k].default))
+    if state is not None:          # a setting newer than the checkpoint: the paper's recipe's value, or its default
+        default = {**dataclasses.asdict(TrainConfig()), **RECIPES["ncsn"]}.get
+        train_io.check_resume(state, cfg, model_args, MAY_CHANGE, default)
     train_io.figure_settings(cfg)                                   # refused now, not after hours of training
     steps_per_epoch = len(train_images) // cfg.batch_size
     total_steps, limit = run_length(cfg, steps_per_epoch)
@@ -338,7 +310,7 @@ def start(cfg):
     sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
     raw, model, ema, opt = train_io.build(cfg, model_args, sigmas, state, world, pixels[0])   # the Denoiser's mu
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
-    log = train_io.MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, write=rank == 0)
+    log = train_io.MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, rank == 0, cfg.batch_size, world)
     if rank == 0:
         train_io.save_config(cfg, os.path.join(cfg.out, "config.json"), world_size=world, device_used=str(device),
                              micro_batch=cfg.batch_size // (world * cfg.grad_accum), steps_per_epoch=steps_per_epoch,
@@ -348,10 +320,9 @@ def start(cfg):
         f"{cfg.dataset}: {len(train_images)} training images, {steps_per_epoch} steps/epoch; training to step "
         f"{total_steps:,} ({limit}); {world} process(es) on {device}; " + describe(cfg, raw))
     return types.SimpleNamespace(
-        cfg=cfg, rank=rank, world=world, device=device, say=say, resumed=state is not None, sigmas=sigmas,
-        loss=objective(cfg),
-        train_images=train_images, test_images=test_images, raw=raw, model=model, ema=ema, opt=opt, log=log,
-        step=step, epoch=epoch, pos=pos, total_steps=total_steps,
+        cfg=cfg, rank=rank, world=world, device=device, say=say, sigmas=sigmas, loss=objective(cfg), log=log,
+        train_images=train_images, test_images=test_images, raw=raw, model=model, ema=ema, opt=opt,
+        step=step, epoch=epoch, pos=pos, total_steps=total_steps, last_saved=step if state else None,
         parts=dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg))    # of every checkpoint
 
 
@@ -359,42 +330,40 @@ def train(cfg):
     """Train a RefineNet with annealed DSM as `cfg` (a resolved TrainConfig) says.
     Returns (final step, the name of the signal that stopped the run, or None)."""
     r = start(cfg)
-    cfg, rank, world, device, sigmas, log, B = r.cfg, r.rank, r.world, r.device, r.sigmas, r.log, cfg.batch_size
-    step, epoch, pos = r.step, r.epoch, r.pos
-    # The loop, one optimizer step an iteration; rank 0 alone writes files.
-    stream = data.batches(r.train_images, cfg.batch_size, cfg.seed, cfg.num_workers, epoch, pos, rank, world,
-                          device)
+    cfg, rank, world, device, sigmas, log, step, epoch, pos = (r.cfg, r.rank, r.world, r.device, r.sigmas, r.log,
+                                                               r.step, r.epoch, r.pos)
+    stream = data.batches(r.train_images, cfg.batch_size, cfg.seed, cfg.num_workers, epoch, pos, rank, world, device)
     bar = tqdm(total=r.total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
-    last_saved, stopped = (step if r.resumed else None), False
+    last_saved, stopped = r.last_saved, False
     with utils.StopSignal() as stop:
-        try:
+        try:        # one optimizer step an iteration; rank 0 alone writes files
             while step < r.total_steps and not stopped:
-                # Optimizer step, EMA, test loss.
                 epoch, pos, images = next(stream)
                 x, draws = batch(cfg, images, step, sigmas, rank, world)
                 loss = train_step(r.model, r.opt, x, draws, r.loss, cfg.grad_accum, cfg.amp == "bf16")
-                if r.ema is not None:
-                    ema_update(r.ema, r.raw, ema_rate(cfg, step + 1))
+                if r.ema is not None:        # update n = step + 1; --ema-warmup: min(--ema, (1 + n) / (10 + n))
+                    ema_update(r.ema, r.raw, min(cfg.ema, (2 + step) / (11 + step)) if cfg.ema_warmup else cfg.ema)
                 step += 1
-                log.add(step, epoch, loss)
+                log.pending.append((step, epoch, loss))
                 bar.update(1)
                 if rank == 0 and step % TEST_EVERY == 0:
                     log.tests[step] = test_loss(common.ScoreModel(r.raw, sigmas, strict=False), r.test_images, sigmas,
-                                                step, cfg, device)
+                                                step, cfg)
                 # Snapshot and figures (a stop signal cuts the figures short).
                 if step % cfg.snapshot_every == 0:
-                    log.flush(step, B, world)
+                    log.flush(step)
                     if rank == 0:
-                        train_io.save_checkpoint(cfg.out, step, epoch, pos, True, **r.parts)
+                        train_io.save_checkpoint(step, epoch, pos, True, **r.parts)
                     last_saved = step
+                if step % cfg.sample_every == 0:      # every rank flushes (a collective), rank 0 draws
+                    log.flush(step)
                 if rank == 0 and step % cfg.sample_every == 0:
-                    log.flush(step, B, world)
                     train_io.save_sample_figures(r.ema or r.raw, cfg, step, log.rows, device, stop)
                 # Stop? Alone, at once; with several processes, every LOG_EVERY steps, all at one step.
                 if world == 1 or step % LOG_EVERY == 0:
                     stopped = stop.agreed(world, device)
                 if step % LOG_EVERY == 0 or step == r.total_steps or stopped:
-                    bar.set_postfix_str(log.flush(step, B, world) or "", refresh=False)
+                    bar.set_postfix_str(log.flush(step) or "", refresh=False)
         except train_io.NonFiniteLoss as e:
             kept = (f"{cfg.out}/checkpoint.pt of step {last_saved} is kept" if last_saved is not None
                     else "no checkpoint was written")
@@ -402,13 +371,12 @@ def train(cfg):
         finally:
             bar.close(), stream.close()
         if rank == 0 and last_saved != step:
-            train_io.save_checkpoint(cfg.out, step, epoch, pos, not stopped, **r.parts)
+            train_io.save_checkpoint(step, epoch, pos, not stopped, **r.parts)
         if stopped:
             r.say(f"stopped by {stop.name} at step {step}: wrote {cfg.out}/checkpoint.pt; continue with --resume")
             return step, stop.name
-        figures = os.path.join(cfg.out, f"samples_{step}.png")        # the last step's, unless the loop drew them
-        if rank == 0 and not os.path.exists(figures) and \
-                not train_io.save_sample_figures(r.ema or r.raw, cfg, step, log.rows, device, stop):
+        if rank == 0 and not os.path.exists(os.path.join(cfg.out, f"samples_{step}.png")) and \
+                not train_io.save_sample_figures(r.ema or r.raw, cfg, step, log.rows, device, stop):   # the last step's
             r.say(f"stopped by {stop.name} while drawing the figures of step {step}: {cfg.out}/checkpoint.pt is "
                   "complete; --resume draws them")
             return step, stop.name
@@ -419,16 +387,11 @@ def train(cfg):
 
 @utils.command()
 def main(argv=None, **fixed):
-    """The command line of train.py; train_mnist.py and train_cifar.py fix `dataset`.
+    """The command line of train.py; train_mnist.py, train_cifar.py and train_celeba.py fix `dataset`.
     Returns the final step; exits with EXIT_STOPPED when a signal stopped the run."""
     p = parser(fixed)
-    cfg = TrainConfig(**vars(p.parse_args(argv)), **fixed)
-    cfg = resolve(cfg)
-    if problem := check_config(cfg):
-        p.error(problem)
-    if cfg.resume and not os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
-        p.error(f"--resume: {cfg.out} holds no checkpoint.pt to continue; check --out, or drop --resume to start")
-    if problem := utils.check_out(cfg.out):
+    cfg = resolve(TrainConfig(**vars(p.parse_args(argv)), **fixed))
+    if problem := check_config(cfg) or utils.check_out(cfg.out):
         p.error(problem)
     lead = int(os.environ.get("RANK", "0")) == 0                   # torchrun: rank 0 holds the folder
     with utils.folder_lock(cfg.out) if lead else contextlib.nullcontext():      # one writer per --out

@@ -4,20 +4,15 @@
     python train_celeba.py --resume                        # continue runs/celeba/checkpoint.pt
     torchrun --nproc_per_node 2 train_celeba.py
 
-torchvision's CelebA under --data-root, with the official preprocessing: centre crop 140,
-resize to 32, random horizontal flips. Offline (torchvision's download often fails on Google
-Drive's quota), put the files in torchvision's layout: <data-root>/celeba/img_align_celeba/
-(unzipped img_align_celeba.zip) and the five list_*.txt / identity_CelebA.txt files. The first
-run decodes the 162,770 training JPEGs once and caches them beside the files. Every other
-setting is train.TrainConfig's, as CIFAR-10's.
+torchvision's CelebA under --data-root (offline: the layout its error names), centre crop 140, resize to 32,
+random flips; the first run caches the decoded JPEGs beside them. Every other setting is train.py's.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
+import functools
+
 import train
 
-
-def main(argv=None):
-    return train.main(argv, dataset="celeba")
-
+main = functools.partial(train.main, dataset="celeba")
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,14 @@
-"""A training run's set-up and files: metrics.csv, checkpoints (written; read back, checked and
-restored for --resume), the network and optimizer, config.json, the figures (Figs. 3-5). train.py's
-loop calls these; nothing here trains. Rank 0 alone writes.
+"""A training run's set-up and files for train.py's loop: metrics.csv, checkpoints (written; read back, checked
+and restored for --resume), the network and optimizer, config.json, the figures (Figs. 3-5). Rank 0 alone writes.
 """
+import contextlib
 import copy
 import csv
 import dataclasses
 import math
 import os
+import platform
+import shutil
 import time
 
 import torch
@@ -34,12 +36,13 @@ class NonFiniteLoss(TrainError):
 
 
 class MetricsLog:
-    """metrics.csv, one row per step. Losses stay on the device and are written every LOG_EVERY
-    steps (one host sync; averaged over processes); a non-finite one raises NonFiniteLoss."""
+    """metrics.csv, one row per step after `upto`. `pending` (step, epoch, device loss) rows are written every
+    LOG_EVERY steps (one host sync; averaged over the `world` processes); a non-finite one raises NonFiniteLoss."""
     COLUMNS = ["step", "epoch", "loss", "test_loss", "images_per_s"]
 
-    def __init__(self, path, upto, write):
-        self.path, self.write, self.rows, self.pending, self.tests = path, write, [], [], {}
+    def __init__(self, path, upto, write, images_per_step, world):
+        self.path, self.write, self.images_per_step, self.world = path, write, images_per_step, world
+        self.rows, self.pending, self.tests = [], [], {}
         if write:
             self.rows = read_metrics(path, upto)
             with utils.atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -52,23 +55,20 @@ class MetricsLog:
         test = "" if r["test_loss"] == "" else f"{r['test_loss']:.6g}"
         return f"{r['step']},{r['epoch']},{r['loss']:.6g},{test},{r['images_per_s']}\n"
 
-    def add(self, step, epoch, loss):
-        self.pending.append((step, epoch, loss))
-
-    def flush(self, step, images_per_step, world):
+    def flush(self, step):
+        """Write the pending rows; returns the status line (None when none were pending)."""
         if not self.pending:
             return None
         losses = torch.stack([loss for _, _, loss in self.pending])
-        if world > 1:
+        if self.world > 1:
             torch.distributed.all_reduce(losses)
-            losses /= world
-        rate = (step - self.step) * images_per_step / max(time.time() - self.t, 1e-9)
+            losses /= self.world
+        rate = (step - self.step) * self.images_per_step / max(time.time() - self.t, 1e-9)
         new = [dict(step=s, epoch=e, loss=v, test_loss=self.tests.pop(s, ""), images_per_s=f"{rate:.1f}")
                for (s, e, _), v in zip(self.pending, losses.tolist())]
         self.pending, self.t, self.step = [], time.time(), step
-        bad = next((r["step"] for r in new if not math.isfinite(r["loss"])), None)
-        if bad is not None:
-            raise NonFiniteLoss(bad)
+        if bad := [r["step"] for r in new if not math.isfinite(r["loss"])]:
+            raise NonFiniteLoss(bad[0])
         if self.write:
             self.rows.extend(new)
             with open(self.path, "a") as f:
@@ -77,27 +77,25 @@ class MetricsLog:
 
 
 def read_metrics(path, upto):
-    """The rows of an earlier metrics.csv up to step `upto`; a torn row (the process died while
-    writing it) and anything after it are dropped."""
+    """The rows of an earlier metrics.csv up to step `upto`, less a torn row (a killed writer's) and what follows."""
     rows = []
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                try:
-                    row = dict(step=int(r["step"]), epoch=int(r["epoch"]), loss=float(r["loss"]),
-                               test_loss=float(r["test_loss"]) if r["test_loss"] else "",
-                               images_per_s=str(float(r["images_per_s"])))
-                except (TypeError, ValueError, KeyError):
-                    break
-                if row["step"] <= upto:
-                    rows.append(row)
+    with contextlib.suppress(FileNotFoundError), open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            try:
+                row = dict(step=int(r["step"]), epoch=int(r["epoch"]), loss=float(r["loss"]),
+                           test_loss=float(r["test_loss"]) if r["test_loss"] else "",
+                           images_per_s=str(float(r["images_per_s"])))
+            except (TypeError, ValueError, KeyError):
+                break
+            if row["step"] <= upto:
+                rows.append(row)
     return rows
 
 
-def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_args, cfg):
-    """checkpoint.pt, the latest: everything resume needs; and when numbered checkpoint_<step>.pt,
-    the same bytes (a hard link; a copy where links are not supported)."""
-    path = os.path.join(out, "checkpoint.pt")
+def save_checkpoint(step, epoch, pos, numbered, *, net, ema, opt, model_args, cfg):
+    """<cfg.out>/checkpoint.pt, the latest: everything resume needs; when numbered also checkpoint_<step>.pt, the
+    same bytes (a hard link; a copy where links are not supported)."""
+    out, path = cfg.out, os.path.join(cfg.out, "checkpoint.pt")
     try:
         checkpoints.write_checkpoint(dict(model=net.state_dict(), ema=ema and ema.state_dict(),
                                           optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
@@ -109,7 +107,6 @@ def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_arg
                 try:
                     os.link(path, tmp)
                 except OSError:
-                    import shutil
                     shutil.copyfile(path, tmp)
     except OSError as e:
         raise TrainError(f"could not write the checkpoint of step {step} in {out} ({e.strerror or e}); the files "
@@ -117,8 +114,8 @@ def save_checkpoint(out, step, epoch, pos, numbered, *, net, ema, opt, model_arg
 
 
 def figure_record(cfg, net=None):
-    """The figures' checkpoint record (checkpoints.record) of a resolved config; without `net`, of
-    the network the config describes (to check the figures' sampler before training)."""
+    """The figures' checkpoint record (checkpoints.record) of a resolved config; without `net`, of a tiny
+    network the config describes (to check the figures' sampler before training)."""
     spec = data.DATASETS[cfg.dataset]
     net = net or checkpoints.build_network(dict(in_channels=spec["channels"], ngf=2, num_classes=cfg.num_levels,
                                                 image_size=spec["image_size"], conditioning=cfg.conditioning))
@@ -126,8 +123,8 @@ def figure_record(cfg, net=None):
 
 
 def figure_settings(cfg, ck=None):
-    """The figures' SamplerSettings (--sampler, --nfe, --s-churn and the Langevin flags) on a resolved
-    config; raises TrainError, naming the flags, where the sampler cannot run them."""
+    """The figures' SamplerSettings (--sampler, --nfe, --s-churn, the Langevin flags) on a resolved config;
+    a TrainError naming the flags where the sampler cannot run them."""
     ck = ck or figure_record(cfg)
     try:
         return sample.sampler_settings(cfg.sampler, ck, cfg.seed, cfg.nfe, **sample.recipe_settings(ck, cfg.sampler))
@@ -136,9 +133,8 @@ def figure_settings(cfg, ck=None):
 
 
 def save_sample_figures(net, cfg, step, rows, device, stop):
-    """samples_<step>.png and process_<step>.png (Figs. 4, 5) with the recipe's sampler (--sampler)
-    from the same start every time, and loss.png (Fig. 3). Returns False, writing nothing, when a
-    stop signal cut sampling short."""
+    """samples_<step>.png and process_<step>.png (Figs. 4, 5) with --sampler from the same start every time,
+    and loss.png (Fig. 3). Returns False, writing nothing, when a stop signal cut sampling short."""
     ck = figure_record(cfg, net)
     settings = figure_settings(cfg, ck)
     tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({cfg.sampler}, {settings.nfe} "
@@ -168,10 +164,7 @@ def save_sample_figures(net, cfg, step, rows, device, stop):
     return True
 
 #----------------------------------------------------------------------------
-# The output folder, resume, config.json.
-
-RESUME_KEYS = ("model", "optimizer", "model_args", "config", "step", "epoch", "pos", "rng")
-
+# Resume, the network, config.json.
 
 def resume_state(cfg):
     """The checkpoint to continue (None for a fresh run); refused unless it is a whole training checkpoint."""
@@ -179,11 +172,11 @@ def resume_state(cfg):
     if not os.path.exists(path):
         return None
     if not cfg.resume:
-        raise TrainError(f"{cfg.out} already holds checkpoint.pt; pass --resume to continue it, "
-                         "or choose another --out")
+        raise TrainError(f"{cfg.out} already holds checkpoint.pt; pass --resume to continue it, or choose another "
+                         "--out")
     state = checkpoints.read_checkpoint(path, map_location="cpu")
-    lacking = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
-    if lacking:
+    keys = ("model", "optimizer", "model_args", "config", "step", "epoch", "pos", "rng")
+    if lacking := [k for k in keys if not isinstance(state, dict) or k not in state]:
         raise TrainError(f"{path} lacks {', '.join(lacking)}: not a training checkpoint of this project; "
                          "continue it with the version that wrote it, or train into another --out")
     return state
@@ -192,19 +185,17 @@ def resume_state(cfg):
 def check_resume(state, cfg, model_args, may_change, default):
     """Refuse to continue a checkpoint of another model or of other settings (all but `may_change`;
     default(name): a setting's value when the checkpoint predates it)."""
-    path, old = os.path.join(cfg.out, "checkpoint.pt"), checkpoints.full_model_args(state["model_args"])
+    path, old = os.path.join(cfg.out, "checkpoint.pt"), state["model_args"]
     if old != model_args:
         diff = ", ".join(f"{k} {old.get(k)} (flags: {v})" for k, v in model_args.items() if old.get(k) != v)
         raise TrainError(f"{path} holds a different model: {diff}; resume with the same settings or another --out")
-    diff = utils.changed_settings(state["config"], dataclasses.asdict(cfg), may_change, default)
-    if diff:
+    if diff := utils.changed_settings(state["config"], dataclasses.asdict(cfg), may_change, default):
         raise TrainError(f"{path} was trained with {', '.join(diff)}; resume with the same values")
 
 
 def build(cfg, model_args, sigmas, state, world, data_mean=math.nan):
-    """The network (for continuous conditioning EDM's Denoiser, with cfg.sigma_data and the data's
-    mean pixel), the module that trains it (behind the contract, common.ScoreModel; DDP and
-    torch.compile as asked), its EMA copy (None when off) and Adam, restored from `state` when resuming."""
+    """The network (continuous conditioning: EDM's Denoiser, with cfg.sigma_data and the mean pixel), the module
+    that trains it (common.ScoreModel; DDP, torch.compile), its EMA (None when off), Adam; restored from `state`."""
     torch.manual_seed(cfg.seed)
     net = checkpoints.build_network(model_args, sigmas, cfg.sigma_data, data_mean)
     net = net.to(sigmas.device, memory_format=torch.channels_last if cfg.channels_last else None)
@@ -212,23 +203,19 @@ def build(cfg, model_args, sigmas, state, world, data_mean=math.nan):
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     if state is not None:
         net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr
-        if ema is not None:
-            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        opt.load_state_dict(state["optimizer"])      # its lr is --lr, which may not change
+        if ema is not None:         # --ema may not change on resume: the checkpoint has one
+            ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])
-    device = sigmas.device
     model = common.ScoreModel(net, sigmas, strict=False)     # the draws are levels: no host sync a step
     model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+        model, device_ids=[sigmas.device.index] if sigmas.device.type == "cuda" else None)
     model = torch.compile(model) if cfg.compile else model    # checkpoints save net's state dict all the same
     return net, model, ema, opt
 
 
 def save_config(cfg, path, **found):
     """config.json: every setting, what the run found (processes, data sizes) and the versions."""
-    import platform
     import numpy
     import torchvision
     versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,

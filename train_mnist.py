@@ -5,16 +5,14 @@
     python train_mnist.py --resume                         # continue runs/mnist/checkpoint.pt
     torchrun --nproc_per_node 2 train_mnist.py             # 2 GPUs; --batch-size stays the global batch
 
-torchvision's MNIST under --data-root; the settings are train.TrainConfig's (`--help` lists
-them) with the data set's from data.DATASETS; the loop is train.train.
+torchvision's MNIST under --data-root; every other setting is train.py's (--help lists them).
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
+import functools
+
 import train
 
-
-def main(argv=None):
-    return train.main(argv, dataset="mnist")
-
+main = functools.partial(train.main, dataset="mnist")
 
 if __name__ == "__main__":
     main()

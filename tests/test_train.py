@@ -191,7 +191,8 @@ def test_grad_accumulation_equals_the_large_batch(small_mnist, tmp_path):
 
 
 def test_ddp_two_processes_equal_one_process(small_mnist, tmp_path):
-    base = [*TINY, "--data-root", small_mnist, "--batch-size", "16", "--iters", "2"]
+    # figures at every step, snapshots never: the log's flush before the figures is a collective of every rank
+    base = [*TINY, "--data-root", small_mnist, "--batch-size", "16", "--iters", "2", "--sample-every", "1"]
     subprocess.run([sys.executable, "train_mnist.py", *base, "--out", str(tmp_path / "one")], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
     env = dict(os.environ, OMP_NUM_THREADS="1")
