@@ -12,6 +12,7 @@ import torch
 
 import common
 import edm
+import ncsnpp
 import samplers
 import utils
 
@@ -61,21 +62,30 @@ def snapshot_hint(path):
 #----------------------------------------------------------------------------
 # Networks: what a checkpoint's model_args describe.
 
+ARCHS = {"refinenet": common.RefineNet, "ncsnpp": ncsnpp.NCSNpp}     # --arch: the score networks
+
+
 def full_model_args(model_args):
-    """model_args with RefineNet's defaults filled in (a file may store only the settings it changed)."""
-    defaults = {k: p.default for k, p in inspect.signature(common.RefineNet).parameters.items() if k != "sigmas"
+    """model_args with the architecture's defaults filled in (a file may store only the settings it
+    changed; one without 'arch' is the paper's RefineNet)."""
+    arch = model_args.get("arch", "refinenet")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    defaults = {k: p.default for k, p in inspect.signature(ARCHS[arch]).parameters.items() if k != "sigmas"
                 and p.default is not inspect.Parameter.empty}
-    return {**defaults, **model_args}
+    return {**defaults, **model_args, "arch": arch}
 
 
 def build_network(model_args, sigmas=None, sigma_data=math.nan, data_mean=math.nan):
-    """The network model_args describe, as a checkpoint stores it: RefineNet, or for continuous
-    conditioning EDM's Denoiser around it (sigma_data, data_mean: its buffers, measured on the
-    training set). ScoreModel(build_network(...), sigmas) puts it behind the contract."""
-    net = common.RefineNet(**model_args, sigmas=sigmas if model_args.get("conditioning") == "scale" else None)
-    if model_args.get("conditioning") != "continuous":
+    """The network model_args describe, as a checkpoint stores it: RefineNet or NCSN++ (`arch`), and
+    for continuous conditioning EDM's Denoiser around it (sigma_data, data_mean: its buffers,
+    measured on the training set). ScoreModel(build_network(...), sigmas) puts it behind the contract."""
+    args = full_model_args(model_args)
+    arch, conditioning = args.pop("arch"), args.get("conditioning")
+    net = ARCHS[arch](**args, sigmas=sigmas if conditioning == "scale" else None)
+    if conditioning != "continuous":
         return net
-    levels = torch.full((model_args.get("num_classes", common.NUM_LEVELS),), math.nan) if sigmas is None else sigmas
+    levels = torch.full((args.get("num_classes", common.NUM_LEVELS),), math.nan) if sigmas is None else sigmas
     return edm.Denoiser(net, sigma_data, data_mean, levels)
 
 
@@ -94,7 +104,7 @@ def official_to_ours(state_dict):
 def fit_state_dict(net, state_dict, path):
     """Load with strict=True after checking names and shapes, so a mismatch is one clear line."""
     expected = net.state_dict()
-    what = "RefineNet(" + ", ".join(f"{k}={v}" for k, v in net.model_args.items()) + ")"
+    what = f"{type(getattr(net, 'net', net)).__name__}({', '.join(f'{k}={v}' for k, v in net.model_args.items())})"
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:

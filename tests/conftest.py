@@ -13,7 +13,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 SCIENCE = {"test_losses", "test_model", "test_samplers", "test_official", "test_edm", "test_common_alone",
-           "test_checkpoints"}   # the paper's pieces against known values; every other file runs the scripts
+           "test_checkpoints", "test_ncsnpp"}   # the science against known values; every other file runs scripts
 
 
 def pytest_collection_modifyitems(items):
