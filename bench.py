@@ -4,8 +4,9 @@
     python bench.py --amp bf16 --channels-last        # options, to compare with the plain run
     python bench.py --official ../ncsn                # side by side with ermongroup/ncsn's network (a checkout)
     python bench.py --device cuda --batch-size 128 --compile --json runs/bench/h100.json
+    python bench.py --configs mnist --arch refinenet ncsnpp --ngf 32      # the two networks at one width
 
-Times the training loop's own step (train.train_step: DSM or SSM, backward, Adam) on a fixed synthetic
+Times the training loop's own step (train.train_step: DSM, SSM or EDM's loss, backward, Adam) on a fixed synthetic
 batch and one Langevin step, each the median of --repeats runs after --warmup untimed ones (CUDA
 synchronised around each). Peak memory: the CUDA allocator's, or on the CPU the process's peak resident
 size (reset before each measurement). FLOPs: torch's flop counter.
@@ -38,14 +39,21 @@ REPEATS = 5           # timed steps; the median is reported
 
 def build(config, impl, args, device):
     """The checkpoint record (checkpoints.Checkpoint) of the network to time, on `device` in training mode:
-    --checkpoint's (its conditioning and levels), the paper's for the data set, or the official one's."""
+    --checkpoint's (its conditioning and levels), the paper's RefineNet for the data set, NCSN++ as `--recipe edm
+    --arch ncsnpp` trains it (EDM's Denoiser, continuous conditioning), or the official network."""
     spec, L = data.DATASETS[config], common.NUM_LEVELS
-    channels, size, ngf = spec["channels"], spec["image_size"], spec["ngf"]
+    channels, size = spec["channels"], spec["image_size"]
+    ngf = args.ngf or (spec["ngf"] if impl != "ncsnpp" else train.NCSNPP["ngf"])
     levels = dict(dataset=config, sigma_begin=common.SIGMA_BEGIN, sigma_end=common.SIGMA_END, num_levels=L)
     if args.checkpoint:
         ck = checkpoints.load(args.checkpoint)
-    elif impl == "ours":
+    elif impl == "refinenet":
         ck = checkpoints.record(common.RefineNet(channels, ngf, L, size), levels, "bench")
+    elif impl == "ncsnpp":
+        shape = {k: getattr(args, k) or train.NCSNPP[k] for k in ("channel_mult", "num_blocks", "dropout")}
+        net = checkpoints.build_network(dict(arch="ncsnpp", in_channels=channels, image_size=size, ngf=ngf, **shape,
+                                             num_classes=L, conditioning="continuous"), sigma_data=0.5, data_mean=0.5)
+        ck = checkpoints.record(net, dict(levels, recipe="edm", sampler="heun"), "bench")
     else:   # the official network, imported from a checkout of ermongroup/ncsn
         sys.path.insert(0, args.official)
         from models.cond_refinenet_dilated import CondRefineNetDilated
@@ -115,7 +123,8 @@ def bench_one(config, impl, args, device):
     compiled = torch.compile(model) if args.compile else model
     opt = torch.optim.Adam(model.net.parameters(), lr=1e-3)
     x, sigmas = torch.rand(B, *ck.shape, device=device), ck.sigmas.to(device)
-    objective = losses.OBJECTIVES[args.objective]      # dsm or ssm, at its defaults
+    name = args.objective or ("edm" if ck.model.predicts_denoised else "dsm")
+    objective = losses.OBJECTIVES[name]                 # at its defaults
     step = lambda m: train.train_step(m, opt, x, losses.step_draws(0, 0, x.shape, sigmas, objective.needs),
                                       objective.loss, amp=args.amp == "bf16")      # the draws, loss, backward, Adam
     def sample_step():   # one network evaluation and one Langevin update
@@ -127,13 +136,13 @@ def bench_one(config, impl, args, device):
     train_flops = flops(lambda: step(model))
     forward_flops = flops(torch.no_grad()(lambda: model(x, sigmas[:1].expand(len(x)))))
     return dict(config=config, impl=impl, params=sum(p.numel() for p in model.net.parameters()), device=str(device),
-                batch_size=B, amp=args.amp, objective=args.objective, channels_last=args.channels_last,
+                batch_size=B, amp=args.amp, objective=name, channels_last=args.channels_last,
                 compile=args.compile, train_images_per_s=B / t_train, sample_images_per_s_per_nfe=B / t_sample,
                 train_step_s=t_train, sample_step_s=t_sample, forward_gflop_per_image=forward_flops / B / 1e9,
                 train_gflop_per_image=train_flops and train_flops / B / 1e9,
                 train_gflops_per_s=train_flops and train_flops / t_train / 1e9,
                 peak_train_mib=peak_train, peak_sample_mib=peak_sample,
-                samplers=sampler_rows(ck, x, device, args.amp) if impl == "ours" else {})
+                samplers=sampler_rows(ck, x, device, args.amp) if impl != "official" else {})
 
 
 def print_rows(rows, args, device):
@@ -141,7 +150,8 @@ def print_rows(rows, args, device):
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {device} ({where}), "
           f"batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}")
-    print(f"{'network':<9} {'impl':<9} {'train img/s':>11} {'sample img/s/NFE':>16} {'GFLOP/img':>9} {'GFLOP/s':>8} "
+    print(f"{'data set':<9} {'network':<9} {'train img/s':>11} {'sample img/s/NFE':>16} {'GFLOP/img':>9} "
+          f"{'GFLOP/s':>8} "
           f"{'peak train MiB':>14} {'peak sample MiB':>15}")
     for r in rows:
         print(f"{r['config']:<9} {r['impl']:<9} {r['train_images_per_s']:>11.2f} "
@@ -150,8 +160,8 @@ def print_rows(rows, args, device):
               f"{r['peak_train_mib']:>14.0f} {r['peak_sample_mib']:>15.0f}")
     for r in rows:
         if r["samplers"]:
-            print(f"{r['config']}: each sampler's default setting, seconds per image (measured per NFE, batch "
-                  f"{r['batch_size']}): " + ", ".join(f"{k} {v['nfe']} NFE {v['seconds_per_image']:.3g} s"
+            print(f"{r['config']} {r['impl']}: each sampler's default setting, seconds per image (measured per NFE, "
+                  f"batch {r['batch_size']}): " + ", ".join(f"{k} {v['nfe']} NFE {v['seconds_per_image']:.3g} s"
                                                        for k, v in r["samplers"].items()))
 
 
@@ -168,7 +178,16 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--official", default=None, help="a checkout of ermongroup/ncsn: also measure its network")
     p.add_argument("--checkpoint", help="time this checkpoint's network instead (its conditioning and levels)")
-    p.add_argument("--objective", choices=["dsm", "ssm"], default="dsm", help="training loss: annealed DSM or SSM")
+    p.add_argument("--arch", nargs="+", choices=list(checkpoints.ARCHS), default=["refinenet"],
+                   help="networks: refinenet (the paper's), ncsnpp (NCSN++ as --recipe edm --arch ncsnpp trains it)")
+    p.add_argument("--ngf", type=utils.positive_int, default=None,
+                   help="width (default: the data set's for RefineNet, train.NCSNPP's for NCSN++)")
+    p.add_argument("--channel-mult", type=utils.positive_int, nargs="+", default=None,
+                   help="ncsnpp: channels per resolution, times --ngf (default: train.NCSNPP's)")
+    p.add_argument("--num-blocks", type=utils.positive_int, default=None, help="ncsnpp: blocks per resolution")
+    p.add_argument("--dropout", type=utils.rate, default=None, help="ncsnpp: dropout rate")
+    p.add_argument("--objective", choices=list(losses.OBJECTIVES), default=None,
+                   help="training loss (default: dsm, or edm for a denoiser); edm needs continuous conditioning")
     p.add_argument("--warmup", type=utils.positive_int, default=WARMUP, help="untimed steps")
     p.add_argument("--repeats", type=utils.positive_int, default=REPEATS, help="timed steps (median reported)")
     p.add_argument("--threads", type=utils.positive_int, default=None, help="CPU threads (default: torch's)")
@@ -195,7 +214,7 @@ def main(argv=None):
     if args.amp == "bf16" and (slow := utils.slow_bf16(device)):
         print(slow, file=sys.stderr)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    impls = ["ours", "official"] if args.official else ["ours"]
+    impls = ["refinenet", "official"] if args.official else ["checkpoint"] if args.checkpoint else args.arch
     rows = [bench_one(c, impl, args, device) for c in args.configs for impl in impls]
     print_rows(rows, args, device)
     if args.json:

@@ -185,9 +185,12 @@ def batches(images, batch_size, seed, num_workers, epoch, pos, rank, world, devi
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(utils.stable_seed(seed, epoch, -1)))
         first = (b * batch_size + rank * per_rank for b in range(pos, len(images) // batch_size))
         order = [perm[lo:lo + per_rank].tolist() for lo in first]
-        # a tensor is a map-style data set: images[list of indices] is a batch, gathered in the workers
+        # a tensor is a map-style data set: images[list of indices] is a batch, gathered in the workers; the loader's
+        # own generator (its workers' seeds) leaves the global one to dropout, so that a resumed run continues it
+        own = torch.Generator().manual_seed(utils.stable_seed(seed, epoch, -2))
         loader = torch.utils.data.DataLoader(images, batch_size=None, sampler=order, num_workers=num_workers,
-                                             pin_memory=device.type == "cuda", worker_init_fn=utils.ignore_stop_signals)
+                                             pin_memory=device.type == "cuda", worker_init_fn=utils.ignore_stop_signals,
+                                             generator=own)
         for batch in loader:
             pos += 1
             yield epoch, pos, batch.to(device, non_blocking=True)

@@ -24,6 +24,11 @@ FOURIER_SCALE = 16.0     # the Fourier embedding's frequencies ~ N(0, 16^2) (sco
 FILTER = (1, 3, 3, 1)    # the resampling filter (NCSN++'s; DDPM++ uses (1, 1))
 
 
+def attention_default(image_size):
+    """The resolution with self-attention unless told: half the image size (EDM's 16 for 32x32 images)."""
+    return [image_size // 2]
+
+
 def conv(c_in, c_out, k, scale=1.0):
     """A k x k convolution, 'same' padding, Xavier-uniform weights times `scale`, zero bias (EDM's init)."""
     c = nn.Conv2d(c_in, c_out, k, padding=k // 2)
@@ -94,9 +99,9 @@ class NCSNpp(nn.Module):
     """NCSN++ for images of `image_size` (divisible by 2^(len(channel_mult) - 1): 28 and 32 with three
     resolutions, 64 with four). ngf is the base width (EDM's model_channels); resolution i has
     ngf * channel_mult[i] channels and num_blocks residual blocks (the decoder one more), with
-    attention at attn_resolutions (default: half the image size, EDM's 16 for 32x32) and in the
+    attention at attn_resolutions (default: attention_default) and in the
     decoder's first block. The noise embedding is Fourier features of the label (2 ngf of them)
-    through a two-layer MLP 4 ngf wide. `sigmas` records the training levels."""
+    through a two-layer MLP 4 ngf wide. Scale-conditioned, its `sigmas` buffer records the training levels."""
 
     def __init__(self, in_channels, image_size=32, ngf=128, channel_mult=(2, 2, 2), num_blocks=4,
                  attn_resolutions=None, dropout=0.1, num_classes=NUM_LEVELS, conditioning="continuous", sigmas=None):
@@ -113,13 +118,14 @@ class NCSNpp(nn.Module):
                              f"{2 ** (levels - 1)}, got {image_size}")
         if not 0 <= dropout < 1:
             raise ValueError(f"NCSN++ dropout is in [0, 1), got {dropout}")
-        attn = [image_size // 2] if attn_resolutions is None else list(attn_resolutions)
+        attn = attention_default(image_size) if attn_resolutions is None else list(attn_resolutions)
         self.model_args = dict(arch="ncsnpp", in_channels=in_channels, image_size=image_size, ngf=ngf,
                                channel_mult=list(channel_mult), num_blocks=num_blocks, attn_resolutions=attn,
                                dropout=dropout, num_classes=num_classes, conditioning=conditioning)
         self.conditioning = conditioning
-        self.register_buffer("sigmas", torch.full((num_classes,), math.nan) if sigmas is None else
-                             torch.as_tensor(sigmas, dtype=torch.float32).clone())
+        if conditioning == "scale":         # the training levels (edm.Denoiser records them for 'continuous')
+            self.register_buffer("sigmas", torch.full((num_classes,), math.nan) if sigmas is None else
+                                 torch.as_tensor(sigmas, dtype=torch.float32).clone())
         self.register_buffer("freqs", torch.randn(ngf) * FOURIER_SCALE)      # 2 ngf features: cos and sin
         emb = 4 * ngf
         self.map = nn.Sequential(linear(2 * ngf, emb), nn.SiLU(), linear(emb, emb), nn.SiLU())

@@ -22,9 +22,11 @@ import types
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import common
 import data
 import losses
+import ncsnpp
 import samplers
 import train_io
 import utils
@@ -41,6 +43,8 @@ EXIT_STOPPED = 3     # exit status of a run stopped by a signal: continue it wit
 def _setting(default, help, **kw):
     return dataclasses.field(default=default, metadata=dict(help=help, **kw))
 
+
+NCSNPP = dict(ngf=32, channel_mult=[1, 2, 2], num_blocks=2, dropout=0.1)   # --arch ncsnpp's defaults (docs/ncsnpp.md)
 
 RECIPES = {   # what a recipe gives each of these flags when it is not given
     # the paper's (Sec. 5, appendix B.1; the official configs)
@@ -76,7 +80,18 @@ class TrainConfig:
     epochs: int = _setting(None, "epochs (with --iters too: whichever ends first)", type=utils.positive_int)
     lr: float = _setting(None, "Adam learning rate", type=utils.positive_float)
     beta1: float = _setting(0.9, "Adam beta1 (beta2 is 0.999)", type=utils.rate)
-    ngf: int = _setting(None, "RefineNet width (default: 64 for MNIST, 128 for the others)", type=utils.positive_int)
+    arch: str = _setting("refinenet", "the score network: refinenet, the paper's; ncsnpp, NCSN++ (Song et al. 2021, "
+                         "as EDM's SongUNet), with --recipe ncsnv2 or edm (it takes any sigma)",
+                         choices=list(checkpoints.ARCHS))
+    ngf: int = _setting(None, "network width: RefineNet's ngf (default: 64 for MNIST, 128 for the others), NCSN++'s "
+                        f"base channels (default {NCSNPP['ngf']})", type=utils.positive_int)
+    channel_mult: list = _setting(None, "ncsnpp: channels per resolution, times --ngf (default "
+                                  f"{' '.join(map(str, NCSNPP['channel_mult']))})", type=utils.positive_int, nargs="+")
+    num_blocks: int = _setting(None, f"ncsnpp: residual blocks per resolution (default {NCSNPP['num_blocks']})",
+                               type=utils.positive_int)
+    attn_resolutions: list = _setting(None, "ncsnpp: resolutions with self-attention (default: half the image size)",
+                                      type=utils.positive_int, nargs="+")
+    dropout: float = _setting(None, f"ncsnpp: dropout rate (default {NCSNPP['dropout']})", type=utils.rate)
     sigma_begin: float = _setting(None, "sigma_1, the largest noise level; auto: the largest distance between two "
                                   "training images (technique 1)", type=utils.number_or_auto(utils.positive_float))
     sigma_end: float = _setting(None, "sigma_L, the smallest", type=utils.positive_float)
@@ -140,7 +155,8 @@ def parser(fixed=()):
         if f.type is bool:
             kind = dict(action=argparse.BooleanOptionalAction if f.default is None else "store_true")
         else:       # callable choices: a table's keys (losses.OBJECTIVES, SAMPLERS), read now
-            kind = dict(type=f.metadata.get("type", f.type), choices=choices() if callable(choices) else choices)
+            kind = dict(type=f.metadata.get("type", f.type), choices=choices() if callable(choices) else choices,
+                        nargs=f.metadata.get("nargs"))
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=help, **kind)
     return p
 
@@ -150,6 +166,10 @@ def resolve(cfg):
     recipe = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
     if cfg.sampler not in (None, RECIPES[cfg.recipe]["sampler"]):     # the recipe's budget is its own sampler's
         recipe.update({k: v for k, v in dict(nfe=None, s_churn=0.0).items() if k in recipe})
+    if cfg.arch == "ncsnpp":
+        spec = data.DATASETS[cfg.dataset]
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in NCSNPP.items() if getattr(cfg, k) is None},
+                                  attn_resolutions=cfg.attn_resolutions or ncsnpp.attention_default(spec["image_size"]))
     cfg = dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or data.DATASETS[cfg.dataset]["ngf"],
                               out=cfg.out or os.path.join("runs", cfg.dataset))
     if cfg.conditioning == "continuous" and cfg.sigma_data is None:
@@ -165,6 +185,15 @@ def check_config(cfg):
         return "--num-levels must be at least 2"
     if cfg.ngf < 2:
         return "--ngf must be at least 2"
+    if cfg.arch == "refinenet" and (given := [k for k in train_io.NCSNPP_FLAGS if getattr(cfg, k) is not None]):
+        return f"--{given[0].replace('_', '-')} is a setting of --arch ncsnpp; drop it, or add --arch ncsnpp"
+    if cfg.arch == "ncsnpp" and cfg.conditioning == "norm":
+        return ("--arch ncsnpp takes any sigma: train it with --recipe ncsnv2 or edm (or --conditioning scale or "
+                "continuous), not the paper's norm conditioning")
+    try:
+        train_io.tiny_network(cfg)                     # the network's own checks (image size, resolutions)
+    except ValueError as e:
+        return str(e)
     if cfg.objective == "edm" and cfg.conditioning != "continuous":
         return f"--objective edm trains EDM's denoiser: it needs --conditioning continuous, not {cfg.conditioning}"
     parts = int(os.environ.get("WORLD_SIZE", "1")) * cfg.grad_accum      # torchrun's processes x micro-batches
@@ -275,7 +304,11 @@ def ema_update(ema, net, rate):
 
 def describe(cfg, net):
     """The recipe and the network, for the start-of-run line."""
-    return (f"recipe {cfg.recipe}: RefineNet({net.model_args['in_channels']}, {cfg.ngf}, {cfg.conditioning}-"
+    arch = "RefineNet" if cfg.arch == "refinenet" else "NCSN++"
+    shape = "" if cfg.arch == "refinenet" else (
+        f", channels x {' '.join(map(str, cfg.channel_mult))}, {cfg.num_blocks} blocks each, attention at "
+        f"{cfg.attn_resolutions}, dropout {cfg.dropout:g}")
+    return (f"recipe {cfg.recipe}: {arch}({net.model_args['in_channels']}, {cfg.ngf}{shape}, {cfg.conditioning}-"
             f"conditioned, {cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}"
             + (", log-normal training levels" if cfg.sigma_dist == "lognormal" and cfg.objective != "edm" else "")
             + (f", EDM's loss, ln sigma ~ N({cfg.p_mean:g}, {cfg.p_std:g}^2), sigma_data {cfg.sigma_data:.4f}, "
@@ -298,8 +331,7 @@ def start(cfg):
     measure = state is None and (cfg.conditioning == "continuous" or cfg.sigma_data == "auto")   # else unused
     pixels = data.pixel_stats(train_images) if measure else (math.nan, math.nan)          # or the checkpoint's
     cfg, auto = resolve_auto(cfg, train_images, device, state, say, pixels)
-    model_args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels,
-                      image_size=spec["image_size"], conditioning=cfg.conditioning)
+    model_args = train_io.network_args(cfg)
     if state is not None:          # a setting newer than the checkpoint: the paper's recipe's value, or its default
         default = {**dataclasses.asdict(TrainConfig()), **RECIPES["ncsn"]}.get
         train_io.check_resume(state, cfg, model_args, MAY_CHANGE, default)

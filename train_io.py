@@ -113,12 +113,31 @@ def save_checkpoint(step, epoch, pos, numbered, *, net, ema, opt, model_args, cf
                          "written before are intact (checkpoint.pt is the last complete one): make room, then --resume")
 
 
+NCSNPP_FLAGS = ("channel_mult", "num_blocks", "attn_resolutions", "dropout")      # NCSN++'s settings alone
+
+
+def network_args(cfg):
+    """The model_args of cfg's network (checkpoints.build_network's): RefineNet's five, or NCSN++'s."""
+    spec = data.DATASETS[cfg.dataset]
+    args = dict(in_channels=spec["channels"], ngf=cfg.ngf, num_classes=cfg.num_levels, image_size=spec["image_size"],
+                conditioning=cfg.conditioning)
+    if cfg.arch == "refinenet":
+        return args
+    return dict(arch=cfg.arch, **args, **{k: getattr(cfg, k) for k in NCSNPP_FLAGS})
+
+
+def tiny_network(cfg):
+    """The network cfg describes, at its smallest (its settings checked in a moment, before any work)."""
+    tiny = dict(ngf=4, num_classes=2 if cfg.num_levels == "auto" else cfg.num_levels)
+    if cfg.arch == "ncsnpp":
+        tiny["num_blocks"] = 1
+    return checkpoints.build_network({**network_args(cfg), **tiny})
+
+
 def figure_record(cfg, net=None):
     """The figures' checkpoint record (checkpoints.record) of a resolved config; without `net`, of a tiny
     network the config describes (to check the figures' sampler before training)."""
-    spec = data.DATASETS[cfg.dataset]
-    net = net or checkpoints.build_network(dict(in_channels=spec["channels"], ngf=2, num_classes=cfg.num_levels,
-                                                image_size=spec["image_size"], conditioning=cfg.conditioning))
+    net = net or tiny_network(cfg)
     return checkpoints.record(net, dataclasses.asdict(cfg), cfg.out)
 
 

@@ -1,8 +1,12 @@
 """NCSN++ (ncsnpp.py): shapes at every image size, per-image conditioning, the parameter count against
 a formula written here from the architecture's description, bitwise determinism, the contract."""
+import os
+
+import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import common
 import ncsnpp
 
@@ -107,3 +111,87 @@ def test_behind_the_contract_any_sigma():
     x = torch.rand(2, 1, 28, 28)
     score, denoised = model.evaluate(x, 0.123)                    # not a trained level: taken
     assert torch.allclose(denoised, x + 0.123 ** 2 * score)
+
+
+#----------------------------------------------------------------------------
+# --arch ncsnpp through every script (command-line tests).
+
+NET = ["--arch", "ncsnpp", "--ngf", "8", "--num-blocks", "1", "--num-workers", "0", "--n-samples", "2",
+       "--device", "cpu", "--batch-size", "8"]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.cli
+def test_edm_train_resume_is_bitwise_the_straight_run_and_every_script_loads_it(mnist_root, tmp_path):
+    import evaluate
+    import inpaint
+    import sample
+    import train_mnist
+    base = ["--data-root", mnist_root, "--recipe", "edm", *NET, "--nfe", "3"]
+    train_mnist.main([*base, "--out", str(tmp_path / "straight"), "--iters", "4"])
+    train_mnist.main([*base, "--out", str(tmp_path / "resumed"), "--iters", "2"])
+    train_mnist.main([*base, "--out", str(tmp_path / "resumed"), "--iters", "4", "--resume"])
+    a, b = weights(tmp_path / "straight" / "checkpoint.pt"), weights(tmp_path / "resumed" / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)              # dropout's draws, the EMA and Adam continue exactly
+    path = str(tmp_path / "resumed" / "checkpoint.pt")
+    ck = checkpoints.load(path)                   # no flags: the record says NCSN++
+    assert ck.model_args["arch"] == "ncsnpp" and ck.model_args["channel_mult"] == [1, 2, 2] and ck.ema
+    assert ck.any_sigma and ck.model.predicts_denoised and ck.sampler == "heun"
+    [s] = sample.main(["--checkpoint", path, "--n", "2", "--nfe", "3", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert s["nfe"] == 3 and s["non_finite_samples"] == 0
+    [e] = evaluate.main(["--checkpoint", path, "--n", "2", "--sampler", "dpmpp2m", "--nfe", "4", "--metrics", "none",
+                         "--out", str(tmp_path / "e"), "--device", "cpu"])
+    assert e["nfe"] == 4
+    m = inpaint.main(["--checkpoint", path, "--data-root", mnist_root, "--n-images", "2", "--completions", "1",
+                      "--mask", "centre", "--out", str(tmp_path / "i"), "--device", "cpu"])
+    done = np.load(os.path.join(m["folder"], "completions.npz"))["completions"]
+    assert done.shape == (2, 1, 1, 28, 28) and np.isfinite(done).all()
+
+
+@pytest.mark.cli
+def test_ncsnv2_recipe_trains_it_scale_conditioned_and_the_paper_recipe_refuses_it(mnist_root, tmp_path, capsys):
+    import train_mnist
+    train_mnist.main(["--data-root", mnist_root, "--recipe", "ncsnv2", *NET, "--num-levels", "5", "--iters", "1",
+                      "--out", str(tmp_path / "v2")])
+    ck = checkpoints.load(str(tmp_path / "v2" / "checkpoint.pt"))
+    assert ck.model_args["conditioning"] == "scale" and ck.any_sigma and not ck.model.predicts_denoised
+    assert torch.equal(ck.model.net.sigmas, ck.sigmas)          # the levels it was trained on, recorded
+    with pytest.raises(SystemExit) as e:
+        train_mnist.main(["--data-root", mnist_root, *NET, "--iters", "1", "--out", str(tmp_path / "paper")])
+    assert e.value.code == 2 and "--recipe ncsnv2 or edm" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_mnist.main(["--data-root", mnist_root, "--dropout", "0.2", "--iters", "1", "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and "setting of --arch ncsnpp" in capsys.readouterr().err
+
+
+@pytest.mark.cli
+def test_bench_times_it(tmp_path):
+    import bench
+    [row] = bench.main(["--configs", "mnist", "--arch", "ncsnpp", "--ngf", "8", "--num-blocks", "1", "--batch-size",
+                        "2", "--warmup", "1", "--repeats", "1", "--device", "cpu"])
+    net = ncsnpp.NCSNpp(1, 28, 8, (1, 2, 2), 1)
+    assert row["impl"] == "ncsnpp" and row["objective"] == "edm" and row["train_images_per_s"] > 0
+    assert row["params"] == sum(p.numel() for p in net.parameters())
+    assert row["samplers"]["heun"]["nfe"] == 19
+
+
+@pytest.mark.cli
+def test_torchrun_two_processes_equal_one_and_bf16_trains(mnist_root, tmp_path):
+    import subprocess
+    import sys
+    import train_mnist
+    from conftest import ROOT
+    base = ["--data-root", mnist_root, "--recipe", "edm", *NET, "--dropout", "0", "--iters", "2", "--nfe", "3"]
+    train_mnist.main([*base, "--out", str(tmp_path / "one")])
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train.py", "--dataset", "mnist", *base, "--out", str(tmp_path / "two")], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    a, b = weights(tmp_path / "one" / "checkpoint.pt"), weights(tmp_path / "two" / "checkpoint.pt")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    train_mnist.main([*base, "--out", str(tmp_path / "bf16"), "--amp", "bf16"])
+    c = weights(tmp_path / "bf16" / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in c.values()) and any(not torch.equal(a[k], c[k]) for k in a)
