@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import os
+import time
 import types
 
 import torch
@@ -44,7 +45,7 @@ def _setting(default, help, **kw):
     return dataclasses.field(default=default, metadata=dict(help=help, **kw))
 
 
-NCSNPP = dict(ngf=32, channel_mult=[1, 2, 2], num_blocks=2, dropout=0.1)   # --arch ncsnpp's defaults (docs/ncsnpp.md)
+NCSNPP = dict(ngf=32, channel_mult=[1, 2, 2], num_blocks=1, dropout=0.0)   # --arch ncsnpp's: measured, docs/ncsnpp.md
 
 RECIPES = {   # what a recipe gives each of these flags when it is not given
     # the paper's (Sec. 5, appendix B.1; the official configs)
@@ -117,7 +118,15 @@ class TrainConfig:
     ema: float = _setting(None, "EMA rate of the weights, 0 = off (technique 5)", type=utils.rate)
     ema_warmup: bool = _setting(None, "EMA rate min(--ema, (1 + n) / (10 + n)) at update n (TensorFlow's num_updates, "
                                 "score_sde's EMA): short runs' averages forget the initial weights")
+    ema_halflife: float = _setting(None, "EDM's EMA instead of a fixed rate: the weights' half-life in images, rate "
+                                   "0.5^(batch / half-life)", type=utils.positive_float)
+    ema_rampup: float = _setting(0.05, "with --ema-halflife: the half-life at most this share of the images seen so "
+                                 "far (EDM's ramp-up; 0: none)", type=utils.rate)
+    lr_warmup: float = _setting(None, "the learning rate ramps up linearly over this many images (EDM's lr ramp-up)",
+                                type=utils.positive_float)
     seed: int = _setting(0, "fixes initialisation, data order and every noise draw", type=utils.seed)
+    minutes: float = _setting(None, "also end the run after this much wall-clock time (a training budget in time)",
+                              type=utils.positive_float)
     # checkpoints and figures
     snapshot_every: int = _setting(5_000, "steps between checkpoint_<step>.pt", type=utils.positive_int)
     sample_every: int = _setting(5_000, "steps between sample figures", type=utils.positive_int)
@@ -140,7 +149,7 @@ class TrainConfig:
 
 
 MAY_CHANGE = ("out", "resume", "data_root",                                # where things are
-              "iters", "epochs", "snapshot_every", "sample_every",          # the length, what is written when
+              "iters", "epochs", "minutes", "snapshot_every", "sample_every",   # the length, what is written when
               "n_samples", "sampler", "steps_each", "step_lr", "denoise", "nfe", "s_churn",   # the figures' sampler
               "device", "num_workers", "grad_accum", "amp", "channels_last", "compile")   # the machinery
 
@@ -185,6 +194,8 @@ def check_config(cfg):
         return "--num-levels must be at least 2"
     if cfg.ngf < 2:
         return "--ngf must be at least 2"
+    if cfg.ema_halflife and not cfg.ema:
+        return "--ema-halflife sets the rate of the EMA, which --ema 0 turns off; drop one of them"
     if cfg.arch == "refinenet" and (given := [k for k in train_io.NCSNPP_FLAGS if getattr(cfg, k) is not None]):
         return f"--{given[0].replace('_', '-')} is a setting of --arch ncsnpp; drop it, or add --arch ncsnpp"
     if cfg.arch == "ncsnpp" and cfg.conditioning == "norm":
@@ -302,20 +313,6 @@ def ema_update(ema, net, rate):
 #----------------------------------------------------------------------------
 # The training loop.
 
-def describe(cfg, net):
-    """The recipe and the network, for the start-of-run line."""
-    arch = "RefineNet" if cfg.arch == "refinenet" else "NCSN++"
-    shape = "" if cfg.arch == "refinenet" else (
-        f", channels x {' '.join(map(str, cfg.channel_mult))}, {cfg.num_blocks} blocks each, attention at "
-        f"{cfg.attn_resolutions}, dropout {cfg.dropout:g}")
-    return (f"recipe {cfg.recipe}: {arch}({net.model_args['in_channels']}, {cfg.ngf}{shape}, {cfg.conditioning}-"
-            f"conditioned, {cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}"
-            + (", log-normal training levels" if cfg.sigma_dist == "lognormal" and cfg.objective != "edm" else "")
-            + (f", EDM's loss, ln sigma ~ N({cfg.p_mean:g}, {cfg.p_std:g}^2), sigma_data {cfg.sigma_data:.4f}, "
-               f"mean pixel {float(net.data_mean):.4f}" if cfg.objective == "edm" else "")
-            + f"): {sum(p.numel() for p in net.parameters()):,} parameters")
-
-
 def start(cfg):
     """The set-up of a run (processes, the run to continue, data, network, metrics log, config.json) as a namespace."""
     rank, world, device = utils.dist_init(cfg.device)
@@ -348,9 +345,10 @@ def start(cfg):
                              micro_batch=cfg.batch_size // (world * cfg.grad_accum), steps_per_epoch=steps_per_epoch,
                              total_steps=total_steps, train_images=len(train_images), test_images=len(test_images),
                              dataset_spec=spec, auto=auto)
+    timed = f", or {cfg.minutes:g} minutes" if cfg.minutes else ""
     say((f"resumed at step {step} (epoch {epoch}, batch {pos}); " if state else "") +
         f"{cfg.dataset}: {len(train_images)} training images, {steps_per_epoch} steps/epoch; training to step "
-        f"{total_steps:,} ({limit}); {world} process(es) on {device}; " + describe(cfg, raw))
+        f"{total_steps:,} ({limit}{timed}); {world} process(es) on {device}; " + train_io.describe(cfg, raw))
     return types.SimpleNamespace(
         cfg=cfg, rank=rank, world=world, device=device, say=say, sigmas=sigmas, loss=objective(cfg), log=log,
         train_images=train_images, test_images=test_images, raw=raw, model=model, ema=ema, opt=opt,
@@ -366,15 +364,18 @@ def train(cfg):
                                                                r.step, r.epoch, r.pos)
     stream = data.batches(r.train_images, cfg.batch_size, cfg.seed, cfg.num_workers, epoch, pos, rank, world, device)
     bar = tqdm(total=r.total_steps, initial=step, disable=rank != 0, desc="training", unit="step", dynamic_ncols=True)
-    last_saved, stopped = r.last_saved, False
+    last_saved, stopped, t0 = r.last_saved, False, time.time()
     with utils.StopSignal() as stop:
         try:        # one optimizer step an iteration; rank 0 alone writes files
             while step < r.total_steps and not stopped:
                 epoch, pos, images = next(stream)
                 x, draws = batch(cfg, images, step, sigmas, rank, world)
+                if cfg.lr_warmup:           # EDM's ramp-up, over the images of this and the earlier steps
+                    for group in r.opt.param_groups:
+                        group["lr"] = cfg.lr * min(1.0, (step + 1) * cfg.batch_size / cfg.lr_warmup)
                 loss = train_step(r.model, r.opt, x, draws, r.loss, cfg.grad_accum, cfg.amp == "bf16")
-                if r.ema is not None:        # update n = step + 1; --ema-warmup: min(--ema, (1 + n) / (10 + n))
-                    ema_update(r.ema, r.raw, min(cfg.ema, (2 + step) / (11 + step)) if cfg.ema_warmup else cfg.ema)
+                if r.ema is not None:
+                    ema_update(r.ema, r.raw, train_io.ema_rate(cfg, step))
                 step += 1
                 log.pending.append((step, epoch, loss))
                 bar.update(1)
@@ -394,6 +395,9 @@ def train(cfg):
                 # Stop? Alone, at once; with several processes, every LOG_EVERY steps, all at one step.
                 if world == 1 or step % LOG_EVERY == 0:
                     stopped = stop.agreed(world, device)
+                timed = cfg.minutes and (world == 1 or step % LOG_EVERY == 0)
+                if timed and train_io.out_of_time(t0, cfg.minutes, world, device):
+                    r.total_steps = step        # --minutes: the run ends here, as if --iters said so
                 if step % LOG_EVERY == 0 or step == r.total_steps or stopped:
                     bar.set_postfix_str(log.flush(step) or "", refresh=False)
         except train_io.NonFiniteLoss as e:

@@ -240,3 +240,35 @@ def save_config(cfg, path, **found):
     versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                     numpy=numpy.__version__)
     utils.save_json(dict(dataclasses.asdict(cfg), **found, versions=versions), path)
+
+
+def ema_rate(cfg, step):
+    """The EMA rate of update n = step + 1: --ema; with --ema-warmup min(--ema, (1 + n) / (10 + n)); with
+    --ema-halflife H (EDM's) 0.5^(B / H) for batch B, H at most --ema-rampup x the n B images seen."""
+    n = step + 1
+    if cfg.ema_halflife:
+        half = min(cfg.ema_halflife, n * cfg.batch_size * cfg.ema_rampup) if cfg.ema_rampup else cfg.ema_halflife
+        return 0.5 ** (cfg.batch_size / half)
+    return min(cfg.ema, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema
+
+
+def out_of_time(t0, minutes, world, device):
+    """Whether --minutes have passed since t0; with several processes, whether they have on any rank."""
+    late = torch.tensor([time.time() - t0 > 60 * minutes], dtype=torch.float32, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
+    return bool(late.item())
+
+
+def describe(cfg, net):
+    """The recipe and the network, for the start-of-run line."""
+    arch = "RefineNet" if cfg.arch == "refinenet" else "NCSN++"
+    shape = "" if cfg.arch == "refinenet" else (
+        f", channels x {' '.join(map(str, cfg.channel_mult))}, {cfg.num_blocks} blocks each, attention at "
+        f"{cfg.attn_resolutions}, dropout {cfg.dropout:g}")
+    return (f"recipe {cfg.recipe}: {arch}({net.model_args['in_channels']}, {cfg.ngf}{shape}, {cfg.conditioning}-"
+            f"conditioned, {cfg.num_levels} levels {cfg.sigma_begin:.4g} to {cfg.sigma_end:.4g}"
+            + (", log-normal training levels" if cfg.sigma_dist == "lognormal" and cfg.objective != "edm" else "")
+            + (f", EDM's loss, ln sigma ~ N({cfg.p_mean:g}, {cfg.p_std:g}^2), sigma_data {cfg.sigma_data:.4f}, "
+               f"mean pixel {float(net.data_mean):.4f}" if cfg.objective == "edm" else "")
+            + f"): {sum(p.numel() for p in net.parameters()):,} parameters")

@@ -130,7 +130,7 @@ def test_edm_train_resume_is_bitwise_the_straight_run_and_every_script_loads_it(
     import inpaint
     import sample
     import train_mnist
-    base = ["--data-root", mnist_root, "--recipe", "edm", *NET, "--nfe", "3"]
+    base = ["--data-root", mnist_root, "--recipe", "edm", *NET, "--dropout", "0.1", "--nfe", "3"]
     train_mnist.main([*base, "--out", str(tmp_path / "straight"), "--iters", "4"])
     train_mnist.main([*base, "--out", str(tmp_path / "resumed"), "--iters", "2"])
     train_mnist.main([*base, "--out", str(tmp_path / "resumed"), "--iters", "4", "--resume"])

@@ -18,6 +18,7 @@ import data
 import losses
 import utils
 import train
+import train_io
 import train_cifar
 import train_mnist
 from conftest import ROOT, write_cifar10, write_mnist
@@ -180,6 +181,27 @@ def test_ema_update_keeps_no_autograd_history():
     for e, b, p in zip(ema.parameters(), before, net.parameters()):
         assert e.grad_fn is None and not e.requires_grad
         assert torch.allclose(e, 0.9 * b + 0.1 * p.detach(), atol=1e-7)
+
+
+def test_ema_rate_by_half_life_ramps_up_as_edms():
+    cfg = train.TrainConfig(batch_size=10, ema=0.999, ema_halflife=1000.0, ema_rampup=0.05)
+    # update n: the half-life is min(1000, 0.05 x 10 n) images, the rate 0.5^(10 / half-life)
+    assert train_io.ema_rate(cfg, 0) == pytest.approx(0.5 ** (10 / 0.5))
+    assert train_io.ema_rate(cfg, 999) == pytest.approx(0.5 ** (10 / 500))
+    assert train_io.ema_rate(cfg, 10 ** 6) == pytest.approx(0.5 ** (10 / 1000))                   # ramped up
+    assert train_io.ema_rate(dataclasses.replace(cfg, ema_rampup=0.0), 0) == pytest.approx(0.5 ** 0.01)
+    assert train_io.ema_rate(dataclasses.replace(cfg, ema_halflife=None, ema_warmup=True), 0) == pytest.approx(2 / 11)
+    assert train_io.ema_rate(dataclasses.replace(cfg, ema_halflife=None), 0) == 0.999
+
+
+def test_lr_warmup_and_a_time_budget(small_mnist, tmp_path):
+    out = tmp_path / "wu"
+    run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "2", "--lr", "1e-3", "--lr-warmup", "64")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == \
+        pytest.approx(1e-3 * 2 * 16 / 64)                                  # the lr of step 2: 32 of 64 images
+    fast = tmp_path / "timed"
+    assert run(train_mnist, small_mnist, fast, "--batch-size", "16", "--iters", "100000", "--minutes", "1e-6") == 1
+    assert torch.load(fast / "checkpoint.pt", weights_only=True)["step"] == 1      # ended at once, saved, done
 
 
 def test_grad_accumulation_equals_the_large_batch(small_mnist, tmp_path):
