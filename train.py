@@ -273,10 +273,11 @@ def batch(cfg, images, step, sigmas, rank=0, world=1):
     return x, draws
 
 
-def train_step(model, optimizer, x, draws, loss, grad_accum=1, amp=False):
+def train_step(model, optimizer, x, draws, loss, grad_accum=1, amp=False, lr=None):
     """One Adam step on `x` (this process's images in [0, 1]) and their `draws`: loss(model, x, draws) per image,
     averaged. Gradients build up over grad_accum micro-batches, all-reduced once (EDM's ddp_sync); amp: bf16
-    autocast. Returns this process's mean loss as a device scalar (no host sync)."""
+    autocast; lr: this step's learning rate (--lr-warmup's ramp), else the optimizer's. Returns this process's mean
+    loss as a device scalar (no host sync)."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     micro = len(x) // grad_accum
     optimizer.zero_grad(set_to_none=True)
@@ -289,6 +290,9 @@ def train_step(model, optimizer, x, draws, loss, grad_accum=1, amp=False):
                 value = loss(model, x[part], {name: d[part] for name, d in draws.items()}).mean() / grad_accum
             value.backward()
         total += value.detach()
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
     optimizer.step()
     return total
 
@@ -370,10 +374,8 @@ def train(cfg):
             while step < r.total_steps and not stopped:
                 epoch, pos, images = next(stream)
                 x, draws = batch(cfg, images, step, sigmas, rank, world)
-                if cfg.lr_warmup:           # EDM's ramp-up, over the images of this and the earlier steps
-                    for group in r.opt.param_groups:
-                        group["lr"] = cfg.lr * min(1.0, (step + 1) * cfg.batch_size / cfg.lr_warmup)
-                loss = train_step(r.model, r.opt, x, draws, r.loss, cfg.grad_accum, cfg.amp == "bf16")
+                lr = cfg.lr * min(1.0, (step + 1) * cfg.batch_size / cfg.lr_warmup) if cfg.lr_warmup else None
+                loss = train_step(r.model, r.opt, x, draws, r.loss, cfg.grad_accum, cfg.amp == "bf16", lr)
                 if r.ema is not None:
                     ema_update(r.ema, r.raw, train_io.ema_rate(cfg, step))
                 step += 1
@@ -395,8 +397,7 @@ def train(cfg):
                 # Stop? Alone, at once; with several processes, every LOG_EVERY steps, all at one step.
                 if world == 1 or step % LOG_EVERY == 0:
                     stopped = stop.agreed(world, device)
-                timed = cfg.minutes and (world == 1 or step % LOG_EVERY == 0)
-                if timed and train_io.out_of_time(t0, cfg.minutes, world, device):
+                if train_io.out_of_time(cfg, t0, step, world, device):
                     r.total_steps = step        # --minutes: the run ends here, as if --iters said so
                 if step % LOG_EVERY == 0 or step == r.total_steps or stopped:
                     bar.set_postfix_str(log.flush(step) or "", refresh=False)

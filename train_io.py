@@ -252,9 +252,12 @@ def ema_rate(cfg, step):
     return min(cfg.ema, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema
 
 
-def out_of_time(t0, minutes, world, device):
-    """Whether --minutes have passed since t0; with several processes, whether they have on any rank."""
-    late = torch.tensor([time.time() - t0 > 60 * minutes], dtype=torch.float32, device=device)
+def out_of_time(cfg, t0, step, world, device):
+    """Whether --minutes have passed since t0; with several processes, whether they have on any rank (asked
+    every LOG_EVERY steps, all at one step)."""
+    if not cfg.minutes or (world > 1 and step % LOG_EVERY):
+        return False
+    late = torch.tensor([time.time() - t0 > 60 * cfg.minutes], dtype=torch.float32, device=device)
     if world > 1:
         torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
     return bool(late.item())
