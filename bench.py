@@ -50,7 +50,8 @@ def build(config, impl, args, device):
     elif impl == "refinenet":
         ck = checkpoints.record(common.RefineNet(channels, ngf, L, size), levels, "bench")
     elif impl == "ncsnpp":
-        shape = {k: getattr(args, k) or train.NCSNPP[k] for k in ("channel_mult", "num_blocks", "dropout")}
+        shape = {k: train.NCSNPP[k] if getattr(args, k) is None else getattr(args, k)
+                 for k in ("channel_mult", "num_blocks", "dropout")}
         net = checkpoints.build_network(dict(arch="ncsnpp", in_channels=channels, image_size=size, ngf=ngf, **shape,
                                              num_classes=L, conditioning="continuous"), sigma_data=0.5, data_mean=0.5)
         ck = checkpoints.record(net, dict(levels, recipe="edm", sampler="heun"), "bench")

@@ -257,10 +257,7 @@ def out_of_time(cfg, t0, step, world, device):
     every LOG_EVERY steps, all at one step)."""
     if not cfg.minutes or (world > 1 and step % LOG_EVERY):
         return False
-    late = torch.tensor([time.time() - t0 > 60 * cfg.minutes], dtype=torch.float32, device=device)
-    if world > 1:
-        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
-    return bool(late.item())
+    return utils.any_rank(time.time() - t0 > 60 * cfg.minutes, world, device)
 
 
 def describe(cfg, net):

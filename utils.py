@@ -340,6 +340,15 @@ def dist_exit(code=0, barrier=True):
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(code)
 
+def any_rank(flag, world, device):
+    """Whether `flag` holds on any process (a MAX all-reduce that every rank must join); alone, flag itself."""
+    if world == 1:
+        return flag
+    t = torch.tensor([flag], dtype=torch.float32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def ignore_stop_signals(*_):
     """A worker's initialiser (data loaders): SIGINT / SIGTERM are for the main process alone. A
     cluster's pre-emption and Ctrl-C signal the whole process group; workers that died of it would
@@ -427,11 +436,8 @@ class StopSignal:
 
     def agreed(self, world, device):
         """Whether to stop now; with several processes, whether any rank got a signal."""
-        if world == 1:
-            return self.name is not None
-        flag = torch.tensor([self.name is not None], dtype=torch.float32, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.name = self.name or ("a signal on another rank" if flag.item() else None)
+        if any_rank(self.name is not None, world, device) and self.name is None:
+            self.name = "a signal on another rank"
         return self.name is not None
 
 

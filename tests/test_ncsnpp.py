@@ -195,3 +195,15 @@ def test_torchrun_two_processes_equal_one_and_bf16_trains(mnist_root, tmp_path):
     train_mnist.main([*base, "--out", str(tmp_path / "bf16"), "--amp", "bf16"])
     c = weights(tmp_path / "bf16" / "checkpoint.pt")
     assert all(torch.isfinite(v).all() for v in c.values()) and any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bench_takes_a_zero_dropout_against_a_nonzero_default(monkeypatch):
+    import types
+    import bench
+    import train
+    monkeypatch.setitem(train.NCSNPP, "dropout", 0.1)
+    args = types.SimpleNamespace(ngf=4, channel_mult=None, num_blocks=1, dropout=0.0, checkpoint=None,
+                                 channels_last=False)
+    assert bench.build("mnist", "ncsnpp", args, torch.device("cpu")).model_args["dropout"] == 0.0   # given: kept
+    args.dropout = None
+    assert bench.build("mnist", "ncsnpp", args, torch.device("cpu")).model_args["dropout"] == 0.1   # the default
