@@ -15,6 +15,7 @@ setting: samples (sample.make) and scores (metrics.SCORERS) into metrics.json, w
 scores of the same samples -> the table -> sweep.png (each metric against network evaluations).
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
+import json
 import os
 import time
 
@@ -23,6 +24,7 @@ import figures
 import metrics
 import sample
 import samplers
+import train_io
 import utils
 
 #----------------------------------------------------------------------------
@@ -104,15 +106,69 @@ def run_name(path, ema):
     return os.path.basename(os.path.dirname(os.path.abspath(path))) + (" (EMA)" if ema else "")
 
 
+def network_label(ck, weights=True):
+    """A checkpoint for a legend: its recipe, network and width, training steps, and (weights) whether its EMA."""
+    args = ck.model.net.model_args
+    net = {"ncsnpp": "NCSN++"}.get(args.get("arch"), "RefineNet")
+    steps = f", {ck.step:,} steps" if ck.step else ""
+    return f"{ck.recipe} recipe, {net} ngf {args['ngf']}{steps}" + (" (EMA)" if ck.ema and weights else "")
+
+
+def legend_labels(jobs, weights=True):
+    """{checkpoint path: network_label}, with the run's folder added where two labels would be the same."""
+    cks = {j.ck.path: j.ck for j in jobs}
+    labels = {p: network_label(ck, weights) for p, ck in cks.items()}
+    twice = {v for v in labels.values() if list(labels.values()).count(v) > 1}
+    return {p: v + f" [{run_name(p, False)}]" if v in twice else v for p, v in labels.items()}
+
+
 def save_level_loss_figure(path, jobs, losses):
     """--level-loss: each checkpoint's test DSM loss against sigma (log-log), a line per checkpoint."""
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    labels = legend_labels(jobs)
     for ck in {j.ck.path: j.ck for j in jobs if j.ck.path in losses}.values():
         sig = [float(ck.sigmas[k - 1]) if isinstance(k, int) else k for k in losses[ck.path]]     # level -> sigma
-        ax.plot(sig, list(losses[ck.path].values()), "o-", ms=3, label=run_name(ck.path, ck.ema))
+        ax.plot(sig, list(losses[ck.path].values()), "o-", ms=3, label=labels[ck.path])
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("noise level sigma")
     ax.set_ylabel("test DSM loss (eq. 5, lambda = sigma^2)"), ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
+    figures.save_figure(fig, path)
+
+
+def training_curve(path, step=None):
+    """The run beside checkpoint `path`: (wall-clock minutes, training loss) per step up to the checkpoint's, from
+    its metrics.csv (each row's rate is images/s over its LOG_EVERY steps) and config.json; None without them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            batch = json.load(f)["batch_size"]
+        rows = train_io.read_metrics(os.path.join(folder, "metrics.csv"), step or float("inf"))
+    except (OSError, ValueError, KeyError):
+        return None
+    minutes, t = [], 0.0
+    for r in rows:
+        t += batch / max(float(r["images_per_s"]), 1e-9) / 60
+        minutes.append(t)
+    return (minutes, [r["loss"] for r in rows]) if rows else None
+
+
+def save_training_loss_figure(path, jobs):
+    """--level-loss: each checkpoint's training loss (mean of 50 steps) against its run's wall-clock, a line per run;
+    the fit per second of compute, which per-step curves hide when the networks' step times differ."""
+    import numpy as np
+    labels = legend_labels(jobs, weights=False)            # the loss of the trained weights, not their EMA
+    curves = {p: c for p, ck in {j.ck.path: j.ck for j in jobs}.items() if (c := training_curve(p, ck.step)) is not None}
+    if not curves:
+        return
+    plt = figures.pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for p, curve in curves.items():
+        minutes, loss = (np.array(c) for c in curve)
+        w = max(1, min(50, len(loss)))
+        ax.plot(minutes[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), label=labels[p])
+    ax.set_yscale("log"), ax.set_xlabel("wall-clock minutes of training")
+    ax.set_ylabel("training loss (moving mean of 50 steps)")
+    ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
     figures.save_figure(fig, path)
 
 
@@ -173,6 +229,7 @@ def main(argv=None):
             results.append(evaluate_one(args, j, scorers, device, losses))
     if losses:
         save_level_loss_figure(os.path.join(out, "level_loss.png"), jobs, losses)
+        save_training_loss_figure(os.path.join(out, "training_loss.png"), jobs)
     print_table(results)
     if len(results) > 1:
         save_sweep_figure(os.path.join(out, "sweep.png"), results)

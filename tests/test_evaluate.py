@@ -1,4 +1,6 @@
 """evaluate.py offline: a random-weights Inception with the real architecture, tiny checkpoints."""
+import collections
+import dataclasses
 import functools
 import glob
 import json
@@ -440,3 +442,30 @@ def test_fingerprints_hash_the_settings_values_not_function_names(monkeypatch):
     with torch.no_grad():
         ck.model.net.end_conv.bias.add_(1e-3)
     assert sample.fingerprint(ck, als) != before
+
+
+def test_level_loss_also_draws_each_runs_training_loss_against_wall_clock(tmp_path):
+    """training_loss.png: a run's loss per step from its metrics.csv, against minutes from each row's images/s and
+    config.json's batch; a checkpoint without its run's files is left out of the figure, not an error."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(os.path.join(DATA, "official_mnist_ngf4.pth"), run / "checkpoint.pth")
+    (run / "config.json").write_text(json.dumps(dict(batch_size=64)))
+    rows = [f"{s},0,{100 / s:.6g},,{32 if s <= 30 else 64}" for s in range(1, 61)]    # 2 s a step, then 1 s
+    (run / "metrics.csv").write_text("step,epoch,loss,test_loss,images_per_s\n" + "\n".join(rows) + "\n")
+    minutes, loss = evaluate.training_curve(str(run / "checkpoint.pth"))
+    assert len(evaluate.training_curve(str(run / "checkpoint.pth"), step=20)[0]) == 20      # up to the checkpoint
+    assert minutes[29] == pytest.approx(1.0) and minutes[-1] == pytest.approx(1.5) and loss[3] == pytest.approx(25)
+    assert evaluate.training_curve(os.path.join(DATA, "official_mnist_ngf4.pth")) is None
+    root = write_mnist(str(tmp_path / "data"), n_train=12, n_test=6)
+    evaluate.main(["--checkpoint", str(run / "checkpoint.pth"), os.path.join(DATA, "official_mnist_ngf4.pth"),
+                   "--n", "2", "--batch-size", "4", "--metrics", "none", "--data-root", root, "--level-loss", "4",
+                   "--out", str(tmp_path / "e"), *FAST])
+    assert (tmp_path / "e" / "training_loss.png").stat().st_size > 5_000
+    # the legends name the recipe and network, and a run's folder only where two would read the same
+    official = checkpoints.load(os.path.join(DATA, "official_mnist_ngf4.pth"))
+    assert evaluate.network_label(official) == "ncsn recipe, RefineNet ngf 4"
+    Job = collections.namedtuple("Job", "ck")
+    twins = [Job(dataclasses.replace(official, path=f"runs/{d}/checkpoint.pt")) for d in ("a", "b")]
+    assert sorted(evaluate.legend_labels(twins).values()) == ["ncsn recipe, RefineNet ngf 4 [a]",
+                                                               "ncsn recipe, RefineNet ngf 4 [b]"]
