@@ -157,7 +157,8 @@ def save_training_loss_figure(path, jobs):
     the fit per second of compute, which per-step curves hide when the networks' step times differ."""
     import numpy as np
     labels = legend_labels(jobs, weights=False)            # the loss of the trained weights, not their EMA
-    curves = {p: c for p, ck in {j.ck.path: j.ck for j in jobs}.items() if (c := training_curve(p, ck.step)) is not None}
+    cks = {j.ck.path: j.ck for j in jobs}
+    curves = {p: c for p, ck in cks.items() if (c := training_curve(p, ck.step)) is not None}
     if not curves:
         return
     plt = figures.pyplot()
