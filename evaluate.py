@@ -79,7 +79,7 @@ def evaluate_one(args, job, scorers, device, losses):
 
 
 def print_table(results):
-    columns = [c for s in metrics.SCORERS.values() for c in s.columns]
+    columns = [c for s in metrics.SCORERS.values() for c in s.columns if any(c[1](r) != "-" for r in results)]
     label = lambda r: r["checkpoint"][-38:] + (" (EMA)" if r["sampler"]["ema"] else "")
     print(f"\n{'':2}{'checkpoint / source':<46} {'sampler':>9} {'step_lr':>8} {'T':>4} {'NFE':>5} {'n':>6} "
           + " ".join(f"{h:>16}" for h, _ in columns))

@@ -34,6 +34,7 @@ import utils
 # Defaults.
 
 FEATURES = 2048                   # Inception pool features: the size of a reference mu and sigma
+KEPT = 10_000                     # pool features kept of each side for KID and precision / recall: the first
 CLASSIFIER_CACHE = "runs/mnist_classifier"   # where the digit classifier's weights are kept
 HOLD_OUT = 5                      # every 5th training digit is held out from the classifier (20%)
 PROBE = 500                       # held-out digits kept apart as the ceiling's samples
@@ -50,6 +51,36 @@ def fid(mu1, sigma1, mu2, sigma2):
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     m = fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)
     return m["frechet_inception_distance"]
+
+
+def kid(gen, ref, subsets=100, subset_size=1000):
+    """The kernel inception distance (Binkowski et al. 2018) of two feature sets (N, D): the unbiased MMD^2 with
+    the cubic kernel (x . y / D + 1)^3, mean and standard deviation over `subsets` random subsets of
+    min(subset_size, both counts) each (torch-fidelity's definition, defaults and seed). Unbiased at any count:
+    about 0 for two samples of one distribution, where the Frechet distance is not."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    m = kid_features_to_metric(torch.as_tensor(gen, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64),
+                               kid_subsets=subsets, kid_subset_size=min(subset_size, len(gen), len(ref)), verbose=False)
+    return m["kernel_inception_distance_mean"], m["kernel_inception_distance_std"]
+
+
+def precision_recall(gen, ref, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of generated features against reference ones:
+    precision, the share of generated features within some reference feature's distance to its k-th nearest
+    reference neighbour (are the samples good); recall, the same with the roles swapped (do they cover the data).
+    torch-fidelity's, k = 3."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    m = prc_features_to_metric(torch.as_tensor(gen, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64),
+                               prc_neighborhood=k, verbose=False)
+    return m["precision"], m["recall"]
+
+
+def kid_precision_recall(gen, ref):
+    """{kid, kid_std, precision, recall} of generated against reference features (None where too few: precision
+    and recall need k + 1 = 4 of each)."""
+    kid_mean, kid_std = kid(gen, ref)
+    precision, recall = precision_recall(gen, ref) if min(len(gen), len(ref)) > 3 else (None, None)
+    return dict(kid=kid_mean, kid_std=kid_std, precision=precision, recall=recall)
 
 
 @functools.lru_cache(maxsize=2)
@@ -83,17 +114,19 @@ def features(net, images, device, batch_size=100):
 
 
 @torch.no_grad()
-def streamed_stats(net, batches, device):
-    """mu, sigma of the pool features and all logits, over uint8 batches. Float64 sums of features and
-    their outer products (EDM's fid.py): memory is one batch plus 2048^2, whatever the number of images."""
-    n, s1, s2, logits = 0, 0, 0, []
+def streamed_stats(net, batches, device, keep=KEPT):
+    """mu, sigma of the pool features, all logits, and the first `keep` pool features (float32), over uint8
+    batches. Float64 sums of features and their outer products (EDM's fid.py): memory is one batch, 2048^2 and
+    the kept features, whatever the number of images."""
+    n, s1, s2, logits, kept = 0, 0, 0, [], []
     for images in batches:
         pool, l = features(net, images, device)
         n, s1, s2 = n + len(pool), s1 + pool.sum(0), s2 + pool.T @ pool
         logits.append(l.float())
+        kept.append(pool[:max(0, keep - sum(map(len, kept)))].float())
     mu = s1 / n
     sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)
-    return mu.numpy(), sigma.numpy(), torch.cat(logits).double()
+    return mu.numpy(), sigma.numpy(), torch.cat(logits).double(), torch.cat(kept).numpy()
 
 
 def inception_score(logits, splits=10):
@@ -106,9 +139,10 @@ def inception_score(logits, splits=10):
 # Reference statistics, cached under a key of what they were computed from.
 
 def read_stats(path):
-    """(mu, sigma) of a statistics .npz, refused in one line unless both are finite 2048-feature arrays."""
+    """(mu, sigma, features or None) of a statistics .npz, refused in one line unless mu and sigma are finite
+    2048-feature arrays; `features`, the first KEPT images' pool features, where a computed reference stored them."""
     try:
-        f = utils.read_npz(path, ["mu", "sigma"])
+        f = utils.read_npz(path, ["mu", "sigma", "features"])
     except utils.Damaged as e:
         raise data.DataError(f"--ref {e}: not a readable .npz of statistics; give one an earlier run wrote (or "
                              "EDM's fid.py ref), or a folder of images") from None
@@ -120,12 +154,17 @@ def read_stats(path):
                              f"are ({FEATURES},) and ({FEATURES}, {FEATURES})")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise data.DataError(f"--ref {path}: mu or sigma holds NaN or infinite values")
-    return mu, sigma
+    feats = f.get("features")
+    if feats is not None and (feats.ndim != 2 or feats.shape[1] != FEATURES or not np.isfinite(feats).all()):
+        raise data.DataError(f"--ref {path}: 'features' has shape {feats.shape} or non-finite values; a computed "
+                             f"reference stores finite (N, {FEATURES}) pool features")
+    return mu, sigma, feats
 
 
 def reference_stats(opts, dataset, net, device):
-    """(mu, sigma, label) of --ref: a stats .npz, a folder of images, or the training set. Computed ones are
-    cached in --ref-cache under a key of the images' bytes, the weights and the feature path (resize, channels)."""
+    """(mu, sigma, features, label) of --ref: a stats .npz (features None unless it has them), a folder of images,
+    or the training set. Computed ones are cached in --ref-cache, their first KEPT features too, under a key of the
+    images' bytes, the weights and the feature path (resize, channels)."""
     spec = data.DATASETS[dataset]
     if opts.ref and opts.ref.endswith(".npz"):
         return (*read_stats(opts.ref), f"statistics {opts.ref}")
@@ -137,29 +176,31 @@ def reference_stats(opts, dataset, net, device):
         label = f"{dataset} training set" + (", digits repeated to 3 channels" if spec["channels"] == 1 else "")
     import torch_fidelity
     path = (f"inception-v3-compat 299 bilinear, torch-fidelity {torch_fidelity.__version__}, "
-            f"channels {spec['channels']}->3")
+            f"channels {spec['channels']}->3, first {KEPT} features kept")
     key = utils.digest(images, utils.digest(net.state_dict()), path)[:16]
     cache = os.path.join(opts.ref_cache, f"{'folder' if opts.ref else dataset}_{len(images)}_{key}.npz")
     if os.path.exists(cache):
         print(f"reference statistics of the {label}: {cache} (cached; key of images, weights and feature path)")
         return (*read_stats(cache), label)
     print(f"reference statistics of the {label}: {len(images)} images, computed once")
-    mu, sigma, _ = streamed_stats(net, [images[i:i + 1000] for i in range(0, len(images), 1000)], device)
+    mu, sigma, _, feats = streamed_stats(net, [images[i:i + 1000] for i in range(0, len(images), 1000)], device)
     with utils.atomic_path(cache) as tmp:
-        np.savez(tmp, mu=mu, sigma=sigma)
+        np.savez(tmp, mu=mu, sigma=sigma, features=feats)
     print(f"saved them as {cache} (reused while the images and weights are the same)")
-    return mu, sigma, label
+    return mu, sigma, feats, label
 
 
 def inception_scorer(opts, dataset, device):
-    """IS (3-channel images only) and FID against reference_stats, over batches of uint8 images."""
+    """IS (3-channel images only), FID, and KID, precision and recall on the first KEPT features of each side
+    (where the reference has features: not a statistics .npz of mu and sigma alone) against reference_stats, over
+    batches of uint8 images."""
     net = inception(opts.inception_weights, device)
-    mu_ref, sigma_ref, label = reference_stats(opts, dataset, net, device)
+    mu_ref, sigma_ref, feats_ref, label = reference_stats(opts, dataset, net, device)
     def score(batches):
-        mu, sigma, logits = streamed_stats(net, batches, device)
+        mu, sigma, logits, feats = streamed_stats(net, batches, device)
         is_mean, is_std = inception_score(logits) if data.DATASETS[dataset]["channels"] == 3 else (None, None)
         out = dict(inception_score_mean=is_mean, inception_score_std=is_std, fid=fid(mu, sigma, mu_ref, sigma_ref),
-                   fid_reference=label)
+                   fid_reference=label, **(kid_precision_recall(feats, feats_ref) if feats_ref is not None else {}))
         return out if is_mean is not None else dict(out, note="the paper reports no Inception score or FID for "
                                                               f"MNIST; FID against {label}")
     return score
@@ -234,8 +275,8 @@ class DigitScorer:
         self.net, held, _, self.accuracy = load_or_train(opts.data_root, device, opts.classifier_cache)
         k = min(PROBE, len(held) // 2)
         self.held_out = held[:k]
-        feats = predict(self.net, held[k:], device)[1].numpy()
-        self.mu, self.sigma = feats.mean(0), np.cov(feats, rowvar=False)
+        self.feats = predict(self.net, held[k:], device)[1].numpy()
+        self.mu, self.sigma = self.feats.mean(0), np.cov(self.feats, rowvar=False)
 
     def __call__(self, batches):
         images = torch.cat(list(batches))
@@ -248,7 +289,8 @@ class DigitScorer:
         fd = fid(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma)
         return dict(classifier_is=kl.exp().item(),
                     confident_share=(probs.max(1).values > CONFIDENT).double().mean().item(),
-                    class_histogram=torch.bincount(probs.argmax(1), minlength=10).tolist(), frechet_distance=float(fd))
+                    class_histogram=torch.bincount(probs.argmax(1), minlength=10).tolist(), frechet_distance=float(fd),
+                    **{f"classifier_{k}": v for k, v in kid_precision_recall(f, self.feats).items()})
 
 #----------------------------------------------------------------------------
 # The table of scorers: adding a metric is one maker here and one entry.
@@ -261,23 +303,27 @@ class Scorer(NamedTuple):
     sweep: tuple
 
 
-def _number(key, spread=None):
-    """A table cell: result[key] (+- result[spread]) to 2 decimals, '-' when absent."""
+def _number(key, spread=None, decimals=2):
+    """A table cell: result[key] (+- result[spread]) to `decimals`, '-' when absent."""
     def cell(r):
         if r.get(key) is None:
             return "-"
-        return f"{r[key]:.2f}" + (f" +- {r[spread]:.2f}" if r.get(spread) is not None else "")
+        return f"{r[key]:.{decimals}f}" + (f" +- {r[spread]:.{decimals}f}" if r.get(spread) is not None else "")
     return cell
 
 
 SCORERS = {
     "inception": Scorer(inception_scorer,
                         (("Inception score", _number("inception_score_mean", spread="inception_score_std")),
-                         ("FID", _number("fid"))),
+                         ("FID", _number("fid")), ("KID", _number("kid", "kid_std", 4)),
+                         ("precision", _number("precision")), ("recall", _number("recall"))),
                         ("fid", "inception_score_mean")),
     "classifier": Scorer(DigitScorer,
                          (("digit IS", _number("classifier_is")), ("confident", _number("confident_share")),
-                          ("digit FD", _number("frechet_distance"))),
+                          ("digit FD", _number("frechet_distance")),
+                          ("digit KID", _number("classifier_kid", "classifier_kid_std", 4)),
+                          ("digit precision", _number("classifier_precision")),
+                          ("digit recall", _number("classifier_recall"))),
                          ("classifier_is", "frechet_distance")),
 }
 NAMES = {"fid": "FID", "inception_score_mean": "Inception score",         # sweep.png's titles

@@ -38,8 +38,8 @@ def main(argv=None):
                                                    generator=torch.Generator().manual_seed(metrics.SEED))}
     results = {name: scorer([images]) for name, images in rows.items()}
     for name, m in results.items():
-        print(f"{name:<32} classifier IS {m['classifier_is']:.2f}  confident {m['confident_share']:.2f}  "
-              f"Frechet distance {m['frechet_distance']:.2f}  classes {m['class_histogram']}")
+        cells = "  ".join(f"{header} {cell(m)}" for header, cell in metrics.SCORERS["classifier"].columns)
+        print(f"{name:<32} {cells}  classes {m['class_histogram']}")
     return results
 
 

@@ -65,7 +65,7 @@ def ref_folder(tmp_path_factory):
 def ref_stats(inception_weights, ref_folder, tmp_path_factory):
     """The reference folder's statistics as an .npz (the --ref form that skips feature extraction)."""
     net = metrics.inception(inception_weights, torch.device("cpu"))
-    mu, sigma, _ = metrics.streamed_stats(net, [data.load_image_folder(ref_folder, 3, 32)], torch.device("cpu"))
+    mu, sigma, _, _ = metrics.streamed_stats(net, [data.load_image_folder(ref_folder, 3, 32)], torch.device("cpu"))
     path = tmp_path_factory.mktemp("stats") / "ref.npz"
     np.savez(path, mu=mu, sigma=sigma)
     return str(path)
@@ -132,6 +132,11 @@ def test_pipeline_writes_everything_and_its_numbers_check_out(tiny_checkpoint, i
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
     assert saved["fid"] == pytest.approx(want, rel=1e-3)
+    # KID, precision and recall of the same features (the reference folder's computed statistics keep them)
+    kid, _ = metrics.kid(a.astype(np.float32), b.astype(np.float32))
+    precision, recall = metrics.precision_recall(a.astype(np.float32), b.astype(np.float32))
+    assert saved["kid"] == pytest.approx(kid, rel=1e-3, abs=1e-6)
+    assert (saved["precision"], saved["recall"]) == pytest.approx((precision, recall))
 
 
 def math_finite(v):
@@ -180,6 +185,7 @@ def test_official_checkpoint_and_model_selection(inception_weights, ref_stats, t
                              "--ref", ref_stats, "--inception-weights", inception_weights, "--step-lr", "2e-5", "1e-6",
                              *FAST])
     assert [r["sampler"]["step_lr"] for r in results] == [2e-5, 1e-6]
+    assert "kid" not in results[0]              # statistics alone (mu, sigma) hold no features for KID
     table = capsys.readouterr().out
     assert "8.87 +- 0.12" in table and "110.85" in table and "* lowest FID" in table
     best = min(results, key=lambda r: r["fid"])
@@ -319,11 +325,12 @@ def test_streamed_stats_equal_numpy_mean_and_covariance():
     torch.manual_seed(0)
     fake = lambda x: (x.flatten(1)[:, :6].double() * torch.arange(1, 7) + 3.0, x.flatten(1)[:, :4].double())
     images = torch.randint(0, 256, (23, 3, 4, 4), dtype=torch.uint8)
-    mu, sigma, logits = metrics.streamed_stats(fake, [images[:10], images[10:17], images[17:]], torch.device("cpu"))
+    batches = [images[:10], images[10:17], images[17:]]
+    mu, sigma, logits, kept = metrics.streamed_stats(fake, batches, torch.device("cpu"), keep=12)
     pool = fake(images)[0].numpy()
     want_mu, want_sigma = pool.mean(0), np.cov(pool, rowvar=False)
     assert np.allclose(mu, want_mu, rtol=1e-12) and np.allclose(sigma, want_sigma, rtol=1e-9)
-    assert logits.shape == (23, 4)
+    assert logits.shape == (23, 4) and np.array_equal(kept, pool[:12].astype(np.float32))   # the first 12, in order
 
 
 def test_health_report_names_the_level_where_samples_saturate():

@@ -66,3 +66,38 @@ def test_metrics_scores_an_npz_of_images_as_edm_writes_them(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(SystemExit, match="not an .npz of images"):
         metrics.main(["--images", str(tmp_path / "bad.npz"), "--metrics", "none", *FAST])
+
+
+def test_kid_is_the_unbiased_cubic_kernel_mmd_computed_by_hand():
+    """KID of x = {0, 1}, y = {0, 2} in one dimension, k(a, b) = (a b + 1)^3: the off-diagonal kernel sums are
+    2 within x and 2 within y, over m (m - 1) = 2; the cross sum is 1 + 1 + 1 + 27 = 30, twice over m^2 = 4."""
+    mean, std = metrics.kid(np.array([[0.0], [1.0]]), np.array([[0.0], [2.0]]))
+    assert mean == pytest.approx((2 + 2) / 2 - 2 * 30 / 4) and std == pytest.approx(0.0)    # every subset is all
+
+
+def test_kid_is_about_zero_for_two_samples_of_one_distribution_and_not_for_a_shifted_one():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(600, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    same, same_std = metrics.kid(a, b, subset_size=300)
+    shifted, _ = metrics.kid(a + 0.5, b, subset_size=300)
+    assert abs(same) < 3 * same_std + 1e-3 and shifted > 20 * max(abs(same), same_std)
+    fd = metrics.fid(a.mean(0).numpy(), np.cov(a.numpy(), rowvar=False),
+                     b.mean(0).numpy(), np.cov(b.numpy(), rowvar=False))
+    assert fd > 0.2                     # the Frechet distance of the same two samples is biased above 0
+
+
+def test_precision_and_recall_count_points_inside_the_other_sets_k_nearest_neighbour_balls():
+    """k = 3 in one dimension. Reference {0, 1, 2, 3}: the balls' radii (distance to the 3rd nearest other point)
+    are 3, 2, 2, 3; generated {0.5, 5.5, 6, 100}: 0.5 (near 0), 5.5 and 6 (within 3 of 3) are inside, 100 is not.
+    The generated balls' radii are 99.5, 94.5, 94, 99.5: every reference point is inside 0.5's."""
+    precision, recall = metrics.precision_recall(np.array([[0.5], [5.5], [6.0], [100.0]]),
+                                                 np.array([[0.0], [1.0], [2.0], [3.0]]))
+    assert precision == pytest.approx(3 / 4) and recall == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(500, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    assert metrics.precision_recall(a, a) == (1.0, 1.0)                          # a set against itself
+    p_same, r_same = metrics.precision_recall(a, b)
+    p_far, r_far = metrics.precision_recall(a + 3, b)                            # shifted by 3 sd on each axis
+    assert min(p_same, r_same) > 0.8 and max(p_far, r_far) < 0.1
+    p_narrow, r_narrow = metrics.precision_recall(0.3 * a, b)                   # good samples of a part of the data
+    assert p_narrow > 0.9 and r_narrow < 0.5

@@ -160,6 +160,8 @@ def test_classifier_scores_real_digits_above_noise_and_caches_itself(mnist_root,
     real, noise = res["real held-out digits (ceiling)"], res["uniform noise (floor)"]
     assert real["classifier_is"] > 3 * noise["classifier_is"] and real["classifier_is"] <= 10
     assert real["frechet_distance"] < noise["frechet_distance"] / 3
+    assert real["classifier_kid"] < noise["classifier_kid"] / 3 and real["classifier_recall"] > 0.5
+    assert real["classifier_precision"] > noise["classifier_precision"]
     assert real["confident_share"] > noise["confident_share"]
     assert sum(real["class_histogram"]) == 40 and len(real["class_histogram"]) == 10
     [weights] = os.listdir(cache)
