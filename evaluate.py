@@ -15,7 +15,6 @@ setting: samples (sample.make) and scores (metrics.SCORERS) into metrics.json, w
 scores of the same samples -> the table -> sweep.png (each metric against network evaluations).
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
-import json
 import os
 import time
 
@@ -114,9 +113,8 @@ def network_label(ck, weights=True):
     return f"{ck.recipe} recipe, {net} ngf {args['ngf']}{steps}" + (" (EMA)" if ck.ema and weights else "")
 
 
-def legend_labels(jobs, weights=True):
-    """{checkpoint path: network_label}, with the run's folder added where two labels would be the same."""
-    cks = {j.ck.path: j.ck for j in jobs}
+def legend_labels(cks, weights=True):
+    """{path: network_label} of {path: checkpoint}, with the run's folder added where two labels would be the same."""
     labels = {p: network_label(ck, weights) for p, ck in cks.items()}
     twice = {v for v in labels.values() if list(labels.values()).count(v) > 1}
     return {p: v + f" [{run_name(p, False)}]" if v in twice else v for p, v in labels.items()}
@@ -126,8 +124,9 @@ def save_level_loss_figure(path, jobs, losses):
     """--level-loss: each checkpoint's test DSM loss against sigma (log-log), a line per checkpoint."""
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    labels = legend_labels(jobs)
-    for ck in {j.ck.path: j.ck for j in jobs if j.ck.path in losses}.values():
+    cks = {j.ck.path: j.ck for j in jobs if j.ck.path in losses}
+    labels = legend_labels(cks)
+    for ck in cks.values():
         sig = [float(ck.sigmas[k - 1]) if isinstance(k, int) else k for k in losses[ck.path]]     # level -> sigma
         ax.plot(sig, list(losses[ck.path].values()), "o-", ms=3, label=labels[ck.path])
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("noise level sigma")
@@ -140,10 +139,9 @@ def training_curve(path, step=None):
     its metrics.csv (each row's rate is images/s over its LOG_EVERY steps) and config.json; None without them."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        with open(os.path.join(folder, "config.json")) as f:
-            batch = json.load(f)["batch_size"]
+        batch = utils.read_json(os.path.join(folder, "config.json"))["batch_size"]
         rows = train_io.read_metrics(os.path.join(folder, "metrics.csv"), step or float("inf"))
-    except (OSError, ValueError, KeyError):
+    except (OSError, utils.Damaged, KeyError):
         return None
     minutes, t = [], 0.0
     for r in rows:
@@ -156,8 +154,8 @@ def save_training_loss_figure(path, jobs):
     """--level-loss: each checkpoint's training loss (mean of 50 steps) against its run's wall-clock, a line per run;
     the fit per second of compute, which per-step curves hide when the networks' step times differ."""
     import numpy as np
-    labels = legend_labels(jobs, weights=False)            # the loss of the trained weights, not their EMA
     cks = {j.ck.path: j.ck for j in jobs}
+    labels = legend_labels(cks, weights=False)             # the loss of the trained weights, not their EMA
     curves = {p: c for p, ck in cks.items() if (c := training_curve(p, ck.step)) is not None}
     if not curves:
         return

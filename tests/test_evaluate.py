@@ -1,6 +1,4 @@
 """evaluate.py offline: a random-weights Inception with the real architecture, tiny checkpoints."""
-import collections
-import dataclasses
 import functools
 import glob
 import json
@@ -472,7 +470,6 @@ def test_level_loss_also_draws_each_runs_training_loss_against_wall_clock(tmp_pa
     # the legends name the recipe and network, and a run's folder only where two would read the same
     official = checkpoints.load(os.path.join(DATA, "official_mnist_ngf4.pth"))
     assert evaluate.network_label(official) == "ncsn recipe, RefineNet ngf 4"
-    Job = collections.namedtuple("Job", "ck")
-    twins = [Job(dataclasses.replace(official, path=f"runs/{d}/checkpoint.pt")) for d in ("a", "b")]
+    twins = {f"runs/{d}/checkpoint.pt": official for d in ("a", "b")}
     assert sorted(evaluate.legend_labels(twins).values()) == ["ncsn recipe, RefineNet ngf 4 [a]",
                                                                "ncsn recipe, RefineNet ngf 4 [b]"]
