@@ -3,7 +3,9 @@ into one typed record, Checkpoint, whose model is behind the one contract model(
 builds the same record from its config (`record`), bench.py from its flags.
 """
 import dataclasses
+import glob
 import inspect
+import json
 import math
 import os
 import re
@@ -58,6 +60,29 @@ def snapshot_hint(path):
         return "; use another file"
     step, name = max(snaps)
     return f"; {name} beside it is a whole snapshot of step {step} (to resume from it, copy it to checkpoint.pt)"
+
+
+RUNS = "runs"                # where training writes its runs (train.py: runs/<dataset>): a script's default
+
+
+def newest_run(prefer=None, root=RUNS):
+    """(checkpoint.pt of the newest training run under `root`, why it was chosen), of data set `prefer` when one
+    is there; None when there is no run. A run is a folder with checkpoint.pt and config.json; newest by the
+    checkpoint's modification time."""
+    runs = []
+    for path in glob.glob(os.path.join(glob.escape(root), "**", "checkpoint.pt"), recursive=True):
+        try:                                        # read only: another run's files are never touched
+            with open(os.path.join(os.path.dirname(path), "config.json")) as f:
+                config = json.load(f)
+            runs.append((os.path.getmtime(path), path, config.get("dataset")))
+        except (OSError, ValueError, AttributeError):
+            continue
+    if not runs:
+        return None
+    preferred = [r for r in runs if prefer is not None and r[2] == prefer]
+    _, path, _ = max(preferred or runs)
+    why = (f"the newest {prefer} run under {root}/" if preferred else f"the newest training run under {root}/")
+    return path, why + " (no --checkpoint given)"
 
 #----------------------------------------------------------------------------
 # Networks: what a checkpoint's model_args describe.

@@ -9,6 +9,8 @@ checkpoints, samplers and metrics: sample.py makes the samples, metrics.py score
     python evaluate.py --checkpoint A.pt B.pt --metrics classifier --nfe 100 300 1000   # MNIST: quality against cost
     python evaluate.py --checkpoint runs/cifar10/checkpoint.pt --n 100 --nearest 5            # memorisation check
     python evaluate.py --checkpoint runs/ncsnv2/checkpoint.pt --sampler als heun --nfe 35 100   # two samplers
+    python evaluate.py --checkpoint runs/cifar10/checkpoint.pt --seeds 0-149999:50000   # EDM's: min FID of 3 sets
+    torchrun --nproc_per_node 8 evaluate.py --checkpoint runs/cifar10/checkpoint.pt --seeds 0-49999   # 8 GPUs sample
 
 flags -> plan (checkpoints x sampler settings) -> scorers (reference statistics before any sampling) -> per
 setting: samples (sample.make) and scores (metrics.SCORERS) into metrics.json, which keeps an earlier run's
@@ -33,11 +35,11 @@ PAPER = ("paper (NCSN, CIFAR-10)", 8.87, 0.12, 25.32)
 SEED_REPORT = ("seed report", 4.17, 0.13, 110.85)
 
 
-def existing_only(jobs, n):
-    """The jobs whose first n samples are all in shards of their fingerprint; a line for each other."""
-    kept = []
+def existing_only(jobs, sets):
+    """The jobs whose samples of the sets [(lo, hi)] are all in shards of their fingerprint; a line for each other."""
+    kept, n = [], sum(hi - lo for lo, hi in sets)
     for j in jobs:
-        have = sum(min(b, n) - a for a, b in sample.shards(j.folder, j.fp) if a < n)
+        have = n - sample.missing_runs(j.folder, sets, n, j.fp)[0]
         if have >= n:
             kept.append(j)
         else:
@@ -55,47 +57,97 @@ def level_losses(jobs, args, device):
             for ck in {j.ck.path: j.ck for j in jobs}.values()}
 
 
-def evaluate_one(args, job, scorers, device, losses):
-    """Sample (what is missing) and score one job; metrics.json keeps earlier scores of the same samples."""
+def evaluate_one(args, job, scorers, device, losses, rank=0, world=1):
+    """Sample (what is missing: every process its share) and score one job (rank 0); returns its metrics.json, which
+    keeps earlier scores of the same samples, on rank 0 (None on the others)."""
     t0 = time.time()
-    result = sample.make(job, args, device)
+    return sample.make(job, args, device, rank, world, then=lambda result: score(args, job, scorers, device, losses,
+                                                                                 result, t0))
+
+
+def score(args, job, scorers, device, losses, result, t0):
+    """A job's nearest.png, per-level test loss and scores (each --seeds set apart) into metrics.json."""
     if args.nearest:
         inc = metrics.inception(args.inception_weights, device) if "inception" in args.metrics else None
-        samples = sample.collect(job.folder, min(10, args.n), job.fp)
+        lo, hi = args.sets[0]
+        samples = sample.collect(job.folder, min(hi, lo + 10), job.fp, lo)
         train_images = data.load_images(job.ck.dataset, True, args.data_root, folder_flag="--ref")
         metrics.save_nearest(os.path.join(job.folder, "nearest.png"), samples, train_images, args.nearest, inc, device)
     if job.ck.path in losses:
         result["test_dsm_loss_per_" + ("sigma" if args.level_sigmas else "level")] = losses[job.ck.path]
-    for name in args.metrics:
-        result.update(scorers[name, job.ck.dataset](sample.read_shards(job.folder, args.n, job.fp)))
-    result["seconds"] = round(time.time() - t0, 1)
     path = os.path.join(job.folder, "metrics.json")
     old = (os.path.exists(path) and utils.whole_or_none(utils.read_json, path)) or {}
-    if old.get("fingerprint") == job.fp and old.get("n") == args.n:    # the same samples: keep their earlier scores
-        result = {**{k: v for k, v in old.items() if k not in result}, **result}
+    same = old.get("fingerprint") == job.fp and old.get("seeds", f"0-{old.get('n', 0) - 1}") == result["seeds"]
+    earlier = {s.get("seeds", f"0-{s.get('n', 0) - 1}"): s for s in old.get("sets", [old])} \
+        if old.get("fingerprint") == job.fp else {}             # each set's scores of the same samples are kept
+    sets, meta = [], {*result, "sets", "set_min", "set_max", "seconds"}
+    for lo, hi in args.sets:
+        kept = {k: v for k, v in earlier.get(f"{lo}-{hi - 1}", {}).items() if k not in meta}     # its scores alone
+        scores = dict(kept, seeds=f"{lo}-{hi - 1}", n=hi - lo)
+        for name in args.metrics:
+            scores.update(scorers[name, job.ck.dataset](sample.read_shards(job.folder, hi, job.fp, lo)))
+        sets.append(scores)
+    result = {**(old if same else {}), **(across_sets(sets) if len(sets) > 1 else sets[0]), **result}
+    result.update(seeds=sample.seeds_text(args.sets), n=args.n, seconds=round(time.time() - t0, 1))
     utils.save_json(result, path)
     return result
 
 
+def across_sets(sets):
+    """Several sets' scores as one record (EDM's protocol: each set's scores, their mean and minimum): each number's
+    mean over the sets, its minimum and maximum under set_min and set_max (a spread's not: 'std'), class histograms
+    summed, the rest the first set's; the sets themselves under `sets`."""
+    out, low, high = {}, {}, {}
+    for k, v in sets[0].items():
+        if k in ("seeds", "n"):
+            continue
+        values = [s.get(k) for s in sets]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+            out[k] = sum(values) / len(values)
+            if not k.endswith("_std"):
+                low[k], high[k] = min(values), max(values)
+        elif all(isinstance(x, list) for x in values):
+            out[k] = [sum(c) for c in zip(*values)]
+        else:
+            out[k] = v
+    return dict(out, set_min=low, set_max=high, sets=sets)
+
+
+def table_rows(r):
+    """(label suffix, n cell, record) of a result's rows: itself; of several --seeds sets, each set, then their mean,
+    minimum and maximum."""
+    if "sets" not in r:
+        return [("", r["n"], r)]
+    k, sizes = len(r["sets"]), {s["n"] for s in r["sets"]}
+    n = f"{k}x{sizes.pop()}" if len(sizes) == 1 else r["n"]
+    base = {key: v for key, v in r.items() if key not in r["set_min"] and not key.endswith("_std")}
+    return ([(f" seeds {s['seeds']}", s["n"], {**r, **s}) for s in r["sets"]] + [(f" mean of {k}", n, r)]
+            + [(f" {what} of {k}", n, {**base, **r[f"set_{what}"]}) for what in ("min", "max")])
+
+
 def print_table(results):
+    """The table: a row per checkpoint and sampler setting (each --seeds set, their mean, min and max), the sample
+    count in each, and the paper's rows beside CIFAR-10's."""
     columns = [c for s in metrics.SCORERS.values() for c in s.columns if any(c[1](r) != "-" for r in results)]
-    label = lambda r: r["checkpoint"][-38:] + (" (EMA)" if r["sampler"]["ema"] else "")
-    print(f"\n{'':2}{'checkpoint / source':<46} {'sampler':>9} {'step_lr':>8} {'T':>4} {'NFE':>5} {'n':>6} "
+    label = lambda r, end: (r["checkpoint"] + (" (EMA)" if r["sampler"]["ema"] else ""))[-(46 - len(end)):] + end
+    sampler = lambda s: s.get("name", "als") + (f" churn {s['s_churn']:g}" if s.get("s_churn") else "")
+    print(f"\n{'':2}{'checkpoint / source':<46} {'sampler':>15} {'step_lr':>8} {'T':>4} {'NFE':>5} {'n':>10} "
           + " ".join(f"{h:>16}" for h, _ in columns))
     if any(r.get("fid") is not None and r["dataset"] == "cifar10" for r in results):
         for name, m, s, f in [PAPER, SEED_REPORT]:
             cells = {"Inception score": f"{m:.2f} +- {s:.2f}", "FID": f"{f:.2f}"}
-            print(f"{'':2}{name:<46} {'-':>9} {'-':>8} {'-':>4} {'-':>5} {'-':>6} "
+            print(f"{'':2}{name:<46} {'-':>15} {'-':>8} {'-':>4} {'-':>5} {'-':>10} "
                   + " ".join(f"{cells.get(h, '-'):>16}" for h, _ in columns))
     scored = [r for r in results if r.get("fid") is not None]
     best = min(scored, key=lambda r: r["fid"]) if len(scored) > 1 else None
     for r in results:
         s = r["sampler"]
         step_lr, T = (format(s["step_lr"], ".2g"), s["steps_each"]) if "step_lr" in s else ("-", "-")
-        print(f"{'*' if r is best else ' ':<2}{label(r):<46} {s.get('name', 'als'):>9} {step_lr:>8} {T:>4} "
-              f"{r['nfe']:>5} {r['n']:>6} " + " ".join(f"{cell(r):>16}" for _, cell in columns))
+        for end, n, row in table_rows(r):
+            print(f"{'*' if r is best and row is r else ' ':<2}{label(r, end):<46} {sampler(s):>15} "
+                  f"{step_lr:>8} {T:>4} {r['nfe']:>5} {n:>10} " + " ".join(f"{cell(row):>16}" for _, cell in columns))
     if best:
-        print("* lowest FID")
+        print("* lowest FID" + (" (the mean over --seeds sets)" if "sets" in best else ""))
     for ref in sorted({r["fid_reference"] for r in results if r["dataset"] == "mnist" and r.get("fid") is not None}):
         print(f"MNIST: the paper reports no Inception score or FID; FID here is against the {ref}")
 
@@ -215,24 +267,34 @@ def main(argv=None):
     out = args.out or sample.OUT
     metrics.check_flags(p, args, out)          # a bad --ref stops us before any folder is made
     sample.check_flags(p, args)
-    device = utils.get_device(args.device)
-    jobs = sample.plan(args, sample.checkpoints_of(p, args.checkpoint))
-    if args.existing:
-        jobs = existing_only(jobs, args.n)
-    scorers = {(name, d): metrics.SCORERS[name].make(args, d, device)     # ready before any sampling
-               for name in args.metrics for d in dict.fromkeys(j.ck.dataset for j in jobs)}
-    losses = level_losses(jobs, args, device) if args.level_loss else {}
-    results = []
-    for j in jobs:
-        with utils.folder_lock(j.folder):                   # one writer per folder
-            results.append(evaluate_one(args, j, scorers, device, losses))
+    utils.quiet_other_ranks()
+    ckpts = sample.checkpoints_of(p, args.checkpoint, prefer="cifar10")     # Fig. 6 is CIFAR-10's
+    rank, world, device = utils.dist_init(args.device)          # torchrun: sampling split across processes
+    jobs = sample.plan(args, ckpts)
+    utils.same_on_every_rank([j.fp for j in jobs], "samples", rank, world, device)
+    if args.existing:                           # rank 0 reads the shards (and sets damaged ones aside)
+        kept = utils.collective(lambda: [j.folder for j in existing_only(jobs, args.sets)], rank, world, device)
+        jobs = [j for j in jobs if j.folder in utils.broadcast(kept, world)]
+    def ready():                                # rank 0: reference statistics and losses before any sampling
+        return ({(name, d): metrics.SCORERS[name].make(args, d, device)
+                 for name in args.metrics for d in dict.fromkeys(j.ck.dataset for j in jobs)},
+                level_losses(jobs, args, device) if args.level_loss else {})
+    scorers, losses = utils.collective(ready, rank, world, device) or ({}, {})
+    results = [evaluate_one(args, j, scorers, device, losses, rank, world) for j in jobs]
+    utils.collective(lambda: report(out, jobs, losses, results), rank, world, device)
+    if world > 1:
+        utils.dist_exit(0)                      # every rank waits for rank 0's figures, then leaves the group
+    return results
+
+
+def report(out, jobs, losses, results):
+    """The figures of several results (level_loss.png, training_loss.png, sweep.png) and the table."""
     if losses:
         save_level_loss_figure(os.path.join(out, "level_loss.png"), jobs, losses)
         save_training_loss_figure(os.path.join(out, "training_loss.png"), jobs)
     print_table(results)
     if len(results) > 1:
         save_sweep_figure(os.path.join(out, "sweep.png"), results)
-    return results
 
 
 if __name__ == "__main__":

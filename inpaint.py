@@ -17,6 +17,7 @@ classifier gives a completion the original's label, against filling with noise o
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
+import contextlib
 import os
 
 import numpy as np
@@ -29,6 +30,7 @@ import data
 import figures
 import samplers
 import metrics
+import sample
 import utils
 
 #----------------------------------------------------------------------------
@@ -65,17 +67,18 @@ def make_mask(kind, size, fraction=FRACTION, seed=SEED):
 
 
 @torch.no_grad()
-def inpaint(model, images, known, settings, seed, batch_size, device, folder):
+def inpaint(model, images, known, settings, seed, batch_size, device, folder, rank=0, world=1, done=None):
     """Completions of each image (uint8 (N, C, H, W)) where `known` is False; image i's are written
-    to image_<i>.npz as soon as they are made, and an existing file is not made again."""
+    to image_<i>.npz as soon as they are made, and an existing file is not made again. Of `world`
+    processes, rank r makes the r-th of every `world` batches of the images missing from `done` (done_images,
+    listed by every rank before any writes). Returns {i: completions} of what this process made or found."""
     sigmas, K = torch.tensor(settings["sigmas"], device=device), settings["completions"]
     per_batch = max(1, batch_size // K)
-    path = lambda i: os.path.join(folder, f"image_{i:05d}.npz")
-    utils.remove_temporaries(folder)
-    done = {i: stored(path(i), settings["fingerprint"]) for i in range(len(images)) if os.path.exists(path(i))}
-    todo = [i for i in range(len(images)) if done.get(i) is None]
-    bar = tqdm(total=len(images), initial=len(images) - len(todo), desc="inpainting", unit="img", dynamic_ncols=True)
-    for b in range(0, len(todo), per_batch):
+    done = done_images(folder, len(images), settings["fingerprint"]) if done is None else dict(done)
+    todo = [i for i in range(len(images)) if i not in done]
+    bar = tqdm(total=len(images), initial=len(images) - len(todo), desc="inpainting", unit="img", dynamic_ncols=True,
+               disable=rank > 0)
+    for b in range(rank * per_batch, len(todo), per_batch * world):
         idx = todo[b:b + per_batch]
         x_known = (images[idx].to(device).float() / 255).repeat_interleave(K, 0)       # (len(idx) K, C, H, W)
         noise = utils.SampleNoise([(seed, i, j) for i in idx for j in range(K)], device)
@@ -85,12 +88,23 @@ def inpaint(model, images, known, settings, seed, batch_size, device, folder):
                                                   step_lr=settings["step_lr"])
         out = (torch.nan_to_num(x).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().view(len(idx), K, *x.shape[1:])
         for i, completions in zip(idx, out):
-            with utils.atomic_path(path(i)) as tmp:
+            with utils.atomic_path(image_path(folder, i)) as tmp:
                 np.savez(tmp, completions=completions.numpy(), fingerprint=np.array(settings["fingerprint"]))
             done[i] = completions.numpy()
-        bar.update(len(idx))
+        bar.update(min(len(idx) * world, bar.total - bar.n))             # the others make as many meanwhile
     bar.close()
-    return torch.stack([torch.from_numpy(done[i]) for i in range(len(images))])
+    return done
+
+
+def image_path(folder, i):
+    return os.path.join(folder, f"image_{i:05d}.npz")
+
+
+def done_images(folder, n, fp):
+    """{i: completions} of the images [0, n) whose files hold this run's completions; a damaged file is set aside
+    (stored), a file of another run refused."""
+    found = {i: stored(image_path(folder, i), fp) for i in range(n) if os.path.exists(image_path(folder, i))}
+    return {i: c for i, c in found.items() if c is not None}
 
 
 def stored(path, fp):
@@ -143,7 +157,8 @@ def write_outputs(args, folder, images, known, completions, device):
 @utils.command()
 def main(argv=None):
     p = utils.arg_parser(__doc__)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of either recipe, or an official one")
+    p.add_argument("--checkpoint", help="a checkpoint of any recipe, or an official one (default: the newest "
+                                        f"training run's under {checkpoints.RUNS}/)")
     p.add_argument("--images", help="a folder of images (default: the test split of the checkpoint's data set)")
     p.add_argument("--data-root", default=data.DATA_ROOT, help="torchvision data folder")
     p.add_argument("--mask", default=MASK, help="right, centre, random, or a mask image (white = fill)")
@@ -166,14 +181,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.fraction >= 1:
         p.error(f"--fraction is the share of pixels to fill, below 1; got {args.fraction}")
-    device = utils.get_device(args.device)
+    utils.quiet_other_ranks()
+    args.checkpoint = sample.default_checkpoint(p) if args.checkpoint is None else args.checkpoint
+    rank, world, device = utils.dist_init(args.device)      # torchrun: the missing images split across processes
     ck = checkpoints.load(args.checkpoint, map_location=device, ema=args.ema)
     spec = data.spec(ck.dataset, args.checkpoint)
     if args.classifier and ck.dataset != "mnist":
         raise data.DataError("--classifier scores MNIST digits only; drop it for other data sets")
-    images = (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images")
-              if args.images else data.load_images(ck.dataset, False, args.data_root, folder_flag="--images"))
-    images = images[:args.n_images]
+    def load():
+        return (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images")
+                if args.images else data.load_images(ck.dataset, False, args.data_root, folder_flag="--images"))
+    images = utils.collective(load, rank, world, device)       # rank 0 first: it downloads what is missing
+    images = (load() if rank else images)[:args.n_images]
     known = make_mask(args.mask, spec["image_size"], args.fraction, args.seed)
     T, step_lr = samplers.sampler_defaults(ck, steps_each=args.steps_each, step_lr=args.step_lr)
     settings = dict(sigmas=ck.sigmas.tolist(), steps_each=T, step_lr=step_lr, completions=args.completions,
@@ -186,12 +205,31 @@ def main(argv=None):
         p.error(problem)
     print(f"{len(images)} images x {args.completions} completions, mask {args.mask} ({(~known).float().mean():.0%} "
           f"of the pixels to fill), {len(settings['sigmas'])} levels x T = {T}, step_lr {step_lr:.3g}")
-    with utils.folder_lock(folder):
-        completions = inpaint(ck.model, images, known, settings, args.seed, args.batch_size, device, folder)
-        result = write_outputs(args, folder, images, known, completions, device)
-        result.update(checkpoint=args.checkpoint, dataset=ck.dataset, settings=settings)
-        utils.save_json(result, os.path.join(folder, "metrics.json"))
-    print(f"wrote {folder}/inpainting.png, completions.npz, metrics.json")
+    with contextlib.ExitStack() as held:
+        def take():                                     # rank 0: the folder's one writer; damaged files set aside
+            held.enter_context(utils.folder_lock(folder))
+            utils.remove_temporaries(folder)
+            done_images(folder, len(images), settings["fingerprint"])
+        utils.collective(take, rank, world, device)
+        # every rank lists what is done, and none writes before all have: the same missing images on every rank
+        done = utils.collective(lambda: done_images(folder, len(images), settings["fingerprint"]), rank, world,
+                                device, everyone=True)
+        utils.collective(lambda: inpaint(ck.model, images, known, settings, args.seed, args.batch_size, device,
+                                         folder, rank, world, done), rank, world, device, everyone=True)
+        def finish():
+            done = done_images(folder, len(images), settings["fingerprint"])
+            if missing := [i for i in range(len(images)) if i not in done]:
+                raise data.DataError(f"{folder}: image {missing[0]}'s completions are missing after inpainting (a "
+                                     "file removed meanwhile?); run the same command again to make them")
+            completions = torch.stack([torch.from_numpy(done[i]) for i in range(len(images))])
+            result = write_outputs(args, folder, images, known, completions, device)
+            result.update(checkpoint=args.checkpoint, dataset=ck.dataset, settings=settings)
+            utils.save_json(result, os.path.join(folder, "metrics.json"))
+            print(f"wrote {folder}/inpainting.png, completions.npz, metrics.json")
+            return result
+        result = utils.collective(finish, rank, world, device)
+    if world > 1:
+        utils.dist_exit(0)
     return result
 
 

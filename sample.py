@@ -4,17 +4,21 @@ folder keyed by a fingerprint, a per-level health report and pictures. Needs no 
     python sample.py --checkpoint runs/mnist/checkpoint.pt --n 64 --png        # the paper's sampler
     python sample.py --checkpoint runs/ncsnv2/checkpoint.pt --sampler heun dpmpp2m --nfe 20 35
     python sample.py --checkpoint C --sampler heun --s-churn 0 10 --nfe 35    # EDM's stochastic Heun
+    python sample.py --checkpoint C --seeds 0-149999:50000                       # EDM's three sets of 50,000
+    torchrun --nproc_per_node 8 sample.py --checkpoint C --seeds 0-49999        # 8 GPUs: each makes 1/8
 
 Image i is drawn with its own generator seeded by (--seed, i), so samples do not depend on the
-batch size. They are written in shards as they are made, in a folder named after a fingerprint
-of what makes them (the weights used, the sampler settings, the seed, the image shape): a rerun
-makes only the missing ones, and samples of other weights or settings are never counted. Writes
-per checkpoint and sampler setting: samples.json (the fingerprint), shard_<start>_<end>.npz,
-grid.png (the first 100), process.png (the first 8 at the end of each level), health.json (the
-per-level health report), png/<i>.png with --png. Scoring is metrics.py's; both, evaluate.py.
+batch size, and --seeds (EDM's seed ranges) names which images i to make. They are written in
+shards as they are made, in a folder named after a fingerprint of what makes them (the weights
+used, the sampler settings, the seed, the image shape): a rerun makes only the missing ones, and
+samples of other weights or settings are never counted. Writes per checkpoint and sampler
+setting: samples.json (the fingerprint), shard_<start>_<end>.npz, grid.png (the first set's first
+100), process.png (the first 8 at the end of each level), health.json (the per-level health
+report), png/<i>.png with --png. Scoring is metrics.py's; both, evaluate.py.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
+import contextlib
 import dataclasses
 import glob
 import itertools
@@ -166,36 +170,42 @@ def shards(folder, fp=None, verify=False):
     return found
 
 
-def missing_runs(folder, n, batch_size, fp):
-    """(how many of [0, n) no shard holds, a generator of their ranges, each gap cut to the batch
-    size): memory O(shards) whatever n."""
-    spans = sorted(shards(folder, fp, verify=True))
-    have, pos = 0, 0
-    for a, b in spans:
-        a, b = max(a, pos), min(b, n)
-        have, pos = (have + b - a, b) if b > a else (have, pos)
-    def runs():
-        pos = 0
-        for a, b in spans + [(n, n)]:
-            yield from ((lo, min(lo + batch_size, a, n)) for lo in range(pos, min(a, n), batch_size))
+def missing_runs(folder, sets, batch_size, fp, verify=True, spans=None):
+    """(how many images of the sets [(lo, hi)] no shard holds, a generator of their ranges, each gap cut to the
+    batch size): memory O(shards) whatever the counts. verify: read each shard whole first (shards); spans: the
+    (start, end) of the shards, listed before (every process the same list)."""
+    spans = sorted(shards(folder, fp, verify=verify) if spans is None else spans)
+    def gaps(lo, hi):                                   # the parts of [lo, hi) that no shard holds
+        pos = lo
+        for a, b in spans + [(hi, hi)]:
+            if a > pos:
+                yield pos, min(a, hi)
             pos = max(pos, b)
-            if pos >= n:
+            if pos >= hi:
                 return
-    return n - have, runs()
+    def runs():
+        for lo, hi in sets:
+            for a, b in gaps(lo, hi):
+                yield from ((s, min(s + batch_size, b)) for s in range(a, b, batch_size))
+    return sum(b - a for lo, hi in sets for a, b in gaps(lo, hi)), runs()
 
 
 @torch.no_grad()
-def sample(model, settings, folder, n, batch_size, device, fp):
-    """Make the images of [0, n) that no shard holds yet with settings' sampler from U(0, 1), with
-    model(x, sigma) on `device`; each batch becomes shard_<start>_<end>.npz, stamped with the
-    fingerprint. Returns how many were made."""
+def sample(model, settings, folder, sets, batch_size, device, fp, rank=0, world=1, verify=True, spans=None):
+    """Make the images of the sets [(lo, hi)] of image indices that no shard holds yet with settings' sampler from
+    U(0, 1), with model(x, sigma) on `device`; each batch becomes shard_<start>_<end>.npz, stamped with the
+    fingerprint (the first set's first batch also keeps its states at each level: process.png). Of `world`
+    processes, rank r makes the r-th of every `world` missing batches: the same batches, shards and images as one
+    process. Returns how many were made (by all)."""
     sigmas = torch.tensor(settings.sigmas, device=device)
     run = samplers.SAMPLERS[settings.name].run
-    made, runs = missing_runs(folder, n, batch_size, fp)
-    bar = tqdm(total=n, initial=n - made, desc="sampling", unit="img", dynamic_ncols=True)
-    for start, end in runs:
+    made, runs = missing_runs(folder, sets, batch_size, fp, verify, spans)
+    total = sum(hi - lo for lo, hi in sets)
+    bar = tqdm(total=total, initial=total - made, desc="sampling" + (f" ({world} processes)" if world > 1 else ""),
+               unit="img", dynamic_ncols=True, disable=rank > 0)
+    for start, end in itertools.islice(runs, rank, None, world):
         noise = utils.SampleNoise([(settings.seed, i) for i in range(start, end)], device)   # image i: (seed, i)
-        monitor = health.Health(sigmas, end - start, device, keep_states=start == 0)
+        monitor = health.Health(sigmas, end - start, device, keep_states=start == sets[0][0])
         x = run(model, noise.rand(*settings.shape), sigmas, randn_like=noise.randn_like, callback=monitor,
                 **settings.kwargs)
         non_finite = (~torch.isfinite(x)).flatten(1).any(1)
@@ -205,59 +215,65 @@ def sample(model, settings, folder, n, batch_size, device, fp):
         with utils.atomic_path(os.path.join(folder, f"shard_{start:07d}_{end:07d}.npz")) as tmp:
             np.savez(tmp, images=images, **extra, health=monitor.stats.cpu().numpy(),
                      non_finite_each=non_finite.cpu().numpy(), fingerprint=np.array(fp))
-        bar.update(end - start)
+        bar.update(min((end - start) * world, bar.total - bar.n))          # the others make as many meanwhile
     bar.close()
     return made
 
 
-def covering(folder, n, fp=None):
-    """(start, end, path, first) of the shards that hold [0, n) once each, in order: `first` is the
-    shard's row of sample `start` (a shard that overlaps an earlier one is read from there on)."""
-    chain, pos = [], 0
+def covering(folder, end, fp=None, start=0):
+    """(a, b, path, first) of the shards that hold images [start, end) once each, in order: `first` is the
+    shard's row of image `a` (a shard that overlaps an earlier one is read from there on)."""
+    chain, pos = [], start
     for (a, b), path in sorted(shards(folder, fp).items()):
-        if b > pos and a <= pos < n:
-            chain.append((pos, min(b, n), path, pos - a))
-            pos = min(b, n)
+        if b > pos and a <= pos < end:
+            chain.append((pos, min(b, end), path, pos - a))
+            pos = min(b, end)
     return chain
 
 
-def read_shards(folder, n, fp=None):
-    """Yield the first n images shard by shard (each sample once), as uint8 (B, C, H, W) tensors."""
-    for a, b, path, first in covering(folder, n, fp):
+def read_shards(folder, end, fp=None, start=0):
+    """Yield images [start, end) shard by shard (each sample once), as uint8 (B, C, H, W) tensors."""
+    for a, b, path, first in covering(folder, end, fp, start):
         with np.load(path) as f:
             yield torch.from_numpy(f["images"][first:first + b - a])
 
 
-def collect(folder, n, fp=None):
-    """The first n images in one tensor (the grid, tests)."""
-    images = torch.cat(list(read_shards(folder, n, fp)))
-    assert len(images) == n, f"{folder}: {len(images)} images for n={n}"
+def collect(folder, end, fp=None, start=0):
+    """Images [start, end) in one tensor (the grid, tests)."""
+    images = torch.cat(list(read_shards(folder, end, fp, start)))
+    assert len(images) == end - start, f"{folder}: {len(images)} images for [{start}, {end})"
     return images
 
 #----------------------------------------------------------------------------
 # Pictures of a set of samples.
 
-def save_process(folder, settings, fp):
-    """process.png: the first health.PROCESS_ROWS samples at the end of each level, as the first shard kept them."""
-    first = [path for (a, b), path in shards(folder, fp).items() if a == 0]
-    with np.load(first[0]) as f:
-        levels = list(torch.from_numpy(f["levels"]))
+def save_process(folder, settings, fp, start=0):
+    """process.png: the first health.PROCESS_ROWS samples at the end of each level, as the shard at `start` (else
+    the first that did) kept them."""
+    for (a, b), path in sorted(shards(folder, fp).items(), key=lambda s: (s[0][0] != start, s[0])):
+        with np.load(path) as f:
+            if "levels" in f.files:
+                levels = list(torch.from_numpy(f["levels"]))
+                break
+    else:
+        return
     figures.save_process_figure(os.path.join(folder, "process.png"), levels, list(settings.sigmas),
                               title=f"{settings.name}: state at the end of each level")
 
 
-def save_pngs(folder, n, fp):
-    """png/<i>.png for each of the first n samples (EDM's layout), skipping those already written."""
+def save_pngs(folder, sets, fp):
+    """png/<i>.png for each sample i of the sets (EDM's layout), skipping those already written."""
     from PIL import Image
     os.makedirs(os.path.join(folder, "png"), exist_ok=True)
-    i = 0
-    for images in read_shards(folder, n, fp):
-        for img in images:
-            path = os.path.join(folder, "png", f"{i:06d}.png")
-            if not os.path.exists(path):
-                with utils.atomic_path(path) as tmp:
-                    Image.fromarray(img.permute(1, 2, 0).squeeze(2).numpy()).save(tmp)
-            i += 1
+    for lo, hi in sets:
+        i = lo
+        for images in read_shards(folder, hi, fp, lo):
+            for img in images:
+                path = os.path.join(folder, "png", f"{i:06d}.png")
+                if not os.path.exists(path):
+                    with utils.atomic_path(path) as tmp:
+                        Image.fromarray(img.permute(1, 2, 0).squeeze(2).numpy()).save(tmp)
+                i += 1
 
 #----------------------------------------------------------------------------
 # Plan (every checkpoint x setting, before any work), then make each job's samples.
@@ -272,8 +288,13 @@ class Job:
 
 def add_flags(p):
     """The sampling flags, shared with evaluate.py."""
-    p.add_argument("--checkpoint", action="extend", nargs="+", required=True, help="checkpoint file(s) or glob(s)")
-    p.add_argument("--n", type=utils.positive_int, default=N, help="samples per setting")
+    p.add_argument("--checkpoint", action="extend", nargs="+",
+                   help=f"checkpoint file(s) or glob(s) (default: the newest training run's under {checkpoints.RUNS}/)")
+    p.add_argument("--n", type=utils.positive_int, default=None, help=f"samples per setting: images 0 to n - 1 "
+                   f"(default {N:,})")
+    p.add_argument("--seeds", type=utils.seed_ranges, action="extend", nargs="+", metavar="RANGE",
+                   help="instead of --n, the images to make and score as sets (EDM's seed ranges): 0-49999, several "
+                        "disjoint ranges, or 0-149999:50000 for three sets of 50,000; each set is scored apart")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="images sampled at once")
     p.add_argument("--seed", type=utils.seed, default=SEED, help="image i uses a generator seeded by (seed, i)")
     p.add_argument("--device", type=utils.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -306,8 +327,20 @@ def add_flags(p):
     p.add_argument("--png", action="store_true", help="also write every sample as png/<i>.png")
 
 
-def checkpoints_of(p, patterns):
-    """The checkpoint files of --checkpoint's names and globs, in order, each once."""
+def default_checkpoint(p, prefer=None):
+    """The newest training run's checkpoint (of data set `prefer` when there is one), said in one line; without
+    any run, a one-line error naming --checkpoint."""
+    if (newest := checkpoints.newest_run(prefer)) is None:
+        p.error(f"no --checkpoint given and no training run under {checkpoints.RUNS}/ (a folder with checkpoint.pt "
+                "and config.json); pass --checkpoint FILE")
+    print(f"checkpoint {newest[0]}: {newest[1]}", flush=True)
+    return newest[0]
+
+
+def checkpoints_of(p, patterns, prefer=None):
+    """The checkpoint files of --checkpoint's names and globs, in order, each once; none given: the newest run's."""
+    if not patterns:
+        return [default_checkpoint(p, prefer)]
     found = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -372,33 +405,69 @@ def plan(args, ckpts):
     return jobs
 
 
-def make(job, args, device):
-    """A job's samples (what is missing), grid.png, process.png, png/ and the health report;
-    returns what describes them (the start of metrics.json)."""
+def make(job, args, device, rank=0, world=1, then=None):
+    """A job on every process: rank 0 takes the folder (its lock; damaged files set aside), every rank makes its
+    share of the missing batches, then rank 0 alone writes grid.png, process.png, png/ and the health report, and
+    returns then(what describes them) (the start of metrics.json; then: evaluate.py's scores); None elsewhere. A
+    failure on any rank stops every rank (utils.collective)."""
     ck, settings = job.ck, job.settings
-    open_folder(job.folder, job.fp, settings, ck)
-    made = sample(ck.model.to(device), settings, job.folder, args.n, args.batch_size, device, job.fp)
-    ck.model.cpu()
-    *means, non_finite = health.health_means(covering(job.folder, args.n, job.fp))
-    grid = collect(job.folder, min(100, args.n), job.fp)
+    with contextlib.ExitStack() as held:
+        def take():
+            held.enter_context(utils.folder_lock(job.folder))          # one writer per folder: rank 0 for all
+            open_folder(job.folder, job.fp, settings, ck)
+            shards(job.folder, job.fp, verify=True)                     # set damaged shards aside before any plan
+        utils.collective(take, rank, world, device)
+        # every rank lists the shards, and none writes before all have: the same missing batches on every rank
+        spans = utils.collective(lambda: list(shards(job.folder, job.fp)), rank, world, device, everyone=True)
+        made = utils.collective(lambda: sample(ck.model.to(device), settings, job.folder, args.sets, args.batch_size,
+                                               device, job.fp, rank, world, spans=spans), rank, world, device,
+                                everyone=True)
+        ck.model.cpu()
+        return utils.collective(lambda: (then or (lambda d: d))(describe(job, args, made)), rank, world, device)
+
+
+def describe(job, args, made):
+    """grid.png (the first set's first 100), process.png, png/ and the health report of a job's samples; returns
+    what describes them, also written as health.json."""
+    ck, settings = job.ck, job.settings
+    covered = [c for lo, hi in args.sets for c in covering(job.folder, hi, job.fp, lo)]
+    if (have := sum(b - a for a, b, _, _ in covered)) != args.n:
+        raise utils.UserError(f"{job.folder} holds {have} of the {args.n} samples after sampling (a shard removed "
+                              "meanwhile?); run the same command again to make the rest")
+    *means, non_finite = health.health_means(covered)
+    lo, hi = args.sets[0]
+    grid = collect(job.folder, min(hi, lo + 100), job.fp, lo)
     figures.save_image_grid(os.path.join(job.folder, "grid.png"), grid.float() / 255,
                           nrow=int(math.ceil(math.sqrt(len(grid)))))
-    save_process(job.folder, settings, job.fp)
+    save_process(job.folder, settings, job.fp, lo)
     if args.png:
-        save_pngs(job.folder, args.n, job.fp)
+        save_pngs(job.folder, args.sets, job.fp)
     rows, bad = health.health_report(settings.sigmas, *means, int(np.prod(settings.shape)))
     health.print_health(rows, bad, non_finite, args.n, f"{ck.path}, {settings.name}, {settings.tag()}",
                         health.remedy(settings.name, settings.kwargs.get("s_churn", 0.0)))
-    described = dict(checkpoint=ck.path, dataset=ck.dataset, n=args.n, nfe=settings.nfe,
-                     sampler=dict(settings.record(), ema=ck.ema), fingerprint=job.fp,
+    described = dict(checkpoint=ck.path, dataset=ck.dataset, n=args.n, seeds=seeds_text(args.sets),
+                     nfe=settings.nfe, sampler=dict(settings.record(), ema=ck.ema), fingerprint=job.fp,
                      folder=job.folder, health=rows, saturating_level=bad, non_finite_samples=non_finite,
                      samples_made_now=made)
     utils.save_json(described, os.path.join(job.folder, "health.json"))
     return described
 
 
+def seeds_text(sets):
+    """The sets [(lo, hi)] as --seeds writes them: '0-499 500-999'."""
+    return " ".join(f"{lo}-{hi - 1}" for lo, hi in sets)
+
+
 def check_flags(p, args):
-    """Refuse what no single sampling flag can check; make --out (sample.py and evaluate.py)."""
+    """Refuse what no single sampling flag can check; fill args.sets (the sets of image indices: --seeds', else
+    [0, --n)) and args.n (the images in them); make --out (sample.py and evaluate.py)."""
+    if args.seeds and args.n is not None:
+        p.error("--n and --seeds both say which images to make; give one (--n N is --seeds 0-<N-1>)")
+    args.sets = sorted(s for ranges in args.seeds for s in ranges) if args.seeds else [(0, args.n or N)]
+    if overlap := next((f"{a}-{b - 1} and {c}-{d - 1}" for (a, b), (c, d) in zip(args.sets, args.sets[1:])
+                        if c < b), None):
+        p.error(f"--seeds {overlap} overlap: each set is scored apart, so the ranges must be disjoint")
+    args.n = sum(hi - lo for lo, hi in args.sets)
     if args.nfe and args.steps_each:
         p.error("--nfe and --steps-each both set T; give one")
     if args.sampler is not None:                    # else each checkpoint's recipe's: checked per checkpoint (plan)
@@ -418,12 +487,14 @@ def main(argv=None):
     add_flags(p)
     args = p.parse_args(argv)
     check_flags(p, args)
-    device = utils.get_device(args.device)
+    utils.quiet_other_ranks()
     ckpts = checkpoints_of(p, args.checkpoint)
-    results = []
-    for job in plan(args, ckpts):
-        with utils.folder_lock(job.folder):
-            results.append(make(job, args, device))
+    rank, world, device = utils.dist_init(args.device)      # torchrun: the missing batches split across processes
+    jobs = plan(args, ckpts)
+    utils.same_on_every_rank([j.fp for j in jobs], "samples", rank, world, device)
+    results = [make(job, args, device, rank, world) for job in jobs]
+    if world > 1:
+        utils.dist_exit(0)
     return results
 
 

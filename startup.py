@@ -1,5 +1,6 @@
-"""Imported first by every script, before torch: Ctrl-C or SIGTERM (a cluster's pre-emption) while
-the imports run ends the process with one line and status 130 instead of a traceback or 143.
+"""Imported first by every script, before torch: Ctrl-C, SIGTERM (a cluster's pre-emption) or SIGHUP
+(a closed terminal or ssh session) while the imports run ends the process with one line and status 130
+instead of a traceback or 143.
 utils.command takes the signals over once the script's main() starts. Standard library only;
 it changes nothing when the program is not one of this project's scripts (tests, a notebook)."""
 import os
@@ -7,6 +8,7 @@ import signal
 import sys
 
 EXIT_INTERRUPTED = 130   # utils.EXIT_INTERRUPTED: 128 + SIGINT, the shell's own status for Ctrl-C
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def _interrupted(signum, frame):
@@ -17,5 +19,5 @@ def _interrupted(signum, frame):
 
 _main = os.path.abspath(getattr(sys.modules.get("__main__"), "__file__", None) or "")
 if os.path.dirname(_main) == os.path.dirname(os.path.abspath(__file__)):
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
+    for _s in STOP_SIGNALS:
+        signal.signal(_s, _interrupted)

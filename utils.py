@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from startup import EXIT_INTERRUPTED       # 130: a script stopped by Ctrl-C or SIGTERM outside training's loop
+from startup import EXIT_INTERRUPTED, STOP_SIGNALS   # 130: stopped by a signal outside training's loop; which
 
 #----------------------------------------------------------------------------
 # Errors a user can fix, and files written atomically.
@@ -234,6 +234,23 @@ finite_float = _number(float, "a finite number")
 rate = _number(float, "a rate in [0, 1)", lambda v: 0 <= v < 1)
 
 
+MAX_SETS = 10_000        # --seeds A-B:S: the most sets one range is cut into
+
+
+def seed_ranges(text):
+    """argparse type for --seeds (EDM's seed ranges, image indices here): 'A-B' (inclusive) is one set, 'A' a set
+    of one, 'A-B:S' the range cut into consecutive sets of S ('0-2999:1000' = 0-999 1000-1999 2000-2999). Returns
+    [(lo, hi)], half-open."""
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?(?::(\d+))?", text.strip())
+    lo, hi, size = (None, None, None) if m is None else (int(m[1]), int(m[2] or m[1]) + 1, int(m[3] or 0))
+    if m is None or hi <= lo or hi > 2 ** 63 or (m[3] and (size == 0 or (hi - lo) % size)):
+        raise argparse.ArgumentTypeError(f"expected seed ranges A-B (A <= B, inclusive), A, or A-B:S (S dividing "
+                                         f"the B - A + 1 seeds), got {text!r}")
+    if size and (hi - lo) // size > MAX_SETS:
+        raise argparse.ArgumentTypeError(f"{text}: {(hi - lo) // size:,} sets; at most {MAX_SETS:,} (a larger S)")
+    return [(a, min(a + (size or hi - lo), hi)) for a in range(lo, hi, size or hi - lo)]
+
+
 def number_or_auto(parse):
     """argparse type: `parse`'s value, or the word 'auto' (an NCSNv2 technique chooses the value)."""
     return lambda text: "auto" if text == "auto" else parse(text)
@@ -349,24 +366,85 @@ def any_rank(flag, world, device):
     return bool(t.item())
 
 
+def collective(work, rank, world, device, everyone=False):
+    """work() on rank 0 (every rank with `everyone`), then every rank learns whether it failed on any: the rank that
+    failed raises its error, the others a UserError saying so, so no rank waits on a peer that has left. Returns
+    work()'s value (None where it did not run). One process: work() itself."""
+    value, error = None, None
+    if rank == 0 or everyone:
+        try:
+            value = work()
+        except Exception as e:                  # a UserError, OSError, out of memory: re-raised below
+            error = e
+    if any_rank(error is not None, world, device) and error is None:
+        raise UserError("another process stopped with an error (its message is above); files written before are whole")
+    if error is not None:
+        raise error
+    return value
+
+
+def quiet_other_ranks():
+    """Under torchrun, ranks other than 0 print nothing to stdout (their errors still reach stderr)."""
+    if int(os.environ.get("RANK", "0")):
+        sys.stdout = open(os.devnull, "w")
+
+
 def ignore_stop_signals(*_):
-    """A worker's initialiser (data loaders): SIGINT / SIGTERM are for the main process alone. A
-    cluster's pre-emption and Ctrl-C signal the whole process group; workers that died of it would
-    end the run with a DataLoader error before the main process could save."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A worker's initialiser (data loaders): SIGINT / SIGTERM / SIGHUP are for the main process alone. A
+    cluster's pre-emption, Ctrl-C and a closed terminal signal the whole process group; workers that died of it
+    would end the run with a DataLoader error before the main process could save."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def leave_group_if_unhandled(e):
+    """Under torchrun, an exception that command() does not turn into one line (a bug's traceback, argparse's exit
+    after the group was joined) still leaves the process group before the process ends: without it gloo can abort
+    the interpreter, and the other ranks learn nothing."""
+    handled = (KeyboardInterrupt, UserError, OSError)
+    if not torch.distributed.is_initialized() or isinstance(e, handled) or is_out_of_memory(e):
+        return
+    if isinstance(e, SystemExit):
+        dist_exit(e.code if isinstance(e.code, int) else 1, barrier=False)
+    import traceback
+    traceback.print_exc()
+    dist_exit(1, barrier=False)
+
+
+def broadcast(obj, world):
+    """Rank 0's picklable `obj` on every rank (one process: obj itself)."""
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def same_on_every_rank(value, what, rank, world, device):
+    """Refuse, on every rank, a `value` that differs from rank 0's (what the processes planned)."""
+    first = broadcast(value, world)
+    def check():
+        if value != first:
+            raise UserError(f"this process planned other {what} than rank 0 (did a checkpoint change while the "
+                            "processes started?); run again")
+    collective(check, rank, world, device, everyone=True)
 
 
 def _interrupt(signum, frame):
+    """command()'s SIGTERM / SIGHUP: stop at once, as Ctrl-C. Further stop signals are ignored meanwhile, so a second
+    one cannot cut the unwinding (atomic writes, the folder lock) or the closing line short."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def command(oom="use a smaller --batch-size"):
     """The one wrapper of every script's main(argv=None). SIGTERM (a cluster's pre-emption, a
-    `timeout`) is met like Ctrl-C, and either one that the script does not handle itself ends it with
-    one line and status 130; a UserError or a failed write (OSError) is one line and status 1, as is
-    running out of memory, with `oom` as the fix. Flag errors stay argparse's (status 2); a stopped
-    training exits 3 itself. Every file is written atomically, so what was written before is whole.
+    `timeout`) and SIGHUP (a closed terminal or ssh session) are met like Ctrl-C, and any of them that
+    the script does not handle itself ends it with one line and status 130 (later ones ignored
+    meanwhile); a UserError or a failed write (OSError) is one line and status 1, as is running out
+    of memory, with `oom` as the fix. Flag errors stay argparse's (status 2); a stopped training exits 3
+    itself. Every file is written atomically, so what was written before is whole.
     Under torchrun the process leaves its group before it exits. The signal handlers are restored
     when main returns (tests call main in-process)."""
     def wrap(main):
@@ -374,13 +452,16 @@ def command(oom="use a smaller --batch-size"):
         def run(*args, **kwargs):
             import threading
             signals = threading.current_thread() is threading.main_thread()
-            old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if signals else {}
-            if signals:
-                signal.signal(signal.SIGTERM, _interrupt)
-                signal.signal(signal.SIGINT, signal.default_int_handler)     # startup.py's quiet exit until now
+            old = {s: signal.getsignal(s) for s in STOP_SIGNALS} if signals else {}
+            for s in old:                                   # startup.py's quiet exit until now
+                signal.signal(s, _interrupt)
             code = 1
             try:
-                return main(*args, **kwargs)
+                try:
+                    return main(*args, **kwargs)
+                except BaseException as e:
+                    leave_group_if_unhandled(e)
+                    raise
             except KeyboardInterrupt as e:
                 message, code = (f"interrupted by {str(e) or 'SIGINT'}: files written before are whole; the same "
                                  "command continues where it can"), EXIT_INTERRUPTED
@@ -411,14 +492,14 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    """SIGINT / SIGTERM set `name`; the loop then finishes its step, saves and exits (a second
+    """SIGINT / SIGTERM / SIGHUP set `name`; the loop then finishes its step, saves and exits (a second
     signal takes the default action). A context manager that restores the old handlers."""
 
     def __init__(self):
         self.name, self.old = None, {}
 
     def __enter__(self):
-        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):

@@ -51,6 +51,26 @@ def test_documented_command_parses(where, script, args, monkeypatch):
         module.main(shlex.split(args))
 
 
+TORCHRUN = re.compile(r"torchrun ((?:--[\w-]+(?: [\w:.-]+)? )*)(\w+\.py)\b([^`#|\n]*)")
+
+
+@pytest.mark.parametrize("where, command", [(os.path.basename(p), m.group(0)) for p in
+                                            [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs",
+                                                                                               "*.md"))]
+                                            for m in TORCHRUN.finditer(open(p).read())] +
+                         [(f, m.group(0)) for f in sorted(glob.glob(os.path.join(ROOT, "*.py")))
+                          for m in TORCHRUN.finditer(open(f).read())])
+def test_documented_torchrun_commands_reach_the_script_whole(where, command):
+    """torchrun's own parser takes abbreviations of its flags anywhere on the line: `--n 500` after the script
+    is refused there as ambiguous (--nnodes, --nproc-per-node, ...). Each documented command must hand its
+    script every argument as written."""
+    from torch.distributed.run import get_args_parser
+    m = TORCHRUN.match(command)
+    words = shlex.split(command)[1:]
+    parsed = get_args_parser().parse_args(words)
+    assert parsed.training_script == m.group(2) and parsed.training_script_args == shlex.split(m.group(3)), where
+
+
 def test_lines_are_within_120_characters():
     files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py"))
     files = [f for f in files if not f.endswith("test_official.py")]     # the equivalence tests stay as written

@@ -18,7 +18,7 @@ import evaluate
 import metrics
 import health
 import sample
-from conftest import DATA, write_mnist
+from conftest import DATA, write_cifar10, write_mnist
 
 FAST = ["--steps-each", "2", "--device", "cpu"]
 
@@ -366,7 +366,7 @@ def test_health_callback_counts_only_far_pixels_as_saturated(tmp_path):
         model = lambda x, sigma: (target - x) / sigma.view(-1, 1, 1, 1) ** 2
         folder = tmp_path / str(target)
         folder.mkdir()
-        sample.sample(model, settings, str(folder), 4, 4, torch.device("cpu"), "fp")
+        sample.sample(model, settings, str(folder), [(0, 4)], 4, torch.device("cpu"), "fp")
         norm, out, far, non_finite = health.health_means(sample.covering(str(folder), 4))
         assert non_finite == 0
         _, bad = health.health_report(sigmas.tolist(), norm, out, far, 64)
@@ -473,3 +473,151 @@ def test_level_loss_also_draws_each_runs_training_loss_against_wall_clock(tmp_pa
     twins = {f"runs/{d}/checkpoint.pt": official for d in ("a", "b")}
     assert sorted(evaluate.legend_labels(twins).values()) == ["ncsn recipe, RefineNet ngf 4 [a]",
                                                                "ncsn recipe, RefineNet ngf 4 [b]"]
+
+
+def test_seed_ranges_read_as_edm_writes_them():
+    import argparse
+    import utils
+    assert utils.seed_ranges("0-2999:1000") == [(0, 1000), (1000, 2000), (2000, 3000)]
+    assert utils.seed_ranges("3-7") == [(3, 8)] and utils.seed_ranges("5") == [(5, 6)]
+    assert utils.seed_ranges("10-19:5") == [(10, 15), (15, 20)]
+    for bad in ["7-3", "0-9:4", "0-9:0", "a-b", "-1", "1-2-3", ""]:
+        with pytest.raises(argparse.ArgumentTypeError, match="seed ranges"):
+            utils.seed_ranges(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="at most 10,000"):
+        utils.seed_ranges("0-999999999999:1")
+
+
+def test_missing_runs_of_several_sets_skip_what_shards_hold(tmp_path):
+    for a, b in [(0, 5), (22, 26)]:                 # names only: without a fingerprint nothing is read
+        (tmp_path / f"shard_{a:07d}_{b:07d}.npz").write_bytes(b"")
+    count, runs = sample.missing_runs(str(tmp_path), [(0, 10), (20, 30)], 4, None)
+    assert count == 5 + 6 and list(runs) == [(5, 9), (9, 10), (20, 22), (26, 30)]
+    assert [(a, b) for a, b, _, _ in sample.covering(str(tmp_path), 26, None, 22)] == [(22, 26)]
+    assert sample.covering(str(tmp_path), 26, None, 21) == []          # image 21 is in no shard: nothing to chain
+
+
+def test_seeds_sets_are_scored_apart_with_their_mean_min_and_max(tiny_checkpoint, inception_weights, ref_stats,
+                                                                  tmp_path, capsys):
+    """--seeds 0-14:5: three sets of images 0-4, 5-9, 10-14 in one folder, each scored on its own; the same images
+    as --n 15 makes, and a set asked for alone is the same set (same folder, nothing sampled, the same scores)."""
+    base = ["--checkpoint", tiny_checkpoint, "--batch-size", "5", "--ref", ref_stats,
+            "--inception-weights", inception_weights, *FAST]
+    [r] = evaluate.main([*base, "--seeds", "0-14:5", "--out", str(tmp_path / "a")])
+    table = capsys.readouterr().out
+    assert [s["seeds"] for s in r["sets"]] == ["0-4", "5-9", "10-14"] and [s["n"] for s in r["sets"]] == [5] * 3
+    assert r["n"] == 15 and r["seeds"] == "0-4 5-9 10-14" and r["samples_made_now"] == 15
+    fids = [s["fid"] for s in r["sets"]]
+    assert len(set(fids)) == 3 and r["fid"] == pytest.approx(np.mean(fids))
+    assert (r["set_min"]["fid"], r["set_max"]["fid"]) == (min(fids), max(fids)) and "kid_std" not in r["set_min"]
+    assert all(k in table for k in ["seeds 5-9", "mean of 3", "min of 3", "max of 3", "3x5"])
+    saved = json.loads(open(os.path.join(r["folder"], "metrics.json")).read())
+    assert [s["fid"] for s in saved["sets"]] == pytest.approx(fids)
+    # a rerun of the same sets with no metrics keeps each set's scores (the same samples)
+    [again] = evaluate.main([*base, "--seeds", "0-14:5", "--out", str(tmp_path / "a"), "--metrics", "none"])
+    assert [s["fid"] for s in again["sets"]] == pytest.approx(fids) and again["samples_made_now"] == 0
+    [kept] = evaluate.main([*base, "--seeds", "0-14:5", "--out", str(tmp_path / "a"), "--existing"])
+    assert kept["fid"] == pytest.approx(r["fid"])
+    [alone] = evaluate.main([*base, "--seeds", "5-9", "--out", str(tmp_path / "a")])
+    assert alone["folder"] == r["folder"] and alone["samples_made_now"] == 0 and alone["fid"] == pytest.approx(fids[1])
+    assert "sets" not in alone and alone["n"] == 5
+    [fresh] = evaluate.main([*base, "--seeds", "5-9", "--out", str(tmp_path / "b")])   # made alone, first
+    assert os.path.exists(os.path.join(fresh["folder"], "process.png"))
+    [whole] = evaluate.main([*base, "--n", "15", "--out", str(tmp_path / "c")])
+    assert torch.equal(sample.collect(fresh["folder"], 10, start=5), sample.collect(whole["folder"], 15)[5:10])
+    assert torch.equal(sample.collect(r["folder"], 15), sample.collect(whole["folder"], 15))
+
+
+@pytest.mark.parametrize("flags, message", [(["--seeds", "0-5", "4-7"], "0-5 and 4-7 overlap"),
+                                            (["--seeds", "0-4", "--n", "5"], "--n and --seeds both"),
+                                            (["--seeds", "0-9:3"], "seed ranges")])
+def test_bad_seed_sets_are_refused_before_any_work(flags, message, tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", tiny_checkpoint, "--out", str(tmp_path / "e"), *flags, *FAST])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and not (tmp_path / "e").exists()
+
+
+def test_the_designs_commands_as_written_evaluate_the_newest_run(inception_weights, ref_stats, tmp_path, monkeypatch,
+                                                                 capsys):
+    """The design's usage line in one folder: `train_cifar.py --batch-size B --epochs E`, then `evaluate.py --n N`
+    with no --checkpoint scores the CIFAR-10 run (Fig. 6's data set) though a newer run of other data is there, and
+    says so first; sample.py and inpaint.py take the newest run; with no run, one line naming --checkpoint."""
+    import shutil
+    import torchvision.datasets.cifar as cifar
+    import inpaint
+    import train_cifar
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)          # only the MD5 check
+    monkeypatch.chdir(tmp_path)
+    for main in (evaluate.main, sample.main, inpaint.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "no --checkpoint given and no training run under runs/" in err, main
+    write_cifar10("cifar")
+    train_cifar.main(["--data-root", "cifar", "--batch-size", "20", "--epochs", "1", "--ngf", "4", "--num-workers",
+                      "0", "--n-samples", "4", "--steps-each", "2", "--device", "cpu"])
+    shutil.copytree("runs/cifar10", "runs/later")                 # a newer run of another data set
+    config = json.loads(open("runs/later/config.json").read())
+    open("runs/later/config.json", "w").write(json.dumps(dict(config, dataset="mnist")))
+    os.utime("runs/later/checkpoint.pt", (os.path.getmtime("runs/cifar10/checkpoint.pt") + 10,) * 2)
+    capsys.readouterr()
+    [r] = evaluate.main(["--n", "4", "--batch-size", "4", "--ref", ref_stats, "--inception-weights", inception_weights,
+                         *FAST])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert r["checkpoint"] == os.path.join("runs", "cifar10", "checkpoint.pt") and r["n"] == 4 and r["fid"] > 0
+    assert first == "checkpoint runs/cifar10/checkpoint.pt: the newest cifar10 run under runs/ (no --checkpoint given)"
+    [s] = sample.main(["--n", "2", "--batch-size", "2", *FAST])
+    assert s["checkpoint"] == os.path.join("runs", "later", "checkpoint.pt")
+    assert "the newest training run under runs/" in capsys.readouterr().out
+    done = inpaint.main(["--data-root", "cifar", "--n-images", "1", "--completions", "1", "--steps-each", "1",
+                         "--device", "cpu"])
+    assert done["checkpoint"] == os.path.join("runs", "later", "checkpoint.pt")
+
+
+def test_torchrun_completes_a_run_bitwise_as_one_process_makes_it(tiny_checkpoint, inception_weights, ref_stats,
+                                                                 tmp_path):
+    """`torchrun --nproc_per_node 2 evaluate.py` (gloo) on a folder one process left half made (shards gone as a
+    kill leaves them): the two processes make the missing batches between them, rank 0 alone writes and scores, and
+    every shard, the health report and the FID are bitwise those of one process making all of it; the same when
+    one process completes what two left half made."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = dict(os.environ, OMP_NUM_THREADS="1")                 # one thread each: the same arithmetic
+    args = ["evaluate.py", "--checkpoint", tiny_checkpoint, "--seeds", "0-9", "--batch-size", "2", "--ref", ref_stats,
+            "--inception-weights", inception_weights, *FAST]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    [folder] = glob.glob(str(tmp_path / "one" / "*" / "metrics.json"))
+    folder = os.path.dirname(folder)
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    half = folder.replace(str(tmp_path / "one"), str(tmp_path / "two"))
+    for name in ["shard_0000002_0000004.npz", "shard_0000006_0000008.npz", "shard_0000008_0000010.npz",
+                 "metrics.json", "health.json", "grid.png"]:
+        os.remove(os.path.join(half, name))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("checkpoint / source") == 1 and "(2 processes)" in two.stderr
+    a, b = (json.loads(open(os.path.join(f, "metrics.json")).read()) for f in (folder, half))
+    assert b["samples_made_now"] == 6 and a["samples_made_now"] == 10
+    assert b["fid"] == a["fid"] and b["health"] == a["health"] and b["fingerprint"] == a["fingerprint"]
+    shards = sorted(n for n in os.listdir(folder) if n.startswith("shard_"))
+    assert shards == sorted(n for n in os.listdir(half) if n.startswith("shard_")) and len(shards) == 5
+    for name in shards:
+        with np.load(os.path.join(folder, name)) as x, np.load(os.path.join(half, name)) as y:
+            assert np.array_equal(x["images"], y["images"]) and np.array_equal(x["health"], y["health"]), name
+    # and the other way: what the two processes made, half lost, is completed by one process
+    for name in ["shard_0000000_0000002.npz", "shard_0000006_0000008.npz", "metrics.json"]:
+        os.remove(os.path.join(half, name))
+    again = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    c = json.loads(open(os.path.join(half, "metrics.json")).read())
+    assert c["samples_made_now"] == 4 and c["fid"] == a["fid"] and c["health"] == a["health"]
+    for name in shards:
+        with np.load(os.path.join(folder, name)) as x, np.load(os.path.join(half, name)) as y:
+            assert np.array_equal(x["images"], y["images"]), name

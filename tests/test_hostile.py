@@ -173,7 +173,7 @@ def test_a_checkpoint_with_bad_settings_is_one_line_in_every_script(config, mess
 def test_any_n_needs_memory_of_the_shards_only(tmp_path):
     """--n 10^15: the plan of what to make is a generator; its count and first batch come at once."""
     t0 = time.time()
-    count, runs = sample.missing_runs(str(tmp_path), 10 ** 15, 100, None)
+    count, runs = sample.missing_runs(str(tmp_path), [(0, 10 ** 15)], 100, None)
     assert count == 10 ** 15 and next(runs) == (0, 100) and next(runs) == (100, 200) and time.time() - t0 < 1
 
 
@@ -194,9 +194,11 @@ def test_bench_and_toy_refuse_in_one_line(tmp_path, capsys, monkeypatch):
         bench.main(["--batch-size", "4", "--device", "cpu", "--configs", "mnist"])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_outside_a_script_s_own_handling_is_one_line_and_130(sig, digits, tmp_path):
-    """inpaint.py had no handling at all (a KeyboardInterrupt traceback; SIGTERM: status 143)."""
+@pytest.mark.parametrize("sig, twice", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGHUP, False),
+                                        (signal.SIGTERM, True)])
+def test_a_signal_outside_a_script_s_own_handling_is_one_line_and_130(sig, twice, digits, tmp_path):
+    """inpaint.py had no handling at all (a KeyboardInterrupt traceback; SIGTERM: status 143). SIGHUP (a closed
+    terminal) is met the same way, and a second signal while the first is handled changes nothing."""
     proc = subprocess.Popen([sys.executable, "inpaint.py", "--checkpoint", CHECKPOINT, "--data-root", digits,
                              "--n-images", "2", "--completions", "2", "--steps-each", "100000", "--device", "cpu",
                              "--out", str(tmp_path / "i")], cwd=ROOT, stdout=subprocess.PIPE,
@@ -204,6 +206,9 @@ def test_a_signal_outside_a_script_s_own_handling_is_one_line_and_130(sig, digit
     assert "completions, mask" in proc.stdout.readline()               # start-up done: it is sampling
     time.sleep(1.0)
     proc.send_signal(sig)
+    if twice:
+        time.sleep(0.001)
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == utils.EXIT_INTERRUPTED and "Traceback" not in err, err[-2000:]
     assert [line for line in err.splitlines() if line.startswith("interrupted by")] == \
@@ -273,7 +278,7 @@ def test_damaged_stored_files_are_set_aside_and_made_again(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("script", ["train_mnist.py", "evaluate.py", "inpaint.py"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_while_a_script_imports_is_one_line_and_130(script, sig, tmp_path):
     """Ctrl-C or a pre-emption while torch is being imported: no KeyboardInterrupt traceback, no 143.
     The signal is sent once the process has mapped torch's library: mid-import, after startup.py."""

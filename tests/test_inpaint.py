@@ -76,3 +76,32 @@ def test_inpaint_works_for_the_edm_recipe(mnist_root, tmp_path):
     off = np.abs(done[:, 0][keep].astype(int) - originals[keep])       # Algorithm 2 leaves them y + sigma_L z
     assert off.max() <= 5 * 0.01 * 255 + 1
     assert (done[:, 0][~keep] != originals[~keep]).mean() > 0.5                     # the hidden ones, made
+
+
+def test_torchrun_completes_an_inpainting_bitwise_as_one_process(mnist_root, tmp_path):
+    """`torchrun --nproc_per_node 2 inpaint.py` (gloo) on a folder one process left part made: the two processes
+    make the missing images between them and rank 0 writes the figure and completions.npz, bitwise one process's."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["inpaint.py", "--checkpoint", os.path.join(DATA, "official_mnist_ngf4.pth"), "--data-root", mnist_root,
+            "--n-images", "5", "--completions", "2", "--steps-each", "2", "--batch-size", "2", *FAST]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    [folder] = [os.path.join(tmp_path / "one", d) for d in os.listdir(tmp_path / "one")]
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    half = folder.replace(str(tmp_path / "one"), str(tmp_path / "two"))
+    for name in ["image_00001.npz", "image_00002.npz", "image_00004.npz", "completions.npz", "metrics.json"]:
+        os.remove(os.path.join(half, name))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1
+    a, b = (np.load(os.path.join(f, "completions.npz")) for f in (folder, half))
+    assert a["completions"].shape == (5, 2, 1, 28, 28) and np.array_equal(a["completions"], b["completions"])
+    assert json.loads(open(os.path.join(half, "metrics.json")).read())["n_images"] == 5

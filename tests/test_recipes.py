@@ -1,5 +1,6 @@
 """The ncsnv2 recipe: NCSNv2's techniques against known values, the scale-conditioned network,
 both recipes through training, resume and evaluation, and the MNIST classifier's numbers."""
+import argparse
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import data
 import evaluate
 import losses
 import sample
+import metrics
 import mnist_classifier
 import train
 import train_mnist
@@ -168,6 +170,29 @@ def test_classifier_scores_real_digits_above_noise_and_caches_itself(mnist_root,
     assert "training the MNIST classifier" in capsys.readouterr().out
     mnist_classifier.main(["--data-root", mnist_root, "--cache", str(cache), "--n", "40", "--device", "cpu"])
     assert "training the MNIST classifier" not in capsys.readouterr().out and os.listdir(cache) == [weights]
+
+
+def test_classifier_count_study_scores_disjoint_sets_of_test_digits(mnist_root, tmp_path, capsys):
+    """--counts 4 8 --sets 3 on 20 test digits: sets 0-3, 4-7, 8-11 and 0-7, 8-15, each the scorer's numbers of
+    exactly those digits; a count larger than the test split is refused in one line."""
+    args = ["--data-root", mnist_root, "--cache", str(tmp_path / "clf"), "--n", "10", "--device", "cpu"]
+    res = mnist_classifier.main([*args, "--counts", "4", "8", "--sets", "3"])
+    study = res["counts"]
+    assert [len(study[4]), len(study[8])] == [3, 2]
+    digits = data.load_images("mnist", False, mnist_root)
+    scorer = metrics.DigitScorer(argparse.Namespace(data_root=mnist_root, classifier_cache=str(tmp_path / "clf")),
+                                 "mnist", torch.device("cpu"))
+    for c, i in [(4, 1), (8, 1), (4, 2)]:
+        want = scorer([digits[i * c:(i + 1) * c]])
+        assert study[c][i]["frechet_distance"] == pytest.approx(want["frechet_distance"])
+        assert study[c][i]["class_histogram"] == want["class_histogram"] and sum(want["class_histogram"]) == c
+    assert study[4][0]["frechet_distance"] != study[4][1]["frechet_distance"]
+    out = capsys.readouterr().out
+    fds = [s["frechet_distance"] for s in study[8]]
+    assert f"{sum(fds) / 2:.2f} ({min(fds):.2f}-{max(fds):.2f})" in out and "n 10" in out
+    with pytest.raises(SystemExit) as e:
+        mnist_classifier.main([*args, "--counts", "21"])
+    assert e.value.code == 2 and "--counts 21: a set is 4 to 20 digits" in capsys.readouterr().err
 
 
 def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root, tmp_path, capsys):
