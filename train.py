@@ -180,7 +180,7 @@ def resolve(cfg):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in NCSNPP.items() if getattr(cfg, k) is None},
                                   attn_resolutions=cfg.attn_resolutions or ncsnpp.attention_default(spec["image_size"]))
     cfg = dataclasses.replace(cfg, **recipe, ngf=cfg.ngf or data.DATASETS[cfg.dataset]["ngf"],
-                              out=cfg.out or os.path.join("runs", cfg.dataset))
+                              out=cfg.out or os.path.join(checkpoints.RUNS, cfg.dataset))
     if cfg.conditioning == "continuous" and cfg.sigma_data is None:
         cfg = dataclasses.replace(cfg, sigma_data="auto")
     return cfg
@@ -364,6 +364,14 @@ def train(cfg):
     """Train a RefineNet with annealed DSM as `cfg` (a resolved TrainConfig) says.
     Returns (final step, the name of the signal that stopped the run, or None)."""
     r = start(cfg)
+    try:
+        return loop(r)
+    finally:
+        r.log.close()                                   # its TensorBoard events
+
+
+def loop(r):
+    """The training loop of a started run (start): returns (final step, the stop signal's name or None)."""
     cfg, rank, world, device, sigmas, log, step, epoch, pos = (r.cfg, r.rank, r.world, r.device, r.sigmas, r.log,
                                                                r.step, r.epoch, r.pos)
     stream = data.batches(r.train_images, cfg.batch_size, cfg.seed, cfg.num_workers, epoch, pos, rank, world, device)
@@ -393,7 +401,7 @@ def train(cfg):
                 if step % cfg.sample_every == 0:      # every rank flushes (a collective), rank 0 draws
                     log.flush(step)
                 if rank == 0 and step % cfg.sample_every == 0:
-                    train_io.save_sample_figures(r.ema or r.raw, cfg, step, log.rows, device, stop)
+                    train_io.save_sample_figures(r.ema or r.raw, cfg, step, log, device, stop)
                 # Stop? Alone, at once; with several processes, every LOG_EVERY steps, all at one step.
                 if world == 1 or step % LOG_EVERY == 0:
                     stopped = stop.agreed(world, device)
@@ -413,7 +421,7 @@ def train(cfg):
             r.say(f"stopped by {stop.name} at step {step}: wrote {cfg.out}/checkpoint.pt; continue with --resume")
             return step, stop.name
         if rank == 0 and not os.path.exists(os.path.join(cfg.out, f"samples_{step}.png")) and \
-                not train_io.save_sample_figures(r.ema or r.raw, cfg, step, log.rows, device, stop):   # the last step's
+                not train_io.save_sample_figures(r.ema or r.raw, cfg, step, log, device, stop):   # the last step's
             r.say(f"stopped by {stop.name} while drawing the figures of step {step}: {cfg.out}/checkpoint.pt is "
                   "complete; --resume draws them")
             return step, stop.name

@@ -1,10 +1,10 @@
 """A training run's set-up and files for train.py's loop: metrics.csv, checkpoints (written; read back, checked
 and restored for --resume), the network and optimizer, config.json, the figures (Figs. 3-5). Rank 0 alone writes.
 """
-import contextlib
 import copy
 import csv
 import dataclasses
+import io
 import math
 import os
 import platform
@@ -36,18 +36,22 @@ class NonFiniteLoss(TrainError):
 
 
 class MetricsLog:
-    """metrics.csv, one row per step after `upto`. `pending` (step, epoch, device loss) rows are written every
-    LOG_EVERY steps (one host sync; averaged over the `world` processes); a non-finite one raises NonFiniteLoss."""
+    """metrics.csv, one row per step after `upto`, and the same numbers (and the sample grids) as TensorBoard events
+    beside it (`tensorboard --logdir runs`). `pending` (step, epoch, device loss) rows are written every LOG_EVERY
+    steps (one host sync; averaged over the `world` processes); a non-finite one raises NonFiniteLoss."""
     COLUMNS = ["step", "epoch", "loss", "test_loss", "images_per_s"]
 
     def __init__(self, path, upto, write, images_per_step, world):
         self.path, self.write, self.images_per_step, self.world = path, write, images_per_step, world
-        self.rows, self.pending, self.tests = [], [], {}
+        self.rows, self.pending, self.tests, self.board = [], [], {}, None
         if write:
-            self.rows = read_metrics(path, upto)
+            self.rows = read_metrics(path, upto, set_damaged_aside=True)
             with utils.atomic_path(path) as tmp, open(tmp, "w") as f:
                 f.write(",".join(self.COLUMNS) + "\n")
                 f.writelines(self._line(r) for r in self.rows)
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: TensorBoard hides what a killed run logged after the checkpoint this run starts from
+            self.board = SummaryWriter(os.path.dirname(path) or ".", purge_step=upto + 1)
         self.t, self.step = time.time(), upto
 
     @staticmethod
@@ -73,22 +77,53 @@ class MetricsLog:
             self.rows.extend(new)
             with open(self.path, "a") as f:
                 f.writelines(self._line(r) for r in new)
+            for r in new:
+                self.board.add_scalar("loss/train", r["loss"], r["step"])
+                if r["test_loss"] != "":
+                    self.board.add_scalar("loss/test", r["test_loss"], r["step"])
+            self.board.add_scalar("images_per_s", rate, step)
+            self.board.flush()
         return f"loss {new[-1]['loss']:.4g}, {rate:.0f} img/s"
 
+    def add_grid(self, tag, images, step):
+        """A grid of images (N, C, H, W) in [0, 1] as a TensorBoard image of `step` (the writing process only)."""
+        if self.board is not None:
+            import torchvision
+            grid = torchvision.utils.make_grid(images.detach().float().nan_to_num(0.0).clamp(0, 1).cpu(),
+                                               nrow=int(math.ceil(math.sqrt(len(images)))), padding=2, pad_value=1.0)
+            self.board.add_image(tag, grid, step)
+            self.board.flush()
 
-def read_metrics(path, upto):
-    """The rows of an earlier metrics.csv up to step `upto`, less a torn row (a killed writer's) and what follows."""
-    rows = []
-    with contextlib.suppress(FileNotFoundError), open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            try:
-                row = dict(step=int(r["step"]), epoch=int(r["epoch"]), loss=float(r["loss"]),
-                           test_loss=float(r["test_loss"]) if r["test_loss"] else "",
-                           images_per_s=str(float(r["images_per_s"])))
-            except (TypeError, ValueError, KeyError):
-                break
-            if row["step"] <= upto:
-                rows.append(row)
+    def close(self):
+        if self.board is not None:
+            self.board.close()
+
+
+def read_metrics(path, upto, set_damaged_aside=False):
+    """The valid rows of an earlier metrics.csv up to step `upto`. A row that does not parse is dropped: the last
+    one quietly when the file does not end its line (a killed writer's torn row), any other after the file is
+    set aside as metrics.csv.damaged (set_damaged_aside: the caller rewrites it) with one line naming it."""
+    try:
+        with open(path, newline="", errors="replace") as f:         # bytes that are no text: rows that do not parse
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    reader = csv.DictReader(io.StringIO(text))
+    parsed, rows, bad = [(r, reader.line_num) for r in reader], [], []
+    for i, (r, line) in enumerate(parsed):
+        try:
+            row = dict(step=int(r["step"]), epoch=int(r["epoch"]), loss=float(r["loss"]),
+                       test_loss=float(r["test_loss"]) if r["test_loss"] else "",
+                       images_per_s=str(float(r["images_per_s"])))
+        except (TypeError, ValueError, KeyError):
+            if i < len(parsed) - 1 or text.endswith("\n"):
+                bad.append(line)
+            continue
+        if row["step"] <= upto:
+            rows.append(row)
+    if bad and set_damaged_aside:
+        utils.set_aside(path, f"{path}: {len(bad)} row(s) do not parse (line {', '.join(map(str, bad[:5]))}); "
+                              f"the {len(rows)} valid rows are kept")
     return rows
 
 
@@ -151,9 +186,10 @@ def figure_settings(cfg, ck=None):
         raise TrainError(f"the figures' sampler: {e}; change --sampler, --nfe or --s-churn") from None
 
 
-def save_sample_figures(net, cfg, step, rows, device, stop):
-    """samples_<step>.png and process_<step>.png (Figs. 4, 5) with --sampler from the same start every time,
-    and loss.png (Fig. 3). Returns False, writing nothing, when a stop signal cut sampling short."""
+def save_sample_figures(net, cfg, step, log, device, stop):
+    """samples_<step>.png and process_<step>.png (Figs. 4, 5) with --sampler from the same start every time (the
+    grid also in `log`'s TensorBoard events), and loss.png (Fig. 3) of log's rows. Returns False, writing nothing,
+    when a stop signal cut sampling short."""
     ck = figure_record(cfg, net)
     settings = figure_settings(cfg, ck)
     tqdm.write(f"step {step}: sampling {cfg.n_samples} images for the figures ({cfg.sampler}, {settings.nfe} "
@@ -179,7 +215,8 @@ def save_sample_figures(net, cfg, step, rows, device, stop):
     figures.save_image_grid(os.path.join(cfg.out, f"samples_{step}.png"), x, nrow=int(math.ceil(math.sqrt(len(x)))))
     figures.save_process_figure(os.path.join(cfg.out, f"process_{step}.png"), [levels[i] for i in sorted(levels)],
                               list(settings.sigmas), title=f"{cfg.sampler}: state at the end of each level")
-    figures.save_loss_figure(os.path.join(cfg.out, "loss.png"), rows, f"annealed {cfg.objective.upper()} loss")
+    figures.save_loss_figure(os.path.join(cfg.out, "loss.png"), log.rows, f"annealed {cfg.objective.upper()} loss")
+    log.add_grid("samples", x, step)
     return True
 
 #----------------------------------------------------------------------------

@@ -67,6 +67,16 @@ def test_mnist_end_to_end_writes_every_output(small_mnist, tmp_path, monkeypatch
     assert float(rows[-1]["images_per_s"]) > 0
     ck = checkpoints.load(out / "checkpoint.pt")
     assert ck.step == 10 and ck.model_args["ngf"] == 4 and ck.sigma_end == pytest.approx(0.01)
+    # the same numbers and the sample grids as TensorBoard events, read back with tensorboard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
+    board.Reload()
+    train_loss = [(e.step, e.value) for e in board.Scalars("loss/train")]
+    assert train_loss == [(int(r["step"]), pytest.approx(float(r["loss"]), rel=1e-5)) for r in rows]
+    assert [(e.step, e.value) for e in board.Scalars("loss/test")] == \
+        [(int(r["step"]), pytest.approx(float(r["test_loss"]), rel=1e-5)) for r in rows if r["test_loss"]]
+    grids = board.Images("samples")
+    assert [g.step for g in grids] == [5, 10] and grids[0].width > 28 and grids[0].height > 28
 
 
 def test_cifar_end_to_end_through_torchvision(cifar_root, tmp_path):
@@ -229,7 +239,9 @@ def test_ddp_two_processes_equal_one_process(small_mnist, tmp_path):
     assert loss_column(tmp_path / "one") == pytest.approx(loss_column(tmp_path / "two"), rel=1e-5)
 
 
-def test_sigterm_writes_a_loadable_checkpoint(small_mnist, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_writes_a_loadable_checkpoint(sig, small_mnist, tmp_path):
+    """A pre-emption (SIGTERM) or a closed terminal (SIGHUP): the step ends, the checkpoint is written, status 3."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", small_mnist, "--out", str(out),
                              "--batch-size", "16", "--iters", "100000"], cwd=ROOT,
@@ -238,10 +250,10 @@ def test_sigterm_writes_a_loadable_checkpoint(small_mnist, tmp_path):
     while not ((out / "metrics.csv").exists() and len(loss_column(out)) >= 3):   # rows come every 10 steps
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == train.EXIT_STOPPED, output[-2000:]          # "stopped, resume me"
-    assert "stopped by SIGTERM" in output
+    assert f"stopped by {sig.name}" in output
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] >= 3 and ck["step"] == len(loss_column(out))
     assert checkpoints.load(out / "checkpoint.pt").step == ck["step"]
@@ -405,6 +417,45 @@ def test_torn_metrics_row_does_not_block_resume(small_mnist, tmp_path):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == list(range(1, 7)) and loss_column(out) == loss_column(full)
+
+
+def test_a_damaged_row_inside_metrics_csv_keeps_every_valid_row_and_the_file(small_mnist, tmp_path, capsys):
+    """An unparsable row in the middle (a hand edit, a disk error): every valid row before and after it is kept on
+    --resume, and the damaged file is set aside as metrics.csv.damaged, named in one line."""
+    out = tmp_path / "run"
+    args = ["--batch-size", "16", "--snapshot-every", "100", "--sample-every", "100"]
+    run(train_mnist, small_mnist, out, *args, "--iters", "4")
+    lines = (out / "metrics.csv").read_text().splitlines(keepends=True)
+    damaged = "".join(lines[:2] + ["2,1,not a number,,15.1\n", "garbage\n"] + lines[2:])
+    (out / "metrics.csv").write_text(damaged)
+    capsys.readouterr()
+    run(train_mnist, small_mnist, out, *args, "--iters", "6", "--resume")
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert [r["loss"] for r in rows[:4]] == [line.split(",")[2] for line in lines[1:5]]
+    assert (out / "metrics.csv.damaged").read_text() == damaged
+    err = capsys.readouterr().err
+    assert "2 row(s) do not parse (line 3, 4)" in err and "the 4 valid rows are kept" in err
+
+
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(small_mnist, tmp_path):
+    """A run killed after logging step 6 but before its checkpoint (rolled back to checkpoint_3.pt here) and resumed:
+    TensorBoard hides the killed run's events after step 3 (purge_step), so each step's loss is shown once."""
+    import shutil
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    args = ["--batch-size", "16", "--snapshot-every", "3", "--sample-every", "100"]
+    run(train_mnist, small_mnist, out, *args, "--iters", "6")
+    shutil.copy(out / "checkpoint_3.pt", out / "checkpoint.pt")
+    time.sleep(1.1)                                     # event files are named by the second they were opened in
+    run(train_mnist, small_mnist, out, *args, "--iters", "6", "--resume")
+    board = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    board.Reload()
+    assert [e.step for e in board.Scalars("loss/train")] == [1, 2, 3, 4, 5, 6]
+    with open(out / "metrics.csv") as f:
+        assert [e.value for e in board.Scalars("loss/train")] == \
+            pytest.approx([float(r["loss"]) for r in csv.DictReader(f)], rel=1e-5)
 
 
 def test_outputs_follow_the_umask(small_mnist, tmp_path):
