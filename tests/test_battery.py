@@ -26,6 +26,8 @@ SCRIPTS = {   # script: the least it needs, tiny, with every output under OUT ("
     "evaluate": [*TINY_SAMPLING, "--metrics", "none", "--out", "{out}"],
     "inpaint": ["--checkpoint", CHECKPOINT, "--data-root", "{data}", "--n-images", "1", "--completions", "1",
                 "--steps-each", "1", "--device", "cpu", "--out", "{out}"],
+    "likelihood": ["--checkpoint", "{edm}", "--data-root", "{data}", "--n", "1", "--batch-size", "1", "--solver",
+                   "heun", "--steps", "1", "--device", "cpu", "--out", "{out}"],
     "metrics": ["--images", "{images}", "--metrics", "none", "--json", "{out}/m.json", "--device", "cpu"],
     "bench": ["--configs", "mnist", "--batch-size", "1", "--warmup", "1", "--repeats", "1", "--device", "cpu",
               "--json", "{out}/b.json"],
@@ -87,9 +89,12 @@ def inputs(tmp_path_factory):
     images.mkdir()
     from PIL import Image
     Image.new("L", (28, 28), 128).save(images / "0.png")
-    return dict(data=write_mnist(str(root / "mnist"), n_train=16, n_test=8), folder=str(root / "folder"),
-                missing=str(root / "missing.pt"), text=str(root / "text.txt"), random=str(root / "random.bin"),
-                images=str(images))
+    mnist = write_mnist(str(root / "mnist"), n_train=16, n_test=8)
+    import train_mnist                              # a network that takes any sigma, for likelihood.py
+    train_mnist.main(["--data-root", mnist, "--out", str(root / "edm"), "--recipe", "edm", "--ngf", "4", "--iters", "1",
+                      "--batch-size", "8", "--num-workers", "0", "--n-samples", "1", "--device", "cpu"])
+    return dict(data=mnist, folder=str(root / "folder"), missing=str(root / "missing.pt"), text=str(root / "text.txt"),
+                random=str(root / "random.bin"), images=str(images), edm=str(root / "edm" / "checkpoint.pt"))
 
 
 def snapshot(root):
