@@ -77,8 +77,9 @@ def score(args, job, scorers, device, losses, result, t0):
         result["test_dsm_loss_per_" + ("sigma" if args.level_sigmas else "level")] = losses[job.ck.path]
     path = os.path.join(job.folder, "metrics.json")
     old = (os.path.exists(path) and utils.whole_or_none(utils.read_json, path)) or {}
-    same = old.get("fingerprint") == job.fp and old.get("seeds", f"0-{old.get('n', 0) - 1}") == result["seeds"]
-    earlier = {s.get("seeds", f"0-{s.get('n', 0) - 1}"): s for s in old.get("sets", [old])} \
+    seeds = lambda r: r.get("seeds", f"0-{r.get('n', 0) - 1}")       # a record of before --seeds: images 0 to n - 1
+    same = old.get("fingerprint") == job.fp and seeds(old) == result["seeds"]
+    earlier = {seeds(s): s for s in old.get("sets", [old])} \
         if old.get("fingerprint") == job.fp else {}             # each set's scores of the same samples are kept
     sets, meta = [], {*result, "sets", "set_min", "set_max", "seconds"}
     for lo, hi in args.sets:

@@ -17,7 +17,6 @@ classifier gives a completion the original's label, against filling with noise o
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
-import contextlib
 import os
 
 import numpy as np
@@ -205,29 +204,24 @@ def main(argv=None):
         p.error(problem)
     print(f"{len(images)} images x {args.completions} completions, mask {args.mask} ({(~known).float().mean():.0%} "
           f"of the pixels to fill), {len(settings['sigmas'])} levels x T = {T}, step_lr {step_lr:.3g}")
-    with contextlib.ExitStack() as held:
-        def take():                                     # rank 0: the folder's one writer; damaged files set aside
-            held.enter_context(utils.folder_lock(folder))
-            utils.remove_temporaries(folder)
-            done_images(folder, len(images), settings["fingerprint"])
-        utils.collective(take, rank, world, device)
-        # every rank lists what is done, and none writes before all have: the same missing images on every rank
-        done = utils.collective(lambda: done_images(folder, len(images), settings["fingerprint"]), rank, world,
-                                device, everyone=True)
-        utils.collective(lambda: inpaint(ck.model, images, known, settings, args.seed, args.batch_size, device,
-                                         folder, rank, world, done), rank, world, device, everyone=True)
-        def finish():
-            done = done_images(folder, len(images), settings["fingerprint"])
-            if missing := [i for i in range(len(images)) if i not in done]:
-                raise data.DataError(f"{folder}: image {missing[0]}'s completions are missing after inpainting (a "
-                                     "file removed meanwhile?); run the same command again to make them")
-            completions = torch.stack([torch.from_numpy(done[i]) for i in range(len(images))])
-            result = write_outputs(args, folder, images, known, completions, device)
-            result.update(checkpoint=args.checkpoint, dataset=ck.dataset, settings=settings)
-            utils.save_json(result, os.path.join(folder, "metrics.json"))
-            print(f"wrote {folder}/inpainting.png, completions.npz, metrics.json")
-            return result
-        result = utils.collective(finish, rank, world, device)
+    listing = lambda: done_images(folder, len(images), settings["fingerprint"])   # sets a damaged file aside
+    def prepare():
+        utils.remove_temporaries(folder)
+        listing()
+    def finish(_):
+        done = listing()                                # every rank's completions, from the files
+        if missing := [i for i in range(len(images)) if i not in done]:
+            raise data.DataError(f"{folder}: image {missing[0]}'s completions are missing after inpainting (a "
+                                 "file removed meanwhile?); run the same command again to make them")
+        completions = torch.stack([torch.from_numpy(done[i]) for i in range(len(images))])
+        result = write_outputs(args, folder, images, known, completions, device)
+        result.update(checkpoint=args.checkpoint, dataset=ck.dataset, settings=settings)
+        utils.save_json(result, os.path.join(folder, "metrics.json"))
+        print(f"wrote {folder}/inpainting.png, completions.npz, metrics.json")
+        return result
+    result = utils.shared_folder(folder, rank, world, device, prepare, listing,
+                                 lambda done: inpaint(ck.model, images, known, settings, args.seed, args.batch_size,
+                                                      device, folder, rank, world, done), finish)
     if world > 1:
         utils.dist_exit(0)
     return result

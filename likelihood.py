@@ -20,7 +20,6 @@ likelihood.json: the mean bits/dim with its standard error, the network evaluati
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -223,24 +222,20 @@ def one_setting(args, ck, images, device, rank, world):
     tag = f"{s['solver']}" + (f"_steps{s['steps']}" if s["steps"] else f"_rtol{s['rtol']:g}")
     folder = os.path.join(args.out or os.path.join(OUT, utils.checkpoint_name(ck.path)),
                           f"{tag}_{s['estimator']}_seed{s['seed']}_{fp[:10]}")
-    with contextlib.ExitStack() as held:
-        def take():
-            held.enter_context(utils.folder_lock(folder))
-            utils.remove_temporaries(folder)
-            meta = os.path.join(folder, "settings.json")
-            if not os.path.exists(meta):
-                utils.save_json(dict(fingerprint=fp, settings=s, checkpoint=ck.path), meta)
-            sample.shards(folder, fp, verify=True)
-        utils.collective(take, rank, world, device)
-        spans = utils.collective(lambda: list(sample.shards(folder, fp)), rank, world, device, everyone=True)
-        made = utils.collective(lambda: run_shards(ck, images, s, folder, fp, args, device, rank, world, spans),
-                                rank, world, device, everyone=True)
-        def finish():
-            result = dict(checkpoint=ck.path, dataset=ck.dataset, recipe=ck.recipe, settings=s, folder=folder,
-                          images_scored_now=made, **summary(folder, len(images), fp))
-            utils.save_json(result, os.path.join(folder, "likelihood.json"))
-            return result
-        return utils.collective(finish, rank, world, device)
+    def prepare():
+        utils.remove_temporaries(folder)
+        meta = os.path.join(folder, "settings.json")
+        if not os.path.exists(meta):
+            utils.save_json(dict(fingerprint=fp, settings=s, checkpoint=ck.path), meta)
+        sample.shards(folder, fp, verify=True)                  # set damaged shards aside before any plan
+    def finish(made):
+        result = dict(checkpoint=ck.path, dataset=ck.dataset, recipe=ck.recipe, settings=s, folder=folder,
+                      images_scored_now=made, **summary(folder, len(images), fp))
+        utils.save_json(result, os.path.join(folder, "likelihood.json"))
+        return result
+    return utils.shared_folder(folder, rank, world, device, prepare, lambda: list(sample.shards(folder, fp)),
+                               lambda spans: run_shards(ck, images, s, folder, fp, args, device, rank, world, spans),
+                               finish)
 
 
 @utils.command()

@@ -18,7 +18,6 @@ report), png/<i>.png with --png. Scoring is metrics.py's; both, evaluate.py.
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import argparse
-import contextlib
 import dataclasses
 import glob
 import itertools
@@ -411,19 +410,16 @@ def make(job, args, device, rank=0, world=1, then=None):
     returns then(what describes them) (the start of metrics.json; then: evaluate.py's scores); None elsewhere. A
     failure on any rank stops every rank (utils.collective)."""
     ck, settings = job.ck, job.settings
-    with contextlib.ExitStack() as held:
-        def take():
-            held.enter_context(utils.folder_lock(job.folder))          # one writer per folder: rank 0 for all
-            open_folder(job.folder, job.fp, settings, ck)
-            shards(job.folder, job.fp, verify=True)                     # set damaged shards aside before any plan
-        utils.collective(take, rank, world, device)
-        # every rank lists the shards, and none writes before all have: the same missing batches on every rank
-        spans = utils.collective(lambda: list(shards(job.folder, job.fp)), rank, world, device, everyone=True)
-        made = utils.collective(lambda: sample(ck.model.to(device), settings, job.folder, args.sets, args.batch_size,
-                                               device, job.fp, rank, world, spans=spans), rank, world, device,
-                                everyone=True)
+    def prepare():
+        open_folder(job.folder, job.fp, settings, ck)
+        shards(job.folder, job.fp, verify=True)                         # set damaged shards aside before any plan
+    def work(spans):                                                    # the same spans: the same missing batches
+        made = sample(ck.model.to(device), settings, job.folder, args.sets, args.batch_size, device, job.fp, rank,
+                      world, spans=spans)
         ck.model.cpu()
-        return utils.collective(lambda: (then or (lambda d: d))(describe(job, args, made)), rank, world, device)
+        return made
+    return utils.shared_folder(job.folder, rank, world, device, prepare, lambda: list(shards(job.folder, job.fp)),
+                               work, lambda made: (then or (lambda d: d))(describe(job, args, made)))
 
 
 def describe(job, args, made):

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from startup import EXIT_INTERRUPTED, STOP_SIGNALS   # 130: stopped by a signal outside training's loop; which
+from startup import EXIT_INTERRUPTED, STOP_SIGNALS   # 130: stopped outside training's loop; by these signals
 
 #----------------------------------------------------------------------------
 # Errors a user can fix, and files written atomically.
@@ -383,6 +383,21 @@ def collective(work, rank, world, device, everyone=False):
     return value
 
 
+def shared_folder(folder, rank, world, device, prepare, listing, work, finish):
+    """The one way one or several processes fill an output folder: rank 0 takes it (its lock, then prepare(): set
+    damaged files aside), every rank lists what is there (listing()) and none writes before all have, every rank
+    does its share (work(listed)), then rank 0 alone returns finish(work's value); None on the other ranks. A
+    failure on any rank stops every rank (collective)."""
+    with contextlib.ExitStack() as held:
+        def take():
+            held.enter_context(folder_lock(folder))
+            prepare()
+        collective(take, rank, world, device)
+        listed = collective(listing, rank, world, device, everyone=True)
+        done = collective(lambda: work(listed), rank, world, device, everyone=True)
+        return collective(lambda: finish(done), rank, world, device)
+
+
 def quiet_other_ranks():
     """Under torchrun, ranks other than 0 print nothing to stdout (their errors still reach stderr)."""
     if int(os.environ.get("RANK", "0")):
@@ -431,8 +446,8 @@ def same_on_every_rank(value, what, rank, world, device):
 
 
 def _interrupt(signum, frame):
-    """command()'s SIGTERM / SIGHUP: stop at once, as Ctrl-C. Further stop signals are ignored meanwhile, so a second
-    one cannot cut the unwinding (atomic writes, the folder lock) or the closing line short."""
+    """command()'s SIGINT / SIGTERM / SIGHUP: stop at once, as Ctrl-C. Further stop signals are ignored
+    meanwhile, so a second one cannot cut the unwinding (atomic writes, the folder lock) or the closing line short."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
