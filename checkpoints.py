@@ -180,6 +180,13 @@ class Checkpoint:
         a = self.model_args
         return a["in_channels"], a["image_size"], a["image_size"]
 
+    def label(self, weights=True):
+        """For a legend: its recipe, network and width, training steps, and (weights) whether its EMA."""
+        net = {"ncsnpp": "NCSN++"}.get(self.model_args.get("arch"), "RefineNet")
+        steps = f", {self.step:,} steps" if self.step else ""
+        return f"{self.recipe} recipe, {net} ngf {self.model_args['ngf']}{steps}" + \
+            (" (EMA)" if self.ema and weights else "")
+
     @property
     def sigma_begin(self):
         return self.levels[0]

@@ -158,23 +158,16 @@ def run_name(path, ema):
     return os.path.basename(os.path.dirname(os.path.abspath(path))) + (" (EMA)" if ema else "")
 
 
-def network_label(ck, weights=True):
-    """A checkpoint for a legend: its recipe, network and width, training steps, and (weights) whether its EMA."""
-    args = ck.model.net.model_args
-    net = {"ncsnpp": "NCSN++"}.get(args.get("arch"), "RefineNet")
-    steps = f", {ck.step:,} steps" if ck.step else ""
-    return f"{ck.recipe} recipe, {net} ngf {args['ngf']}{steps}" + (" (EMA)" if ck.ema and weights else "")
-
-
 def legend_labels(cks, weights=True):
-    """{path: network_label} of {path: checkpoint}, with the run's folder added where two labels would be the same."""
-    labels = {p: network_label(ck, weights) for p, ck in cks.items()}
+    """{path: its label} of {path: checkpoint}, with the run's folder added where two labels would be the same."""
+    labels = {p: ck.label(weights) for p, ck in cks.items()}
     twice = {v for v in labels.values() if list(labels.values()).count(v) > 1}
     return {p: v + f" [{run_name(p, False)}]" if v in twice else v for p, v in labels.items()}
 
 
-def save_level_loss_figure(path, jobs, losses):
-    """--level-loss: each checkpoint's test DSM loss against sigma (log-log), a line per checkpoint."""
+def save_level_loss_figure(path, jobs, losses, n):
+    """--level-loss: each checkpoint's test DSM loss on n held-out images against sigma (log-log), a line per
+    checkpoint."""
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     cks = {j.ck.path: j.ck for j in jobs if j.ck.path in losses}
@@ -184,6 +177,7 @@ def save_level_loss_figure(path, jobs, losses):
         ax.plot(sig, list(losses[ck.path].values()), "o-", ms=3, label=labels[ck.path])
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("noise level sigma")
     ax.set_ylabel("test DSM loss (eq. 5, lambda = sigma^2)"), ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
+    ax.set_title(f"the fit at each noise level, on {n:,} held-out images")
     figures.save_figure(fig, path)
 
 
@@ -224,8 +218,15 @@ def save_training_loss_figure(path, jobs):
     figures.save_figure(fig, path)
 
 
+def count_text(r):
+    """A result's sample count for a legend: '100 samples', or '3 x 500 samples' for --seeds sets."""
+    sets = r.get("sets") or [r]
+    return f"{len(sets)} x {r['n'] // len(sets):,} samples" if len(sets) > 1 else f"{r['n']:,} samples"
+
+
 def save_sweep_figure(path, results):
-    """Each metric against network evaluations per sample, a line per checkpoint (EMA choice) and sampler."""
+    """Each metric against network evaluations per sample (the budget), a line per checkpoint (its recipe, network
+    and EMA choice), sampler and S_churn; the sample count in the title, or in each line where they differ."""
     keys = [k for s in metrics.SCORERS.values() for k in s.sweep if any(r.get(k) is not None for r in results)]
     if not keys:
         return
@@ -234,17 +235,22 @@ def save_sweep_figure(path, results):
     groups = {}
     for r in results:
         s = r["sampler"]
-        groups.setdefault((r["checkpoint"], s["ema"], s.get("name", "als"), s.get("s_churn", 0)), []).append(r)
+        network = r.get("network") or run_name(r["checkpoint"], s["ema"])     # a record of before the label
+        groups.setdefault((network, s.get("name", "als"), s.get("s_churn", 0)), []).append(r)
+    counts = {count_text(r) for r in results}
     markers = dict(zip(samplers.SAMPLERS, "os^Dv<>p"))
     colours = plt.get_cmap("tab20" if len(groups) > 10 else "tab10")     # a colour per line
     for ax, k in zip(axes[0], keys):
-        for c, ((ckpt, ema, name, churn), rs) in enumerate(groups.items()):
+        for c, ((network, name, churn), rs) in enumerate(groups.items()):
             rs = sorted(rs, key=lambda r: r["nfe"])
+            label = f"{network}; {name}" + (f" S_churn {churn:g}" if churn else "") + \
+                ("" if len(counts) == 1 else f"; {' / '.join(sorted({count_text(r) for r in rs}))}")
             ax.plot([r["nfe"] for r in rs], [r.get(k) for r in rs], markers.get(name, "o") + ("--" if churn else "-"),
-                    color=colours(c % colours.N),
-                    label=f"{run_name(ckpt, ema)}, {name}" + (f" S_churn {churn:g}" if churn else ""))
-        ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample"), ax.set_title(metrics.NAMES[k])
-        ax.grid(alpha=0.3)
+                    color=colours(c % colours.N), label=label)
+        ax.set_xscale("log"), ax.set_xlabel("network evaluations per sample")
+        ax.set_title(metrics.NAMES[k]), ax.grid(alpha=0.3)
+    if len(counts) == 1:
+        fig.suptitle(f"{counts.pop()} per point")
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))      # beside the plots, not on them
     figures.save_figure(fig, path)
 
@@ -282,16 +288,16 @@ def main(argv=None):
                 level_losses(jobs, args, device) if args.level_loss else {})
     scorers, losses = utils.collective(ready, rank, world, device) or ({}, {})
     results = [evaluate_one(args, j, scorers, device, losses, rank, world) for j in jobs]
-    utils.collective(lambda: report(out, jobs, losses, results), rank, world, device)
+    utils.collective(lambda: report(out, jobs, losses, results, args.level_loss), rank, world, device)
     if world > 1:
         utils.dist_exit(0)                      # every rank waits for rank 0's figures, then leaves the group
     return results
 
 
-def report(out, jobs, losses, results):
+def report(out, jobs, losses, results, n_level):
     """The figures of several results (level_loss.png, training_loss.png, sweep.png) and the table."""
     if losses:
-        save_level_loss_figure(os.path.join(out, "level_loss.png"), jobs, losses)
+        save_level_loss_figure(os.path.join(out, "level_loss.png"), jobs, losses, n_level)
         save_training_loss_figure(os.path.join(out, "training_loss.png"), jobs)
     print_table(results)
     if len(results) > 1:

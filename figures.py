@@ -7,10 +7,64 @@ import torch.nn.functional as F
 from utils import atomic_path
 
 
-def save_figure(fig, path, dpi=110):
-    """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
-    import matplotlib.pyplot as plt
+def drawn_text(fig):
+    """[(text, extent in pixels)] of every non-empty text the figure draws (titles, axis and tick labels, legends,
+    colour bars, annotations), found by drawing it: tick labels outside the view, never drawn, are not counted."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+    seen, draw = [], Text.draw
+
+    def recording(self, renderer):
+        draw(self, renderer)
+        if self.get_visible() and self.get_text().strip():
+            seen.append((self.get_text(), self.get_window_extent(renderer)))
+    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)   # a closed figure: redraw
+    Text.draw = recording
+    try:
+        canvas.draw()
+    finally:
+        Text.draw = draw
+    return seen
+
+
+def text_overflow(fig):
+    """How far (inches: left, bottom, right, top) the figure's drawn text reaches past the canvas; 0 where inside."""
+    boxes = [b for _, b in drawn_text(fig)]
+    if not boxes:
+        return 0.0, 0.0, 0.0, 0.0
+    w, h, dpi = fig.bbox.width, fig.bbox.height, fig.dpi
+    return (max(0.0, -min(b.x0 for b in boxes)) / dpi, max(0.0, -min(b.y0 for b in boxes)) / dpi,
+            max(0.0, max(b.x1 for b in boxes) - w) / dpi, max(0.0, max(b.y1 for b in boxes) - h) / dpi)
+
+
+def fit_text(fig, pad=0.05, tries=4):
+    """tight_layout, then grow the canvas by whatever text still reaches past its edges (tight_layout leaves
+    some: equal-aspect axes, legends beside the axes, long colour-bar labels) and move the axes and figure texts by
+    the same inches, so that nothing drawn is cut off whatever the data's range."""
     fig.tight_layout()
+    for _ in range(tries):
+        left, bottom, right, top = (v + pad if v > 0 else 0.0 for v in text_overflow(fig))
+        if not left + bottom + right + top:
+            return
+        w, h = fig.get_size_inches()
+        W, H = w + left + right, h + bottom + top
+
+        def moved(x, y):                                   # figure fraction -> the same inches on the new canvas
+            return (x * w + left) / W, (y * h + bottom) / H
+        for ax in fig.axes:
+            p = ax.get_position(original=True)
+            (x0, y0), (x1, y1) = moved(p.x0, p.y0), moved(p.x1, p.y1)
+            ax.set_position([x0, y0, x1 - x0, y1 - y0], which="both")
+        for t in fig.texts:                                # suptitle, fig.text
+            t.set_position(moved(*t.get_position()))
+        fig.set_size_inches(W, H)
+
+
+def save_figure(fig, path, dpi=110):
+    """Save a matplotlib figure atomically (temporary file, then rename) with all its text inside the canvas
+    (fit_text), and close it."""
+    import matplotlib.pyplot as plt
+    fit_text(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
     plt.close(fig)

@@ -441,10 +441,10 @@ def describe(job, args, made):
     rows, bad = health.health_report(settings.sigmas, *means, int(np.prod(settings.shape)))
     health.print_health(rows, bad, non_finite, args.n, f"{ck.path}, {settings.name}, {settings.tag()}",
                         health.remedy(settings.name, settings.kwargs.get("s_churn", 0.0)))
-    described = dict(checkpoint=ck.path, dataset=ck.dataset, n=args.n, seeds=seeds_text(args.sets),
-                     nfe=settings.nfe, sampler=dict(settings.record(), ema=ck.ema), fingerprint=job.fp,
-                     folder=job.folder, health=rows, saturating_level=bad, non_finite_samples=non_finite,
-                     samples_made_now=made)
+    described = dict(checkpoint=ck.path, network=ck.label(), dataset=ck.dataset, n=args.n,
+                     seeds=seeds_text(args.sets), nfe=settings.nfe, sampler=dict(settings.record(), ema=ck.ema),
+                     fingerprint=job.fp, folder=job.folder, health=rows, saturating_level=bad,
+                     non_finite_samples=non_finite, samples_made_now=made)
     utils.save_json(described, os.path.join(job.folder, "health.json"))
     return described
 

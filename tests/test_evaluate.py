@@ -469,7 +469,7 @@ def test_level_loss_also_draws_each_runs_training_loss_against_wall_clock(tmp_pa
     assert (tmp_path / "e" / "training_loss.png").stat().st_size > 5_000
     # the legends name the recipe and network, and a run's folder only where two would read the same
     official = checkpoints.load(os.path.join(DATA, "official_mnist_ngf4.pth"))
-    assert evaluate.network_label(official) == "ncsn recipe, RefineNet ngf 4"
+    assert official.label() == "ncsn recipe, RefineNet ngf 4"
     twins = {f"runs/{d}/checkpoint.pt": official for d in ("a", "b")}
     assert sorted(evaluate.legend_labels(twins).values()) == ["ncsn recipe, RefineNet ngf 4 [a]",
                                                                "ncsn recipe, RefineNet ngf 4 [b]"]
