@@ -41,6 +41,31 @@ def to_8bit(img, channels):
     return img.convert("L" if channels == 1 else "RGB")
 
 
+def image_array(a, what, channels, image_size):
+    """uint8 (N, C, H, W) of a user's array of images, or a one-line DataError naming what is wrong and the fix.
+    Accepted: uint8, or an integer dtype whose values all lie in 0-255 (cast); floats and booleans are refused
+    (no range is guessed: 0-1, -1-1 and 0-255 images are all common). Layouts: (N, C, H, W), (N, H, W, C),
+    (N, H, W) and (H, W) for one channel; the channels and the H x W size must be those of the data set."""
+    import numpy as np
+    a = np.asarray(a)
+    fix = "save uint8 0-255 (for [0, 1] floats: (x * 255).round().clip(0, 255).astype(np.uint8))"
+    if a.dtype.kind not in "ui":
+        raise DataError(f"{what}: images of dtype {a.dtype} are not read (no range is guessed); {fix}")
+    if a.size and a.dtype != np.uint8 and (int(a.min()) < 0 or int(a.max()) > 255):
+        raise DataError(f"{what}: {a.dtype} values from {int(a.min())} to {int(a.max())}, outside 0-255; {fix}")
+    if a.ndim == 2 or (a.ndim == 3 and channels == 1):
+        a = a.reshape((-1, 1) + a.shape[-2:])                      # (H, W) or (N, H, W): one channel
+    elif a.ndim == 4 and a.shape[1] != channels and a.shape[-1] == channels:
+        a = a.transpose(0, 3, 1, 2)                                # (N, H, W, C)
+    if a.ndim != 4 or a.shape[1] != channels or a.shape[2:] != (image_size, image_size):
+        raise DataError(f"{what}: images of shape {a.shape}; this data set's are (N, {channels}, {image_size}, "
+                        f"{image_size}) or (N, {image_size}, {image_size}, {channels}): pass the matching "
+                        "--dataset or resize them")
+    if len(a) < 2:
+        raise DataError(f"{what}: {len(a)} image; the scores need at least 2")
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8))
+
+
 def load_image_folder(path, channels, image_size, split=None, flag="--dataset-path"):
     """uint8 (N, C, H, W) of every image under `path` (recursively, sorted; to_8bit; resized and centre-cropped if
     of another size); split='train' / 'test': all but every 20th / every 20th. An unreadable file stops it, named."""

@@ -273,7 +273,7 @@ def main(argv=None):
         p.error("--level-sigmas sets the levels of --level-loss N: give --level-loss too")
     out = args.out or sample.OUT
     metrics.check_flags(p, args, out)          # a bad --ref stops us before any folder is made
-    sample.check_flags(p, args)
+    sample.check_flags(p, args, scored=bool(args.metrics))
     utils.quiet_other_ranks()
     ckpts = sample.checkpoints_of(p, args.checkpoint, prefer="cifar10")     # Fig. 6 is CIFAR-10's
     rank, world, device = utils.dist_init(args.device)          # torchrun: sampling split across processes

@@ -429,7 +429,8 @@ def check_flags(p, args, out):
 
 
 def read_images(path, dataset):
-    """uint8 (N, C, H, W) of --images: an .npz, a folder of sample.py's shards, or a folder of images."""
+    """uint8 (N, C, H, W) of --images: an .npz (data.image_array's dtypes and layouts), a folder of sample.py's
+    shards (read as sample.py reads them), or a folder of images."""
     spec = data.DATASETS[dataset]
     if path.endswith(".npz"):
         try:
@@ -438,11 +439,10 @@ def read_images(path, dataset):
         except Exception as e:
             raise data.DataError(f"--images {path}: not an .npz of images under 'images' or 'arr_0' "
                                  f"({utils.first_line(e)[:80]})") from None
-        t = torch.from_numpy(np.asarray(a, dtype=np.uint8))
-        nhwc = t.dim() == 4 and t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3)
-        return t.permute(0, 3, 1, 2).contiguous() if nhwc else t
+        return data.image_array(a, f"--images {path}", spec["channels"], spec["image_size"])
     if os.path.isfile(os.path.join(path, "samples.json")):
-        return torch.cat(list(sample.read_shards(path, sample.N * 1000)))
+        return data.image_array(sample.read_folder(path, "--images").numpy(), f"--images {path}",
+                                spec["channels"], spec["image_size"])
     return data.load_image_folder(path, spec["channels"], spec["image_size"], flag="--images")
 
 

@@ -237,6 +237,26 @@ def read_shards(folder, end, fp=None, start=0):
             yield torch.from_numpy(f["images"][first:first + b - a])
 
 
+def read_folder(folder, flag):
+    """Every image of a sample.py folder, read as sample.py reads it: the shards of its samples.json's
+    fingerprint only (another's refused), a damaged shard set aside, each image once; uint8 (N, C, H, W)."""
+    meta = os.path.join(folder, "samples.json")
+    fp = (utils.whole_or_none(utils.read_json, meta) or {}).get("fingerprint")
+    if fp is None:
+        raise utils.UserError(f"{flag} {folder}: its samples.json was damaged (set aside); run the sample.py command "
+                              "that made the folder again to restore it")
+    spans = shards(folder, fp, verify=True)
+    if not spans:
+        raise utils.UserError(f"{flag} {folder}: no readable shard of samples; run the sample.py command again")
+    runs = []                                            # the contiguous runs of images the shards hold
+    for a, b in sorted(spans):
+        if runs and a <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], b)
+        else:
+            runs.append([a, b])
+    return torch.cat([x for lo, hi in runs for x in read_shards(folder, hi, fp, lo)])
+
+
 def collect(folder, end, fp=None, start=0):
     """Images [start, end) in one tensor (the grid, tests)."""
     images = torch.cat(list(read_shards(folder, end, fp, start)))
@@ -454,9 +474,10 @@ def seeds_text(sets):
     return " ".join(f"{lo}-{hi - 1}" for lo, hi in sets)
 
 
-def check_flags(p, args):
-    """Refuse what no single sampling flag can check; fill args.sets (the sets of image indices: --seeds', else
-    [0, --n)) and args.n (the images in them); make --out (sample.py and evaluate.py)."""
+def check_flags(p, args, scored=False):
+    """Refuse what no single sampling flag can check (scored: a set of 1 sample, which no score takes); fill
+    args.sets (the sets of image indices: --seeds', else [0, --n)) and args.n (the images in them); make --out
+    (sample.py and evaluate.py)."""
     if args.seeds and args.n is not None:
         p.error("--n and --seeds both say which images to make; give one (--n N is --seeds 0-<N-1>)")
     args.sets = sorted(s for ranges in args.seeds for s in ranges) if args.seeds else [(0, args.n or N)]
@@ -464,6 +485,9 @@ def check_flags(p, args):
                         if c < b), None):
         p.error(f"--seeds {overlap} overlap: each set is scored apart, so the ranges must be disjoint")
     args.n = sum(hi - lo for lo, hi in args.sets)
+    if scored and min(hi - lo for lo, hi in args.sets) < 2:
+        p.error("a set of 1 sample cannot be scored (a Frechet distance needs a covariance): give --n 2 or more "
+                "(each --seeds set too), or --metrics none")
     if args.nfe and args.steps_each:
         p.error("--nfe and --steps-each both set T; give one")
     if args.sampler is not None:                    # else each checkpoint's recipe's: checked per checkpoint (plan)
