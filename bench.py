@@ -195,9 +195,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     device = utils.get_device(args.device)
-    if args.json and os.path.isdir(args.json):
-        p.error(f"--json {args.json} is a folder; give a file name, e.g. {os.path.join(args.json, 'bench.json')}")
-    if args.json and (problem := utils.check_out(os.path.dirname(os.path.abspath(args.json)), "--json's folder")):
+    if args.json and (problem := utils.check_file_out(args.json)):
         p.error(problem)
     if args.official and not os.path.isfile(os.path.join(args.official, "models", "cond_refinenet_dilated.py")):
         p.error(f"--official {args.official}: no models/cond_refinenet_dilated.py (a checkout of ermongroup/ncsn)")

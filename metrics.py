@@ -454,6 +454,8 @@ def main(argv=None):
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args(argv)
     check_flags(p, args, "runs/metrics")
+    if args.json and (problem := utils.check_file_out(args.json)):
+        p.error(problem)                                # before the scoring, not after it
     device = utils.get_device(args.device)
     images = read_images(args.images, args.dataset)
     results = dict(images=args.images, n=len(images))

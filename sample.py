@@ -415,6 +415,8 @@ def plan(args, ckpts):
                 continue
             fp = fingerprint(ck, settings)
             folder = os.path.join(base, f"{settings.tag()}_seed{args.seed}_{fp[:10]}")
+            if problem := utils.name_problem(folder, "the output folder"):
+                raise utils.UserError(problem)          # before any setting's work
             if all(j.folder != folder for j in jobs):
                 jobs.append(Job(ck, settings, folder, fp))
     if skipped and not jobs:

@@ -114,8 +114,35 @@ def remove_temporaries(folder):
     return freed
 
 
+def name_problem(path, flag="--out"):
+    """Why the file system cannot hold `path` (a name in it longer than its limit, usually 255 bytes), in one line
+    naming the fix; None when it can. Nothing is made: output folders derived from a checkpoint's name and the
+    sampler settings are checked before any work."""
+    parent = os.path.abspath(path)
+    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    for name in os.path.abspath(path).split(os.sep):
+        if len(os.fsencode(name)) > limit:
+            return (f"{flag}: the folder name {name[:30]}... ({len(os.fsencode(name))} bytes) is longer than the file "
+                    f"system's {limit}; give a shorter --out, or rename the checkpoint to a shorter name")
+    return None
+
+
+def check_file_out(path, flag="--json"):
+    """None when `path` can be written as a file (checked before the work it records); else why not, in one line."""
+    if os.path.isdir(path):
+        return f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'results.json')}"
+    return name_problem(path, flag) or check_out(os.path.dirname(os.path.abspath(path)), f"{flag}'s folder")
+
+
 def check_out(path, flag="--out"):
     """None when `path` is, or can be made, a writable folder; else why not, in one line."""
+    if problem := name_problem(path, flag):
+        return problem
     if os.path.exists(path) and not os.path.isdir(path):
         return f"{flag} {path} is a file, not a folder; choose another {flag}"
     try:
@@ -388,6 +415,8 @@ def shared_folder(folder, rank, world, device, prepare, listing, work, finish):
     damaged files aside), every rank lists what is there (listing()) and none writes before all have, every rank
     does its share (work(listed)), then rank 0 alone returns finish(work's value); None on the other ranks. A
     failure on any rank stops every rank (collective)."""
+    if problem := name_problem(folder, "the output folder"):
+        raise UserError(problem)
     with contextlib.ExitStack() as held:
         def take():
             held.enter_context(folder_lock(folder))

@@ -191,7 +191,11 @@ def test_torchrun_two_processes_equal_one_and_bf16_trains(mnist_root, tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     a, b = weights(tmp_path / "one" / "checkpoint.pt"), weights(tmp_path / "two" / "checkpoint.pt")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # the two ranks' all-reduce sums the gradient in another order: float32 rounding, which Adam's normalisation
+    # enlarges where a gradient is near its eps (on one CPU a weight moved 1.1e-5). A wrong split of
+    # the batch moves most weights by about the learning rate.
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-3
     train_mnist.main([*base, "--out", str(tmp_path / "bf16"), "--amp", "bf16"])
     c = weights(tmp_path / "bf16" / "checkpoint.pt")
     assert all(torch.isfinite(v).all() for v in c.values()) and any(not torch.equal(a[k], c[k]) for k in a)

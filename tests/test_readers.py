@@ -91,3 +91,33 @@ def test_evaluate_refuses_a_set_of_one_sample_before_any_folder(tmp_path, flags,
         evaluate.main(["--checkpoint", CHECKPOINT, *flags, "--metrics", "classifier", "--out", str(out)])
     err = capsys.readouterr().err
     assert "a set of 1 sample cannot be scored" in err and "--metrics none" in err and not out.exists()
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    """--json to a folder or under a file, and an output folder whose derived name (checkpoint name + settings) is
+    longer than the file system takes: one line naming the fix, before any sampling or scoring, nothing made."""
+    import shutil
+    import inpaint
+    from conftest import write_mnist
+    np.savez(tmp_path / "x.npz", images=IMAGES.numpy())
+    (tmp_path / "file").write_text("")
+    scored = []
+    monkeypatch.setattr(metrics, "read_images", lambda *a: scored.append(a) or IMAGES)
+    for bad, message in [(tmp_path, "is a folder; give a file name"), (tmp_path / "file" / "m.json", "is a file")]:
+        with pytest.raises(SystemExit):
+            metrics.main(["--images", str(tmp_path / "x.npz"), "--metrics", "none", "--json", str(bad)])
+        assert message in capsys.readouterr().err and not scored
+    long = tmp_path / ("c" * 250 + ".pth")                    # a legal file name; <folder>_<name> is not
+    shutil.copy(CHECKPOINT, long)
+    monkeypatch.chdir(tmp_path)
+    root = write_mnist(str(tmp_path / "data"), n_train=4, n_test=4)
+    for main, extra in [(sample.main, []), (evaluate.main, ["--metrics", "none"]),
+                        (inpaint.main, ["--data-root", root, "--n-images", "1", "--completions", "1"])]:
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(long), "--n" if main is not inpaint.main else "--batch-size", "2",
+                  "--steps-each", "1", "--device", "cpu", *extra])
+        said = str(e.value.code) + capsys.readouterr().err
+        last = said.strip().splitlines()[-1]                   # argparse's usage lines, then one line
+        assert "longer than the file system's 255; give a shorter --out" in last, said
+    assert not os.path.exists(tmp_path / "runs") or not any(
+        len(f) > 255 for _, ds, fs in os.walk(tmp_path / "runs") for f in ds + fs)
