@@ -48,6 +48,7 @@ def image_array(a, what, channels, image_size):
     (N, H, W) and (H, W) for one channel; the channels and the H x W size must be those of the data set."""
     import numpy as np
     a = np.asarray(a)
+    shape = a.shape                                          # as the user saved it, for the messages
     fix = "save uint8 0-255 (for [0, 1] floats: (x * 255).round().clip(0, 255).astype(np.uint8))"
     if a.dtype.kind not in "ui":
         raise DataError(f"{what}: images of dtype {a.dtype} are not read (no range is guessed); {fix}")
@@ -58,11 +59,11 @@ def image_array(a, what, channels, image_size):
     elif a.ndim == 4 and a.shape[1] != channels and a.shape[-1] == channels:
         a = a.transpose(0, 3, 1, 2)                                # (N, H, W, C)
     if a.ndim != 4 or a.shape[1] != channels or a.shape[2:] != (image_size, image_size):
-        raise DataError(f"{what}: images of shape {a.shape}; this data set's are (N, {channels}, {image_size}, "
+        raise DataError(f"{what}: images of shape {shape}; this data set's are (N, {channels}, {image_size}, "
                         f"{image_size}) or (N, {image_size}, {image_size}, {channels}): pass the matching "
                         "--dataset or resize them")
     if len(a) < 2:
-        raise DataError(f"{what}: {len(a)} image; the scores need at least 2")
+        raise DataError(f"{what}: {len(a)} image(s); the scores need at least 2")
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8))
 
 

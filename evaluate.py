@@ -53,6 +53,7 @@ def level_losses(jobs, args, device):
     """{checkpoint path: metrics.level_losses} on --level-loss test images, the images read once per data set."""
     held_out = {d: data.load_images(d, False, args.data_root)[:args.level_loss]
                 for d in dict.fromkeys(j.ck.dataset for j in jobs)}
+    args.level_loss = min(len(x) for x in held_out.values())     # what the figure says: the images used
     return {ck.path: metrics.level_losses(ck, held_out[ck.dataset], args.batch_size, device, args.level_sigmas)
             for ck in {j.ck.path: j.ck for j in jobs}.values()}
 
@@ -220,8 +221,11 @@ def save_training_loss_figure(path, jobs):
 
 def count_text(r):
     """A result's sample count for a legend: '100 samples', or '3 x 500 samples' for --seeds sets."""
-    sets = r.get("sets") or [r]
-    return f"{len(sets)} x {r['n'] // len(sets):,} samples" if len(sets) > 1 else f"{r['n']:,} samples"
+    sizes = {s.get("n") for s in r.get("sets") or [r]}
+    if len(r.get("sets") or []) > 1:
+        return (f"{len(r['sets'])} x {sizes.pop():,} samples" if len(sizes) == 1 and None not in sizes
+                else f"{r['n']:,} samples in {len(r['sets'])} sets")
+    return f"{r['n']:,} samples"
 
 
 def save_sweep_figure(path, results):
@@ -232,18 +236,20 @@ def save_sweep_figure(path, results):
         return
     plt = figures.pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys) + 3, 4.2), squeeze=False)
-    groups = {}
+    groups, networks = {}, {}
     for r in results:
         s = r["sampler"]
-        network = r.get("network") or run_name(r["checkpoint"], s["ema"])     # a record of before the label
-        groups.setdefault((network, s.get("name", "als"), s.get("s_churn", 0)), []).append(r)
+        networks[r["checkpoint"], s["ema"]] = r.get("network") or run_name(r["checkpoint"], s["ema"])   # or older
+        groups.setdefault((r["checkpoint"], s["ema"], s.get("name", "als"), s.get("s_churn", 0)), []).append(r)
+    twice = {v for v in networks.values() if list(networks.values()).count(v) > 1}
+    networks = {k: v + f" [{run_name(k[0], False)}]" if v in twice else v for k, v in networks.items()}
     counts = {count_text(r) for r in results}
     markers = dict(zip(samplers.SAMPLERS, "os^Dv<>p"))
     colours = plt.get_cmap("tab20" if len(groups) > 10 else "tab10")     # a colour per line
     for ax, k in zip(axes[0], keys):
-        for c, ((network, name, churn), rs) in enumerate(groups.items()):
+        for c, ((ckpt, ema, name, churn), rs) in enumerate(groups.items()):
             rs = sorted(rs, key=lambda r: r["nfe"])
-            label = f"{network}; {name}" + (f" S_churn {churn:g}" if churn else "") + \
+            label = f"{networks[ckpt, ema]}; {name}" + (f" S_churn {churn:g}" if churn else "") + \
                 ("" if len(counts) == 1 else f"; {' / '.join(sorted({count_text(r) for r in rs}))}")
             ax.plot([r["nfe"] for r in rs], [r.get(k) for r in rs], markers.get(name, "o") + ("--" if churn else "-"),
                     color=colours(c % colours.N), label=label)

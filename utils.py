@@ -124,11 +124,13 @@ def name_problem(path, flag="--out"):
     try:
         limit = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
-        limit = 255
+        limit = -1
+    limit = limit if limit > 0 else 255                  # -1: the system sets no limit it can tell
     for name in os.path.abspath(path).split(os.sep):
         if len(os.fsencode(name)) > limit:
-            return (f"{flag}: the folder name {name[:30]}... ({len(os.fsencode(name))} bytes) is longer than the file "
-                    f"system's {limit}; give a shorter --out, or rename the checkpoint to a shorter name")
+            fix = f"give a shorter {flag}" if flag.startswith("--") else "give a shorter --out"
+            return (f"{flag}: the name {name[:30]}... ({len(os.fsencode(name))} bytes) is longer than the file "
+                    f"system's {limit}; {fix}, or rename the checkpoint to a shorter name")
     return None
 
 

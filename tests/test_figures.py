@@ -42,7 +42,8 @@ def drawn(monkeypatch):
                if b.x0 < -1 or b.y0 < -1 or b.x1 > w + 1 or b.y1 > h + 1]
         size = Image.open(path).size                 # the file is the canvas that was checked, at the saved dpi
         assert abs(size[0] - fig.get_size_inches()[0] * dpi) <= 2 and abs(size[1] - fig.get_size_inches()[1] * dpi) <= 2
-        seen.append((sys._getframe(1).f_code.co_name, out, path, [t for t, _ in texts]))
+        code = sys._getframe(1).f_code
+        seen.append(((os.path.basename(code.co_filename), code.co_name), out, path, [t for t, _ in texts]))
     monkeypatch.setattr(figures, "save_figure", spy)
     return seen
 
@@ -93,21 +94,21 @@ def draw_all(tmp, scale, shift):
     evaluate.save_training_loss_figure(tmp / "training_loss.png", jobs)
     keys = [k for s in metrics.SCORERS.values() for k in s.sweep]
     results = [dict({k: float(v) for k, v in zip(keys, curve(len(keys), scale, shift, nfe))}, checkpoint=j.ck.path,
-                    network=j.ck.label(), nfe=nfe, n=1500, sets=[{}, {}, {}],
+                    network=j.ck.label(), nfe=nfe, n=1500, sets=[dict(n=500)] * 3,
                     sampler=dict(name=name, s_churn=churn, ema=True))
                for j in jobs for name, churn in [("heun", 0), ("heun", 10), ("dpmpp2m", 0)] for nfe in (9, 35, 1000)]
     evaluate.save_sweep_figure(tmp / "sweep.png", results)
 
 
 def writers():
-    """{function name} of every function in the scripts that saves a matplotlib figure (calls save_figure)."""
+    """{(file, function)} of every function in the scripts that saves a matplotlib figure (calls save_figure)."""
     found = set()
     for path in glob.glob(os.path.join(ROOT, "*.py")):
         for node in ast.walk(ast.parse(open(path).read())):
             if isinstance(node, ast.FunctionDef) and node.name != "save_figure" and any(
                     isinstance(c, ast.Call) and getattr(c.func, "attr", getattr(c.func, "id", None)) == "save_figure"
                     for c in ast.walk(node)):
-                found.add(node.name)
+                found.add((os.path.basename(path), node.name))
     return found
 
 
@@ -143,3 +144,9 @@ def test_legends_name_recipe_network_sampler_and_count_not_folders(tmp_path, dra
     assert "500 held-out images" in text["level_loss.png"]
     for name in ("sweep.png", "level_loss.png", "training_loss.png"):
         assert "edm recipe" in text[name] and "run0" not in text[name] and "run1" not in text[name]
+
+
+def test_the_count_names_unequal_sets_as_they_are():
+    assert evaluate.count_text(dict(n=600, sets=[dict(n=100), dict(n=500)])) == "600 samples in 2 sets"
+    assert evaluate.count_text(dict(n=1500, sets=[dict(n=500)] * 3)) == "3 x 500 samples"
+    assert evaluate.count_text(dict(n=100)) == "100 samples"
