@@ -50,12 +50,12 @@ def existing_only(jobs, sets):
 
 
 def level_losses(jobs, args, device):
-    """{checkpoint path: metrics.level_losses} on --level-loss test images, the images read once per data set."""
+    """({checkpoint path: metrics.level_losses} on --level-loss test images, the images read once per data set;
+    how many images were used, at most --level-loss)."""
     held_out = {d: data.load_images(d, False, args.data_root)[:args.level_loss]
                 for d in dict.fromkeys(j.ck.dataset for j in jobs)}
-    args.level_loss = min(len(x) for x in held_out.values())     # what the figure says: the images used
-    return {ck.path: metrics.level_losses(ck, held_out[ck.dataset], args.batch_size, device, args.level_sigmas)
-            for ck in {j.ck.path: j.ck for j in jobs}.values()}
+    return ({ck.path: metrics.level_losses(ck, held_out[ck.dataset], args.batch_size, device, args.level_sigmas)
+             for ck in {j.ck.path: j.ck for j in jobs}.values()}, min(len(x) for x in held_out.values()))
 
 
 def evaluate_one(args, job, scorers, device, losses, rank=0, world=1):
@@ -159,11 +159,15 @@ def run_name(path, ema):
     return os.path.basename(os.path.dirname(os.path.abspath(path))) + (" (EMA)" if ema else "")
 
 
-def legend_labels(cks, weights=True):
-    """{path: its label} of {path: checkpoint}, with the run's folder added where two labels would be the same."""
-    labels = {p: ck.label(weights) for p, ck in cks.items()}
+def distinct(labels, path=lambda key: key):
+    """{key: label} with the run's folder (of path(key)) added where two labels would be the same."""
     twice = {v for v in labels.values() if list(labels.values()).count(v) > 1}
-    return {p: v + f" [{run_name(p, False)}]" if v in twice else v for p, v in labels.items()}
+    return {k: v + f" [{run_name(path(k), False)}]" if v in twice else v for k, v in labels.items()}
+
+
+def legend_labels(cks, weights=True):
+    """{path: its label} of {path: checkpoint}, told apart (distinct)."""
+    return distinct({p: ck.label(weights) for p, ck in cks.items()})
 
 
 def save_level_loss_figure(path, jobs, losses, n):
@@ -241,8 +245,7 @@ def save_sweep_figure(path, results):
         s = r["sampler"]
         networks[r["checkpoint"], s["ema"]] = r.get("network") or run_name(r["checkpoint"], s["ema"])   # or older
         groups.setdefault((r["checkpoint"], s["ema"], s.get("name", "als"), s.get("s_churn", 0)), []).append(r)
-    twice = {v for v in networks.values() if list(networks.values()).count(v) > 1}
-    networks = {k: v + f" [{run_name(k[0], False)}]" if v in twice else v for k, v in networks.items()}
+    networks = distinct(networks, path=lambda key: key[0])
     counts = {count_text(r) for r in results}
     markers = dict(zip(samplers.SAMPLERS, "os^Dv<>p"))
     colours = plt.get_cmap("tab20" if len(groups) > 10 else "tab10")     # a colour per line
@@ -291,10 +294,10 @@ def main(argv=None):
     def ready():                                # rank 0: reference statistics and losses before any sampling
         return ({(name, d): metrics.SCORERS[name].make(args, d, device)
                  for name in args.metrics for d in dict.fromkeys(j.ck.dataset for j in jobs)},
-                level_losses(jobs, args, device) if args.level_loss else {})
-    scorers, losses = utils.collective(ready, rank, world, device) or ({}, {})
+                level_losses(jobs, args, device) if args.level_loss else ({}, 0))
+    scorers, (losses, n_level) = utils.collective(ready, rank, world, device) or ({}, ({}, 0))
     results = [evaluate_one(args, j, scorers, device, losses, rank, world) for j in jobs]
-    utils.collective(lambda: report(out, jobs, losses, results, args.level_loss), rank, world, device)
+    utils.collective(lambda: report(out, jobs, losses, results, n_level), rank, world, device)
     if world > 1:
         utils.dist_exit(0)                      # every rank waits for rank 0's figures, then leaves the group
     return results
