@@ -11,7 +11,7 @@ EXIT_INTERRUPTED = 130   # utils.EXIT_INTERRUPTED: 128 + SIGINT, the shell's own
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-def _interrupted(signum, frame):
+def quit_while_starting(signum, frame):
     sys.stderr.write(f"\ninterrupted by {signal.Signals(signum).name} while starting: nothing was written\n")
     sys.stderr.flush()
     os._exit(EXIT_INTERRUPTED)
@@ -20,4 +20,4 @@ def _interrupted(signum, frame):
 _main = os.path.abspath(getattr(sys.modules.get("__main__"), "__file__", None) or "")
 if os.path.dirname(_main) == os.path.dirname(os.path.abspath(__file__)):
     for _s in STOP_SIGNALS:
-        signal.signal(_s, _interrupted)
+        signal.signal(_s, quit_while_starting)

@@ -19,6 +19,7 @@ import functools
 
 import torch
 
+import startup
 from startup import EXIT_INTERRUPTED, STOP_SIGNALS   # 130: stopped outside training's loop; by these signals
 
 #----------------------------------------------------------------------------
@@ -492,7 +493,8 @@ def command(oom="use a smaller --batch-size"):
     of memory, with `oom` as the fix. Flag errors stay argparse's (status 2); a stopped training exits 3
     itself. Every file is written atomically, so what was written before is whole.
     Under torchrun the process leaves its group before it exits. The signal handlers are restored
-    when main returns (tests call main in-process)."""
+    when main returns (tests call main in-process), except startup.py's: a script is then ending,
+    and a signal during its exit is ignored rather than reported as one "while starting"."""
     def wrap(main):
         @functools.wraps(main)
         def run(*args, **kwargs):
@@ -521,7 +523,7 @@ def command(oom="use a smaller --batch-size"):
                 message = f"error: out of memory ({first_line(e)[:80]}); {oom}"
             finally:
                 for s, h in old.items():
-                    signal.signal(s, h)
+                    signal.signal(s, signal.SIG_IGN if h is startup.quit_while_starting else h)
             if torch.distributed.is_initialized():      # the other ranks meet the same error, or time out
                 print(message, file=sys.stderr)
                 dist_exit(code, barrier=False)
