@@ -47,10 +47,19 @@ SEED = 0                          # the classifier's training, and the per-level
 
 def fid(mu1, sigma1, mu2, sigma2):
     """The Frechet distance ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two Gaussians of features (TTUR's
-    formula, via torch-fidelity): FID on Inception pool features, the digit FD on the classifier's."""
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-    m = fid_statistics_to_metric(dict(mu=mu1, sigma=sigma1), dict(mu=mu2, sigma=sigma2), False)
-    return m["frechet_inception_distance"]
+    formula): FID on Inception pool features, the digit FD on the classifier's. tr (S1 S2)^(1/2) is the sum of the
+    square roots of S1 S2's eigenvalues; with S1 = B B^T (B = U diag(l)^(1/2) over S1's eigenvalues l > 0), they
+    are those of the symmetric r x r matrix B^T S2 B, r = rank S1: two symmetric eigensolves in place of
+    torch-fidelity's general eigvals of a 2048 x 2048 product (the same value, about 3x faster, and far faster
+    when S1 comes from fewer samples than features, so the samples' statistics go first)."""
+    def nonzero(e):        # a singular matrix's zero eigenvalues come out as round-off, ~1e-16 of the largest;
+        return e > max(e.max(), 0) * len(e) * np.finfo(np.float64).eps    # their square roots (1e-8) would add up
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    l, u = np.linalg.eigh(sigma1)
+    b = u[:, nonzero(l)] * np.sqrt(l[nonzero(l)])
+    e = np.linalg.eigvalsh(b.T @ sigma2 @ b)
+    roots = np.sqrt(e[nonzero(e)]).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * roots)
 
 
 def kid(gen, ref, subsets=100, subset_size=1000):
