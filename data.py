@@ -2,6 +2,8 @@
 when missing, with the official preprocessing) and folders of images; the checks that name a damaged file;
 a training run's batches, in an order fixed by (seed, epoch). torchvision and PIL are imported on use.
 """
+import contextlib
+import hashlib
 import math
 import os
 
@@ -67,9 +69,10 @@ def image_array(a, what, channels, image_size):
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8))
 
 
-def load_image_folder(path, channels, image_size, split=None, flag="--dataset-path"):
+def load_image_folder(path, channels, image_size, split=None, flag="--dataset-path", resize=True):
     """uint8 (N, C, H, W) of every image under `path` (recursively, sorted; to_8bit; resized and centre-cropped if
-    of another size); split='train' / 'test': all but every 20th / every 20th. An unreadable file stops it, named."""
+    of another size, or with resize=False, as for images to score, refused); split='train' / 'test': all but every
+    20th / every 20th. An unreadable file stops it, named."""
     from PIL import Image
     import torchvision.transforms.functional as TF
     if not os.path.isdir(path):
@@ -87,6 +90,10 @@ def load_image_folder(path, channels, image_size, split=None, flag="--dataset-pa
         except Exception as e:          # PIL raises OSError, SyntaxError, ValueError, ... by format
             raise DataError(f"{flag} {path}: {f} is not a readable image ({utils.first_line(e)}); "
                             "remove or replace it") from None
+        if img.size != (image_size, image_size) and not resize:
+            raise DataError(f"{flag} {path}: {os.path.relpath(f, path)} is {img.size[0]}x{img.size[1]}; this data set's images are "
+                            f"{image_size}x{image_size} and images to score are not resized: resize them, or pass "
+                            "the matching --dataset or checkpoint")
         if img.size != (image_size, image_size):
             img = TF.center_crop(TF.resize(img, image_size), image_size)
         images.append(TF.pil_to_tensor(img))
@@ -160,6 +167,10 @@ def spec(dataset, where="the checkpoint"):
     return DATASETS[dataset]
 
 
+# The folders under --data-root that torchvision makes for a download, deepest first.
+DOWNLOAD_FOLDERS = {"mnist": [("MNIST", "raw"), ("MNIST",), ()], "cifar10": [()], "celeba": [("celeba",), ()]}
+
+
 def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_flag=None):
     """uint8 images (N, C, H, W) of the train or test split: torchvision's MNIST / CIFAR10 / CelebA under
     data_root (downloaded when missing), or a folder of images (dataset_path)."""
@@ -167,6 +178,7 @@ def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_f
     if dataset_path:
         return load_image_folder(dataset_path, spec["channels"], spec["image_size"], "train" if train else "test")
     import torchvision
+    made = [f for f in (os.path.join(data_root, *sub) for sub in DOWNLOAD_FOLDERS[dataset]) if not os.path.isdir(f)]
     try:
         if dataset == "celeba":
             return load_celeba(data_root, train)
@@ -175,6 +187,9 @@ def load_images(dataset, train, data_root=DATA_ROOT, dataset_path=None, folder_f
         data = torchvision.datasets.CIFAR10(data_root, train=train, download=True).data      # (N, 32, 32, 3)
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
     except Exception as e:
+        for folder in made:          # the empty folders a failed download made (deepest first); files are kept
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         if damaged := damaged_files(dataset, data_root):
             raise DataError(damaged[0] + (f" ({len(damaged) - 1} more damaged)" if len(damaged) > 1 else "")) from None
         where = {"mnist": f"{os.path.join(data_root, 'MNIST', 'raw')}: train-images-idx3-ubyte.gz, "
@@ -199,6 +214,11 @@ def train_and_test(dataset, data_root, dataset_path, batch_size, rank=0, world=1
     if len(images[0]) < batch_size:
         raise DataError(f"the training set has {len(images[0])} images, fewer than one batch of {batch_size}")
     return images
+
+def identity(images):
+    """The count and a content digest (SHA-256 of the uint8 bytes, 16 hex digits) of images: what a checkpoint
+    records of its training data, so that a resume on other images is refused."""
+    return f"{len(images)} images, sha256 {hashlib.sha256(images.contiguous().numpy()).hexdigest()[:16]}"
 
 #----------------------------------------------------------------------------
 # Training batches of the training set (one uint8 tensor), in an order fixed by (seed, epoch).

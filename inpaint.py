@@ -188,7 +188,7 @@ def main(argv=None):
     if args.classifier and ck.dataset != "mnist":
         raise data.DataError("--classifier scores MNIST digits only; drop it for other data sets")
     def load():
-        return (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images")
+        return (data.load_image_folder(args.images, spec["channels"], spec["image_size"], flag="--images", resize=False)
                 if args.images else data.load_images(ck.dataset, False, args.data_root, folder_flag="--images"))
     images = utils.collective(load, rank, world, device)       # rank 0 first: it downloads what is missing
     images = (load() if rank else images)[:args.n_images]
@@ -200,14 +200,12 @@ def main(argv=None):
     mask_name = os.path.splitext(os.path.basename(args.mask))[0]
     out = args.out or os.path.join(OUT, utils.checkpoint_name(args.checkpoint))
     folder = os.path.join(out, f"{mask_name}_T{T}_seed{args.seed}_{settings['fingerprint'][:10]}")
-    if problem := utils.check_out(folder):
+    cache = args.classifier and metrics.check_classifier_cache(args.classifier_cache)
+    if problem := utils.check_out(folder) or cache:
         p.error(problem)
     print(f"{len(images)} images x {args.completions} completions, mask {args.mask} ({(~known).float().mean():.0%} "
           f"of the pixels to fill), {len(settings['sigmas'])} levels x T = {T}, step_lr {step_lr:.3g}")
     listing = lambda: done_images(folder, len(images), settings["fingerprint"])   # sets a damaged file aside
-    def prepare():
-        utils.remove_temporaries(folder)
-        listing()
     def finish(_):
         done = listing()                                # every rank's completions, from the files
         if missing := [i for i in range(len(images)) if i not in done]:
@@ -219,7 +217,7 @@ def main(argv=None):
         utils.save_json(result, os.path.join(folder, "metrics.json"))
         print(f"wrote {folder}/inpainting.png, completions.npz, metrics.json")
         return result
-    result = utils.shared_folder(folder, rank, world, device, prepare, listing,
+    result = utils.shared_folder(folder, rank, world, device, listing, listing,
                                  lambda done: inpaint(ck.model, images, known, settings, args.seed, args.batch_size,
                                                       device, folder, rank, world, done), finish)
     if world > 1:

@@ -215,15 +215,19 @@ def check(p, args, ck):
         p.error(f"--sigma-min {lo:g} must be below --sigma-max {hi:g}")
 
 
-def one_setting(args, ck, images, device, rank, world):
-    """The shards, summary and likelihood.json of one solver setting (args.steps one value)."""
+def setting(args, ck, images):
+    """(settings, fingerprint, folder) of one solver setting (args.steps one value)."""
     s = settings_of(args, ck)
     fp = utils.digest(ck.model.net.state_dict(), images, json.dumps(s, sort_keys=True))
     tag = f"{s['solver']}" + (f"_steps{s['steps']}" if s["steps"] else f"_rtol{s['rtol']:g}")
-    folder = os.path.join(args.out or os.path.join(OUT, utils.checkpoint_name(ck.path)),
-                          f"{tag}_{s['estimator']}_seed{s['seed']}_{fp[:10]}")
+    return s, fp, os.path.join(args.out or os.path.join(OUT, utils.checkpoint_name(ck.path)),
+                               f"{tag}_{s['estimator']}_seed{s['seed']}_{fp[:10]}")
+
+
+def one_setting(args, ck, images, device, rank, world):
+    """The shards, summary and likelihood.json of one solver setting (args.steps one value)."""
+    s, fp, folder = setting(args, ck, images)
     def prepare():
-        utils.remove_temporaries(folder)
         meta = os.path.join(folder, "settings.json")
         if not os.path.exists(meta):
             utils.save_json(dict(fingerprint=fp, settings=s, checkpoint=ck.path), meta)
@@ -280,10 +284,11 @@ def main(argv=None):
     images = (load() if rank else images)[:args.n]
     if len(images) < args.n:
         print(f"{len(images)} held-out images (of --n {args.n}): all of them")
-    results = []
-    for steps in args.steps:
-        args_one = argparse.Namespace(**{**vars(args), "steps": steps})
-        results.append(one_setting(args_one, ck, images, device, rank, world))
+    each = [argparse.Namespace(**{**vars(args), "steps": steps}) for steps in args.steps]
+    for problem in (utils.name_problem(setting(a, ck, images)[2], "the output folder") for a in each):
+        if problem:
+            raise utils.UserError(problem)                  # before any setting's work
+    results = [one_setting(a, ck, images, device, rank, world) for a in each]
     if rank == 0:
         for r in results:
             se = f" +- {r['bits_per_dim_se']:.4f}" if r["bits_per_dim_se"] is not None else ""

@@ -13,6 +13,7 @@ the digit classifier's IS, confident share and Frechet distance to held-out real
 """
 import startup  # noqa: F401  (first: a signal during the imports is one line and status 130)
 import functools
+import glob
 import math
 import os
 from typing import Callable, NamedTuple
@@ -45,18 +46,22 @@ SEED = 0                          # the classifier's training, and the per-level
 #----------------------------------------------------------------------------
 # Inception features, the Inception score and FID.
 
-def fid(mu1, sigma1, mu2, sigma2):
+def fid(mu1, sigma1, mu2, sigma2, feats1=None):
     """The Frechet distance ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two Gaussians of features (TTUR's
     formula): FID on Inception pool features, the digit FD on the classifier's. tr (S1 S2)^(1/2) is the sum of the
-    square roots of S1 S2's eigenvalues; with S1 = B B^T (B = U diag(l)^(1/2) over S1's eigenvalues l > 0), they
-    are those of the symmetric r x r matrix B^T S2 B, r = rank S1: two symmetric eigensolves in place of
-    torch-fidelity's general eigvals of a 2048 x 2048 product (the same value, about 3x faster, and far faster
-    when S1 comes from fewer samples than features, so the samples' statistics go first)."""
+    square roots of S1 S2's eigenvalues; with S1 = B B^T they are those of the symmetric matrix B^T S2 B: two
+    symmetric eigensolves in place of torch-fidelity's general eigvals of a 2048 x 2048 product (the same value,
+    about 3x faster), B = U diag(l)^(1/2) over S1's eigenvalues l > 0. Given feats1, the n < D features S1 was
+    computed from, B = C^T / (n - 1)^(1/2) of the centred features: one n x n eigensolve, none of D x D."""
     def nonzero(e):        # a singular matrix's zero eigenvalues come out as round-off, ~1e-16 of the largest;
         return e > max(e.max(), 0) * len(e) * np.finfo(np.float64).eps    # their square roots (1e-8) would add up
     mu1, sigma1, mu2, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
-    l, u = np.linalg.eigh(sigma1)
-    b = u[:, nonzero(l)] * np.sqrt(l[nonzero(l)])
+    if feats1 is not None and 1 < len(feats1) < len(mu1):
+        c = np.asarray(feats1, dtype=np.float64)
+        b = (c - c.mean(0)).T / np.sqrt(len(c) - 1)
+    else:
+        l, u = np.linalg.eigh(sigma1)
+        b = u[:, nonzero(l)] * np.sqrt(l[nonzero(l)])
     e = np.linalg.eigvalsh(b.T @ sigma2 @ b)
     roots = np.sqrt(e[nonzero(e)]).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * roots)
@@ -178,7 +183,7 @@ def reference_stats(opts, dataset, net, device):
     if opts.ref and opts.ref.endswith(".npz"):
         return (*read_stats(opts.ref), f"statistics {opts.ref}")
     if opts.ref:
-        images = data.load_image_folder(opts.ref, spec["channels"], spec["image_size"], flag="--ref")
+        images = data.load_image_folder(opts.ref, spec["channels"], spec["image_size"], flag="--ref", resize=False)
         label = f"folder {opts.ref}"
     else:
         images = data.load_images(dataset, True, opts.data_root, folder_flag="--ref")
@@ -208,8 +213,9 @@ def inception_scorer(opts, dataset, device):
     def score(batches):
         mu, sigma, logits, feats = streamed_stats(net, batches, device)
         is_mean, is_std = inception_score(logits) if data.DATASETS[dataset]["channels"] == 3 else (None, None)
-        out = dict(inception_score_mean=is_mean, inception_score_std=is_std, fid=fid(mu, sigma, mu_ref, sigma_ref),
-                   fid_reference=label, **(kid_precision_recall(feats, feats_ref) if feats_ref is not None else {}))
+        every = feats if len(feats) == len(logits) else None           # all the samples' features: fid's n < D route
+        out = dict(inception_score_mean=is_mean, inception_score_std=is_std,
+                   fid=fid(mu, sigma, mu_ref, sigma_ref, every), fid_reference=label, **(kid_precision_recall(feats, feats_ref) if feats_ref is not None else {}))
         return out if is_mean is not None else dict(out, note="the paper reports no Inception score or FID for "
                                                               f"MNIST; FID against {label}")
     return score
@@ -250,6 +256,12 @@ def predict(net, images, device, batch_size=500):
     """(p(y|x) (N, 10), features (N, 128)), float64 on the CPU, of uint8 digits."""
     logits, feats = batched(lambda x: net(x.to(device).float() / 255), images, batch_size)
     return logits.softmax(1), feats
+
+
+def check_classifier_cache(cache, flag="--classifier-cache"):
+    """None when the classifier's cache folder holds weights to read, or can be written once they are trained;
+    else why not, in one line (checked before the training and the sampling, not after)."""
+    return None if glob.glob(os.path.join(glob.escape(cache), "classifier_*.pt")) else utils.check_out(cache, flag)
 
 
 def load_or_train(data_root, device, cache=CLASSIFIER_CACHE):
@@ -295,7 +307,7 @@ class DigitScorer:
         py = probs.mean(0, keepdim=True)
         kl = (probs * (probs.clamp_min(1e-30).log() - py.clamp_min(1e-30).log())).sum(1).mean()
         f = feats.numpy()
-        fd = fid(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma)
+        fd = fid(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma, f)
         return dict(classifier_is=kl.exp().item(),
                     confident_share=(probs.max(1).values > CONFIDENT).double().mean().item(),
                     class_histogram=torch.bincount(probs.argmax(1), minlength=10).tolist(), frechet_distance=float(fd),
@@ -434,6 +446,8 @@ def check_flags(p, args, out):
             p.error(str(err))
     if args.ref_cache and (problem := utils.check_out(args.ref_cache, "--ref-cache")):
         p.error(problem)
+    if "classifier" in args.metrics and (problem := check_classifier_cache(args.classifier_cache)):
+        p.error(problem)
     args.ref_cache = args.ref_cache or os.path.join(out, "ref_stats")
 
 
@@ -452,7 +466,7 @@ def read_images(path, dataset):
     if os.path.isfile(os.path.join(path, "samples.json")):
         return data.image_array(sample.read_folder(path, "--images").numpy(), f"--images {path}",
                                 spec["channels"], spec["image_size"])
-    return data.load_image_folder(path, spec["channels"], spec["image_size"], flag="--images")
+    return data.load_image_folder(path, spec["channels"], spec["image_size"], flag="--images", resize=False)
 
 
 @utils.command()

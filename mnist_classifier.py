@@ -53,6 +53,8 @@ def main(argv=None):
                    help="also score disjoint sets of N real test-split digits (up to --sets of each N)")
     p.add_argument("--sets", type=utils.positive_int, default=10, help="--counts: the most sets of each count")
     args = p.parse_args(argv)
+    if problem := metrics.check_classifier_cache(args.cache, "--cache"):
+        p.error(problem)
     if args.counts:                                             # refused before the classifier is trained
         digits = data.load_images("mnist", False, args.data_root)
         if bad := [c for c in args.counts if not 4 <= c <= len(digits)]:    # precision and recall need k + 1 = 4

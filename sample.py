@@ -135,8 +135,8 @@ class StaleSamples(utils.UserError):
 
 
 def open_folder(folder, fp, settings, ck):
-    """Create the samples folder or check that it holds samples of this fingerprint; remove the
-    temporary files of a killed writer and set a damaged samples.json aside."""
+    """Create the samples folder or check that it holds samples of this fingerprint; set a damaged samples.json
+    aside."""
     meta = os.path.join(folder, "samples.json")
     record = settings.record()
     old = utils.whole_or_none(utils.read_json, meta) if os.path.exists(meta) else None
@@ -145,7 +145,6 @@ def open_folder(folder, fp, settings, ck):
         raise StaleSamples(f"{folder} holds samples made with other {', '.join(what)}; "
                            "use another --out, or delete that folder")
     os.makedirs(folder, exist_ok=True)
-    utils.remove_temporaries(folder)
     if old is None:
         utils.save_json(dict(fingerprint=fp, settings=record, checkpoint=ck.path, ema=ck.ema, step=ck.step), meta)
 

@@ -180,17 +180,18 @@ def langevin_plan(entry, ck, nfe, sigma_max, given):
 def levels_bought(schedule):
     """The plan of a sampler of one or two evaluations a level: an nfe budget buys as many levels as it
     pays for (all the trained ones without a budget), on schedule(n, sigma_min, sigma_max) for a
-    network that takes any sigma, else on n of its trained levels (trained_subset; no churn there)."""
+    network that takes any sigma, else on n of its trained levels (trained_subset; a budget above them
+    buys them all; no churn there)."""
     def plan(entry, ck, nfe, sigma_max, given):
         defaults = settings(entry.run)
         given = {k: v for k, v in given.items() if v != defaults[k]}    # a default given is the default's setting
         n = max([k for k in range(1, nfe + 1) if entry.nfe(k, **given) <= nfe] or [1]) if nfe else len(ck.sigmas)
         if sigma_max is not None and (not ck.any_sigma or sigma_max <= ck.sigma_end):
             raise _sigma_max_refused(ck, sigma_max)
-        if not ck.any_sigma and (n > len(ck.sigmas) or given.get("s_churn")):
-            what = "with churn" if given.get("s_churn") else f"on {n} levels"
-            raise Refused(f"{what} needs a scale-conditioned network (--recipe ncsnv2); this one knows its "
+        if not ck.any_sigma and given.get("s_churn"):
+            raise Refused(f"with churn needs a scale-conditioned network (--recipe ncsnv2); this one knows its "
                           f"{len(ck.sigmas)} levels only")
+        n = n if ck.any_sigma else min(n, len(ck.sigmas))
         levels = (schedule(n, ck.sigma_end, sigma_max or ck.sigma_begin) if ck.any_sigma
                   else trained_subset(ck.sigmas, n))
         return levels, given

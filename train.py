@@ -332,17 +332,21 @@ def start(cfg):
     measure = state is None and (cfg.conditioning == "continuous" or cfg.sigma_data == "auto")   # else unused
     pixels = data.pixel_stats(train_images) if measure else (math.nan, math.nan)          # or the checkpoint's
     cfg, auto = resolve_auto(cfg, train_images, device, state, say, pixels)
-    model_args = train_io.network_args(cfg)
+    model_args, data_id = train_io.network_args(cfg), data.identity(train_images)
     if state is not None:          # a setting newer than the checkpoint: the paper's recipe's value, or its default
         default = {**dataclasses.asdict(TrainConfig()), **RECIPES["ncsn"]}.get
-        train_io.check_resume(state, cfg, model_args, MAY_CHANGE, default)
+        train_io.check_resume(state, cfg, model_args, data_id, MAY_CHANGE, default)
     train_io.figure_settings(cfg)                                   # refused now, not after hours of training
     steps_per_epoch = len(train_images) // cfg.batch_size
     total_steps, limit = run_length(cfg, steps_per_epoch)
+    step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
+    if step >= total_steps:        # a resumed run at its target already: nothing is trained or rewritten
+        say(f"{cfg.out}/checkpoint.pt is at step {step:,}, the target ({limit}) is step {total_steps:,}: nothing to "
+            "train, nothing rewritten; raise --iters or --epochs to train on")
+        return types.SimpleNamespace(step=step, total_steps=total_steps)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
     raw, model, ema, opt = train_io.build(cfg, model_args, sigmas, state, world, pixels[0])   # the Denoiser's mu
-    step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
     log = train_io.MetricsLog(os.path.join(cfg.out, "metrics.csv"), step, rank == 0, cfg.batch_size, world)
     if rank == 0:
         train_io.save_config(cfg, os.path.join(cfg.out, "config.json"), world_size=world, device_used=str(device),
@@ -357,13 +361,15 @@ def start(cfg):
         cfg=cfg, rank=rank, world=world, device=device, say=say, sigmas=sigmas, loss=objective(cfg), log=log,
         train_images=train_images, test_images=test_images, raw=raw, model=model, ema=ema, opt=opt,
         step=step, epoch=epoch, pos=pos, total_steps=total_steps, last_saved=step if state else None,
-        parts=dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg))    # of every checkpoint
+        parts=dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg, data=data_id))    # of every checkpoint
 
 
 def train(cfg):
     """Train a RefineNet with annealed DSM as `cfg` (a resolved TrainConfig) says.
     Returns (final step, the name of the signal that stopped the run, or None)."""
     r = start(cfg)
+    if r.step >= r.total_steps:                         # at its target already (start said so)
+        return r.step, None
     try:
         return loop(r)
     finally:

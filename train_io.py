@@ -127,14 +127,14 @@ def read_metrics(path, upto, set_damaged_aside=False):
     return rows
 
 
-def save_checkpoint(step, epoch, pos, numbered, *, net, ema, opt, model_args, cfg):
+def save_checkpoint(step, epoch, pos, numbered, *, net, ema, opt, model_args, cfg, data):
     """<cfg.out>/checkpoint.pt, the latest: everything resume needs; when numbered also checkpoint_<step>.pt, the
     same bytes (a hard link; a copy where links are not supported)."""
     out, path = cfg.out, os.path.join(cfg.out, "checkpoint.pt")
     try:
         checkpoints.write_checkpoint(dict(model=net.state_dict(), ema=ema and ema.state_dict(),
                                           optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
-                                          model_args=model_args, config=dataclasses.asdict(cfg),
+                                          model_args=model_args, config=dataclasses.asdict(cfg), data=data,
                                           rng=dict(torch=torch.get_rng_state())), path)
         if numbered:
             with utils.atomic_path(os.path.join(out, f"checkpoint_{step}.pt")) as tmp:
@@ -238,10 +238,15 @@ def resume_state(cfg):
     return state
 
 
-def check_resume(state, cfg, model_args, may_change, default):
-    """Refuse to continue a checkpoint of another model or of other settings (all but `may_change`;
-    default(name): a setting's value when the checkpoint predates it)."""
+def check_resume(state, cfg, model_args, data_id, may_change, default):
+    """Refuse to continue a checkpoint of another model, of other training images (data.identity; a checkpoint that
+    predates the record is not checked) or of other settings (all but `may_change`; default(name): a setting's value
+    when the checkpoint predates it)."""
     path, old = os.path.join(cfg.out, "checkpoint.pt"), state["model_args"]
+    if state.get("data", data_id) != data_id:
+        source = f"--dataset-path {cfg.dataset_path}" if cfg.dataset_path else f"--data-root {cfg.data_root}"
+        raise TrainError(f"{path} was trained on {state['data']}; {source} now holds {data_id}: resume on the same "
+                         "images, or train into another --out")
     if old != model_args:
         diff = ", ".join(f"{k} {old.get(k)} (flags: {v})" for k, v in model_args.items() if old.get(k) != v)
         raise TrainError(f"{path} holds a different model: {diff}; resume with the same settings or another --out")

@@ -179,6 +179,14 @@ def is_out_of_memory(e):
     return isinstance(e, torch.OutOfMemoryError) or bool(re.search(r"out of memory|can't allocate memory", str(e)))
 
 
+def is_lost_peer(e):
+    """Whether an exception is a collective failing because another process of a torchrun run has gone (killed,
+    or ended by its own error): gloo's connection closed or reset, NCCL's communicator aborted or timed out."""
+    lost = r"[Cc]onnection (closed|reset) by peer|Broken pipe|communicator was aborted|[Tt]imed out"
+    return torch.distributed.is_initialized() and (isinstance(e, torch.distributed.DistError) or
+                                                   bool(re.search(lost, str(e))))
+
+
 def first_line(e):
     """An exception's message cut to its first line (120 characters), for one-line errors."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
@@ -414,15 +422,15 @@ def collective(work, rank, world, device, everyone=False):
 
 
 def shared_folder(folder, rank, world, device, prepare, listing, work, finish):
-    """The one way one or several processes fill an output folder: rank 0 takes it (its lock, then prepare(): set
-    damaged files aside), every rank lists what is there (listing()) and none writes before all have, every rank
-    does its share (work(listed)), then rank 0 alone returns finish(work's value); None on the other ranks. A
-    failure on any rank stops every rank (collective)."""
-    if problem := name_problem(folder, "the output folder"):
-        raise UserError(problem)
+    """The one way one or several processes fill an output folder (its name checked by the caller, name_problem,
+    before any folder's work): rank 0 takes it (its lock; the temporary files of a killed writer removed; then
+    prepare(): set damaged files aside), every rank lists what is there (listing()) and none writes before all
+    have, every rank does its share (work(listed)), then rank 0 alone returns finish(work's value); None on the
+    other ranks. A failure on any rank stops every rank (collective)."""
     with contextlib.ExitStack() as held:
         def take():
             held.enter_context(folder_lock(folder))
+            remove_temporaries(folder)
             prepare()
         collective(take, rank, world, device)
         listed = collective(listing, rank, world, device, everyone=True)
@@ -449,7 +457,7 @@ def leave_group_if_unhandled(e):
     after the group was joined) still leaves the process group before the process ends: without it gloo can abort
     the interpreter, and the other ranks learn nothing."""
     handled = (KeyboardInterrupt, UserError, OSError)
-    if not torch.distributed.is_initialized() or isinstance(e, handled) or is_out_of_memory(e):
+    if not torch.distributed.is_initialized() or isinstance(e, handled) or is_out_of_memory(e) or is_lost_peer(e):
         return
     if isinstance(e, SystemExit):
         dist_exit(e.code if isinstance(e.code, int) else 1, barrier=False)
@@ -490,9 +498,9 @@ def command(oom="use a smaller --batch-size"):
     `timeout`) and SIGHUP (a closed terminal or ssh session) are met like Ctrl-C, and any of them that
     the script does not handle itself ends it with one line and status 130 (later ones ignored
     meanwhile); a UserError or a failed write (OSError) is one line and status 1, as is running out
-    of memory, with `oom` as the fix. Flag errors stay argparse's (status 2); a stopped training exits 3
-    itself. Every file is written atomically, so what was written before is whole.
-    Under torchrun the process leaves its group before it exits. The signal handlers are restored
+    of memory, with `oom` as the fix, and a torchrun process whose peer has gone. Flag errors stay argparse's
+    (status 2); a stopped training exits 3 itself. Every file is written atomically, so what was written
+    before is whole. Under torchrun the process leaves its group before it exits. The signal handlers are restored
     when main returns (tests call main in-process), except startup.py's: a script is then ending,
     and a signal during its exit is ignored rather than reported as one "while starting"."""
     def wrap(main):
@@ -518,9 +526,13 @@ def command(oom="use a smaller --batch-size"):
             except OSError as e:
                 message = f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
             except RuntimeError as e:
-                if not is_out_of_memory(e):
+                if is_lost_peer(e):
+                    message = (f"error: another process of this torchrun run has gone ({first_line(e)[:80]}); files "
+                               "written before are whole: run the command again (training: with --resume)")
+                elif is_out_of_memory(e):
+                    message = f"error: out of memory ({first_line(e)[:80]}); {oom}"
+                else:
                     raise
-                message = f"error: out of memory ({first_line(e)[:80]}); {oom}"
             finally:
                 for s, h in old.items():
                     signal.signal(s, signal.SIG_IGN if h is startup.quit_while_starting else h)
@@ -540,8 +552,9 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    """SIGINT / SIGTERM / SIGHUP set `name`; the loop then finishes its step, saves and exits (a second
-    signal takes the default action). A context manager that restores the old handlers."""
+    """SIGINT / SIGTERM / SIGHUP set `name`; the loop then finishes its step, saves and exits. Later signals are
+    ignored, so that none cuts the checkpoint or the closing line short. A context manager that restores the old
+    handlers."""
 
     def __init__(self):
         self.name, self.old = None, {}
@@ -555,8 +568,7 @@ class StopSignal:
             signal.signal(s, h)
 
     def _handle(self, signum, frame):
-        self.name = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
+        self.name = self.name or signal.Signals(signum).name
 
     def check(self, *args):
         """A sampler callback: stop sampling at once when a signal came."""

@@ -120,6 +120,8 @@ def test_fid_equals_the_gram_matrix_formula_when_there_are_fewer_samples_than_fe
     want = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * roots
     assert metrics.fid(m1, s1, m2, s2) == pytest.approx(want, rel=1e-9)
     assert metrics.fid(m2, s2, m1, s1) == pytest.approx(want, rel=1e-9)         # either set first
+    assert metrics.fid(m1, s1, m2, s2, x1) == pytest.approx(want, rel=1e-9)     # from the features S1 came from
+    assert metrics.fid(m2, s2, m1, s1, x2) == pytest.approx(want, rel=1e-9)
     official = fid_statistics_to_metric(dict(mu=m1, sigma=s1), dict(mu=m2, sigma=s2), False)
     assert official["frechet_inception_distance"] == pytest.approx(want, rel=1e-5)
 

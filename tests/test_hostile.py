@@ -1,6 +1,7 @@
 """Bad values for flags that every script shares: refused with status 2 and one line, before any file
 is written (with tests/test_battery.py)."""
 import contextlib
+import glob
 import importlib
 import json
 import os
@@ -195,25 +196,51 @@ def test_bench_and_toy_refuse_in_one_line(tmp_path, capsys, monkeypatch):
         bench.main(["--batch-size", "4", "--device", "cpu", "--configs", "mnist"])
 
 
-@pytest.mark.parametrize("sig, twice", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGHUP, False),
-                                        (signal.SIGTERM, True)])
-def test_a_signal_outside_a_script_s_own_handling_is_one_line_and_130(sig, twice, digits, tmp_path):
-    """inpaint.py had no handling at all (a KeyboardInterrupt traceback; SIGTERM: status 143). SIGHUP (a closed
-    terminal) is met the same way, and a second signal while the first is handled changes nothing."""
+def interrupted(proc, signals):
+    """Send `signals` to a running script, 1 ms apart; assert its one line and status 130. Returns its stderr."""
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.001)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == utils.EXIT_INTERRUPTED and "Traceback" not in err, err[-2000:]
+    assert [line for line in err.splitlines() if line.startswith("interrupted by")] == \
+        [f"interrupted by {signals[0].name}: files written before are whole; the same command continues where it can"]
+    return err
+
+
+SIGNALS = [[signal.SIGINT], [signal.SIGTERM], [signal.SIGHUP], [signal.SIGTERM, signal.SIGTERM],
+           [signal.SIGINT, signal.SIGTERM]]
+
+
+@pytest.mark.parametrize("signals", SIGNALS[:2], ids=lambda s: "-".join(x.name for x in s))
+def test_a_signal_outside_a_script_s_own_handling_is_one_line_and_130(signals, digits, tmp_path):
+    """inpaint.py had no handling at all (a KeyboardInterrupt traceback; SIGTERM: status 143). The other cases
+    (SIGHUP, a second signal while the first is handled) go through the same wrapper: sample.py's and evaluate.py's
+    test below."""
     proc = subprocess.Popen([sys.executable, "inpaint.py", "--checkpoint", CHECKPOINT, "--data-root", digits,
                              "--n-images", "2", "--completions", "2", "--steps-each", "100000", "--device", "cpu",
                              "--out", str(tmp_path / "i")], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert "completions, mask" in proc.stdout.readline()               # start-up done: it is sampling
     time.sleep(1.0)
-    proc.send_signal(sig)
-    if twice:
-        time.sleep(0.001)
-        proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == utils.EXIT_INTERRUPTED and "Traceback" not in err, err[-2000:]
-    assert [line for line in err.splitlines() if line.startswith("interrupted by")] == \
-        [f"interrupted by {sig.name}: files written before are whole; the same command continues where it can"]
+    interrupted(proc, signals)
+
+
+@pytest.mark.parametrize("script, flags", [("sample.py", []), ("evaluate.py", ["--metrics", "none"])])
+@pytest.mark.parametrize("signals", SIGNALS[2:], ids=lambda s: "-".join(x.name for x in s))
+def test_a_signal_while_sampling_is_one_line_and_130_and_keeps_the_folder(script, flags, signals, tmp_path):
+    """sample.py and evaluate.py met by a closed terminal, two SIGTERMs, Ctrl-C then SIGTERM while sampling."""
+    proc = subprocess.Popen([sys.executable, script, "--checkpoint", CHECKPOINT, "--n", "2", "--batch-size", "1",
+                             "--steps-each", "100000", "--device", "cpu", "--out", str(tmp_path / "s"), *flags],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "s" / "**" / "samples.json"), recursive=True):   # sampling has begun
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.1)
+    time.sleep(0.5)
+    interrupted(proc, signals)
+    [meta] = glob.glob(str(tmp_path / "s" / "**" / "samples.json"), recursive=True)
+    assert "fingerprint" in json.loads(open(meta).read())           # the folder a rerun continues, whole
 
 
 def test_the_one_wrapper_meets_sigterm_like_ctrl_c_and_user_errors_in_one_line(capsys):

@@ -1,7 +1,9 @@
 """One reader per kind of user file (issue 30.1): image arrays in documented dtypes, ranges and layouts only, checked
 against the data set's size and channels; a sample folder read as sample.py reads it. Each refusal is one line
 that names the problem and the fix."""
+import argparse
 import os
+import re
 
 import numpy as np
 import pytest
@@ -121,3 +123,50 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch)
         assert "longer than the file system's 255; give a shorter --out" in last, said
     for root in ("runs/eval", "runs/inpaint"):               # the folder names were refused before any was made
         assert not any(d for _, d, _ in os.walk(tmp_path / root))
+
+
+def test_an_unwritable_classifier_cache_is_refused_before_any_training_or_sampling(tmp_path, capsys, monkeypatch):
+    """--classifier-cache (metrics.py, evaluate.py, inpaint.py) and mnist_classifier.py's --cache that cannot hold
+    the weights once trained: one line before the classifier is trained or any sample made."""
+    import inpaint
+    import mnist_classifier
+    from conftest import write_mnist
+    trained = []
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a: trained.append(a))
+    (tmp_path / "file").write_text("")
+    bad, root = str(tmp_path / "file"), write_mnist(str(tmp_path / "data"), n_train=4, n_test=4)
+    np.savez(tmp_path / "x.npz", images=IMAGES.numpy())
+    for main, args in [
+            (metrics.main, ["--images", str(tmp_path / "x.npz"), "--metrics", "classifier", "--data-root", root]),
+            (evaluate.main, ["--checkpoint", CHECKPOINT, "--n", "2", "--metrics", "classifier", "--data-root", root,
+                             "--out", str(tmp_path / "e")]),
+            (inpaint.main, ["--checkpoint", CHECKPOINT, "--classifier", "--n-images", "1", "--data-root", root,
+                            "--out", str(tmp_path / "i")]),
+            (mnist_classifier.main, ["--data-root", root])]:
+        flag = "--cache" if main is mnist_classifier.main else "--classifier-cache"
+        with pytest.raises(SystemExit) as e:
+            main([*args, flag, bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{flag} {bad} is a file, not a folder" in err and not trained, err
+    assert not (tmp_path / "e").exists() and not any(f for _, _, f in os.walk(tmp_path / "i"))
+
+
+def test_folders_of_images_to_score_are_refused_at_another_size_and_training_resizes(tmp_path, capsys):
+    """A folder of 32x32 images for MNIST: --images of metrics.py and inpaint.py, and --ref, refuse it in one line
+    (a score of resized images would pass for one of the images given); --dataset-path resizes, as documented."""
+    from PIL import Image
+    import inpaint
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    message = ": 0.png is 32x32; this data set's images are 28x28 and images to score are not resized"
+    for main, args in [(metrics.main, ["--images", str(folder), "--metrics", "none"]),
+                       (inpaint.main, ["--checkpoint", CHECKPOINT, "--images", str(folder), "--device", "cpu",
+                                       "--out", str(tmp_path / "i")])]:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert str(e.value).startswith("error: --images") and message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match=re.escape(f"--ref {folder}{message}")):
+        metrics.reference_stats(argparse.Namespace(ref=str(folder)), "mnist", None, "cpu")
+    assert data.load_images("mnist", True, dataset_path=str(folder)).shape == (2, 1, 28, 28)

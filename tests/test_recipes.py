@@ -233,21 +233,24 @@ def test_both_recipes_evaluate_with_the_classifier_and_a_sweep_figure(mnist_root
     sig = r["sampler"]["sigmas"]
     assert r["nfe"] == 7 and len(sig) == 7 and sig[0] == pytest.approx(results[-1]["sampler"]["sigmas"][0])
     assert sample.collect(r["folder"], 4).float().std() > 0
-    with pytest.raises(SystemExit, match="needs a scale-conditioned network"):
-        evaluate.main(["--checkpoint", paths[0], "--metrics", "none", "--sampler", "ancestral", "--nfe", "7",
-                       "--out", str(tmp_path / "a8"), "--device", "cpu"])
+    [r] = evaluate.main(["--checkpoint", paths[0], "--n", "2", "--batch-size", "2", "--metrics", "none",
+                         "--sampler", "ancestral", "--nfe", "7", "--out", str(tmp_path / "a8"), "--device", "cpu"])
+    assert r["nfe"] == 4 and len(r["sampler"]["sigmas"]) == 4       # a budget above the 4 trained levels buys them
+    with pytest.raises(SystemExit, match="with churn needs a scale-conditioned network"):
+        evaluate.main(["--checkpoint", paths[0], "--metrics", "none", "--sampler", "heun", "--s-churn", "10",
+                       "--out", str(tmp_path / "a9"), "--device", "cpu"])
     # in a grid of both, the combination that does not apply is skipped with a line, the rest is done
-    grid = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "als", "ancestral",
-                          "--nfe", "7",
+    grid = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "als", "heun",
+                          "--s-churn", "10", "--nfe", "7",
                           "--out", str(tmp_path / "a"), "--device", "cpu"])
     assert [(r["checkpoint"] == paths[1], r["sampler"]["name"]) for r in grid] == [
-        (False, "als"), (True, "als"), (True, "ancestral")]
+        (False, "als"), (True, "als"), (True, "heun")]
     assert "skipped: " in capsys.readouterr().out
     auto = evaluate.main(["--checkpoint", *paths, "--n", "4", "--metrics", "none", "--sampler", "auto", "--nfe", "7",
                           "--out", str(tmp_path / "a"), "--device", "cpu"])        # each network's better sampler
     assert [(r["sampler"]["name"], r["sampler"].get("s_churn")) for r in auto] == [("als", None), ("heun", 10.0)]
     assert "skipped" not in capsys.readouterr().out
-    assert [r["samples_made_now"] for r in auto] == [0, 4]              # the grid's als samples, reused
+    assert [r["samples_made_now"] for r in auto] == [0, 0]              # the grid's als and heun samples, reused
     [big] = evaluate.main(["--checkpoint", paths[1], "--n", "2", "--metrics", "none", "--sampler", "auto", "--nfe",
                            "300", "--out", str(tmp_path / "a" / "ncsnv2_checkpoint"), "--device", "cpu"])
     assert big["sampler"]["name"] == "als" and big["nfe"] <= 300                 # beyond heun's measured range
@@ -307,12 +310,14 @@ def test_the_figures_sampler_is_refused_before_training_and_may_change_on_resume
     out = tmp_path / "run"
     args = [*TINY, "--data-root", mnist_root, "--out", str(out), "--n-samples", "2", "--steps-each", "1"]
     for flags, named in [(["--sampler", "heun", "--s-churn", "10"], "with churn needs a scale-conditioned network"),
-                         (["--sampler", "heun", "--nfe", "40"], "on 20 levels needs a scale-conditioned network"),
                          (["--nfe", "5"], "--nfe 5 is too few for --sampler als")]:
         with pytest.raises(SystemExit) as e:
             train_mnist.main([*args, "--iters", "1", *flags])
         assert named in str(e.value) and "change --sampler, --nfe or --s-churn" in str(e.value)
         assert not (out / "checkpoint.pt").exists() and "\n" not in str(e.value)
+    train_mnist.main([*args, "--iters", "1", "--sampler", "heun", "--nfe", "40"])    # all 10 levels (19 evaluations)
+    assert json.loads((out / "config.json").read_text())["nfe"] == 40
+    os.remove(out / "checkpoint.pt")
     train_mnist.main([*args, "--iters", "1", "--sampler", "heun", "--nfe", "9"])     # 5 of the 10 levels
     assert train_mnist.main([*args, "--iters", "2", "--resume", "--sampler", "dpmpp2m", "--nfe", "10"]) == 2
     cfg = json.loads((out / "config.json").read_text())

@@ -223,7 +223,9 @@ def test_norm_conditioned_networks_step_only_on_their_trained_levels():
     heun = sample.sampler_settings("heun", ck, 0)
     assert heun.nfe == 19 and heun.sigmas == tuple(trained.tolist())        # Heun over the 10 levels: 19 NFE
     assert sample.sampler_settings("heun", ck, 0, nfe=9).nfe == 9             # 5 of them
-    for name, nfe, churn in [("heun", 35, None), ("heun", 19, 10.0), ("als", 5, None)]:
+    assert sample.sampler_settings("heun", ck, 0, nfe=35).sigmas == heun.sigmas     # a budget above them: all 10
+    assert sample.sampler_settings("ancestral", ck, 0, nfe=11).nfe == 10
+    for name, nfe, churn in [("heun", 19, 10.0), ("als", 5, None)]:
         with pytest.raises(sample.Inapplicable):
             sample.sampler_settings(name, ck, 0, nfe=nfe, s_churn=churn)
 

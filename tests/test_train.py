@@ -239,9 +239,11 @@ def test_ddp_two_processes_equal_one_process(small_mnist, tmp_path):
     assert loss_column(tmp_path / "one") == pytest.approx(loss_column(tmp_path / "two"), rel=1e-5)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_writes_a_loadable_checkpoint(sig, small_mnist, tmp_path):
-    """A pre-emption (SIGTERM) or a closed terminal (SIGHUP): the step ends, the checkpoint is written, status 3."""
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGHUP], [signal.SIGTERM, signal.SIGTERM],
+                                     [signal.SIGINT, signal.SIGTERM]], ids=lambda s: "-".join(x.name for x in s))
+def test_sigterm_writes_a_loadable_checkpoint(signals, small_mnist, tmp_path):
+    """A pre-emption (SIGTERM) or a closed terminal (SIGHUP): the step ends, the checkpoint is written, status 3; a
+    second signal while the first is handled is ignored (it would cut the checkpoint and the message short)."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train_mnist.py", *TINY, "--data-root", small_mnist, "--out", str(out),
                              "--batch-size", "16", "--iters", "100000"], cwd=ROOT,
@@ -250,10 +252,12 @@ def test_sigterm_writes_a_loadable_checkpoint(sig, small_mnist, tmp_path):
     while not ((out / "metrics.csv").exists() and len(loss_column(out)) >= 3):   # rows come every 10 steps
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.2)
-    proc.send_signal(sig)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.05)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == train.EXIT_STOPPED, output[-2000:]          # "stopped, resume me"
-    assert f"stopped by {sig.name}" in output
+    assert f"stopped by {signals[0].name}" in output
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] >= 3 and ck["step"] == len(loss_column(out))
     assert checkpoints.load(out / "checkpoint.pt").step == ck["step"]
@@ -274,6 +278,39 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step(small_mnist, tmp_pa
     assert "stopped by SIGTERM" in output
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] % train.LOG_EVERY == 0 and ck["step"] == len(loss_column(out)) >= 10
+
+
+def torchrun_worker(launcher, rank):
+    """The pid of torchrun's worker process of `rank` (a child of the launcher with RANK=rank in its environment)."""
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in env:
+            return pid
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc (Linux)")
+def test_a_rank_killed_under_torchrun_leaves_the_survivor_one_line_and_the_checkpoint(small_mnist, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_mnist.py",
+               *TINY, "--data-root", small_mnist, "--out", str(out), "--batch-size", "16", "--iters", "100000",
+               "--snapshot-every", "5"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / "checkpoint_10.pt").exists()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    os.kill(torchrun_worker(proc.pid, 1), signal.SIGKILL)
+    output, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert "another process of this torchrun run has gone" in output and "with --resume" in output, output[-3000:]
+    assert f"{os.sep}train.py\", line" not in output, output[-3000:]      # no traceback of the survivor's
+    ck = checkpoints.load(out / "checkpoint.pt")
+    assert ck.step >= 10 and ck.step % 5 == 0
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_mnist, tmp_path, monkeypatch):
@@ -306,6 +343,44 @@ def test_resume_refuses_another_model_and_overwrite(small_mnist, tmp_path):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_at_its_target_says_so_in_one_line_and_rewrites_nothing(small_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "3") == 3
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    capsys.readouterr()
+    for target in (["--iters", "2"], ["--iters", "3"]):
+        assert run(train_mnist, small_mnist, out, "--batch-size", "16", *target, "--resume") == 3
+        said = capsys.readouterr().out
+        assert said.count("\n") == 1 and f"is at step 3, the target (--iters {target[1]}) is step {target[1]}: " \
+            "nothing to train, nothing rewritten" in said and "training to step" not in said, said
+        assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_resume_on_other_training_images_is_refused(small_mnist, tmp_path):
+    from PIL import Image
+    import numpy as np
+    out, other = tmp_path / "run", write_mnist(str(tmp_path / "other"), seed=1)     # as many images, other digits
+    run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "1")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["data"] == data.identity(
+        data.load_images("mnist", True, small_mnist))
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"trained on 64 images, sha256 [0-9a-f]{16}; --data-root .*other now holds "
+                                         r"64 images, sha256 [0-9a-f]{16}: resume on the same images"):
+        run(train_mnist, other, out, "--batch-size", "16", "--iters", "2", "--resume")
+    assert run(train_mnist, small_mnist, out, "--batch-size", "16", "--iters", "2", "--resume") == 2  # the same: on
+    assert (out / "checkpoint.pt").read_bytes() != before
+    # a --dataset-path folder whose images changed since the checkpoint
+    folder, out = tmp_path / "imgs", tmp_path / "folder_run"
+    folder.mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((28, 28), 10 * i, np.uint8)).save(folder / f"{i:02d}.png")
+    train_mnist.main(["--dataset-path", str(folder), "--out", str(out), *TINY, "--batch-size", "4", "--iters", "1"])
+    Image.fromarray(np.full((28, 28), 7, np.uint8)).save(folder / "05.png")          # a training image (00: test)
+    with pytest.raises(SystemExit, match=r"trained on 19 images, sha256 .*; --dataset-path .*imgs now holds 19 images"):
+        train_mnist.main(["--dataset-path", str(folder), "--out", str(out), *TINY, "--batch-size", "4", "--iters",
+                          "2", "--resume"])
+
+
 def test_missing_data_offline_gives_one_line(tmp_path, monkeypatch):
     import torchvision.datasets.mnist as mnist
     def offline(*a, **k):
@@ -316,6 +391,13 @@ def test_missing_data_offline_gives_one_line(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and os.path.join("empty", "MNIST", "raw") in msg and "train-images-idx3-ubyte.gz" in msg
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "empty").exists()              # the folders the failed download made are removed
+    (tmp_path / "kept" / "MNIST").mkdir(parents=True)       # and the user's own are kept, files and all
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        run(train_mnist, str(tmp_path / "kept"), tmp_path / "run", "--iters", "1")
+    assert sorted(os.listdir(tmp_path / "kept")) == ["MNIST", "notes.txt"] and not os.listdir(tmp_path / "kept" /
+                                                                                               "MNIST")
 
 
 def test_folder_dataset(tmp_path):
