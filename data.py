@@ -91,9 +91,9 @@ def load_image_folder(path, channels, image_size, split=None, flag="--dataset-pa
             raise DataError(f"{flag} {path}: {f} is not a readable image ({utils.first_line(e)}); "
                             "remove or replace it") from None
         if img.size != (image_size, image_size) and not resize:
-            raise DataError(f"{flag} {path}: {os.path.relpath(f, path)} is {img.size[0]}x{img.size[1]}; this data set's images are "
-                            f"{image_size}x{image_size} and images to score are not resized: resize them, or pass "
-                            "the matching --dataset or checkpoint")
+            raise DataError(f"{flag} {path}: {os.path.relpath(f, path)} is {img.size[0]}x{img.size[1]}; this data "
+                            f"set's images are {image_size}x{image_size} and images to score are not resized: resize "
+                            "them, or pass the matching --dataset or checkpoint")
         if img.size != (image_size, image_size):
             img = TF.center_crop(TF.resize(img, image_size), image_size)
         images.append(TF.pil_to_tensor(img))

@@ -215,7 +215,8 @@ def inception_scorer(opts, dataset, device):
         is_mean, is_std = inception_score(logits) if data.DATASETS[dataset]["channels"] == 3 else (None, None)
         every = feats if len(feats) == len(logits) else None           # all the samples' features: fid's n < D route
         out = dict(inception_score_mean=is_mean, inception_score_std=is_std,
-                   fid=fid(mu, sigma, mu_ref, sigma_ref, every), fid_reference=label, **(kid_precision_recall(feats, feats_ref) if feats_ref is not None else {}))
+                   fid=fid(mu, sigma, mu_ref, sigma_ref, every), fid_reference=label,
+                   **(kid_precision_recall(feats, feats_ref) if feats_ref is not None else {}))
         return out if is_mean is not None else dict(out, note="the paper reports no Inception score or FID for "
                                                               f"MNIST; FID against {label}")
     return score

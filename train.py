@@ -340,10 +340,11 @@ def start(cfg):
     steps_per_epoch = len(train_images) // cfg.batch_size
     total_steps, limit = run_length(cfg, steps_per_epoch)
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
-    if step >= total_steps:        # a resumed run at its target already: nothing is trained or rewritten
+    drawn = os.path.exists(os.path.join(cfg.out, f"samples_{step}.png"))    # else the loop draws its last figures
+    if step >= total_steps and drawn:      # a resumed run at its target already: nothing is trained or rewritten
         say(f"{cfg.out}/checkpoint.pt is at step {step:,}, the target ({limit}) is step {total_steps:,}: nothing to "
             "train, nothing rewritten; raise --iters or --epochs to train on")
-        return types.SimpleNamespace(step=step, total_steps=total_steps)
+        return types.SimpleNamespace(step=step, done=True)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     sigmas = common.geometric_sigmas(cfg.sigma_begin, cfg.sigma_end, cfg.num_levels).to(device)
     raw, model, ema, opt = train_io.build(cfg, model_args, sigmas, state, world, pixels[0])   # the Denoiser's mu
@@ -360,7 +361,7 @@ def start(cfg):
     return types.SimpleNamespace(
         cfg=cfg, rank=rank, world=world, device=device, say=say, sigmas=sigmas, loss=objective(cfg), log=log,
         train_images=train_images, test_images=test_images, raw=raw, model=model, ema=ema, opt=opt,
-        step=step, epoch=epoch, pos=pos, total_steps=total_steps, last_saved=step if state else None,
+        step=step, epoch=epoch, pos=pos, total_steps=total_steps, last_saved=step if state else None, done=False,
         parts=dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg, data=data_id))    # of every checkpoint
 
 
@@ -368,7 +369,7 @@ def train(cfg):
     """Train a RefineNet with annealed DSM as `cfg` (a resolved TrainConfig) says.
     Returns (final step, the name of the signal that stopped the run, or None)."""
     r = start(cfg)
-    if r.step >= r.total_steps:                         # at its target already (start said so)
+    if r.done:                                          # at its target already (start said so)
         return r.step, None
     try:
         return loop(r)

@@ -4,12 +4,15 @@ import sys
 import urllib.error
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):       # pytest -n 2: one thread a worker (and its subprocesses)
+    os.environ["OMP_NUM_THREADS"] = "1"
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 sys.path.insert(0, ROOT)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 SCIENCE = {"test_losses", "test_model", "test_samplers", "test_official", "test_edm", "test_common_alone",

@@ -226,10 +226,12 @@ def test_a_signal_outside_a_script_s_own_handling_is_one_line_and_130(signals, d
     interrupted(proc, signals)
 
 
-@pytest.mark.parametrize("script, flags", [("sample.py", []), ("evaluate.py", ["--metrics", "none"])])
-@pytest.mark.parametrize("signals", SIGNALS[2:], ids=lambda s: "-".join(x.name for x in s))
+@pytest.mark.parametrize("script, flags, signals", [("sample.py", [], SIGNALS[2]), ("sample.py", [], SIGNALS[4]),
+                                                    ("evaluate.py", ["--metrics", "none"], SIGNALS[3])],
+                         ids=["sample-SIGHUP", "sample-SIGINT-SIGTERM", "evaluate-SIGTERM-SIGTERM"])
 def test_a_signal_while_sampling_is_one_line_and_130_and_keeps_the_folder(script, flags, signals, tmp_path):
-    """sample.py and evaluate.py met by a closed terminal, two SIGTERMs, Ctrl-C then SIGTERM while sampling."""
+    """sample.py and evaluate.py (one wrapper, utils.command) met by a closed terminal, Ctrl-C then SIGTERM and
+    two SIGTERMs while sampling."""
     proc = subprocess.Popen([sys.executable, script, "--checkpoint", CHECKPOINT, "--n", "2", "--batch-size", "1",
                              "--steps-each", "100000", "--device", "cpu", "--out", str(tmp_path / "s"), *flags],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

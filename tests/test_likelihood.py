@@ -86,7 +86,7 @@ def test_the_papers_level_only_network_is_refused_in_one_line(mnist_root, capsys
 def test_the_script_writes_resumable_shards_and_their_mean(recipe, mnist_root, tmp_path):
     out = tmp_path / recipe
     train_mnist.main(["--data-root", mnist_root, "--out", str(out), "--recipe", recipe, "--ngf", "4", "--iters", "1",
-                      "--batch-size", "16", "--num-workers", "0", "--n-samples", "2", "--num-levels", "5",
+                      "--batch-size", "16", "--num-workers", "0", "--n-samples", "2", "--nfe", "3", "--num-levels", "5",
                       "--device", "cpu"])
     args = ["--checkpoint", str(out / "checkpoint.pt"), "--data-root", mnist_root, "--n", "6", "--batch-size", "2",
             "--solver", "heun", "--steps", "2", "--out", str(tmp_path / "lik"), "--device", "cpu"]
@@ -103,8 +103,8 @@ def test_the_script_writes_resumable_shards_and_their_mean(recipe, mnist_root, t
     assert saved["bits_per_dim"] == again["bits_per_dim"] and saved["settings"]["prior_var"] > 0
     [other] = likelihood.main([*args, "--seed", "1"])                # other dequantisation and vectors: other folder
     assert other["folder"] != r["folder"] and other["images_scored_now"] == 6
-    rk = [*args[:6], "--batch-size", "3", "--out", str(tmp_path / "lik"), "--device", "cpu"]     # no heun flags
-    [adaptive] = likelihood.main([*rk, "--solver", "rk45", "--rtol", "1e-2", "--atol", "1e-2"])
+    rk = [*args[:4], "--n", "2", "--out", str(tmp_path / "lik"), "--device", "cpu"]     # no heun flags
+    [adaptive] = likelihood.main([*rk, "--solver", "rk45", "--rtol", "0.1", "--atol", "0.1"])
     assert adaptive["nfe_per_image"] >= 6 and math.isfinite(adaptive["bits_per_dim"])
 
 
@@ -114,7 +114,7 @@ def test_torchrun_makes_the_same_shards_as_one_process(mnist_root, tmp_path):
     from conftest import ROOT
     out = tmp_path / "edm"
     train_mnist.main(["--data-root", mnist_root, "--out", str(out), "--recipe", "edm", "--ngf", "4", "--iters", "1",
-                      "--batch-size", "16", "--num-workers", "0", "--n-samples", "2", "--device", "cpu"])
+                      "--batch-size", "16", "--num-workers", "0", "--n-samples", "2", "--nfe", "3", "--device", "cpu"])
     args = ["likelihood.py", "--checkpoint", str(out / "checkpoint.pt"), "--data-root", mnist_root, "--n-images", "6",
             "--batch-size", "2", "--solver", "heun", "--steps", "2", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -111,18 +111,14 @@ def test_ncsnv2_recipe_trains_stores_auto_values_resumes_and_evaluates(mnist_roo
                          "--metrics", "none", "--out", str(tmp_path / "h"), "--device", "cpu"])
     assert (r["sampler"]["name"], r["sampler"]["s_churn"], r["nfe"], len(r["sampler"]["sigmas"])) == \
         ("heun", 10.0, 35, 18)
-    # --sampler als: NCSNv2's own T = 5, its step size and its denoising step, not the Heun budget
-    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "3", "--batch-size", "3",
-                         "--metrics", "none", "--sampler", "als",
-                         "--out", str(tmp_path / "e"), "--device", "cpu"])
-    s = r["sampler"]
-    assert (s["steps_each"], s["denoise"], r["nfe"]) == (5, True, 5 * L + 1)
-    assert s["step_lr"] == pytest.approx(cfg["step_lr"])
+    # --sampler als (the plan evaluate.py makes of it): NCSNv2's own T = 5, its step size and its denoising step,
+    # not the Heun budget
+    s = sample.sampler_settings("als", ck, 0)
+    assert (s.kwargs["steps_each"], s.kwargs["denoise"], s.nfe) == (5, True, 5 * L + 1)
+    assert s.kwargs["step_lr"] == pytest.approx(cfg["step_lr"])
     # an --nfe budget: T = (NFE - 1) // L, with technique 4's step for that T
-    [r] = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--n", "2", "--batch-size", "2",
-                         "--metrics", "none", "--sampler", "als",
-                         "--out", str(tmp_path / "e2"), "--device", "cpu", "--nfe", str(3 * L + 1)])
-    assert r["sampler"]["steps_each"] == 3 and r["sampler"]["step_lr"] == pytest.approx(
+    s = sample.sampler_settings("als", ck, 0, nfe=3 * L + 1)
+    assert s.kwargs["steps_each"] == 3 and s.kwargs["step_lr"] == pytest.approx(
         common.step_lr_for(common.level_ratio(cfg["sigma_begin"], 0.01, L), 0.01, 3))
 
 
