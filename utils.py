@@ -526,9 +526,10 @@ def command(oom="use a smaller --batch-size"):
             except OSError as e:
                 message = f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
             except RuntimeError as e:
-                if is_lost_peer(e):
-                    message = (f"error: another process of this torchrun run has gone ({first_line(e)[:80]}); files "
-                               "written before are whole: run the command again (training: with --resume)")
+                if is_lost_peer(e):             # gloo's message after its source location, "[.../pair.cc:561] "
+                    why = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0][:80]
+                    message = (f"error: another process of this torchrun run has gone ({why}); files written before "
+                               "are whole: run the command again (training: with --resume)")
                 elif is_out_of_memory(e):
                     message = f"error: out of memory ({first_line(e)[:80]}); {oom}"
                 else:
