@@ -601,9 +601,8 @@ def test_torchrun_completes_a_run_bitwise_as_one_process_makes_it(tiny_checkpoin
                                                                  tmp_path):
     """`torchrun --nproc_per_node 2 evaluate.py` (gloo) on a folder one process left half made (shards gone as a
     kill leaves them): the two processes make the missing batches between them, rank 0 alone writes and scores, and
-    every shard, the health report and the FID are bitwise those of one process making all of it. (A folder two
-    processes left half made is then one that one process left half made, which any number completes: the
-    resume tests.)"""
+    every shard, the health report and the FID are bitwise those of one process making all of it; the same when
+    one process (here in-process, on one thread as the subprocesses) completes what two left half made."""
     import subprocess
     import sys
     from conftest import ROOT
@@ -633,3 +632,17 @@ def test_torchrun_completes_a_run_bitwise_as_one_process_makes_it(tiny_checkpoin
     for name in shards:
         with np.load(os.path.join(folder, name)) as x, np.load(os.path.join(half, name)) as y:
             assert np.array_equal(x["images"], y["images"]) and np.array_equal(x["health"], y["health"]), name
+    # and the other way: what the two processes made, half lost, is completed by one process
+    for name in ["shard_0000000_0000002.npz", "shard_0000006_0000008.npz", "metrics.json"]:
+        os.remove(os.path.join(half, name))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        [c] = evaluate.main([*args[1:], "--out", str(tmp_path / "two")])
+    finally:
+        torch.set_num_threads(threads)
+    assert c["samples_made_now"] == 4 and c["health"] == a["health"]
+    assert c["fid"] == pytest.approx(a["fid"], rel=1e-12)      # numpy's BLAS threads: the features are bitwise
+    for name in shards:
+        with np.load(os.path.join(folder, name)) as x, np.load(os.path.join(half, name)) as y:
+            assert np.array_equal(x["images"], y["images"]), name
