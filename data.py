@@ -92,8 +92,8 @@ def load_image_folder(path, channels, image_size, split=None, flag="--dataset-pa
                             "remove or replace it") from None
         if img.size != (image_size, image_size) and not resize:
             raise DataError(f"{flag} {path}: {os.path.relpath(f, path)} is {img.size[0]}x{img.size[1]}; this data "
-                            f"set's images are {image_size}x{image_size} and images to score are not resized: resize "
-                            "them, or pass the matching --dataset or checkpoint")
+                            f"set's images are {image_size}x{image_size} and images to score or complete are not "
+                            "resized: resize them, or pass the matching --dataset or checkpoint")
         if img.size != (image_size, image_size):
             img = TF.center_crop(TF.resize(img, image_size), image_size)
         images.append(TF.pil_to_tensor(img))

@@ -201,7 +201,7 @@ def main(argv=None):
     out = args.out or os.path.join(OUT, utils.checkpoint_name(args.checkpoint))
     folder = os.path.join(out, f"{mask_name}_T{T}_seed{args.seed}_{settings['fingerprint'][:10]}")
     cache = args.classifier and metrics.check_classifier_cache(args.classifier_cache)
-    if problem := utils.check_out(folder) or cache:
+    if problem := cache or utils.check_out(folder):
         p.error(problem)
     print(f"{len(images)} images x {args.completions} completions, mask {args.mask} ({(~known).float().mean():.0%} "
           f"of the pixels to fill), {len(settings['sigmas'])} levels x T = {T}, step_lr {step_lr:.3g}")

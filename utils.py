@@ -181,10 +181,11 @@ def is_out_of_memory(e):
 
 def is_lost_peer(e):
     """Whether an exception is a collective failing because another process of a torchrun run has gone (killed,
-    or ended by its own error): gloo's connection closed or reset, NCCL's communicator aborted or timed out."""
-    lost = r"[Cc]onnection (closed|reset) by peer|Broken pipe|communicator was aborted|[Tt]imed out"
-    return torch.distributed.is_initialized() and (isinstance(e, torch.distributed.DistError) or
-                                                   bool(re.search(lost, str(e))))
+    or ended by its own error) or stopped answering: a RuntimeError of gloo's connection closed or reset, NCCL's
+    communicator aborted, a collective timed out."""
+    lost = r"[Cc]onnection (closed|reset) by peer|communicator was aborted|[Tt]imed out"
+    return torch.distributed.is_initialized() and isinstance(e, RuntimeError) and (
+        isinstance(e, torch.distributed.DistError) or bool(re.search(lost, str(e))))
 
 
 def first_line(e):
@@ -527,9 +528,10 @@ def command(oom="use a smaller --batch-size"):
                 message = f"error: {e.filename or ''}: {e.strerror or e}; files written before are intact"
             except RuntimeError as e:
                 if is_lost_peer(e):             # gloo's message after its source location, "[.../pair.cc:561] "
-                    why = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0][:80]
-                    message = (f"error: another process of this torchrun run has gone ({why}); files written before "
-                               "are whole: run the command again (training: with --resume)")
+                    why = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])
+                    message = (f"error: another process of this torchrun run has gone or stopped answering "
+                               f"({why.split('. ')[0][:80]}); files written before are whole: run the command again "
+                               "(training: with --resume)")
                 elif is_out_of_memory(e):
                     message = f"error: out of memory ({first_line(e)[:80]}); {oom}"
                 else:

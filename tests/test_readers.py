@@ -148,7 +148,7 @@ def test_an_unwritable_classifier_cache_is_refused_before_any_training_or_sampli
             main([*args, flag, bad])
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"{flag} {bad} is a file, not a folder" in err and not trained, err
-    assert not (tmp_path / "e").exists() and not any(f for _, _, f in os.walk(tmp_path / "i"))
+    assert not (tmp_path / "e").exists() and not (tmp_path / "i").exists()
 
 
 def test_folders_of_images_to_score_are_refused_at_another_size_and_training_resizes(tmp_path, capsys):
@@ -160,7 +160,7 @@ def test_folders_of_images_to_score_are_refused_at_another_size_and_training_res
     folder.mkdir()
     for i in range(3):
         Image.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(folder / f"{i}.png")
-    message = ": 0.png is 32x32; this data set's images are 28x28 and images to score are not resized"
+    message = ": 0.png is 32x32; this data set's images are 28x28 and images to score or complete are not resized"
     for main, args in [(metrics.main, ["--images", str(folder), "--metrics", "none"]),
                        (inpaint.main, ["--checkpoint", CHECKPOINT, "--images", str(folder), "--device", "cpu",
                                        "--out", str(tmp_path / "i")])]:
