@@ -224,9 +224,9 @@ def setting(args, ck, images):
                                f"{tag}_{s['estimator']}_seed{s['seed']}_{fp[:10]}")
 
 
-def one_setting(args, ck, images, device, rank, world):
-    """The shards, summary and likelihood.json of one solver setting (args.steps one value)."""
-    s, fp, folder = setting(args, ck, images)
+def one_setting(args, ck, images, device, rank, world, s, fp, folder):
+    """The shards, summary and likelihood.json of one solver setting (args.steps one value; s, fp, folder: its
+    setting())."""
     def prepare():
         meta = os.path.join(folder, "settings.json")
         if not os.path.exists(meta):
@@ -285,10 +285,11 @@ def main(argv=None):
     if len(images) < args.n:
         print(f"{len(images)} held-out images (of --n {args.n}): all of them")
     each = [argparse.Namespace(**{**vars(args), "steps": steps}) for steps in args.steps]
-    for problem in (utils.name_problem(setting(a, ck, images)[2], "the output folder") for a in each):
+    plans = [setting(a, ck, images) for a in each]
+    for problem in (utils.name_problem(folder, "the output folder") for _, _, folder in plans):
         if problem:
             raise utils.UserError(problem)                  # before any setting's work
-    results = [one_setting(a, ck, images, device, rank, world) for a in each]
+    results = [one_setting(a, ck, images, device, rank, world, *plan) for a, plan in zip(each, plans)]
     if rank == 0:
         for r in results:
             se = f" +- {r['bits_per_dim_se']:.4f}" if r["bits_per_dim_se"] is not None else ""

@@ -340,8 +340,7 @@ def start(cfg):
     steps_per_epoch = len(train_images) // cfg.batch_size
     total_steps, limit = run_length(cfg, steps_per_epoch)
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
-    drawn = os.path.exists(os.path.join(cfg.out, f"samples_{step}.png"))    # else the loop draws its last figures
-    if step >= total_steps and drawn:      # a resumed run at its target already: nothing is trained or rewritten
+    if step >= total_steps and figures_drawn(cfg, step):    # at its target already: nothing trained or rewritten
         say(f"{cfg.out}/checkpoint.pt is at step {step:,}, the target ({limit}) is step {total_steps:,}: nothing to "
             "train, nothing rewritten; raise --iters or --epochs to train on")
         return types.SimpleNamespace(step=step, done=True)
@@ -363,6 +362,11 @@ def start(cfg):
         train_images=train_images, test_images=test_images, raw=raw, model=model, ema=ema, opt=opt,
         step=step, epoch=epoch, pos=pos, total_steps=total_steps, last_saved=step if state else None, done=False,
         parts=dict(net=raw, ema=ema, opt=opt, model_args=model_args, cfg=cfg, data=data_id))    # of every checkpoint
+
+
+def figures_drawn(cfg, step):
+    """Whether the figures of `step` are in the run's folder (else the loop's end draws them, resumed or not)."""
+    return os.path.exists(os.path.join(cfg.out, f"samples_{step}.png"))
 
 
 def train(cfg):
@@ -427,7 +431,7 @@ def loop(r):
         if stopped:
             r.say(f"stopped by {stop.name} at step {step}: wrote {cfg.out}/checkpoint.pt; continue with --resume")
             return step, stop.name
-        if rank == 0 and not os.path.exists(os.path.join(cfg.out, f"samples_{step}.png")) and \
+        if rank == 0 and not figures_drawn(cfg, step) and \
                 not train_io.save_sample_figures(r.ema or r.raw, cfg, step, log, device, stop):   # the last step's
             r.say(f"stopped by {stop.name} while drawing the figures of step {step}: {cfg.out}/checkpoint.pt is "
                   "complete; --resume draws them")
