@@ -130,12 +130,14 @@ def table_rows(r):
 def print_table(results):
     """The table: a row per checkpoint and sampler setting (each --seeds set, their mean, min and max), the sample
     count in each, and the paper's rows beside CIFAR-10's."""
-    columns = [c for s in metrics.SCORERS.values() for c in s.columns if any(c[1](r) != "-" for r in results)]
+    paper = any(r.get("fid") is not None and r["dataset"] == "cifar10" for r in results)     # the paper's rows too
+    columns = [c for s in metrics.SCORERS.values() for c in s.columns
+               if any(c[1](r) != "-" for r in results) or (paper and c[0] in ("Inception score", "FID"))]
     label = lambda r, end: (r["checkpoint"] + (" (EMA)" if r["sampler"]["ema"] else ""))[-(46 - len(end)):] + end
     sampler = lambda s: s.get("name", "als") + (f" churn {s['s_churn']:g}" if s.get("s_churn") else "")
     print(f"\n{'':2}{'checkpoint / source':<46} {'sampler':>15} {'step_lr':>8} {'T':>4} {'NFE':>5} {'n':>10} "
           + " ".join(f"{h:>16}" for h, _ in columns))
-    if any(r.get("fid") is not None and r["dataset"] == "cifar10" for r in results):
+    if paper:
         for name, m, s, f in [PAPER, SEED_REPORT]:
             cells = {"Inception score": f"{m:.2f} +- {s:.2f}", "FID": f"{f:.2f}"}
             print(f"{'':2}{name:<46} {'-':>15} {'-':>8} {'-':>4} {'-':>5} {'-':>10} "
@@ -150,6 +152,8 @@ def print_table(results):
                   f"{step_lr:>8} {T:>4} {r['nfe']:>5} {n:>10} " + " ".join(f"{cell(row):>16}" for _, cell in columns))
     if best:
         print("* lowest FID" + (" (the mean over --seeds sets)" if "sets" in best else ""))
+    for note in sorted({r["note"] for r in results if r["dataset"] != "mnist" and r.get("note")}):
+        print(f"{note} (the table's '-')")
     for ref in sorted({r["fid_reference"] for r in results if r["dataset"] == "mnist" and r.get("fid") is not None}):
         print(f"MNIST: the paper reports no Inception score or FID; FID here is against the {ref}")
 

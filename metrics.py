@@ -34,6 +34,7 @@ import utils
 #----------------------------------------------------------------------------
 # Defaults.
 
+IS_SPLITS = 10                    # the Inception score's splits (OpenAI's protocol): it needs this many samples
 FEATURES = 2048                   # Inception pool features: the size of a reference mu and sigma
 KEPT = 10_000                     # pool features kept of each side for KID and precision / recall: the first
 CLASSIFIER_CACHE = "runs/mnist_classifier"   # where the digit classifier's weights are kept
@@ -143,8 +144,11 @@ def streamed_stats(net, batches, device, keep=KEPT):
     return mu.numpy(), sigma.numpy(), torch.cat(logits).double(), torch.cat(kept).numpy()
 
 
-def inception_score(logits, splits=10):
-    """exp E_x KL(p(y|x) || p(y)) per split (OpenAI's), via torch-fidelity; returns (mean, std)."""
+def inception_score(logits, splits=IS_SPLITS):
+    """exp E_x KL(p(y|x) || p(y)) per split (OpenAI's), via torch-fidelity; returns (mean, std), or (None, None)
+    for fewer images than splits (an empty split has no score: torch-fidelity's mean would be NaN)."""
+    if len(logits) < splits:
+        return None, None
     from torch_fidelity.metric_isc import isc_features_to_metric
     m = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=2020)
     return m["inception_score_mean"], m["inception_score_std"]
@@ -217,8 +221,10 @@ def inception_scorer(opts, dataset, device):
         out = dict(inception_score_mean=is_mean, inception_score_std=is_std,
                    fid=fid(mu, sigma, mu_ref, sigma_ref, every), fid_reference=label,
                    **(kid_precision_recall(feats, feats_ref) if feats_ref is not None else {}))
-        return out if is_mean is not None else dict(out, note="the paper reports no Inception score or FID for "
-                                                              f"MNIST; FID against {label}")
+        if data.DATASETS[dataset]["channels"] != 3:
+            return dict(out, note=f"the paper reports no Inception score or FID for MNIST; FID against {label}")
+        return out if is_mean is not None else dict(out, note=f"no Inception score: its {IS_SPLITS} splits need at "
+                                                              f"least {IS_SPLITS} samples, got {len(logits)}")
     return score
 
 #----------------------------------------------------------------------------

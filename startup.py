@@ -11,6 +11,12 @@ EXIT_INTERRUPTED = 130   # utils.EXIT_INTERRUPTED: 128 + SIGINT, the shell's own
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+def ignore(signum, frame):
+    """A stop signal ignored by a Python handler that does nothing. Not SIG_IGN: a signal that arrived just before a
+    Python handler was replaced by SIG_IGN is still pending, and CPython then prints "Signal N ignored due to race
+    condition" as a traceback."""
+
+
 def quit_while_starting(signum, frame):
     sys.stderr.write(f"\ninterrupted by {signal.Signals(signum).name} while starting: nothing was written\n")
     sys.stderr.flush()

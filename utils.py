@@ -450,7 +450,7 @@ def ignore_stop_signals(*_):
     cluster's pre-emption, Ctrl-C and a closed terminal signal the whole process group; workers that died of it
     would end the run with a DataLoader error before the main process could save."""
     for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, startup.ignore)
 
 
 def leave_group_if_unhandled(e):
@@ -490,7 +490,7 @@ def _interrupt(signum, frame):
     """command()'s SIGINT / SIGTERM / SIGHUP: stop at once, as Ctrl-C. Further stop signals are ignored
     meanwhile, so a second one cannot cut the unwinding (atomic writes, the folder lock) or the closing line short."""
     for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, startup.ignore)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -538,7 +538,7 @@ def command(oom="use a smaller --batch-size"):
                     raise
             finally:
                 for s, h in old.items():
-                    signal.signal(s, signal.SIG_IGN if h is startup.quit_while_starting else h)
+                    signal.signal(s, startup.ignore if h is startup.quit_while_starting else h)
             if torch.distributed.is_initialized():      # the other ranks meet the same error, or time out
                 print(message, file=sys.stderr)
                 dist_exit(code, barrier=False)

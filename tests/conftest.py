@@ -1,4 +1,5 @@
 """Shared test setup: import the flat scripts from the repository root; small fixed threads."""
+import contextlib
 import os
 import sys
 import urllib.error
@@ -13,6 +14,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 sys.path.insert(0, ROOT)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as a subprocess with OMP_NUM_THREADS=1 runs: the same arithmetic, bitwise (a run made
+    in-process is the one-process reference of a torchrun test, without a second interpreter's start)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 SCIENCE = {"test_losses", "test_model", "test_samplers", "test_official", "test_edm", "test_common_alone",

@@ -8,7 +8,7 @@ import torch
 import common
 import inpaint
 import train_mnist
-from conftest import DATA
+from conftest import DATA, one_thread
 
 FAST = ["--device", "cpu"]
 
@@ -87,19 +87,18 @@ def test_torchrun_completes_an_inpainting_bitwise_as_one_process(mnist_root, tmp
     import sys
     from conftest import ROOT
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["inpaint.py", "--checkpoint", os.path.join(DATA, "official_mnist_ngf4.pth"), "--data-root", mnist_root,
+    args = ["--checkpoint", os.path.join(DATA, "official_mnist_ngf4.pth"), "--data-root", mnist_root,
             "--n-images", "5", "--completions", "2", "--steps-each", "2", "--batch-size", "2", *FAST]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    with one_thread():                                  # one process, in-process: the subprocesses' one thread each
+        inpaint.main([*args, "--out", str(tmp_path / "one")])
     [folder] = [os.path.join(tmp_path / "one", d) for d in os.listdir(tmp_path / "one")]
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     half = folder.replace(str(tmp_path / "one"), str(tmp_path / "two"))
     for name in ["image_00001.npz", "image_00002.npz", "image_00004.npz", "completions.npz", "metrics.json"]:
         os.remove(os.path.join(half, name))
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+                          "inpaint.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote ") == 1
     a, b = (np.load(os.path.join(f, "completions.npz")) for f in (folder, half))

@@ -11,7 +11,7 @@ import torch
 import common
 import likelihood
 import train_mnist
-from conftest import DATA
+from conftest import DATA, one_thread
 
 
 def gaussian_model(mean, var):
@@ -115,15 +115,14 @@ def test_torchrun_makes_the_same_shards_as_one_process(mnist_root, tmp_path):
     out = tmp_path / "edm"
     train_mnist.main(["--data-root", mnist_root, "--out", str(out), "--recipe", "edm", "--ngf", "4", "--iters", "1",
                       "--batch-size", "16", "--num-workers", "0", "--n-samples", "2", "--nfe", "3", "--device", "cpu"])
-    args = ["likelihood.py", "--checkpoint", str(out / "checkpoint.pt"), "--data-root", mnist_root, "--n-images", "6",
+    args = ["--checkpoint", str(out / "checkpoint.pt"), "--data-root", mnist_root, "--n-images", "6",
             "--batch-size", "2", "--solver", "heun", "--steps", "2", "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    with one_thread():                                  # one process, in-process: the subprocesses' one thread each
+        likelihood.main([*args, "--out", str(tmp_path / "one")])
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+                          "likelihood.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("bits/dim on 6 held-out images") == 1
     [a], [b] = ([os.path.join(tmp_path / k, d) for d in os.listdir(tmp_path / k)] for k in ("one", "two"))
     for name in sorted(f for f in os.listdir(a) if f.startswith("shard_")):
