@@ -1,6 +1,8 @@
 """Shared test setup: import the flat scripts from the repository root; small fixed threads."""
 import contextlib
 import os
+import signal
+import subprocess
 import sys
 import urllib.error
 
@@ -43,6 +45,27 @@ def pytest_collection_modifyitems(items):
         item.add_marker(kind)
         if kind != "science":
             item.add_marker("slow")
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test(monkeypatch):
+    """Every subprocess a test starts (subprocess.run's too) runs in a process group of its own, killed when the test
+    ends: a test that fails while a training runs (a signal never delivered, a timeout) must not leave it taking a
+    core from the rest of the suite, nor leave torchrun's workers behind."""
+    started = []
+
+    class Tracked(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+            started.append(self)
+    monkeypatch.setattr(subprocess, "Popen", Tracked)
+    yield
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

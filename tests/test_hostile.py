@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -416,11 +417,13 @@ def test_signals_that_come_together_end_in_one_line_and_no_traceback(first, seco
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(str(u.exc_value)))
     @utils.command()
     def main():
-        both = {first, second}
+        both, me = {first, second}, threading.get_ident()
         signal.pthread_sigmask(signal.SIG_BLOCK, both)
-        os.kill(os.getpid(), first)
-        os.kill(os.getpid(), second)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)     # both delivered at once, the lower number handled first
+        try:                                # sent to this thread alone (pytest's other threads would take them)
+            signal.pthread_kill(me, first)
+            signal.pthread_kill(me, second)
+        finally:                            # both delivered at once, the lower number handled first; and never
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, both)     # left blocked: the subprocesses would inherit it
         time.sleep(1)
     with pytest.raises(SystemExit) as e:
         main()
