@@ -98,18 +98,24 @@ def score(args, job, scorers, device, losses, result, t0):
 def across_sets(sets):
     """Several sets' scores as one record (EDM's protocol: each set's scores, their mean and minimum): each number's
     mean over the sets, its minimum and maximum under set_min and set_max (a spread's not: 'std'), class histograms
-    summed, the rest the first set's; the sets themselves under `sets`."""
+    summed, None for a score some sets lack, each set's note once, the rest the first set's; the sets themselves
+    under `sets`."""
     out, low, high = {}, {}, {}
-    for k, v in sets[0].items():
+    for k in dict.fromkeys(k for s in sets for k in s):
         if k in ("seeds", "n"):
             continue
-        values = [s.get(k) for s in sets]
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+        v, values = sets[0].get(k), [s.get(k) for s in sets]
+        numbers = [isinstance(x, (int, float)) and not isinstance(x, bool) for x in values]
+        if all(numbers):
             out[k] = sum(values) / len(values)
             if not k.endswith("_std"):
                 low[k], high[k] = min(values), max(values)
+        elif any(numbers) and None in values:           # a score some sets lack (too few images): none for all
+            out[k] = None
         elif all(isinstance(x, list) for x in values):
             out[k] = [sum(c) for c in zip(*values)]
+        elif k == "note":                               # each set's own, once
+            out[k] = "; ".join(dict.fromkeys(x for x in values if x))
         else:
             out[k] = v
     return dict(out, set_min=low, set_max=high, sets=sets)
@@ -152,7 +158,8 @@ def print_table(results):
                   f"{step_lr:>8} {T:>4} {r['nfe']:>5} {n:>10} " + " ".join(f"{cell(row):>16}" for _, cell in columns))
     if best:
         print("* lowest FID" + (" (the mean over --seeds sets)" if "sets" in best else ""))
-    for note in sorted({r["note"] for r in results if r["dataset"] != "mnist" and r.get("note")}):
+    notes = {s["note"] for r in results if r["dataset"] != "mnist" for s in [r, *r.get("sets", [])] if s.get("note")}
+    for note in sorted(notes):
         print(f"{note} (the table's '-')")
     for ref in sorted({r["fid_reference"] for r in results if r["dataset"] == "mnist" and r.get("fid") is not None}):
         print(f"MNIST: the paper reports no Inception score or FID; FID here is against the {ref}")

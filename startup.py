@@ -1,8 +1,10 @@
 """Imported first by every script, before torch: Ctrl-C, SIGTERM (a cluster's pre-emption) or SIGHUP
 (a closed terminal or ssh session) while the imports run ends the process with one line and status 130
 instead of a traceback or 143.
-utils.command takes the signals over once the script's main() starts. Standard library only;
+utils.command takes the signals over once the script's main() starts. A signal the process was started
+ignoring (`nohup` ignores SIGHUP, a shell's `&` job SIGINT) stays ignored throughout. Standard library only;
 it changes nothing when the program is not one of this project's scripts (tests, a notebook)."""
+import atexit
 import os
 import signal
 import sys
@@ -23,7 +25,18 @@ def quit_while_starting(signum, frame):
     os._exit(EXIT_INTERRUPTED)
 
 
+@atexit.register                     # registered first, so it runs last: after every other atexit function
+def _ignore_while_finalizing():
+    """The interpreter's finalization resets Python handlers to the default action (death by the signal, 143);
+    a signal during the rest of an exit that already ignores them stays ignored. signal.signal runs a pending
+    handler before it switches: none is lost to a race here."""
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) is ignore:
+            signal.signal(s, signal.SIG_IGN)
+
+
 _main = os.path.abspath(getattr(sys.modules.get("__main__"), "__file__", None) or "")
 if os.path.dirname(_main) == os.path.dirname(os.path.abspath(__file__)):
     for _s in STOP_SIGNALS:
-        signal.signal(_s, quit_while_starting)
+        if signal.getsignal(_s) is not signal.SIG_IGN:          # started ignoring it: it stays ignored
+            signal.signal(_s, quit_while_starting)

@@ -509,8 +509,8 @@ def command(oom="use a smaller --batch-size"):
         def run(*args, **kwargs):
             import threading
             signals = threading.current_thread() is threading.main_thread()
-            old = {s: signal.getsignal(s) for s in STOP_SIGNALS} if signals else {}
-            for s in old:                                   # startup.py's quiet exit until now
+            old = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN} if signals else {}
+            for s in old:                                   # startup.py's quiet exit until now (SIG_IGN: nohup's)
                 signal.signal(s, _interrupt)
             code = 1
             try:
@@ -563,12 +563,13 @@ class StopSignal:
         self.name, self.old = None, {}
 
     def __enter__(self):
-        self.old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        self.old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS
+                    if signal.getsignal(s) is not signal.SIG_IGN}          # SIG_IGN (nohup's SIGHUP) stays
         return self
 
     def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
+        for s, h in self.old.items():       # once a signal came, later ones stay ignored (the exit is under way)
+            signal.signal(s, h if self.name is None else startup.ignore)
 
     def _handle(self, signum, frame):
         self.name = self.name or signal.Signals(signum).name

@@ -5,9 +5,13 @@ import signal
 import subprocess
 import sys
 import urllib.error
+import uuid
 
 import pytest
 
+for _s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):    # pytest started as a `&` job or under nohup: the
+    if signal.getsignal(_s) is signal.SIG_IGN:               # scripts would inherit the ignored signals, and keep
+        signal.signal(_s, signal.default_int_handler if _s == signal.SIGINT else signal.SIG_DFL)    # ignoring them
 if os.environ.get("PYTEST_XDIST_WORKER"):       # pytest -n 2: one thread a worker (and its subprocesses)
     os.environ["OMP_NUM_THREADS"] = "1"
 import torch
@@ -49,23 +53,40 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(autouse=True)
 def no_process_outlives_its_test(monkeypatch):
-    """Every subprocess a test starts (subprocess.run's too) runs in a process group of its own, killed when the test
-    ends: a test that fails while a training runs (a signal never delivered, a timeout) must not leave it taking a
-    core from the rest of the suite, nor leave torchrun's workers behind."""
-    started = []
+    """Every subprocess a test starts (subprocess.run's too) is marked in its environment, which its own children
+    inherit (torchrun's workers, which run in sessions of their own; data-loader workers); when the test ends, each
+    of them still there is killed. A test that fails while a training runs (a signal never delivered, a timeout)
+    must not leave it taking a core from the rest of the suite. They stay in pytest's process group: a signal to
+    the group still reaches them."""
+    started, tag = [], uuid.uuid4().hex
 
     class Tracked(subprocess.Popen):
         def __init__(self, *args, **kwargs):
-            kwargs.setdefault("start_new_session", True)
-            super().__init__(*args, **kwargs)
+            env = os.environ if kwargs.get("env") is None else kwargs["env"]
+            super().__init__(*args, **dict(kwargs, env=dict(env, NCSN_TEST_PROCESS=tag)))
             started.append(self)
     monkeypatch.setattr(subprocess, "Popen", Tracked)
     yield
+    if started:
+        for pid in marked(f"NCSN_TEST_PROCESS={tag}"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
     for proc in started:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:                 # no /proc to find the marks in (not Linux)
+            proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
+
+
+def marked(mark):
+    """The pids whose environment holds `mark` (Linux's /proc; elsewhere none are found)."""
+    pids = []
+    for pid in (int(p) for p in (os.listdir("/proc") if os.path.isdir("/proc") else []) if p.isdigit()):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark.encode() in f.read().split(b"\0"):
+                    pids.append(pid)
+    return pids
 
 
 @pytest.fixture(scope="session")

@@ -648,3 +648,14 @@ def test_torchrun_completes_a_run_bitwise_as_one_process_makes_it(tiny_checkpoin
     for name in shards:
         with np.load(os.path.join(folder, name)) as x, np.load(os.path.join(half, name)) as y:
             assert np.array_equal(x["images"], y["images"]), name
+
+
+def test_across_sets_gives_no_score_that_some_sets_lack_and_each_note_once():
+    a = dict(seeds="0-9", n=10, fid=10.0, inception_score_mean=1.5, inception_score_std=0.1, class_histogram=[1, 2])
+    b = dict(seeds="10-14", n=5, fid=20.0, inception_score_mean=None, inception_score_std=None,
+             class_histogram=[3, 4], note="no Inception score: its 10 splits need at least 10 samples, got 5")
+    r = dict(evaluate.across_sets([a, b]), n=15)                  # evaluate_one adds the count
+    assert r["fid"] == 15.0 and (r["set_min"]["fid"], r["set_max"]["fid"]) == (10.0, 20.0)
+    assert r["inception_score_mean"] is None and "inception_score_mean" not in r["set_min"]   # not set 0's 1.5
+    assert r["class_histogram"] == [4, 6] and r["note"] == b["note"]
+    assert [row["inception_score_mean"] for _, _, row in evaluate.table_rows(r)] == [1.5, None, None, None, None]

@@ -430,3 +430,46 @@ def test_signals_that_come_together_end_in_one_line_and_no_traceback(first, seco
     err = capfd.readouterr().err
     assert e.value.code == utils.EXIT_INTERRUPTED and f"interrupted by {min(first, second).name}" in err
     assert "race condition" not in err and "Traceback" not in err and unraisable == [], (err, unraisable)
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored(tmp_path):
+    """`nohup python sample.py ... &` ignores SIGHUP: closing the terminal must not stop the run (startup.py,
+    utils.command and the training loop's StopSignal each leave SIG_IGN in place); SIGTERM still stops it."""
+    def nohup():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    proc = subprocess.Popen([sys.executable, "sample.py", "--checkpoint", CHECKPOINT, "--n", "2", "--batch-size", "1",
+                             "--steps-each", "100000", "--device", "cpu", "--out", str(tmp_path / "s")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=nohup)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "s" / "**" / "samples.json"), recursive=True):   # sampling has begun
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert proc.poll() is None                                      # still sampling
+    interrupted(proc, [signal.SIGTERM])
+
+
+def test_ignored_signals_stay_ignored_in_process_and_after_a_stop_and_while_finalizing():
+    import startup
+    old = {s: signal.getsignal(s) for s in startup.STOP_SIGNALS}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        seen = {}
+        @utils.command()
+        def main():
+            seen["command"] = signal.getsignal(signal.SIGHUP)
+            with utils.StopSignal():
+                seen["loop"] = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
+        main()
+        assert seen["command"] is signal.SIG_IGN and seen["loop"][0] is signal.SIG_IGN
+        assert seen["loop"][1] is not signal.SIG_IGN and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        # a stop signal came: when the loop ends, later ones are ignored (the exit is under way), not Ctrl-C's
+        with utils.StopSignal() as stop:
+            signal.raise_signal(signal.SIGTERM)
+        assert stop.name == "SIGTERM" and signal.getsignal(signal.SIGTERM) is startup.ignore
+        startup._ignore_while_finalizing()          # atexit's last: Python handlers would become SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
