@@ -216,12 +216,13 @@ def inception_scorer(opts, dataset, device):
     mu_ref, sigma_ref, feats_ref, label = reference_stats(opts, dataset, net, device)
     def score(batches):
         mu, sigma, logits, feats = streamed_stats(net, batches, device)
-        is_mean, is_std = inception_score(logits) if data.DATASETS[dataset]["channels"] == 3 else (None, None)
+        rgb = data.DATASETS[dataset]["channels"] == 3
+        is_mean, is_std = inception_score(logits) if rgb else (None, None)
         every = feats if len(feats) == len(logits) else None           # all the samples' features: fid's n < D route
         out = dict(inception_score_mean=is_mean, inception_score_std=is_std,
                    fid=fid(mu, sigma, mu_ref, sigma_ref, every), fid_reference=label,
                    **(kid_precision_recall(feats, feats_ref) if feats_ref is not None else {}))
-        if data.DATASETS[dataset]["channels"] != 3:
+        if not rgb:
             return dict(out, note=f"the paper reports no Inception score or FID for MNIST; FID against {label}")
         return out if is_mean is not None else dict(out, note=f"no Inception score: its {IS_SPLITS} splits need at "
                                                               f"least {IS_SPLITS} samples, got {len(logits)}")

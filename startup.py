@@ -19,6 +19,12 @@ def ignore(signum, frame):
     condition" as a traceback."""
 
 
+def takeable():
+    """The stop signals a handler may take: those not at SIG_IGN, which only the process's start sets here (nohup's
+    SIGHUP; this project ignores with `ignore`): an ignored signal stays ignored."""
+    return [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+
+
 def quit_while_starting(signum, frame):
     sys.stderr.write(f"\ninterrupted by {signal.Signals(signum).name} while starting: nothing was written\n")
     sys.stderr.flush()
@@ -37,6 +43,5 @@ def _ignore_while_finalizing():
 
 _main = os.path.abspath(getattr(sys.modules.get("__main__"), "__file__", None) or "")
 if os.path.dirname(_main) == os.path.dirname(os.path.abspath(__file__)):
-    for _s in STOP_SIGNALS:
-        if signal.getsignal(_s) is not signal.SIG_IGN:          # started ignoring it: it stays ignored
-            signal.signal(_s, quit_while_starting)
+    for _s in takeable():
+        signal.signal(_s, quit_while_starting)

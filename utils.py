@@ -509,8 +509,8 @@ def command(oom="use a smaller --batch-size"):
         def run(*args, **kwargs):
             import threading
             signals = threading.current_thread() is threading.main_thread()
-            old = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN} if signals else {}
-            for s in old:                                   # startup.py's quiet exit until now (SIG_IGN: nohup's)
+            old = {s: signal.getsignal(s) for s in startup.takeable()} if signals else {}
+            for s in old:                                   # startup.py's quiet exit until now
                 signal.signal(s, _interrupt)
             code = 1
             try:
@@ -563,8 +563,7 @@ class StopSignal:
         self.name, self.old = None, {}
 
     def __enter__(self):
-        self.old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS
-                    if signal.getsignal(s) is not signal.SIG_IGN}          # SIG_IGN (nohup's SIGHUP) stays
+        self.old = {s: signal.signal(s, self._handle) for s in startup.takeable()}
         return self
 
     def __exit__(self, *exc):
