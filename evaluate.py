@@ -158,7 +158,7 @@ def print_table(results):
                   f"{step_lr:>8} {T:>4} {r['nfe']:>5} {n:>10} " + " ".join(f"{cell(row):>16}" for _, cell in columns))
     if best:
         print("* lowest FID" + (" (the mean over --seeds sets)" if "sets" in best else ""))
-    notes = {s["note"] for r in results if r["dataset"] != "mnist" for s in [r, *r.get("sets", [])] if s.get("note")}
+    notes = {s["note"] for r in results if r["dataset"] != "mnist" for s in r.get("sets") or [r] if s.get("note")}
     for note in sorted(notes):
         print(f"{note} (the table's '-')")
     for ref in sorted({r["fid_reference"] for r in results if r["dataset"] == "mnist" and r.get("fid") is not None}):

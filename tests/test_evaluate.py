@@ -659,3 +659,14 @@ def test_across_sets_gives_no_score_that_some_sets_lack_and_each_note_once():
     assert r["inception_score_mean"] is None and "inception_score_mean" not in r["set_min"]   # not set 0's 1.5
     assert r["class_histogram"] == [4, 6] and r["note"] == b["note"]
     assert [row["inception_score_mean"] for _, _, row in evaluate.table_rows(r)] == [1.5, None, None, None, None]
+
+
+def test_the_table_prints_each_sets_note_once(capsys):
+    notes = [f"no Inception score: its 10 splits need at least 10 samples, got {n}" for n in (3, 5, 5)]
+    sets = [dict(seeds=f"{i}", n=n, fid=1.0 + i, inception_score_mean=None, note=note)
+            for i, (n, note) in enumerate(zip((3, 5, 5), notes))]
+    r = dict(evaluate.across_sets(sets), n=13, checkpoint="c.pt", sampler=dict(ema=True, name="heun"), nfe=35,
+             dataset="cifar10")
+    evaluate.print_table([r])
+    printed = [line for line in capsys.readouterr().out.splitlines() if "splits need" in line]
+    assert printed == [f"{notes[0]} (the table's '-')", f"{notes[1]} (the table's '-')"]   # not their join too
