@@ -9,16 +9,17 @@ import uuid
 
 import pytest
 
-for _s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):    # pytest started as a `&` job or under nohup: the
-    if signal.getsignal(_s) is signal.SIG_IGN:               # scripts would inherit the ignored signals, and keep
-        signal.signal(_s, signal.default_int_handler if _s == signal.SIGINT else signal.SIG_DFL)    # ignoring them
-if os.environ.get("PYTEST_XDIST_WORKER"):       # pytest -n 2: one thread a worker (and its subprocesses)
-    os.environ["OMP_NUM_THREADS"] = "1"
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 sys.path.insert(0, ROOT)
+import startup                              # the stop signals (it takes none here: pytest is not a script)
+
+for _s in startup.STOP_SIGNALS:             # pytest started as a `&` job or under nohup: the scripts would
+    if signal.getsignal(_s) is signal.SIG_IGN:       # inherit the ignored signals, and keep ignoring them
+        signal.signal(_s, signal.default_int_handler if _s == signal.SIGINT else signal.SIG_DFL)
+if os.environ.get("PYTEST_XDIST_WORKER"):       # pytest -n 2: one thread a worker (and its subprocesses)
+    os.environ["OMP_NUM_THREADS"] = "1"
+import torch
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
